@@ -1,0 +1,157 @@
+"""The `deepen` command line.
+
+    deepen generate "The capital of France is" --max-new-tokens 16
+    deepen generate "Q: 12 + 7?" -m smollm2-135m-instruct -m gemma-3-270m --main 1 --json
+    deepen members --json
+
+Text goes to stdout; progress bars and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .embedded import DEFAULT_MEMBERS
+from .errors import DeepenError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepen",
+        description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    members_help = (
+        "a member: embedded name, .gguf file, model folder or hub id; repeat for each member "
+        f"(default: {' '.join(DEFAULT_MEMBERS)})"
+    )
+    gen = sub.add_parser("generate", help="generate fused text for one prompt")
+    gen.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
+    gen.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    gen.add_argument("--main", type=int, default=0, help="index of the main member (default 0)")
+    gen.add_argument("--weights", type=float, nargs="+", help="one weight per member")
+    gen.add_argument("--eta", type=float, default=0.15, help="inverse-search rate; 0 = main alone")
+    gen.add_argument("--steps", type=int, default=5, help="inverse-search steps (default 5)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    gen.add_argument("--device", default="cpu", help="torch device for every member")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    mem = sub.add_parser("members", help="load the members and describe them")
+    mem.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    mem.add_argument("--device", default="cpu")
+    mem.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    mem.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `deepen` console script."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _members(args)
+    except DeepenError as exc:
+        print(f"deepen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _specs(args: argparse.Namespace) -> list[Any]:
+    from .members import MemberSpec
+
+    sources = args.models or list(DEFAULT_MEMBERS)
+    return [MemberSpec(source=s, device=args.device, dtype=args.dtype) for s in sources]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .config import GenerationConfig
+    from .ensemble import Ensemble
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            print("deepen: error: give a prompt, or pipe one on stdin", file=sys.stderr)
+            return 2
+        prompt = sys.stdin.read()
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=args.stop)
+    ens = Ensemble(
+        _specs(args), main=args.main, weights=args.weights, eta=args.eta, steps=args.steps
+    )
+    final = None
+    parts: list[str] = []
+    for event in ens.stream(prompt, gen):
+        if event.finish_reason is not None:
+            final = event
+        elif args.json:
+            parts.append(event.delta)
+        else:
+            print(event.delta, end="", flush=True)
+    assert final is not None and final.usage is not None
+    if not args.json:
+        print()
+        return 0
+    usage = final.usage
+    result = {
+        "text": "".join(parts),
+        "finish_reason": final.finish_reason,
+        "main": ens.main.name,
+        "members": [m.name for m in ens.members],
+        "usage": {
+            "completion_tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+            "fed_positions": usage.fed_positions,
+            "forward_seconds": {k: round(v, 4) for k, v in usage.forward_seconds.items()},
+            "fusion_seconds": round(usage.fusion_seconds, 4),
+            "total_seconds": round(usage.total_seconds, 4),
+        },
+    }
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _members(args: argparse.Namespace) -> int:
+    from .members import load_member
+    from .vocabulary import find_anchors
+
+    members = [load_member(spec) for spec in _specs(args)]
+    rows = [
+        {
+            "name": m.name,
+            "source": m.source_kind,
+            "vocab_size": len(m.vocab),
+            "tokenizer": m.vocab.kind,
+            "parameters": m.num_parameters,
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "device": str(m.device),
+            "load_seconds": round(m.load_seconds, 2),
+        }
+        for m in members
+    ]
+    anchors = None
+    if len(members) > 1:
+        anchors = len(find_anchors([m.vocab for m in members], [m.name for m in members], 1))
+    if args.json:
+        print(json.dumps({"members": rows, "anchors": anchors}))
+        return 0
+    print(f"{'name':<24} {'source':<9} {'vocab':>8} {'tokenizer':<14} {'params':>12} {'load s':>7}")
+    for r in rows:
+        print(
+            f"{r['name']:<24} {r['source']:<9} {r['vocab_size']:>8} {r['tokenizer']:<14} "
+            f"{r['parameters']:>12,} {r['load_seconds']:>7}"
+        )
+    if anchors is not None:
+        print(f"shared anchor tokens: {anchors}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Validated settings: how members are fused (`FusionConfig`) and how text is generated
+(`GenerationConfig`).
+
+Every field has a documented default; a bad value raises `ConfigError` (a `ValueError`)
+that names the field, the value and the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def __init__(self, **data: object) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_explain(type(self).__name__, exc)) from None
+
+
+def _explain(owner: str, exc: ValidationError) -> str:
+    """One line per problem: `FusionConfig.eta must be >= 0, got -1.`"""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{owner} has no setting {field!r}; check the spelling.")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{owner}.{field}: {msg}, got {err.get('input')!r}.")
+    return " ".join(lines)
+
+
+class FusionConfig(_Settings):
+    """How the members' next-token distributions are fused (DeePEn, arXiv 2404.12715).
+
+    The defaults are the reference implementation's settings.
+    """
+
+    tau: float = Field(100.0, gt=0)
+    """Temperature of the relative representation `softmax(tau * cos(E[v], E[anchors]))`.
+    At 100 a token that is itself an anchor puts all its mass on that anchor."""
+
+    top_k: int = Field(64, ge=1)
+    """Tokens taken from each member's distribution to build its relative distribution
+    (the rest of the mass is dropped and the kept mass renormalised)."""
+
+    candidates: int = Field(64, ge=1)
+    """Size of the main member's own top set searched by the inverse transformation; the
+    main member's tokens for the anchors the other members propose are always added."""
+
+    eta: float = Field(0.15, ge=0)
+    """Learning rate of the inverse search. `0` means the main member alone, exactly."""
+
+    steps: int = Field(5, ge=0)
+    """Optimiser steps of the inverse search (T). `0` means the main member alone."""
+
+    main: int = Field(0, ge=0)
+    """Index of the member whose vocabulary the fused token is chosen from."""
+
+    weights: list[float] | None = None
+    """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
+
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay of the inverse search (reference: 0.01)."""
+
+    schedule_t_max: int = Field(10, ge=1)
+    """Cosine annealing period in steps (reference: 10)."""
+
+    eta_min_ratio: float = Field(0.25, ge=0, le=1)
+    """Floor of the cosine schedule as a fraction of `eta` (reference: eta / 4)."""
+
+    min_anchors: int = Field(1000, ge=1)
+    """Fewest shared anchor tokens accepted between members; fewer raises `AlignmentError`."""
+
+    row_cache_size: int = Field(4096, ge=0)
+    """Relative rows of non-anchor tokens kept per member after first use (LRU)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("weights must hold one number per member")
+        for w in value:
+            if math.isnan(w) or math.isinf(w) or w < 0:
+                raise ValueError("weights must be finite and >= 0")
+        if sum(value) <= 0:
+            raise ValueError("weights must not all be zero")
+        return value
+
+    def normalised_weights(self, n_members: int) -> list[float]:
+        """The weights for `n_members` members, summing to 1."""
+        if self.weights is None:
+            return [1.0 / n_members] * n_members
+        if len(self.weights) != n_members:
+            raise ConfigError(
+                f"FusionConfig.weights has {len(self.weights)} values for {n_members} members; "
+                "give one weight per member, in the members' order."
+            )
+        total = sum(self.weights)
+        return [w / total for w in self.weights]
+
+
+class GenerationConfig(_Settings):
+    """How text is generated from the fused distribution."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    """Most tokens of the main member to generate."""
+
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end generation; the text is cut before the first one (on text, not
+    tokens)."""
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value

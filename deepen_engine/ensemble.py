@@ -1,0 +1,146 @@
+"""`Ensemble`: load members, align their vocabularies, and generate fused text.
+
+from deepen_engine import Ensemble
+ens = Ensemble(["smollm2-135m-instruct", "gemma-3-270m"], main=1)
+print(ens.generate("The capital of France is", max_new_tokens=8).text)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .config import FusionConfig, GenerationConfig
+from .decoding import GenerationResult, StreamEvent, collect, decode
+from .embedded import DEFAULT_MEMBERS
+from .errors import ConfigError
+from .fusion import Fuser
+from .members import Member, MemberSpec, as_spec, load_member
+from .relative import RelativeSpace
+from .vocabulary import Anchors, find_anchors
+
+
+class Ensemble:
+    """A token-level ensemble of causal LMs with different vocabularies (DeePEn).
+
+    Args:
+        members: what to load, in order: embedded names, `.gguf` files, model folders, hub
+            ids, `(model, tokenizer)` pairs or `MemberSpec`s. Default: the two embedded
+            members (SmolLM2-135M-Instruct, Gemma-3-270m).
+        fusion: fusion settings; keyword arguments (`main=1`, `eta=0.15`, ...) override
+            its fields.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Any] = DEFAULT_MEMBERS,
+        fusion: FusionConfig | None = None,
+        **fusion_overrides: Any,
+    ) -> None:
+        if isinstance(members, (str, MemberSpec)) or _is_pair(members):
+            members = [members]
+        if not members:
+            raise ConfigError("members is empty; give at least one model.")
+        base = fusion or FusionConfig()
+        self.fusion = FusionConfig(**{**base.model_dump(), **fusion_overrides})
+        specs = [as_spec(m) for m in members]
+        _check_main(self.fusion, len(specs))
+        self.fusion.normalised_weights(len(specs))  # raises on a wrong count
+        self.members: list[Member] = [load_member(s) for s in specs]
+        start = time.perf_counter()
+        self.anchors: Anchors | None = None
+        self._spaces: list[RelativeSpace] = []
+        if len(self.members) > 1:
+            self.anchors = find_anchors(
+                [m.vocab for m in self.members],
+                [m.name for m in self.members],
+                self.fusion.min_anchors,
+            )
+            self._spaces = self._relative_spaces(self.fusion)
+        self.align_seconds = time.perf_counter() - start
+        self._has_text = [
+            torch.tensor([t is not None for t in m.vocab.texts], dtype=torch.bool)
+            for m in self.members
+        ]
+        self.fuser = self._fuser(self.fusion)
+
+    def with_fusion(self, **changes: Any) -> Ensemble:
+        """A view of this ensemble with other fusion settings, sharing the loaded members.
+
+        E.g. `ens.with_fusion(main=1)` or `ens.with_fusion(eta=0)` (the main member alone).
+        """
+        fusion = FusionConfig(**{**self.fusion.model_dump(), **changes})
+        _check_main(fusion, len(self.members))
+        fusion.normalised_weights(len(self.members))
+        if fusion.min_anchors > len(self.anchors or []) and len(self.members) > 1:
+            raise ConfigError(
+                f"FusionConfig.min_anchors={fusion.min_anchors} exceeds the "
+                f"{len(self.anchors or [])} anchors these members share."
+            )
+        view = copy.copy(self)
+        view.fusion = fusion
+        if fusion.tau != self.fusion.tau or fusion.row_cache_size != self.fusion.row_cache_size:
+            view._spaces = self._relative_spaces(fusion) if self.anchors is not None else []
+        view.fuser = view._fuser(fusion)
+        return view
+
+    def _relative_spaces(self, fusion: FusionConfig) -> list[RelativeSpace]:
+        assert self.anchors is not None
+        return [
+            RelativeSpace(
+                m.model.get_input_embeddings().weight,
+                self.anchors.token_ids[i],
+                self.anchors.token_to_anchor[i],
+                tau=fusion.tau,
+                cache_size=fusion.row_cache_size,
+            )
+            for i, m in enumerate(self.members)
+        ]
+
+    def _fuser(self, fusion: FusionConfig) -> Fuser:
+        anchors = self.anchors or Anchors(texts=[], token_ids=[], token_to_anchor=[])
+        return Fuser(
+            self._spaces, self._has_text, anchors, fusion, self.members[fusion.main].eos_ids
+        )
+
+    @property
+    def main(self) -> Member:
+        """The member whose vocabulary the fused tokens come from."""
+        return self.members[self.fusion.main]
+
+    def stream(
+        self, prompt: str, config: GenerationConfig | None = None, **overrides: Any
+    ) -> Iterator[StreamEvent]:
+        """Yield text deltas as they become final, then one event with `finish_reason`."""
+        cfg = _generation_config(config, overrides)
+        return decode(self.members, self.fuser, prompt, cfg)
+
+    def generate(
+        self, prompt: str, config: GenerationConfig | None = None, **overrides: Any
+    ) -> GenerationResult:
+        """Generate text for `prompt`; settings as `GenerationConfig` or keywords."""
+        return collect(self.stream(prompt, config, **overrides))
+
+
+def _check_main(fusion: FusionConfig, n_members: int) -> None:
+    if fusion.main >= n_members:
+        raise ConfigError(
+            f"FusionConfig.main={fusion.main} is out of range for {n_members} members; "
+            f"give an index from 0 to {n_members - 1}."
+        )
+
+
+def _is_pair(item: Any) -> bool:
+    """A single `(model, tokenizer)` pair rather than a sequence of members."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.nn.Module)
+
+
+def _generation_config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    base = config or GenerationConfig()
+    if not overrides:
+        return base
+    return GenerationConfig(**{**base.model_dump(), **overrides})

@@ -1,0 +1,167 @@
+"""Fusing the members' next-token distributions (DeePEn): aggregate in relative space, then
+search the main member's logits whose relative distribution matches the aggregate.
+
+Pipeline of `Fuser.fuse`, for a batch of rows:
+
+1. Each member keeps its top-k tokens (special tokens dropped) and maps them to a relative
+   distribution over the anchors, `r_i = sum_v p_i(v) rel_i(v)` (relative.py).
+2. Aggregate `r = sum_i w_i r_i` (weights renormalised over members that kept any mass).
+3. Candidates: the main member's top tokens, plus its tokens for every anchor another
+   member proposed, so a helper can lift a token the main member ranks low.
+4. Inverse search: from the main member's logits `z` on the candidates, take `steps`
+   AdamW steps on `KL(r || softmax(z) @ R_main)` (mean over the anchors, as the reference),
+   with cosine-annealed learning rate. The gradient is analytic, batched over rows.
+5. Write the updated candidate logits back into the main member's full logits. Rows whose
+   main top token is an end-of-sequence token keep the main member's logits unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .config import FusionConfig
+from .relative import RelativeSpace
+from .vocabulary import Anchors
+
+_ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as the reference
+_ADAM_EPS = 1e-8
+_Q_FLOOR = 1e-12  # anchors the candidates cannot reach carry no gradient
+
+
+class Fuser:
+    """Batched DeePEn fusion over fixed members, anchors and settings."""
+
+    def __init__(
+        self,
+        spaces: Sequence[RelativeSpace],
+        has_text: Sequence[torch.Tensor],  # per member (V,) bool: the token has text
+        anchors: Anchors,
+        config: FusionConfig,
+        main_eos_ids: frozenset[int],
+    ) -> None:
+        self.spaces = list(spaces)
+        self.has_text = list(has_text)
+        self.anchors = anchors
+        self.config = config
+        self.main = config.main
+        self.weights = torch.tensor(config.normalised_weights(len(spaces)))
+        self.main_eos_ids = torch.tensor(sorted(main_eos_ids), dtype=torch.long)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether fusion returns the main member's logits unchanged."""
+        cfg = self.config
+        return cfg.eta == 0 or cfg.steps == 0 or float(self.weights[self.main]) == 1.0
+
+    def fuse(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fused logits in the main member's vocabulary.
+
+        logits: per member (B, V_i) next-token logits. Returns (B, V_main) float32.
+        """
+        main_logits = logits[self.main].float()  # (B, V)
+        if self.is_identity:
+            return main_logits
+        cfg = self.config
+        # 1-2. relative distributions of every member, aggregated with the weights.
+        proposals: list[torch.Tensor] = []  # per member (B, k) anchor index or -1
+        r = torch.zeros(main_logits.shape[0], len(self.anchors))  # (B, A)
+        weight_sum = torch.zeros(main_logits.shape[0], 1)  # (B, 1)
+        for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
+            probs = torch.softmax(member_logits.float(), dim=-1)  # (B, V_i)
+            top_p, top_ids = probs.topk(min(cfg.top_k, probs.shape[-1]), dim=-1)  # (B, k)
+            top_p = torch.where(self.has_text[i][top_ids], top_p, 0.0)
+            r_i = space.distribution(top_p, top_ids)  # (B, A), rows sum to 1 or 0
+            kept = (r_i.sum(-1, keepdim=True) > 0).float()
+            r += self.weights[i] * r_i
+            weight_sum += self.weights[i] * kept
+            anchor = space.token_to_anchor[top_ids]
+            proposals.append(torch.where(top_p > 0, anchor, -1))
+        r = r / weight_sum.clamp(min=1e-30)
+
+        # 3. candidates in the main vocabulary, padded per row: (B, M) ids and mask.
+        cand_ids, valid = self._candidates(main_logits, proposals)
+
+        # 4. inverse search on the candidate logits.
+        z = main_logits.gather(1, cand_ids)  # (B, M)
+        z = self._inverse_search(z, valid, cand_ids, r)
+
+        # 5. write back, except rows whose main top token ends the sequence.
+        fused = main_logits.clone()
+        fused.scatter_(1, cand_ids, torch.where(valid, z, main_logits.gather(1, cand_ids)))
+        keep_main = torch.isin(main_logits.argmax(-1), self.main_eos_ids)  # (B,)
+        no_candidates = ~valid.any(-1)
+        return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
+
+    def _candidates(
+        self, main_logits: torch.Tensor, proposals: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main top tokens plus main tokens of proposed anchors; specials excluded."""
+        cfg = self.config
+        main_has_text = self.has_text[self.main]
+        main_anchor_ids = self.anchors.token_ids[self.main]
+        top = main_logits.topk(min(cfg.candidates, main_logits.shape[-1]), dim=-1).indices
+        rows: list[list[int]] = []
+        for b in range(main_logits.shape[0]):
+            ids = top[b].tolist()
+            for i, prop in enumerate(proposals):
+                if i == self.main:
+                    continue
+                anchors = prop[b][prop[b] >= 0]
+                ids.extend(main_anchor_ids[anchors].tolist())
+            unique = [t for t in dict.fromkeys(ids) if bool(main_has_text[t])]
+            rows.append(unique)
+        width = max(1, max(len(row) for row in rows))
+        cand = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            if row:
+                cand[b, : len(row)] = torch.tensor(row)
+                cand[b, len(row) :] = row[0]  # pads repeat a real id; they are never written
+                valid[b, : len(row)] = True
+        return cand, valid
+
+    def _inverse_search(
+        self, z: torch.Tensor, valid: torch.Tensor, cand_ids: torch.Tensor, r: torch.Tensor
+    ) -> torch.Tensor:
+        """AdamW on `KL(r || softmax(z) @ R)` with the reference schedule. z: (B, M)."""
+        cfg = self.config
+        space = self.spaces[self.main]
+        num_anchors = r.shape[-1]
+        anchor = space.token_to_anchor[cand_ids]  # (B, M)
+        one_hot = (anchor >= 0) & valid
+        dense = (anchor < 0) & valid
+        d_b, d_j = dense.nonzero(as_tuple=True)
+        dense_rows = space.non_anchor_rows(cand_ids[d_b, d_j].tolist())  # (n, A)
+        anchor_idx = anchor.clamp(min=0)
+
+        z = z.clone()
+        m = torch.zeros_like(z)
+        v = torch.zeros_like(z)
+        b1, b2 = _ADAM_BETAS
+        eta_min = cfg.eta * cfg.eta_min_ratio
+        for t in range(cfg.steps):
+            cosine = (1 + math.cos(math.pi * t / cfg.schedule_t_max)) / 2
+            lr = eta_min + (cfg.eta - eta_min) * cosine
+            s = torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)  # (B, M)
+            # q = softmax(z) @ R over the anchors: one-hot rows scatter, dense rows add.
+            q = torch.zeros_like(r).scatter_add_(1, anchor_idx, torch.where(one_hot, s, 0.0))
+            if d_b.numel():
+                q.index_add_(0, d_b, dense_rows * s[d_b, d_j, None])
+            ratio = torch.where(q > _Q_FLOOR, r / q.clamp(min=_Q_FLOOR), 0.0)  # (B, A)
+            # u_j = dL/ds_j = -(1/A) * R_j . (r / q)
+            u = torch.where(one_hot, -ratio.gather(1, anchor_idx), 0.0)
+            if d_b.numel():
+                u[d_b, d_j] = -(dense_rows * ratio[d_b]).sum(-1)
+            u = u / num_anchors
+            grad = s * (u - (s * u).sum(-1, keepdim=True))  # dL/dz through the softmax
+            # AdamW step (decoupled weight decay), as torch.optim.AdamW.
+            z = z * (1 - lr * cfg.weight_decay)
+            m = b1 * m + (1 - b1) * grad
+            v = b2 * v + (1 - b2) * grad * grad
+            step = t + 1
+            denom = (v.sqrt() / math.sqrt(1 - b2**step)) + _ADAM_EPS
+            z = z - (lr / (1 - b1**step)) * m / denom
+        return z

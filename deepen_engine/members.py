@@ -1,0 +1,279 @@
+"""Loading ensemble members: embedded names, `.gguf` files, local folders, hub ids, or a
+ready `(model, tokenizer)` pair.
+
+A GGUF member is converted once (dequantised, tokenizer rebuilt) and saved as a plain
+transformers folder under the cache directory (`$DEEPEN_CACHE`, default
+`~/.cache/deepen`); later loads read that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+from tqdm.auto import tqdm
+
+from .embedded import EMBEDDED, embedded_gguf
+from .errors import ConfigError, MemberLoadError
+from .vocabulary import CanonicalVocab
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MemberSpec(BaseModel):
+    """One ensemble member and where it runs.
+
+    `source` is an embedded name (`smollm2-135m-instruct`, `gemma-3-270m`), a `.gguf`
+    file, a local model folder, a Hugging Face hub id, or a ready `(model, tokenizer)`
+    pair.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    source: Any
+    name: str | None = None
+    """Display name; default: the embedded name, the file or folder name, or the hub id."""
+    device: str = "cpu"
+    """Torch device of the member, e.g. `cpu`, `cuda:0`."""
+    dtype: str = "float32"
+    """Weights' dtype: `float32`, `bfloat16` or `float16`."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+        return value
+
+
+@dataclass
+class Member:
+    """A loaded member: model, tokenizer and its canonical vocabulary."""
+
+    name: str
+    model: Any  # a transformers causal LM
+    tokenizer: Any  # a fast transformers tokenizer
+    vocab: CanonicalVocab
+    device: torch.device
+    dtype: torch.dtype
+    source_kind: str  # "embedded", "gguf", "folder", "hub" or "object"
+    load_seconds: float
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+    cache_argument: str = "past_key_values"  # transformers >= 5.x names it `cache`
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the model."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def context_window(self) -> int | None:
+        """Longest sequence the model was configured for, if it says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF members are kept: `$DEEPEN_CACHE` or `~/.cache/deepen`."""
+    if os.environ.get("DEEPEN_CACHE"):
+        return Path(os.environ["DEEPEN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "deepen"
+
+
+def as_spec(item: Any) -> MemberSpec:
+    """Turn what a user passes for one member into a `MemberSpec`."""
+    if isinstance(item, MemberSpec):
+        return item
+    if isinstance(item, (str, Path, tuple)):
+        return MemberSpec(source=item)
+    if isinstance(item, dict):
+        try:
+            return MemberSpec(**item)
+        except Exception as exc:
+            raise ConfigError(f"Bad member settings {item!r}: {exc}") from None
+    raise ConfigError(
+        f"Cannot use {item!r} as a member: give a name, path or hub id (str), a "
+        "(model, tokenizer) pair, or a MemberSpec."
+    )
+
+
+def load_member(spec: MemberSpec) -> Member:
+    """Load one member; errors name the member and what to do."""
+    start = time.perf_counter()
+    dtype = _DTYPES[spec.dtype]
+    source = spec.source
+    if isinstance(source, tuple):
+        model, tokenizer = _check_pair(source, spec.name)
+        name, kind = spec.name or _object_name(model), "object"
+    else:
+        name, kind, folder = _resolve(source)
+        name = spec.name or name
+        tokenizer, model = _load_folder_or_hub(folder, name, dtype)
+    model = model.to(spec.device).eval()
+    vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
+    member = Member(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        vocab=vocab,
+        device=torch.device(spec.device),
+        dtype=next(model.parameters()).dtype,
+        source_kind=kind,
+        load_seconds=time.perf_counter() - start,
+        eos_ids=_eos_ids(model, tokenizer),
+        cache_argument=_cache_argument(model),
+    )
+    return member
+
+
+def _resolve(source: str | Path) -> tuple[str, str, str]:
+    """(display name, kind, folder or hub id to load) for a str or path source."""
+    text = str(source)
+    if text in EMBEDDED:
+        entry = EMBEDDED[text]
+        key = f"{text}-{entry.version()}" if entry.installed() else text
+        folder = cache_dir() / "models" / key
+        if not (folder / "config.json").is_file():
+            _convert_gguf(embedded_gguf(text), folder, text)
+        return text, "embedded", str(folder)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            stat = path.stat()
+            digest = hashlib.sha256(
+                f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+            ).hexdigest()[:16]
+            folder = cache_dir() / "models" / f"{path.stem}-{digest}"
+            if not (folder / "config.json").is_file():
+                _convert_gguf(path, folder, text)
+            return path.name, "gguf", str(folder)
+        if path.is_dir():
+            return path.name, "folder", str(path)
+        raise MemberLoadError(
+            f"Member {text!r} is a file but not a .gguf file; give a .gguf file or a model folder."
+        )
+    if text.endswith(".gguf") or text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        raise MemberLoadError(
+            f"Member {text!r}: the path does not exist. Give an existing .gguf file or model "
+            f"folder, a hub id, or an embedded name ({', '.join(EMBEDDED)})."
+        )
+    return text, "hub", text
+
+
+def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
+    """Dequantise a GGUF file once into a transformers folder (atomic: tmp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with tqdm(total=3, desc=f"Converting {name} from GGUF (first load only)") as bar:
+            bar.set_postfix_str("tokenizer")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            except Exception as exc:
+                raise MemberLoadError(
+                    f"Member {name!r}: the tokenizer in {gguf} could not be loaded: {exc}"
+                ) from exc
+            bar.update()
+            bar.set_postfix_str("weights")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+                )
+            except ValueError as exc:
+                raise MemberLoadError(
+                    f"Member {name!r}: {gguf} is not a causal language model transformers can "
+                    f"load: {exc}"
+                ) from exc
+            bar.update()
+            bar.set_postfix_str("saving")
+            # The weights are plain float32 now; without clearing the GGUF quantisation
+            # marker save_pretrained refuses to write them.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.is_quantized = False
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            bar.update()
+        if folder.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_folder_or_hub(where: str, name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except Exception as exc:
+        raise MemberLoadError(f"Member {name!r}: the tokenizer could not be loaded: {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except ValueError as exc:
+        raise MemberLoadError(
+            f"Member {name!r} is not a causal language model transformers can load: {exc}"
+        ) from exc
+    except OSError as exc:
+        raise MemberLoadError(f"Member {name!r}: the weights could not be loaded: {exc}") from exc
+    return tokenizer, model
+
+
+def _check_pair(pair: tuple, name: str | None) -> tuple[Any, Any]:
+    label = name or "(model, tokenizer) pair"
+    if len(pair) != 2:
+        raise MemberLoadError(f"Member {label}: give exactly (model, tokenizer), got {len(pair)}.")
+    model, tokenizer = pair
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+        raise MemberLoadError(
+            f"Member {label}: {type(model).__name__} is not a transformers causal LM "
+            "(it needs get_input_embeddings() and logits from forward)."
+        )
+    if not getattr(tokenizer, "is_fast", False) and not hasattr(tokenizer, "backend_tokenizer"):
+        raise MemberLoadError(
+            f"Member {label}: {type(tokenizer).__name__} is not a fast (Rust) tokenizer; "
+            "load it with AutoTokenizer.from_pretrained(...)."
+        )
+    return model, tokenizer
+
+
+def _object_name(model: Any) -> str:
+    path = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    return Path(path).name or type(model).__name__
+
+
+def _vocab_rows(model: Any) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward keyword for the KV cache: `cache` in newer transformers, else the old one."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

@@ -1,0 +1,184 @@
+"""Canonical token text and anchors.
+
+Every token id of a member is mapped to the bytes it really stands for, whatever the
+tokenizer's internal spelling:
+
+- byte-level BPE (GPT-2, Llama-3, SmolLM2): each symbol is one byte through GPT-2's
+  byte-to-unicode table (`Ġ` is a space, `Ċ` a newline);
+- SentencePiece-style (Gemma, Llama-2): `▁` is a space, byte-fallback pieces `<0x0A>` are
+  that byte.
+
+Special and control tokens (bos, eos, pad, chat markers, unused slots) have no text and
+never become anchors. The anchors of an ensemble are the byte strings every member has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .errors import AlignmentError, MemberLoadError
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def byte_level_decoding() -> dict[str, int]:
+    """GPT-2's table from printable unicode symbols back to the bytes they stand for.
+
+    Bytes that print as themselves keep their code point; the others (controls, space,
+    0x7F-0xA0, 0xAD) are moved to code points 256 and up, in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in keep}
+    shifted = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+def tokenizer_kind(tokenizer: Any) -> tuple[str, bool]:
+    """("byte_level" | "sentencepiece", byte_fallback) from the tokenizer's decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise MemberLoadError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; deepen reads token text from "
+            "the Rust tokenizer (AutoTokenizer.from_pretrained gives one)."
+        )
+    spec = json.loads(backend.to_str())
+    decoders = _flatten(spec.get("decoder"))
+    types = {d.get("type") for d in decoders}
+    byte_fallback = bool(spec.get("model", {}).get("byte_fallback")) or "ByteFallback" in types
+    if "ByteLevel" in types:
+        return "byte_level", False
+    sp_replace = any(
+        d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "▁" for d in decoders
+    )
+    if "Metaspace" in types or sp_replace:
+        return "sentencepiece", byte_fallback
+    raise MemberLoadError(
+        f"Unsupported tokenizer decoder {sorted(t for t in types if t)}: deepen reads "
+        "byte-level BPE and SentencePiece-style (▁) vocabularies."
+    )
+
+
+def _flatten(decoder: dict | None) -> list[dict]:
+    if not decoder:
+        return []
+    if decoder.get("type") == "Sequence":
+        return [d for sub in decoder.get("decoders", []) for d in _flatten(sub)]
+    return [decoder]
+
+
+@dataclass
+class CanonicalVocab:
+    """The text of every token id of one member (`None` for special tokens)."""
+
+    kind: str
+    texts: list[bytes | None]  # index = token id; length = the model's embedding rows
+    byte_fallback_ids: frozenset[int]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, size: int, member: str = "") -> CanonicalVocab:
+        """Canonical bytes for ids `0..size-1` (`size`: the model's embedding rows)."""
+        try:
+            kind, byte_fallback = tokenizer_kind(tokenizer)
+        except MemberLoadError as exc:
+            raise MemberLoadError(f"Member {member!r}: {exc}") from None
+        texts: list[bytes | None] = [None] * size
+        fallback: set[int] = set()
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+        table = byte_level_decoding()
+        for piece, idx in vocab.items():
+            if idx >= size or idx in added:
+                continue
+            if kind == "byte_level":
+                try:
+                    texts[idx] = bytes(table[ch] for ch in piece)
+                except KeyError:  # not a byte-level symbol: a literal piece
+                    texts[idx] = piece.encode("utf-8")
+            else:
+                m = _BYTE_PIECE.fullmatch(piece)
+                if m and byte_fallback:
+                    texts[idx] = bytes([int(m.group(1), 16)])
+                    fallback.add(idx)
+                else:
+                    texts[idx] = piece.replace("▁", " ").encode("utf-8")
+        for idx, token in added.items():
+            # Added non-special tokens are literal text (e.g. Gemma's "\n\n\n" or HTML tags).
+            if idx < size and not token.special:
+                texts[idx] = tokenizer.decode([idx], skip_special_tokens=False).encode("utf-8")
+        for idx in getattr(tokenizer, "all_special_ids", []):
+            if 0 <= idx < size:
+                texts[idx] = None
+        texts = [t if t else None for t in texts]  # an empty string is no text either
+        return cls(kind=kind, texts=texts, byte_fallback_ids=frozenset(fallback))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def text_to_id(self) -> dict[bytes, int]:
+        """One id per text: a regular piece before a byte-fallback one, then the lowest id."""
+        out: dict[bytes, int] = {}
+        for idx, text in enumerate(self.texts):
+            if text is None:
+                continue
+            held = out.get(text)
+            fallback = self.byte_fallback_ids
+            if held is None or (held in fallback and idx not in fallback):
+                out[text] = idx
+        return out
+
+
+@dataclass
+class Anchors:
+    """The texts all members share, and each member's token ids for them."""
+
+    texts: list[bytes]  # anchor index -> text, sorted
+    token_ids: list[torch.Tensor]  # per member: (A,) long, its token id for each anchor
+    token_to_anchor: list[torch.Tensor]  # per member: (V,) long, anchor index or -1
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def find_anchors(
+    vocabs: Sequence[CanonicalVocab], names: Sequence[str], min_anchors: int
+) -> Anchors:
+    """Anchors of the members; `AlignmentError` if any two share fewer than `min_anchors`."""
+    maps = [v.text_to_id() for v in vocabs]
+    for i in range(len(maps)):
+        for j in range(i + 1, len(maps)):
+            shared = len(maps[i].keys() & maps[j].keys())
+            if shared < min_anchors:
+                raise AlignmentError(
+                    f"Members {names[i]!r} and {names[j]!r} share {shared} token texts, fewer "
+                    f"than min_anchors={min_anchors}; their vocabularies are too different to "
+                    "fuse (lower FusionConfig.min_anchors only if you know why)."
+                )
+    common = set(maps[0])
+    for m in maps[1:]:
+        common &= m.keys()
+    texts = sorted(common)
+    if len(texts) < min_anchors:
+        raise AlignmentError(
+            f"Members {list(names)} share {len(texts)} token texts in all, fewer than "
+            f"min_anchors={min_anchors}."
+        )
+    index = {t: a for a, t in enumerate(texts)}
+    token_ids, token_to_anchor = [], []
+    for vocab, m in zip(vocabs, maps):
+        token_ids.append(torch.tensor([m[t] for t in texts], dtype=torch.long))
+        # Every id whose text is an anchor maps to it, duplicates (byte-fallback) included.
+        to_anchor = torch.tensor([index.get(t, -1) if t else -1 for t in vocab.texts])
+        token_to_anchor.append(to_anchor.long())
+    return Anchors(texts=texts, token_ids=token_ids, token_to_anchor=token_to_anchor)

@@ -1,0 +1,164 @@
+"""Shared fixtures: small tokenizers of both kinds trained in the test, and tiny random
+causal LMs on them, so the unit tier runs in seconds with no network and no model files.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Berlin is the capital of Germany, and Madrid is the capital of Spain.",
+    "Q: What is 12 + 7?\nA: 19\nQ: What is 3 * 4?\nA: 12",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Zürich, Genève and Malmö have letters like ü, è and ö; 東京 is Tokyo.",
+    "The quick brown fox jumps over the lazy dog. Stop here. END of text.",
+    "Once upon a time there was a small model that learned to write stories.",
+] * 20
+
+
+def train_byte_level_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE tokenizer (like SmolLM2's), trained on CORPUS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def train_sentencepiece_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE with `▁` spaces and <0xHH> byte fallback (like Gemma's)."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.normalizer = normalizers.Replace(" ", "▁")
+    base.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(byte_pieces),
+        special_tokens=specials,
+        show_progress=False,
+    )
+    base.train_from_iterator(CORPUS, trainer)
+    trained = base.get_vocab()
+    vocab = {p: i for p, i in sorted(trained.items(), key=lambda kv: kv[1])}
+    for piece in byte_pieces:  # byte-fallback pieces after the specials, as in Gemma
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in _merges(base)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens(specials)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    return hf
+
+
+def _merges(tok: Tokenizer) -> list:
+    import json
+
+    return json.loads(tok.to_str())["model"]["merges"]
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # varied (not repetitive) greedy text from random weights
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3(vocab_size: int, seed: int = 1, sliding_window: int = 6) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        initializer_range=0.2,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    return train_byte_level_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer() -> PreTrainedTokenizerFast:
+    return train_sentencepiece_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(bpe_tokenizer, sp_tokenizer):
+    """Two (model, tokenizer) members with different vocabularies: Llama/BPE, Gemma3/SP."""
+    return (
+        (tiny_llama(len(bpe_tokenizer)), bpe_tokenizer),
+        (tiny_gemma3(len(sp_tokenizer)), sp_tokenizer),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tiny_pair):
+    """A fused ensemble of the two tiny members (main = 0); low min_anchors for tiny vocabs."""
+    from deepen_engine import Ensemble, MemberSpec
+
+    members = [
+        MemberSpec(source=tiny_pair[0], name="tiny-llama"),
+        MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
+    ]
+    return Ensemble(members, min_anchors=50)

