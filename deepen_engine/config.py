@@ -23,6 +23,12 @@ class _Settings(BaseModel):
         except ValidationError as exc:
             raise ConfigError(_explain(type(self).__name__, exc)) from None
 
+    def __setattr__(self, name: str, value: object) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(_explain(type(self).__name__, exc)) from None
+
 
 def _explain(owner: str, exc: ValidationError) -> str:
     """One line per problem: `FusionConfig.eta must be >= 0, got -1.`"""
@@ -118,6 +124,20 @@ class GenerationConfig(_Settings):
     stop: list[str] = Field(default_factory=list)
     """Strings that end generation; the text is cut before the first one (on text, not
     tokens)."""
+
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the fused distribution. `0`: greedy (argmax)."""
+
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+    `1.0`: no cut."""
+
+    top_k: int = Field(0, ge=0)
+    """Sample among the top_k most likely tokens. `0`: no cut."""
+
+    seed: int | None = None
+    """Seed of each row's random stream: the same seed gives the same text for the same
+    prompt, whatever the batch. `None`: a fresh random seed per row."""
 
     @field_validator("stop")
     @classmethod

@@ -90,7 +90,8 @@ class Fuser:
 
         # 5. write back, except rows whose main top token ends the sequence.
         fused = main_logits.clone()
-        fused.scatter_(1, cand_ids, torch.where(valid, z, main_logits.gather(1, cand_ids)))
+        rows, cols = valid.nonzero(as_tuple=True)  # pads repeat a real id: never write them
+        fused[rows, cand_ids[rows, cols]] = z[rows, cols]
         keep_main = torch.isin(main_logits.argmax(-1), self.main_eos_ids)  # (B,)
         no_candidates = ~valid.any(-1)
         return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
@@ -119,7 +120,7 @@ class Fuser:
         for b, row in enumerate(rows):
             if row:
                 cand[b, : len(row)] = torch.tensor(row)
-                cand[b, len(row) :] = row[0]  # pads repeat a real id; they are never written
+                cand[b, len(row) :] = row[0]  # pads repeat a real id (masked, never written)
                 valid[b, : len(row)] = True
         return cand, valid
 
