@@ -1,18 +1,21 @@
-"""The decoding loop: one prompt, every member in step, one fused token per step.
+"""The decoding loop: a batch of prompts, every member in step, one fused token per row per
+step.
 
 Steps of `decode` (a generator; `Ensemble.generate` aggregates it, so streamed and
 non-streamed text can never disagree):
 
-1. Tokenise the prompt with each member's tokenizer and prefill its KV cache.
-2. Fuse the members' next-token logits into the main member's vocabulary.
-3. Pick the token (greedy); the main member's end-of-sequence token ends generation.
-4. Append it to the main member's ids and its bytes to the text; cut at a stop string.
-5. Yield the text that is now final.
-6. Sync every helper to the new text and feed each member only its new positions.
+1. Tokenise each prompt with each member's tokenizer and prefill the members' caches.
+2. Fuse the members' next-token logits into the main member's vocabulary (all rows).
+3. Choose each row's token (greedy or sampled); the main member's end tokens end a row.
+4. Append it to the main member's ids and its bytes to the row's text; cut at stop strings.
+5. Yield each row's text that is now final; yield a final event for each finished row.
+6. Drop finished rows; sync every helper to the new texts; feed each member only its new
+   positions, all rows in one forward pass.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +24,14 @@ from .config import GenerationConfig
 from .errors import ConfigError
 from .fusion import Fuser
 from .members import Member
-from .sync import MemberState
+from .sampling import Sampler
+from .sync import MemberBatch
 from .text import TextAssembler
 
 
 @dataclass
 class Usage:
-    """Token counts and time spent for one request."""
+    """Token counts of one row, and the time spent by the batch it ran in."""
 
     completion_tokens: int = 0
     """Tokens the main member generated (an end-of-sequence token included)."""
@@ -36,19 +40,22 @@ class Usage:
     fed_positions: dict[str, int] = field(default_factory=dict)
     """Positions each member fed after its prompt (the sync cost; ~1 per token is ideal)."""
     forward_seconds: dict[str, float] = field(default_factory=dict)
-    """Time in each member's forward passes, prefill included."""
+    """Time in each member's forward passes (prefill included), for the whole batch."""
     fusion_seconds: float = 0.0
-    """Time in fusion (relative space, inverse search)."""
+    """Time in fusion, sampling and sync (everything but forwards), for the whole batch."""
     total_seconds: float = 0.0
+    """Wall time from the start of the batch to this row's end."""
 
 
 @dataclass
 class StreamEvent:
-    """One streamed piece: a text delta, or the final event with `finish_reason` set."""
+    """One streamed piece of row `index`: a text delta, or its final event."""
 
     delta: str = ""
+    index: int = 0
+    """The row (position of the prompt in the request)."""
     finish_reason: str | None = None
-    """`"eos"`, `"length"` or `"stop"` on the final event, else None."""
+    """`"eos"`, `"length"` or `"stop"` on the row's final event, else None."""
     usage: Usage | None = None
     token_ids: list[int] | None = None
     """The main member's generated ids, on the final event."""
@@ -56,7 +63,7 @@ class StreamEvent:
 
 @dataclass
 class GenerationResult:
-    """A finished generation."""
+    """A finished row."""
 
     text: str
     finish_reason: str
@@ -65,98 +72,144 @@ class GenerationResult:
 
 
 def decode(
-    members: Sequence[Member], fuser: Fuser, prompt: str, config: GenerationConfig
+    members: Sequence[Member],
+    fuser: Fuser,
+    prompts: Sequence[Sequence[str]],
+    config: GenerationConfig,
 ) -> Iterator[StreamEvent]:
-    """Generate from `prompt` with the ensemble, yielding text deltas then a final event."""
-    if not isinstance(prompt, str):
-        raise ConfigError(f"prompt must be a str, got {type(prompt).__name__}.")
+    """Generate for a batch of rows, yielding text deltas and one final event per row.
+
+    prompts[b][i] is row b's prompt text for member i (one text for all members, or each
+    member's own chat rendering).
+    """
     start = time.perf_counter()
     main = fuser.main
-    usage = Usage()
     # With identity fusion (eta 0, steps 0, a single member or all weight on the main
     # member) the other members cannot change the result: they are not run at all.
     identity = fuser.is_identity
     if identity:
         members = [members[main]]
+        prompts = [[row[main]] for row in prompts]
         main = 0
+    n_rows = len(prompts)
+    usages = [Usage() for _ in range(n_rows)]
     # 1. each member's own prompt ids, prefilled into its KV cache.
-    states = []
-    for m in members:
-        ids = m.tokenizer(prompt, add_special_tokens=True).input_ids
-        if not ids:
-            raise ConfigError(
-                f"The prompt {prompt!r} is empty in member {m.name!r}'s tokens; give some text."
-            )
-        states.append(MemberState(m, ids))
-        usage.prompt_tokens[m.name] = len(ids)
-    main_state, main_member = states[main], members[main]
-    text = TextAssembler(config.stop)
-    finish_reason = "length"
+    batches: list[MemberBatch] = []
+    for i, m in enumerate(members):
+        ids = [m.tokenizer(row[i], add_special_tokens=True).input_ids for row in prompts]
+        for b, row_ids in enumerate(ids):
+            if not row_ids:
+                raise ConfigError(
+                    f"Prompt {b} ({prompts[b][i]!r}) is empty in member {m.name!r}'s tokens; "
+                    "give some text."
+                )
+            usages[b].prompt_tokens[m.name] = len(row_ids)
+        batches.append(MemberBatch(m, ids))
+    main_batch, main_member = batches[main], members[main]
+    if config.seed is None:
+        seeds = [random.getrandbits(63) for _ in range(n_rows)]
+    else:  # every row its own stream, the same for the same seed in any batch position
+        seeds = [config.seed] * n_rows
+    sampler = Sampler(config.temperature, config.top_k, config.top_p, seeds)
+    texts = [TextAssembler(config.stop) for _ in range(n_rows)]
+    active = list(range(n_rows))  # request row index of each batch row
+    other_seconds = 0.0
     try:
-        for state in states:
-            state.forward()
+        for batch in batches:
+            batch.forward()
         for step in range(config.max_new_tokens):
+            t0 = time.perf_counter()
             # 2. fuse the next-token distributions into the main vocabulary.
+            logits = [batch.logits for batch in batches]  # per member (B, V_i)
+            fused = logits[main] if identity else fuser.fuse(logits)  # (B, V_main)
+            # 3. choose each row's token.
+            tokens = sampler(fused, active)
+            finished: dict[int, str] = {}
+            for b, (row, token) in enumerate(zip(active, tokens)):
+                usages[row].completion_tokens += 1
+                if token in main_member.eos_ids:
+                    finished[b] = "eos"
+                    continue
+                # 4. append to the main member and to the row's text.
+                main_batch.append(b, token)
+                texts[row].add(main_member.vocab.texts[token] or b"")
+                if texts[row].stopped:
+                    finished[b] = "stop"
+                elif step == config.max_new_tokens - 1:
+                    finished[b] = "length"
+            other_seconds += time.perf_counter() - t0
+            # 5. hand out what is final, and finish rows.
+            for b, row in enumerate(active):
+                if b in finished:
+                    ids = main_batch.rows[b].generated_ids
+                    usage = usages[row]
+                    yield from _finish(row, finished[b], texts[row], ids, usage, batches, b, start)
+                else:
+                    delta = texts[row].delta()
+                    if delta:
+                        yield StreamEvent(delta=delta, index=row)
+            if len(finished) == len(active):
+                break
             t0 = time.perf_counter()
-            logits = [s.logits for s in states]  # per member (1, V_i)
-            fused = logits[main] if identity else fuser.fuse(logits)  # (1, V_main)
-            usage.fusion_seconds += time.perf_counter() - t0
-            # 3. greedy choice; the main member's EOS ends the row.
-            token = int(fused[0].argmax())
-            usage.completion_tokens += 1
-            if token in main_member.eos_ids:
-                finish_reason = "eos"
-                break
-            # 4. append to the main member and to the text.
-            main_state.append(token)
-            text.add(main_member.vocab.texts[token] or b"")
-            if text.stopped:
-                finish_reason = "stop"
-                break
-            # 5. hand out what is final.
-            delta = text.delta()
-            if delta:
-                yield StreamEvent(delta=delta)
-            if step == config.max_new_tokens - 1:
-                break
-            # 6. sync helpers to the text, then feed every member its new positions.
-            t0 = time.perf_counter()
-            for i, state in enumerate(states):
+            # 6. drop finished rows, sync helpers to the texts, feed new positions.
+            keep = [b for b in range(len(active)) if b not in finished]
+            active = [active[b] for b in keep]
+            for batch in batches:
+                batch.keep_rows(keep)
+            for i, batch in enumerate(batches):
                 if i != main:
-                    state.sync_text(text.text)
-            usage.fusion_seconds += time.perf_counter() - t0
-            for state in states:
-                state.forward()
-        if finish_reason != "stop":
-            text.finish()
-            if text.stopped:
-                finish_reason = "stop"
-        delta = text.delta(final=True)
-        if delta:
-            yield StreamEvent(delta=delta)
-        for m, state in zip(members, states):
-            usage.fed_positions[m.name] = state.fed_positions
-            usage.forward_seconds[m.name] = state.forward_seconds
-        usage.total_seconds = time.perf_counter() - start
-        yield StreamEvent(
-            finish_reason=finish_reason, usage=usage, token_ids=list(main_state.generated_ids)
-        )
+                    for b, row in enumerate(active):
+                        batch.sync_text(b, texts[row].text)
+            other_seconds += time.perf_counter() - t0
+            for batch in batches:
+                batch.forward()
+            for row in active:
+                usages[row].fusion_seconds = other_seconds
     finally:
-        for state in states:
-            state.free()
+        for batch in batches:
+            batch.free()
 
 
-def collect(events: Iterator[StreamEvent]) -> GenerationResult:
-    """Aggregate a stream into one result."""
-    parts: list[str] = []
+def _finish(
+    row: int,
+    reason: str,
+    text: TextAssembler,
+    token_ids: list[int],
+    usage: Usage,
+    batches: list[MemberBatch],
+    b: int,
+    start: float,
+) -> Iterator[StreamEvent]:
+    if reason != "stop":
+        text.finish()
+        if text.stopped:
+            reason = "stop"
+    delta = text.delta(final=True)
+    if delta:
+        yield StreamEvent(delta=delta, index=row)
+    for batch in batches:
+        name = batch.member.name
+        usage.fed_positions[name] = batch.rows[b].fed_positions
+        usage.forward_seconds[name] = batch.forward_seconds
+    usage.total_seconds = time.perf_counter() - start
+    yield StreamEvent(index=row, finish_reason=reason, usage=usage, token_ids=list(token_ids))
+
+
+def collect(events: Iterator[StreamEvent], n_rows: int) -> list[GenerationResult]:
+    """Aggregate a stream of `n_rows` rows into one result per row, in row order."""
+    parts: list[list[str]] = [[] for _ in range(n_rows)]
+    results: list[GenerationResult | None] = [None] * n_rows
     for event in events:
-        parts.append(event.delta)
+        parts[event.index].append(event.delta)
         if event.finish_reason is not None:
             assert event.usage is not None and event.token_ids is not None
-            return GenerationResult(
-                text="".join(parts),
+            results[event.index] = GenerationResult(
+                text="".join(parts[event.index]),
                 finish_reason=event.finish_reason,
                 token_ids=event.token_ids,
                 usage=event.usage,
             )
-    raise RuntimeError("the decoding stream ended without a final event")
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"the decoding stream ended without final events for rows {missing}")
+    return [r for r in results if r is not None]

@@ -113,17 +113,64 @@ class Ensemble:
         return self.members[self.fusion.main]
 
     def stream(
-        self, prompt: str, config: GenerationConfig | None = None, **overrides: Any
+        self,
+        prompt: str | Sequence[str],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
     ) -> Iterator[StreamEvent]:
-        """Yield text deltas as they become final, then one event with `finish_reason`."""
+        """Yield text deltas as they become final, and one final event per prompt.
+
+        `prompt` is one text or a list; events carry the prompt's position as `index`.
+        Prompts run in batches of `batch_size` (default: all at once); every row gives
+        exactly the text it gives alone (greedy).
+        """
         cfg = _generation_config(config, overrides)
-        return decode(self.members, self.fuser, prompt, cfg)
+        prompts = _prompt_list(prompt)
+        size = len(prompts) if batch_size is None else batch_size
+        if size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        n = len(self.members)
+        rows = [[p] * n for p in prompts]
+        return self._stream_batches(rows, cfg, size)
 
     def generate(
-        self, prompt: str, config: GenerationConfig | None = None, **overrides: Any
-    ) -> GenerationResult:
-        """Generate text for `prompt`; settings as `GenerationConfig` or keywords."""
-        return collect(self.stream(prompt, config, **overrides))
+        self,
+        prompt: str | Sequence[str],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (one result) or a list (a list of results, in order).
+
+        Settings as a `GenerationConfig` or as keywords (`max_new_tokens=`, `stop=`,
+        `temperature=`, `top_p=`, `top_k=`, `seed=`).
+        """
+        events = self.stream(prompt, config, batch_size=batch_size, **overrides)
+        results = collect(events, len(_prompt_list(prompt)))
+        return results[0] if isinstance(prompt, str) else results
+
+    def _stream_batches(
+        self, rows: list[list[str]], cfg: GenerationConfig, size: int
+    ) -> Iterator[StreamEvent]:
+        for offset in range(0, len(rows), size):
+            for event in decode(self.members, self.fuser, rows[offset : offset + size], cfg):
+                event.index += offset
+                yield event
+
+
+def _prompt_list(prompt: Any) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ConfigError(
+            f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}."
+        )
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ConfigError(f"prompt must be a str, got {type(p).__name__} at position {i}.")
+    return list(prompts)
 
 
 def _check_main(fusion: FusionConfig, n_members: int) -> None:

@@ -1,19 +1,31 @@
-"""Keeping every member's token ids and KV cache in step with the shared text.
+"""Keeping one member's token ids and KV cache in step with the shared text, for a batch.
 
-The main member appends the token it chose. Every other member ("helper") is told the
-generated text; its ids must equal its own tokenisation of `prompt + text`, which can
-change earlier tokens (merges across the boundary). A helper therefore compares its new
-ids with the old ones, rolls its KV cache back to the first difference and feeds only the
-ids from there on.
+The main member appends the token it chose. Every other member ("helper") is told each
+row's generated text; its ids must equal its own tokenisation of `prompt + text`, which can
+change earlier tokens (merges across the boundary). A helper compares the new ids with the
+old ones, rolls the row back to the first difference and feeds only the ids from there.
 
-Cost note (this release): a helper re-tokenises its whole generated text at each step.
-That is tokenizer work (microseconds per token, Rust), not model work: the model still
-feeds only the changed positions. A tail-window re-tokenisation comes with batching.
+Layout of the batched cache, `(B, heads, T, dim)` per layer, with a `(B, T)` mask `valid`:
+
+- rows are left-padded at the prefill;
+- a row rolled back by r positions marks its last r valid positions invalid (a hole), and
+  rows feeding fewer ids than the widest row in a step are padded on the left of the chunk
+  (also holes). Masked positions are never attended to; position ids count only a row's
+  valid positions, so a row computes exactly what it would alone;
+- holes are squeezed out by a gather (`_compact`) when they waste a quarter of the cache.
+  A sliding window counts cache slots, so once a sliding-window model's cache reaches its
+  window no hole may stay: rows that feed fewer ids than the widest row re-feed their
+  latest ids instead of padding, and the holes are squeezed out before the forward.
+
+Cost note (this release): a helper re-tokenises a row's whole generated text when it syncs.
+That is tokenizer work (Rust, microseconds per token), not model work: the model feeds only
+the changed positions.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,70 +34,168 @@ from transformers import DynamicCache
 from .members import Member
 
 
-class MemberState:
-    """One member's ids, KV cache and latest next-token logits, for one sequence."""
+@dataclass
+class RowIds:
+    """One row's ids in one member's tokens."""
 
-    def __init__(self, member: Member, prompt_ids: list[int]) -> None:
-        self.member = member
-        self.prompt_ids = list(prompt_ids)
-        self.ids = list(prompt_ids)  # prompt + generated, in this member's tokens
-        # A cache built without the model config keeps full layers even for sliding-window
-        # models (the model still masks by the window), so it can always be cropped.
-        self.cache: Any = DynamicCache()
-        self.cached = 0  # positions held in the cache
-        self.fed_positions = 0  # positions fed after the prompt (sync cost counter)
-        self.forward_seconds = 0.0
-        self.logits: torch.Tensor | None = None  # (1, V) logits after the last id
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)  # prompt + generated
+    cached: int = 0  # leading ids held in the cache
+    fed_positions: int = 0  # positions fed after the prompt (the sync cost)
 
     @property
     def generated_ids(self) -> list[int]:
         """Ids after the prompt."""
         return self.ids[len(self.prompt_ids) :]
 
-    def append(self, token_id: int) -> None:
-        """Main member: append the chosen token."""
-        self.ids.append(token_id)
 
-    def sync_text(self, text: str) -> None:
-        """Helper member: make the ids equal the tokenisation of prompt + `text`."""
+class MemberBatch:
+    """One member's rows, KV cache and latest next-token logits."""
+
+    def __init__(self, member: Member, prompts_ids: list[list[int]]) -> None:
+        self.member = member
+        self.rows = [RowIds(prompt_ids=list(p), ids=list(p)) for p in prompts_ids]
+        # A cache built without the model config keeps full layers even for sliding-window
+        # models (the model still masks by the window), so any position can be rolled back.
+        self.cache: Any = DynamicCache()
+        self.valid = torch.zeros(len(self.rows), 0, dtype=torch.bool)  # (B, T)
+        self.logits: torch.Tensor | None = None  # (B, V) after each row's last id
+        self.forward_seconds = 0.0
+        config = member.model.config
+        window = getattr(config, "sliding_window", None)
+        self._window: int | None = int(window) if window else None
+        pad = member.tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else 0
+
+    def append(self, row: int, token_id: int) -> None:
+        """Main member: append the chosen token to a row."""
+        self.rows[row].ids.append(token_id)
+
+    def sync_text(self, row: int, text: str) -> None:
+        """Helper member: make a row's ids equal the tokenisation of prompt + `text`."""
+        r = self.rows[row]
         tail = self.member.tokenizer(text, add_special_tokens=False).input_ids if text else []
-        target = self.prompt_ids + list(tail)
-        keep = _common_prefix(self.ids, target)
-        if keep == len(target) and keep < len(self.ids):
+        target = r.prompt_ids + list(tail)
+        keep = _common_prefix(r.ids, target)
+        if keep == len(target) and keep < len(r.ids):
             keep -= 1  # a shorter tokenisation: re-feed its last id to get fresh logits
-        self.ids = target
-        if keep < self.cached:
-            self.cache.crop(keep - self.cached)  # negative: drop the stale positions
-            self.cached = keep
-            self.logits = None
+        r.ids = target
+        self._roll_back(row, keep)
+
+    def _roll_back(self, row: int, keep: int) -> None:
+        """Drop a row's cached positions after its first `keep` ids (they become holes)."""
+        r = self.rows[row]
+        if keep < r.cached:
+            stale = self.valid[row].nonzero().squeeze(1)[keep:]  # the row's last positions
+            self.valid[row, stale] = False
+            r.cached = keep
 
     def forward(self) -> None:
-        """Feed the ids the cache lacks; keep the logits after the last one."""
-        pending = self.ids[self.cached :]
-        if not pending:
+        """Feed every row the ids its cache lacks, in one forward pass."""
+        width = max((len(r.ids) - r.cached for r in self.rows), default=0)
+        if width == 0:
             return
         start = time.perf_counter()
-        input_ids = torch.tensor([pending], dtype=torch.long, device=self.member.device)
-        with torch.inference_mode():
+        if self._window is not None and self.valid.shape[1] + width >= self._window:
+            # A sliding window counts cache slots: no hole may sit inside it. Rows with
+            # fewer new ids re-feed their latest ones, then holes are squeezed out.
+            for b, r in enumerate(self.rows):
+                self._roll_back(b, max(0, r.cached - (width - (len(r.ids) - r.cached))))
+            if self._has_holes():
+                self._compact()
+        elif self._has_holes() and self._holes() * 4 >= self.valid.numel():
+            self._compact()  # holes waste a quarter of the cache
+        pending = [r.ids[r.cached :] for r in self.rows]
+        batch = len(self.rows)
+        # (B, W) chunk, right-aligned so the last slot holds each row's newest id.
+        input_ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+        chunk_valid = torch.zeros(batch, width, dtype=torch.bool)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        for b, (r, ids) in enumerate(zip(self.rows, pending)):
+            if ids:
+                input_ids[b, width - len(ids) :] = torch.tensor(ids)
+                chunk_valid[b, width - len(ids) :] = True
+                positions[b, width - len(ids) :] = torch.arange(r.cached, r.cached + len(ids))
+        mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
+        device = self.member.device
+        with torch.no_grad():  # not inference_mode: caches are edited in place later
             out = self.member.model(
-                input_ids=input_ids,
+                input_ids=input_ids.to(device),
+                attention_mask=mask.long().to(device),
+                position_ids=positions.to(device),
                 use_cache=True,
                 logits_to_keep=1,
                 **{self.member.cache_argument: self.cache},
             )
-        self.logits = out.logits[:, -1, :].float().cpu()  # (1, V)
-        if self.cached >= len(self.prompt_ids):
-            self.fed_positions += len(pending)
-        else:
-            self.fed_positions += max(0, len(self.ids) - len(self.prompt_ids))
-        self.cached = len(self.ids)
+        logits = out.logits[:, -1, :].float().cpu()  # (B, V)
+        if self.logits is not None:  # rows that fed nothing keep their logits
+            unchanged = torch.tensor([not ids for ids in pending])
+            logits[unchanged] = self.logits[unchanged]
+        self.logits = logits
+        self.valid = mask
+        for r, ids in zip(self.rows, pending):
+            if r.cached >= len(r.prompt_ids):
+                r.fed_positions += len(ids)
+            else:  # the prefill: count only what lies past the prompt
+                r.fed_positions += max(0, len(r.ids) - len(r.prompt_ids))
+            r.cached = len(r.ids)
         self.forward_seconds += time.perf_counter() - start
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); finished rows stop costing compute."""
+        if rows == list(range(len(self.rows))):
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        self.rows = [self.rows[i] for i in rows]
+        self.valid = self.valid[index]
+        if self.logits is not None:
+            self.logits = self.logits[index]
+        if self.cache.get_seq_length() > 0:
+            self.cache.batch_select_indices(index.to(self.member.device))
+
     def free(self) -> None:
-        """Drop the KV cache."""
+        """Drop the KV cache and the rows."""
         self.cache = DynamicCache()
-        self.cached = 0
+        self.valid = torch.zeros(0, 0, dtype=torch.bool)
+        self.rows = []
         self.logits = None
+
+    def _holes(self) -> int:
+        """Masked slots after a row's first valid slot (left padding does not count)."""
+        total = self.valid.shape[1]
+        if total == 0:
+            return 0
+        first = self.valid.float().argmax(dim=1, keepdim=True)  # (B, 1)
+        return int(((~self.valid) & (torch.arange(total)[None, :] >= first)).sum())
+
+    def _has_holes(self) -> bool:
+        return self._holes() > 0
+
+    def _compact(self) -> None:
+        """Gather each row's valid positions to the right end of a shorter cache."""
+        counts = self.valid.sum(dim=1)
+        length = int(counts.max())
+        index = torch.zeros(len(self.rows), length, dtype=torch.long)
+        valid = torch.zeros(len(self.rows), length, dtype=torch.bool)
+        for b in range(len(self.rows)):
+            slots = self.valid[b].nonzero().squeeze(1)
+            index[b, length - len(slots) :] = slots
+            valid[b, length - len(slots) :] = True
+        device = self.member.device
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            layer.keys = _gather_slots(layer.keys, index.to(device))
+            layer.values = _gather_slots(layer.values, index.to(device))
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = length
+        self.valid = valid
+
+
+def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """States (B, H, T, D), index (B, T') -> (B, H, T', D)."""
+    heads, dim = states.shape[1], states.shape[3]
+    return states.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

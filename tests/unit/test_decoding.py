@@ -110,4 +110,75 @@ def test_bad_requests(tiny_ensemble):
     with pytest.raises(ConfigError, match="stop"):
         tiny_ensemble.generate("hi", stop=[""])
     with pytest.raises(ConfigError, match="prompt must be a str"):
-        tiny_ensemble.generate(["hi"])
+        tiny_ensemble.generate(123)
+    with pytest.raises(ConfigError, match="at position 1"):
+        tiny_ensemble.generate(["hi", 7])
+    with pytest.raises(ConfigError, match="temperature"):
+        tiny_ensemble.generate("hi", temperature=-1)
+    with pytest.raises(ConfigError, match="top_p"):
+        tiny_ensemble.generate("hi", top_p=1.5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        tiny_ensemble.generate(["hi"], batch_size=0)
+
+
+BATCH_PROMPTS = [
+    "Q:",
+    "The capital of France is",
+    "Once upon a time there was a small model that learned to write stories. It",
+    "def add(a, b):\n    return",
+    "Zürich, Genève and Malmö",
+    "x " * 40,
+]
+
+
+@pytest.mark.parametrize("main", [0, 1], ids=["main-llama", "main-gemma3"])
+def test_batched_greedy_equals_each_prompt_alone(tiny_ensemble, main):
+    ens = tiny_ensemble.with_fusion(main=main)
+    alone = [ens.generate(p, max_new_tokens=24) for p in BATCH_PROMPTS]
+    for size in (6, 4):
+        batched = ens.generate(BATCH_PROMPTS, max_new_tokens=24, batch_size=size)
+        assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+        assert [r.text for r in batched] == [r.text for r in alone]
+        assert [r.finish_reason for r in batched] == [r.finish_reason for r in alone]
+
+
+def test_batched_stop_and_length_rows_finish_independently(tiny_ensemble):
+    free = tiny_ensemble.generate(BATCH_PROMPTS[1], max_new_tokens=20)
+    stop = free.text[4:7]
+    results = tiny_ensemble.generate(BATCH_PROMPTS[:3], max_new_tokens=20, stop=[stop])
+    assert results[1].finish_reason == "stop"
+    assert results[1].text == free.text[: free.text.index(stop)]
+    for i in (0, 2):
+        alone = tiny_ensemble.generate(BATCH_PROMPTS[i], max_new_tokens=20, stop=[stop])
+        assert results[i].token_ids == alone.token_ids
+
+
+def test_batched_stream_matches_generate(tiny_ensemble):
+    results = tiny_ensemble.generate(BATCH_PROMPTS, max_new_tokens=16)
+    parts = {i: [] for i in range(len(BATCH_PROMPTS))}
+    finals = {}
+    for event in tiny_ensemble.stream(BATCH_PROMPTS, max_new_tokens=16):
+        assert event.index not in finals, "no delta after a row's final event"
+        parts[event.index].append(event.delta)
+        if event.finish_reason:
+            finals[event.index] = event
+    assert ["".join(parts[i]) for i in range(len(BATCH_PROMPTS))] == [r.text for r in results]
+    assert sorted(finals) == list(range(len(BATCH_PROMPTS)))
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_ensemble):
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.95)
+    first = tiny_ensemble.generate(PROMPTS[0], seed=1, **kwargs)
+    again = tiny_ensemble.generate(PROMPTS[0], seed=1, **kwargs)
+    other = tiny_ensemble.generate(PROMPTS[0], seed=2, **kwargs)
+    greedy = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=16)
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+    assert first.token_ids != greedy.token_ids
+
+
+def test_seeded_row_is_the_same_in_any_batch_position(tiny_ensemble):
+    kwargs = dict(max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    alone = tiny_ensemble.generate(PROMPTS[1], **kwargs)
+    batched = tiny_ensemble.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], **kwargs)
+    assert batched[2].token_ids == alone.token_ids
