@@ -28,6 +28,8 @@ from .sampling import Sampler
 from .sync import MemberBatch
 from .text import TextAssembler
 
+MemberPrompt = tuple[str, bool]  # (prompt text, add the tokenizer's special tokens)
+
 
 @dataclass
 class Usage:
@@ -74,13 +76,14 @@ class GenerationResult:
 def decode(
     members: Sequence[Member],
     fuser: Fuser,
-    prompts: Sequence[Sequence[str]],
+    prompts: Sequence[Sequence[MemberPrompt]],
     config: GenerationConfig,
 ) -> Iterator[StreamEvent]:
     """Generate for a batch of rows, yielding text deltas and one final event per row.
 
-    prompts[b][i] is row b's prompt text for member i (one text for all members, or each
-    member's own chat rendering).
+    prompts[b][i] is row b's prompt for member i: (text, add_special_tokens). A plain
+    prompt is the same text for all members, tokenised with the member's special tokens
+    (e.g. BOS); a chat prompt is each member's own rendering, already holding them.
     """
     start = time.perf_counter()
     main = fuser.main
@@ -96,12 +99,12 @@ def decode(
     # 1. each member's own prompt ids, prefilled into its KV cache.
     batches: list[MemberBatch] = []
     for i, m in enumerate(members):
-        ids = [m.tokenizer(row[i], add_special_tokens=True).input_ids for row in prompts]
+        ids = [m.tokenizer(row[i][0], add_special_tokens=row[i][1]).input_ids for row in prompts]
         for b, row_ids in enumerate(ids):
             if not row_ids:
                 raise ConfigError(
-                    f"Prompt {b} ({prompts[b][i]!r}) is empty in member {m.name!r}'s tokens; "
-                    "give some text."
+                    f"Prompt {b} ({prompts[b][i][0]!r}) is empty in member {m.name!r}'s "
+                    "tokens; give some text."
                 )
             usages[b].prompt_tokens[m.name] = len(row_ids)
         batches.append(MemberBatch(m, ids))

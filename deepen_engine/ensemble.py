@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from .chat import check_messages, render
 from .config import FusionConfig, GenerationConfig
-from .decoding import GenerationResult, StreamEvent, collect, decode
+from .decoding import GenerationResult, MemberPrompt, StreamEvent, collect, decode
 from .embedded import DEFAULT_MEMBERS
 from .errors import ConfigError
 from .fusion import Fuser
 from .members import Member, MemberSpec, as_spec, load_member
 from .relative import RelativeSpace
 from .vocabulary import Anchors, find_anchors
+
+Prompt = str | list[dict[str, str]]  # a text, or a chat conversation
 
 
 class Ensemble:
@@ -114,7 +117,7 @@ class Ensemble:
 
     def stream(
         self,
-        prompt: str | Sequence[str],
+        prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
@@ -122,22 +125,34 @@ class Ensemble:
     ) -> Iterator[StreamEvent]:
         """Yield text deltas as they become final, and one final event per prompt.
 
-        `prompt` is one text or a list; events carry the prompt's position as `index`.
-        Prompts run in batches of `batch_size` (default: all at once); every row gives
-        exactly the text it gives alone (greedy).
+        `prompt` is one prompt or a list; a prompt is a text, or a chat conversation (a
+        list of `{"role", "content"}` dicts) that each member renders with its own chat
+        template. Events carry the prompt's position as `index`. Prompts run in batches of
+        `batch_size` (default: all at once); each row gives exactly the text it gives
+        alone (greedy).
         """
         cfg = _generation_config(config, overrides)
         prompts = _prompt_list(prompt)
         size = len(prompts) if batch_size is None else batch_size
         if size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        n = len(self.members)
-        rows = [[p] * n for p in prompts]
+        rows = [self._member_prompts(p) for p in prompts]
         return self._stream_batches(rows, cfg, size)
+
+    def render(self, messages: list[dict[str, str]]) -> list[str]:
+        """Each member's prompt text for a chat conversation (see chat.py)."""
+        messages = check_messages(messages)
+        return [render(m.tokenizer, messages, m.chat_template) for m in self.members]
+
+    def _member_prompts(self, prompt: Prompt) -> list[MemberPrompt]:
+        if isinstance(prompt, str):
+            return [(prompt, True) for _ in self.members]
+        # Rendered chat prompts already hold their special tokens (BOS, turn markers).
+        return [(text, False) for text in self.render(prompt)]
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
@@ -145,15 +160,17 @@ class Ensemble:
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (one result) or a list (a list of results, in order).
 
+        A prompt is a text or a chat conversation; see `stream`.
+
         Settings as a `GenerationConfig` or as keywords (`max_new_tokens=`, `stop=`,
         `temperature=`, `top_p=`, `top_k=`, `seed=`).
         """
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
         results = collect(events, len(_prompt_list(prompt)))
-        return results[0] if isinstance(prompt, str) else results
+        return results[0] if _is_single(prompt) else results
 
     def _stream_batches(
-        self, rows: list[list[str]], cfg: GenerationConfig, size: int
+        self, rows: list[list[MemberPrompt]], cfg: GenerationConfig, size: int
     ) -> Iterator[StreamEvent]:
         for offset in range(0, len(rows), size):
             for event in decode(self.members, self.fuser, rows[offset : offset + size], cfg):
@@ -161,16 +178,32 @@ class Ensemble:
                 yield event
 
 
-def _prompt_list(prompt: Any) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
+def _is_single(prompt: Any) -> bool:
+    """One text, or one conversation (a list of message dicts)."""
+    return isinstance(prompt, str) or (
+        isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], Mapping)
+    )
+
+
+def _prompt_list(prompt: Any) -> list[Prompt]:
+    prompts = [prompt] if _is_single(prompt) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ConfigError(
-            f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}."
+            "prompt must be a str, a chat conversation (a list of message dicts), or a "
+            f"non-empty list of those; got {type(prompt).__name__}."
         )
+    out: list[Prompt] = []
     for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ConfigError(f"prompt must be a str, got {type(p).__name__} at position {i}.")
-    return list(prompts)
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, (list, tuple)):
+            out.append(check_messages(p))
+        else:
+            raise ConfigError(
+                f"prompt must be a str or a chat conversation, got {type(p).__name__} "
+                f"at position {i}."
+            )
+    return out
 
 
 def _check_main(fusion: FusionConfig, n_members: int) -> None:

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from tqdm.auto import tqdm
 
+from .chat import END_OF_TURN_TOKENS
 from .embedded import EMBEDDED, embedded_gguf
 from .errors import ConfigError, MemberLoadError
 from .vocabulary import CanonicalVocab
@@ -46,6 +47,9 @@ class MemberSpec(BaseModel):
     """Torch device of the member, e.g. `cpu`, `cuda:0`."""
     dtype: str = "float32"
     """Weights' dtype: `float32`, `bfloat16` or `float16`."""
+    chat_template: str | None = None
+    """Jinja chat template for this member, replacing its tokenizer's (see chat.py for the
+    fallback when neither exists)."""
 
     @field_validator("dtype")
     @classmethod
@@ -69,6 +73,7 @@ class Member:
     load_seconds: float
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     cache_argument: str = "past_key_values"  # transformers >= 5.x names it `cache`
+    chat_template: str | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -131,6 +136,7 @@ def load_member(spec: MemberSpec) -> Member:
         load_seconds=time.perf_counter() - start,
         eos_ids=_eos_ids(model, tokenizer),
         cache_argument=_cache_argument(model),
+        chat_template=spec.chat_template,
     )
     return member
 
@@ -276,4 +282,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         ids.update(int(e) for e in eos)
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    # End-of-turn markers end a reply too (Gemma's <end_of_turn> is not its eos token).
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] in special)
     return frozenset(ids)

@@ -31,6 +31,13 @@ CORPUS = [
 ] * 20
 
 
+# ChatML, as SmolLM2's tokenizer has it (without its default system prompt).
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def train_byte_level_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A GPT-2 style byte-level BPE tokenizer (like SmolLM2's), trained on CORPUS."""
     tok = Tokenizer(models.BPE())
@@ -43,13 +50,15 @@ def train_byte_level_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
+    hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         bos_token="<|im_start|>",
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
+    hf.chat_template = CHATML
+    return hf
 
 
 def train_sentencepiece_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFast:
