@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .embedded import DEFAULT_MEMBERS
-from .errors import DeepenError
+from .errors import ConfigError, DeepenError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--weights", type=float, nargs="+", help="one weight per member")
     gen.add_argument("--eta", type=float, default=0.15, help="inverse-search rate; 0 = main alone")
     gen.add_argument("--steps", type=int, default=5, help="inverse-search steps (default 5)")
+    gen.add_argument(
+        "--min-anchors", type=int, default=1000, help="fewest shared tokens accepted (1000)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    gen.add_argument(
+        "--prompts-file",
+        help="JSONL file, one object per line with 'prompt' (text) or 'messages' (chat); "
+        "prints one JSON result per line, in order",
+    )
+    gen.add_argument("--batch-size", type=int, help="prompts decoded together (default: all)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    gen.add_argument("--seed", type=int, help="seed of each row's sampling stream")
+    gen.add_argument(
+        "--stream",
+        action="store_true",
+        help="with --json or --prompts-file: print each text delta as a JSON line as it comes",
+    )
     gen.add_argument("--device", default="cpu", help="torch device for every member")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -76,33 +94,87 @@ def _generate(args: argparse.Namespace) -> int:
     from .config import GenerationConfig
     from .ensemble import Ensemble
 
+    prompts = _read_prompts(args)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    ens = Ensemble(
+        _specs(args),
+        main=args.main,
+        weights=args.weights,
+        eta=args.eta,
+        steps=args.steps,
+        min_anchors=args.min_anchors,
+    )
+    plain = not args.json and args.prompts_file is None  # one prompt, text as it comes
+    parts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    finals: dict[int, dict] = {}
+    next_to_print = 0
+    for event in ens.stream(prompts, gen, batch_size=args.batch_size):
+        if event.finish_reason is None:
+            parts[event.index].append(event.delta)
+            if plain:
+                print(event.delta, end="", flush=True)
+            elif args.stream:
+                print(json.dumps({"index": event.index, "delta": event.delta}, ensure_ascii=False))
+            continue
+        finals[event.index] = _result_json(ens, event, "".join(parts[event.index]))
+        if plain:
+            print()
+            continue
+        while next_to_print in finals:  # results in prompt order
+            print(json.dumps(finals[next_to_print], ensure_ascii=False), flush=True)
+            next_to_print += 1
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[Any]:
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            raise ConfigError("give either a prompt or --prompts-file, not both.")
+        return _read_jsonl(args.prompts_file)
     prompt = args.prompt
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
-            print("deepen: error: give a prompt, or pipe one on stdin", file=sys.stderr)
-            return 2
+            raise ConfigError("give a prompt, pipe one on stdin, or use --prompts-file.")
         prompt = sys.stdin.read()
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=args.stop)
-    ens = Ensemble(
-        _specs(args), main=args.main, weights=args.weights, eta=args.eta, steps=args.steps
-    )
-    final = None
-    parts: list[str] = []
-    for event in ens.stream(prompt, gen):
-        if event.finish_reason is not None:
-            final = event
-        elif args.json:
-            parts.append(event.delta)
-        else:
-            print(event.delta, end="", flush=True)
-    assert final is not None and final.usage is not None
-    if not args.json:
-        print()
-        return 0
-    usage = final.usage
-    result = {
-        "text": "".join(parts),
-        "finish_reason": final.finish_reason,
+    return [prompt]
+
+
+def _read_jsonl(path: str) -> list[Any]:
+    prompts: list[Any] = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--prompts-file {path!r} cannot be read: {exc}") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n} is not valid JSON: {exc}") from None
+        if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
+            raise ConfigError(
+                f"{path}:{n} must be an object with exactly one of 'prompt' or 'messages'."
+            )
+        prompts.append(item["prompt"] if "prompt" in item else item["messages"])
+    if not prompts:
+        raise ConfigError(f"--prompts-file {path!r} holds no prompts.")
+    return prompts
+
+
+def _result_json(ens: Any, event: Any, text: str) -> dict:
+    usage = event.usage
+    return {
+        "index": event.index,
+        "text": text,
+        "finish_reason": event.finish_reason,
         "main": ens.main.name,
         "members": [m.name for m in ens.members],
         "usage": {
@@ -114,8 +186,6 @@ def _generate(args: argparse.Namespace) -> int:
             "total_seconds": round(usage.total_seconds, 4),
         },
     }
-    print(json.dumps(result, ensure_ascii=False))
-    return 0
 
 
 def _members(args: argparse.Namespace) -> int:

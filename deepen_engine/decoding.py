@@ -10,7 +10,7 @@ non-streamed text can never disagree):
 4. Append it to the main member's ids and its bytes to the row's text; cut at stop strings.
 5. Yield each row's text that is now final; yield a final event for each finished row.
 6. Drop finished rows; sync every helper to the new texts; feed each member only its new
-   positions, all rows in one forward pass.
+   positions, all rows in one forward pass (members on distinct devices concurrently).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .config import GenerationConfig
@@ -117,9 +118,10 @@ def decode(
     texts = [TextAssembler(config.stop) for _ in range(n_rows)]
     active = list(range(n_rows))  # request row index of each batch row
     other_seconds = 0.0
+    parallel = len({str(m.device) for m in members}) == len(members) > 1
+    pool = ThreadPoolExecutor(max_workers=len(members)) if parallel else None
     try:
-        for batch in batches:
-            batch.forward()
+        _forward_all(batches, pool)
         for step in range(config.max_new_tokens):
             t0 = time.perf_counter()
             # 2. fuse the next-token distributions into the main vocabulary.
@@ -164,13 +166,26 @@ def decode(
                     for b, row in enumerate(active):
                         batch.sync_text(b, texts[row].text)
             other_seconds += time.perf_counter() - t0
-            for batch in batches:
-                batch.forward()
+            _forward_all(batches, pool)
             for row in active:
                 usages[row].fusion_seconds = other_seconds
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         for batch in batches:
             batch.free()
+
+
+def _forward_all(batches: list[MemberBatch], pool: ThreadPoolExecutor | None) -> None:
+    """Feed every member; members on distinct devices run concurrently (torch releases
+    the GIL in its kernels), so a step waits only for the slowest member.
+    """
+    if pool is None:
+        for batch in batches:
+            batch.forward()
+        return
+    for future in [pool.submit(batch.forward) for batch in batches]:
+        future.result()
 
 
 def _finish(

@@ -94,7 +94,7 @@ def test_cli_generate_json():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert set(result) == {"text", "finish_reason", "main", "members", "usage"}
+    assert set(result) == {"index", "text", "finish_reason", "main", "members", "usage"}
     assert result["finish_reason"] in {"eos", "length", "stop"}
     assert result["main"] == "gemma-3-270m"
     assert result["members"] == ["gemma-3-270m", "smollm2-135m-instruct"]

@@ -182,3 +182,34 @@ def test_seeded_row_is_the_same_in_any_batch_position(tiny_ensemble):
     alone = tiny_ensemble.generate(PROMPTS[1], **kwargs)
     batched = tiny_ensemble.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], **kwargs)
     assert batched[2].token_ids == alone.token_ids
+
+
+def test_members_on_distinct_devices_run_concurrently_with_the_same_result(tiny_pair):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepen_engine import Ensemble, MemberSpec, decoding
+
+    specs = [
+        MemberSpec(source=tiny_pair[0], name="a", device="cpu"),
+        MemberSpec(source=tiny_pair[1], name="b", device="cpu:0"),  # a distinct device name
+    ]
+    ens = Ensemble(specs, min_anchors=50)
+    used = []
+    original = decoding.ThreadPoolExecutor
+
+    class Recording(ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            used.append(kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+
+    decoding.ThreadPoolExecutor = Recording
+    try:
+        parallel = ens.generate(BATCH_PROMPTS[:3], max_new_tokens=12)
+    finally:
+        decoding.ThreadPoolExecutor = original
+    same_device = Ensemble(
+        [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
+        min_anchors=50,
+    ).generate(BATCH_PROMPTS[:3], max_new_tokens=12)
+    assert used == [2]
+    assert [r.token_ids for r in parallel] == [r.token_ids for r in same_device]
