@@ -4,7 +4,9 @@
 
 Members alone run plain transformers `generate` with its KV cache on the same prompt and
 length (min_new_tokens forces the length). The ensemble row splits its time into member
-forwards and fusion + sync. Prints a table (or JSON); asserts nothing.
+forwards and fusion + sync. Then batch throughput: B distinct prompts decoded together
+(tokens generated per second of wall time; rows may stop early at EOS). Prints a table (or
+JSON); asserts nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 8])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -66,7 +69,16 @@ def main() -> None:
         ),
         "fed_positions": usage.fed_positions,
         "text": result.text,
+        "throughput_tokens_per_second": {},
     }
+    # Throughput: B copies of distinct prompts decoded together, fixed length.
+    for size in args.batch_sizes:
+        prompts = [f"{args.prompt} (part {i + 1})" for i in range(size)]
+        start = time.perf_counter()
+        results = ens.generate(prompts, max_new_tokens=n)
+        seconds = time.perf_counter() - start
+        tokens = sum(r.usage.completion_tokens for r in results)
+        figures["throughput_tokens_per_second"][size] = round(tokens / seconds, 1)
     if args.json:
         print(json.dumps(figures, ensure_ascii=False))
         return

@@ -69,9 +69,18 @@ class Fuser:
         proposals: list[torch.Tensor] = []  # per member (B, k) anchor index or -1
         r = torch.zeros(main_logits.shape[0], len(self.anchors))  # (B, A)
         weight_sum = torch.zeros(main_logits.shape[0], 1)  # (B, 1)
+        main_top: torch.Tensor | None = None  # (B, max(k, C)) main ids, best first
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
-            probs = torch.softmax(member_logits.float(), dim=-1)  # (B, V_i)
-            top_p, top_ids = probs.topk(min(cfg.top_k, probs.shape[-1]), dim=-1)  # (B, k)
+            member_logits = member_logits.float()
+            k = min(cfg.top_k, member_logits.shape[-1])
+            if i == self.main:
+                k_main = min(max(cfg.top_k, cfg.candidates), member_logits.shape[-1])
+                top_logits, main_top = member_logits.topk(k_main, dim=-1)
+                top_logits, top_ids = top_logits[:, :k], main_top[:, :k]
+            else:
+                top_logits, top_ids = member_logits.topk(k, dim=-1)  # (B, k)
+            # top-k probabilities without materialising the (B, V) softmax
+            top_p = (top_logits - member_logits.logsumexp(-1, keepdim=True)).exp()
             top_p = torch.where(self.has_text[i][top_ids], top_p, 0.0)
             r_i = space.distribution(top_p, top_ids)  # (B, A), rows sum to 1 or 0
             kept = (r_i.sum(-1, keepdim=True) > 0).float()
@@ -82,7 +91,8 @@ class Fuser:
         r = r / weight_sum.clamp(min=1e-30)
 
         # 3. candidates in the main vocabulary, padded per row: (B, M) ids and mask.
-        cand_ids, valid = self._candidates(main_logits, proposals)
+        assert main_top is not None
+        cand_ids, valid = self._candidates(main_top[:, : cfg.candidates], proposals)
 
         # 4. inverse search on the candidate logits.
         z = main_logits.gather(1, cand_ids)  # (B, M)
@@ -92,20 +102,18 @@ class Fuser:
         fused = main_logits.clone()
         rows, cols = valid.nonzero(as_tuple=True)  # pads repeat a real id: never write them
         fused[rows, cand_ids[rows, cols]] = z[rows, cols]
-        keep_main = torch.isin(main_logits.argmax(-1), self.main_eos_ids)  # (B,)
+        keep_main = torch.isin(main_top[:, 0], self.main_eos_ids)  # (B,) top token ends
         no_candidates = ~valid.any(-1)
         return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
 
     def _candidates(
-        self, main_logits: torch.Tensor, proposals: list[torch.Tensor]
+        self, top: torch.Tensor, proposals: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main top tokens plus main tokens of proposed anchors; specials excluded."""
-        cfg = self.config
+        """Main top tokens (top: (B, C)) plus main tokens of proposed anchors; no specials."""
         main_has_text = self.has_text[self.main]
         main_anchor_ids = self.anchors.token_ids[self.main]
-        top = main_logits.topk(min(cfg.candidates, main_logits.shape[-1]), dim=-1).indices
         rows: list[list[int]] = []
-        for b in range(main_logits.shape[0]):
+        for b in range(top.shape[0]):
             ids = top[b].tolist()
             for i, prop in enumerate(proposals):
                 if i == self.main:
@@ -138,6 +146,32 @@ class Fuser:
         dense_rows = space.non_anchor_rows(cand_ids[d_b, d_j].tolist())  # (n, A)
         anchor_idx = anchor.clamp(min=0)
 
+        if not d_b.numel():
+            # Only one-hot rows: q and r matter only at the candidates' own anchors, so the
+            # search runs on (B, M) tensors instead of (B, A). Same numbers as below.
+            same = (anchor[:, :, None] == anchor[:, None, :]) & one_hot[:, None, :]  # (B,M,M)
+            r_at = torch.where(one_hot, r.gather(1, anchor_idx), 0.0)  # (B, M)
+
+            def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
+                q_at = (same.float() @ s[:, :, None]).squeeze(-1)  # (B, M)
+                ratio = torch.where(q_at > _Q_FLOOR, r_at / q_at.clamp(min=_Q_FLOOR), 0.0)
+                return torch.where(one_hot, -ratio, 0.0) / num_anchors
+        else:
+            n_dense = torch.arange(d_b.numel())
+            owner = torch.zeros(r.shape[0], d_b.numel())  # (B, n) 1 where row b owns row i
+            owner[d_b, n_dense] = 1.0
+
+            def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
+                # q = softmax(z) @ R over the anchors: one-hot rows scatter, dense rows as
+                # one (B, n) @ (n, A) product.
+                q = torch.zeros_like(r).scatter_add_(1, anchor_idx, torch.where(one_hot, s, 0.0))
+                q.addmm_(owner * s[d_b, d_j][None, :], dense_rows)
+                ratio = torch.where(q > _Q_FLOOR, r / q.clamp(min=_Q_FLOOR), 0.0)  # (B, A)
+                # u_j = dL/ds_j = -(1/A) * R_j . (r / q)
+                u = torch.where(one_hot, -ratio.gather(1, anchor_idx), 0.0)
+                u[d_b, d_j] = -(ratio @ dense_rows.T)[d_b, n_dense]
+                return u / num_anchors
+
         z = z.clone()
         m = torch.zeros_like(z)
         v = torch.zeros_like(z)
@@ -147,16 +181,7 @@ class Fuser:
             cosine = (1 + math.cos(math.pi * t / cfg.schedule_t_max)) / 2
             lr = eta_min + (cfg.eta - eta_min) * cosine
             s = torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)  # (B, M)
-            # q = softmax(z) @ R over the anchors: one-hot rows scatter, dense rows add.
-            q = torch.zeros_like(r).scatter_add_(1, anchor_idx, torch.where(one_hot, s, 0.0))
-            if d_b.numel():
-                q.index_add_(0, d_b, dense_rows * s[d_b, d_j, None])
-            ratio = torch.where(q > _Q_FLOOR, r / q.clamp(min=_Q_FLOOR), 0.0)  # (B, A)
-            # u_j = dL/ds_j = -(1/A) * R_j . (r / q)
-            u = torch.where(one_hot, -ratio.gather(1, anchor_idx), 0.0)
-            if d_b.numel():
-                u[d_b, d_j] = -(dense_rows * ratio[d_b]).sum(-1)
-            u = u / num_anchors
+            u = gradient_of_s(s)  # (B, M) dL/ds
             grad = s * (u - (s * u).sum(-1, keepdim=True))  # dL/dz through the softmax
             # AdamW step (decoupled weight decay), as torch.optim.AdamW.
             z = z * (1 - lr * cfg.weight_decay)

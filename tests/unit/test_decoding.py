@@ -213,3 +213,27 @@ def test_members_on_distinct_devices_run_concurrently_with_the_same_result(tiny_
     ).generate(BATCH_PROMPTS[:3], max_new_tokens=12)
     assert used == [2]
     assert [r.token_ids for r in parallel] == [r.token_ids for r in same_device]
+
+
+def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(tiny_ensemble):
+    from deepen_engine import sync
+
+    created = []
+    original = sync.MemberBatch.free
+
+    def recording_free(self):
+        created.append(self.member.name)
+        original(self)
+
+    sync.MemberBatch.free = recording_free
+    try:
+        stream = tiny_ensemble.stream(BATCH_PROMPTS[:2], max_new_tokens=30)
+        first = next(e for e in stream if e.delta)
+        stream.close()
+    finally:
+        sync.MemberBatch.free = original
+    assert first.delta
+    assert sorted(created) == ["tiny-gemma", "tiny-llama"]  # both members' caches freed
+    after = tiny_ensemble.generate(BATCH_PROMPTS[:2], max_new_tokens=12)
+    fresh = [tiny_ensemble.generate(p, max_new_tokens=12) for p in BATCH_PROMPTS[:2]]
+    assert [r.token_ids for r in after] == [r.token_ids for r in fresh]

@@ -233,7 +233,7 @@ def test_helper_lifts_token_outside_main_top_candidates():
 
     fuser = _fuser(candidates=2, top_k=4, eta=3.0, steps=5, weights=[0.1, 0.9])
     cand_ids, valid = fuser._candidates(
-        main, [torch.tensor([[0, 1, 2, 3]]), torch.tensor([[6, -1, -1, -1]])]
+        main.topk(2).indices, [torch.tensor([[0, 1, 2, 3]]), torch.tensor([[6, -1, -1, -1]])]
     )
     assert 7 in cand_ids[valid].tolist()
 
@@ -272,7 +272,9 @@ def test_special_tokens_are_never_candidates():
     fuser = _fuser(candidates=4)
     main = torch.zeros(1, MAIN_V)
     main[0, EOS] = 5.0
-    cand_ids, valid = fuser._candidates(main, [torch.tensor([[-1]]), torch.tensor([[-1]])])
+    top = main.topk(4).indices  # the main member's top-4 includes its EOS
+    assert EOS in top.tolist()[0]
+    cand_ids, valid = fuser._candidates(top, [torch.tensor([[-1]]), torch.tensor([[-1]])])
     assert EOS not in cand_ids[valid].tolist()
 
 
