@@ -114,3 +114,59 @@ def test_cli_members_json():
     assert [r["vocab_size"] for r in info["members"]] == [262144, 49152]
     assert [r["tokenizer"] for r in info["members"]] == ["sentencepiece", "byte_level"]
     assert 45000 < info["anchors"] < 47000
+
+
+BATCH = [
+    "Hi",
+    "The capital of France is",
+    "Q: What is the capital of Japan?\nA:",
+    "Write a short poem about the sea.\n",
+    "In 1969, Neil Armstrong became the first person to walk on the Moon. The mission was",
+    "def fibonacci(n):\n    ",
+]
+
+
+def test_batched_greedy_equals_each_prompt_alone(ensemble):
+    alone = [ensemble.generate(p, max_new_tokens=24) for p in BATCH]
+    batched = ensemble.generate(BATCH, max_new_tokens=24)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+
+
+def test_stream_equals_generate_and_close_early(ensemble):
+    whole = ensemble.generate(BATCH[2], max_new_tokens=16)
+    stream = ensemble.stream(BATCH[2], max_new_tokens=16)
+    events = list(stream)
+    assert "".join(e.delta for e in events) == whole.text
+    early = ensemble.stream(BATCH[4], max_new_tokens=64)
+    next(early)
+    early.close()
+    assert ensemble.generate(BATCH[2], max_new_tokens=16).text == whole.text
+
+
+def test_chat_renders_each_members_own_template(ensemble):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    gemma, smol = ensemble.render(messages)
+    # The Gemma-3-270m GGUF has no chat template: Gemma's turn format (chat.py).
+    assert gemma == (
+        "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    # SmolLM2's own ChatML template, with its default system prompt.
+    assert smol == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # Gemma-3-270m is a base model and does not answer in chat form; SmolLM2 is tuned for
+    # chat, so it leads here (measured: "The capital of France is Paris.", then <|im_end|>).
+    result = ensemble.with_fusion(main=1).generate(messages, max_new_tokens=24)
+    assert result.finish_reason == "eos"
+    assert "Paris" in result.text
+
+
+def test_seeded_sampling(ensemble):
+    kwargs = dict(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+    first = ensemble.generate(BATCH[3], **kwargs)
+    assert ensemble.generate(BATCH[3], **kwargs).text == first.text
+    assert ensemble.generate(BATCH[3], **{**kwargs, "seed": 12}).text != first.text
