@@ -125,6 +125,7 @@ def load_member(spec: MemberSpec) -> Member:
         tokenizer, model = _load_folder_or_hub(folder, name, dtype)
     model = model.to(spec.device).eval()
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
+    _check_round_trip(tokenizer, vocab, name)
     member = Member(
         name=name,
         model=model,
@@ -264,6 +265,19 @@ def _object_name(model: Any) -> str:
 
 def _vocab_rows(model: Any) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
+
+
+def _check_round_trip(tokenizer: Any, vocab: CanonicalVocab, name: str) -> None:
+    """Generated text is re-tokenised piece by piece: encoding must not add text."""
+    probe = "a b"
+    ids = tokenizer(probe, add_special_tokens=False).input_ids
+    got = b"".join(vocab.texts[i] or b"" for i in ids)
+    if got != probe.encode():
+        raise MemberLoadError(
+            f"Member {name!r}: its tokenizer turns {probe!r} into {got.decode(errors='replace')!r} "
+            "(it adds text, e.g. a SentencePiece dummy-prefix space). Such tokenizers are not "
+            "supported yet: the shared generated text would gain that text in this member."
+        )
 
 
 def _cache_argument(model: Any) -> str:
