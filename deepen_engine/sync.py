@@ -17,9 +17,9 @@ Layout of the batched cache, `(B, heads, T, dim)` per layer, with a `(B, T)` mas
   window no hole may stay: rows that feed fewer ids than the widest row re-feed their
   latest ids instead of padding, and the holes are squeezed out before the forward.
 
-Cost note (this release): a helper re-tokenises a row's whole generated text when it syncs.
-That is tokenizer work (Rust, microseconds per token), not model work: the model feeds only
-the changed positions.
+A helper re-tokenises only the tail of a row's text, from a word boundary a few tokens
+back (`_safe_cut`), so a sync costs the same at token 10 and at token 10,000; the property
+tests check the ids equal a full tokenisation of the same text.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from transformers import DynamicCache
 from .members import Member
 
 
+_TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
+_SPACES = (b" ", b"\n", b"\t", b"\r")
+
+
 @dataclass
 class RowIds:
     """One row's ids in one member's tokens."""
@@ -42,6 +46,7 @@ class RowIds:
     ids: list[int] = field(default_factory=list)  # prompt + generated
     cached: int = 0  # leading ids held in the cache
     fed_positions: int = 0  # positions fed after the prompt (the sync cost)
+    ends: list[int] = field(default_factory=list)  # helper: byte end of each generated id
 
     @property
     def generated_ids(self) -> list[int]:
@@ -72,15 +77,50 @@ class MemberBatch:
         self.rows[row].ids.append(token_id)
 
     def sync_text(self, row: int, text: str) -> None:
-        """Helper member: make a row's ids equal the tokenisation of prompt + `text`."""
+        """Helper member: make a row's ids equal the tokenisation of prompt + `text`.
+
+        `text` is the row's whole generated text; it only grows between calls. Only its
+        tail is re-tokenised: from a word boundary at least `_TAIL_TOKENS` tokens back.
+        """
         r = self.rows[row]
-        tail = self.member.tokenizer(text, add_special_tokens=False).input_ids if text else []
-        target = r.prompt_ids + list(tail)
+        data = text.encode("utf-8")
+        generated = r.ids[len(r.prompt_ids) :]
+        cut = self._safe_cut(generated)
+        start = r.ends[cut - 1] if cut else 0
+        tail_text = data[start:].decode("utf-8")
+        tail = self._encode(tail_text) if tail_text else []
+        target = r.prompt_ids + generated[:cut] + tail
+        texts = self.member.vocab.texts
+        ends = r.ends[:cut]
+        for token in tail:
+            ends.append((ends[-1] if ends else 0) + len(texts[token] or b""))
+        r.ends = ends
         keep = _common_prefix(r.ids, target)
         if keep == len(target) and keep < len(r.ids):
             keep -= 1  # a shorter tokenisation: re-feed its last id to get fresh logits
         r.ids = target
         self._roll_back(row, keep)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.member.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _safe_cut(self, generated: list[int]) -> int:
+        """Index of a generated token before which re-tokenising cannot change anything.
+
+        A token that starts with a space followed by a non-space, after a token that ends
+        in a non-space, starts a pre-token (byte-level BPE splits words there) or a word
+        (SentencePiece BPE merges within words), so tokens before it are final. 0 (the whole
+        generated text) when no such token lies at least `_TAIL_TOKENS` back, or when a
+        token without text (a special token matched in the text) makes offsets unclear.
+        """
+        texts = self.member.vocab.texts
+        for i in range(len(generated) - _TAIL_TOKENS, 0, -1):
+            word, before = texts[generated[i]], texts[generated[i - 1]]
+            if not word or not before:
+                return 0
+            if word[:1] == b" " and word[1:2] not in (b"", b" ") and before[-1:] not in _SPACES:
+                return i
+        return 0
 
     def _roll_back(self, row: int, keep: int) -> None:
         """Drop a row's cached positions after its first `keep` ids (they become holes)."""

@@ -170,3 +170,11 @@ def test_seeded_sampling(ensemble):
     first = ensemble.generate(BATCH[3], **kwargs)
     assert ensemble.generate(BATCH[3], **kwargs).text == first.text
     assert ensemble.generate(BATCH[3], **{**kwargs, "seed": 12}).text != first.text
+
+
+def test_incremental_sync_equals_full_tokenisation_on_real_tokenizers(ensemble):
+    from tests.unit.test_sync_property import check_incremental_equals_full
+
+    for member in ensemble.members:
+        syncs, tails = check_incremental_equals_full(member, range(400))
+        assert syncs > 1000 and tails > syncs // 4, (member.name, syncs, tails)

@@ -1,0 +1,60 @@
+"""Property: a helper's incrementally synced ids equal a full tokenisation of its text,
+over many random texts grown in random pieces (seeded), for both tokenizer kinds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from deepen_engine import MemberSpec, load_member
+from deepen_engine.sync import MemberBatch
+
+PIECES = [
+    "the", " the", " of", "  ", "   ", "\n", "\n\n", " \n", "Paris", ",", ".", "!", "?", "123",
+    " 4567", "ü", " Zürich", "東京", "😀", "<", ">", "</", "> </", "don't", "'s", "\t", "x",
+    " x", "(", "):", "    return", "a+b", "--", "...", " é", "ß", "-", "_", "=", "==",
+]  # fmt: skip
+
+
+def random_text(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 40)):
+        if rng.random() < 0.8:
+            parts.append(rng.choice(PIECES))
+        else:
+            parts.append(chr(rng.randint(32, 126)))
+    return "".join(parts)
+
+
+def check_incremental_equals_full(member, seeds: range) -> tuple[int, int]:
+    """Grow random texts in random pieces; assert ids after each sync.
+
+    Returns (syncs run, syncs that re-tokenised only a tail).
+    """
+    syncs = tails = 0
+    for seed in seeds:
+        rng = random.Random(seed)
+        text = random_text(rng)
+        prompt = member.tokenizer("Prompt:", add_special_tokens=True).input_ids
+        batch = MemberBatch(member, [prompt])
+        cuts = []
+        safe_cut = batch._safe_cut
+        batch._safe_cut = lambda generated: cuts.append(safe_cut(generated)) or cuts[-1]
+        pos = 0
+        while pos < len(text):
+            pos = min(len(text), pos + rng.randint(1, 6))
+            batch.sync_text(0, text[:pos])
+            full = member.tokenizer(text[:pos], add_special_tokens=False).input_ids
+            assert batch.rows[0].ids == prompt + full, (seed, text[:pos])
+            syncs += 1
+        tails += sum(1 for c in cuts if c > 0)
+    return syncs, tails
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["byte-level-bpe", "sentencepiece-bpe"])
+def test_incremental_sync_equals_full_tokenisation(tiny_pair, which):
+    member = load_member(MemberSpec(source=tiny_pair[which], name="m"))
+    syncs, tails = check_incremental_equals_full(member, range(300))
+    assert syncs > 1000
+    assert tails > syncs // 4  # the tail window is really used, not only full re-encodes
