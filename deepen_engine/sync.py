@@ -33,7 +33,6 @@ from transformers import DynamicCache
 
 from .members import Member
 
-
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
 _SPACES = (b" ", b"\n", b"\t", b"\r")
 
