@@ -27,6 +27,14 @@ def random_text(rng: random.Random) -> str:
     return "".join(parts)
 
 
+def _recording(safe_cut, cuts: list[int]):
+    def wrapped(generated: list[int]) -> int:
+        cuts.append(safe_cut(generated))
+        return cuts[-1]
+
+    return wrapped
+
+
 def check_incremental_equals_full(member, seeds: range) -> tuple[int, int]:
     """Grow random texts in random pieces; assert ids after each sync.
 
@@ -38,9 +46,8 @@ def check_incremental_equals_full(member, seeds: range) -> tuple[int, int]:
         text = random_text(rng)
         prompt = member.tokenizer("Prompt:", add_special_tokens=True).input_ids
         batch = MemberBatch(member, [prompt])
-        cuts = []
-        safe_cut = batch._safe_cut
-        batch._safe_cut = lambda generated: cuts.append(safe_cut(generated)) or cuts[-1]
+        cuts: list[int] = []
+        batch._safe_cut = _recording(batch._safe_cut, cuts)
         pos = 0
         while pos < len(text):
             pos = min(len(text), pos + rng.randint(1, 6))
