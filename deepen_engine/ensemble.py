@@ -8,6 +8,7 @@ print(ens.generate("The capital of France is", max_new_tokens=8).text)
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -54,6 +55,7 @@ class Ensemble:
         _check_main(self.fusion, len(specs))
         self.fusion.normalised_weights(len(specs))  # raises on a wrong count
         self.members: list[Member] = [load_member(s) for s in specs]
+        self._lock = threading.Lock()  # the members' models run one request at a time
         start = time.perf_counter()
         self.anchors: Anchors | None = None
         self._spaces: list[RelativeSpace] = []
@@ -129,7 +131,8 @@ class Ensemble:
         list of `{"role", "content"}` dicts) that each member renders with its own chat
         template. Events carry the prompt's position as `index`. Prompts run in batches of
         `batch_size` (default: all at once); each row gives exactly the text it gives
-        alone (greedy).
+        alone (greedy). Requests are serialised: a stream holds the ensemble from its
+        first event until it ends or is closed, and other threads' requests wait.
         """
         cfg = _generation_config(config, overrides)
         prompts = _prompt_list(prompt)
@@ -172,10 +175,13 @@ class Ensemble:
     def _stream_batches(
         self, rows: list[list[MemberPrompt]], cfg: GenerationConfig, size: int
     ) -> Iterator[StreamEvent]:
-        for offset in range(0, len(rows), size):
-            for event in decode(self.members, self.fuser, rows[offset : offset + size], cfg):
-                event.index += offset
-                yield event
+        # One request at a time per set of loaded members (views from with_fusion share
+        # it): a second thread's request waits here until this stream ends or is closed.
+        with self._lock:
+            for offset in range(0, len(rows), size):
+                for event in decode(self.members, self.fuser, rows[offset : offset + size], cfg):
+                    event.index += offset
+                    yield event
 
 
 def _is_single(prompt: Any) -> bool:
