@@ -7,10 +7,11 @@ print(ens.generate("The capital of France is", max_new_tokens=8).text)
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -141,6 +142,68 @@ class Ensemble:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         rows = [self._member_prompts(p) for p in prompts]
         return self._stream_batches(rows, cfg, size)
+
+    async def astream(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> AsyncIterator[StreamEvent]:
+        """`stream` for asyncio: decoding runs in a worker thread, the event loop stays free.
+
+        Closing the iterator or cancelling the task that reads it stops the worker after
+        its current step and frees the caches.
+        """
+        events = self.stream(prompt, config, batch_size=batch_size, **overrides)  # validates
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def post(kind: str, item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+            except RuntimeError:  # the loop has closed: nobody is reading any more
+                stop.set()
+
+        def work() -> None:
+            try:
+                for event in events:
+                    if stop.is_set():
+                        break
+                    post("event", event)
+            except BaseException as exc:  # handed to the reader, raised there
+                post("error", exc)
+            else:
+                post("done", None)
+            finally:
+                events.close()
+
+        loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "error":
+                    raise item
+                if kind == "done":
+                    return
+                yield item
+        finally:
+            stop.set()
+
+    async def agenerate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> GenerationResult | list[GenerationResult]:
+        """`generate` for asyncio (see `astream`)."""
+        events = [e async for e in self.astream(prompt, config, batch_size=batch_size, **overrides)]
+        results = collect(iter(events), len(_prompt_list(prompt)))
+        return results[0] if _is_single(prompt) else results
 
     def render(self, messages: list[dict[str, str]]) -> list[str]:
         """Each member's prompt text for a chat conversation (see chat.py)."""

@@ -247,3 +247,58 @@ def test_concurrent_threads_get_their_own_results(tiny_ensemble):
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda p: tiny_ensemble.generate(p, max_new_tokens=10), prompts))
     assert [r.token_ids for r in got] == expected
+
+
+def test_astream_does_not_block_the_event_loop_and_matches_generate(tiny_ensemble):
+    import asyncio
+
+    expected = tiny_ensemble.generate(BATCH_PROMPTS[:3], max_new_tokens=16)
+
+    async def main():
+        ticks = 0
+        done = False
+
+        async def ticker():
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        results = await tiny_ensemble.agenerate(BATCH_PROMPTS[:3], max_new_tokens=16)
+        deltas = [
+            d async for d in _deltas(tiny_ensemble.astream(BATCH_PROMPTS[2], max_new_tokens=16))
+        ]
+        done = True
+        await task
+        return results, "".join(deltas), ticks
+
+    async def _deltas(stream):
+        async for event in stream:
+            yield event.delta
+
+    results, streamed, ticks = asyncio.run(main())
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert streamed == expected[2].text
+    assert ticks > 5  # the ticker kept running while the ensemble generated
+
+
+def test_cancelled_astream_leaves_the_ensemble_usable(tiny_ensemble):
+    import asyncio
+
+    async def main():
+        async def consume():
+            async for _ in tiny_ensemble.astream(BATCH_PROMPTS[2], max_new_tokens=200):
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return await tiny_ensemble.agenerate(BATCH_PROMPTS[0], max_new_tokens=8)
+
+    result = asyncio.run(main())
+    assert result.token_ids == tiny_ensemble.generate(BATCH_PROMPTS[0], max_new_tokens=8).token_ids
