@@ -62,6 +62,27 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
+    ev = sub.add_parser("eval", help="capital-city QA: each member alone vs the ensemble")
+    ev.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    ev.add_argument("--main", type=int, default=0, help="index of the main member (default 0)")
+    ev.add_argument(
+        "--weights",
+        nargs="+",
+        help="one weight per member, or 'adaptive' (weights from dev accuracy, DeePEn-Adapt)",
+    )
+    ev.add_argument("--eta", type=float, default=0.15)
+    ev.add_argument("--steps", type=int, default=5)
+    ev.add_argument("--n", type=int, default=150, help="test questions (default 150)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the question split")
+    ev.add_argument("--shots", type=int, default=4)
+    ev.add_argument("--dev-size", type=int, default=50)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--min-anchors", type=int, default=1000)
+    ev.add_argument("--output", default="deepen-eval.jsonl", help="per-question outputs (JSONL)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
     mem = sub.add_parser("members", help="load the members and describe them")
     mem.add_argument("--model", "-m", action="append", dest="models", help=members_help)
     mem.add_argument("--device", default="cpu")
@@ -77,13 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "eval":
+            from .eval_command import run_eval
+
+            return run_eval(args)
         return _members(args)
     except DeepenError as exc:
         print(f"deepen: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _specs(args: argparse.Namespace) -> list[Any]:
+def specs(args: argparse.Namespace) -> list[Any]:
+    """The members named by --model (default: the embedded defaults), as MemberSpecs."""
     from .members import MemberSpec
 
     sources = args.models or list(DEFAULT_MEMBERS)
@@ -104,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     ens = Ensemble(
-        _specs(args),
+        specs(args),
         main=args.main,
         weights=args.weights,
         eta=args.eta,
@@ -192,7 +218,7 @@ def _members(args: argparse.Namespace) -> int:
     from .members import load_member
     from .vocabulary import find_anchors
 
-    members = [load_member(spec) for spec in _specs(args)]
+    members = [load_member(spec) for spec in specs(args)]
     rows = [
         {
             "name": m.name,

@@ -171,3 +171,20 @@ def tiny_ensemble(tiny_pair):
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
     ]
     return Ensemble(members, min_anchors=50)
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tiny_pair, tmp_path_factory) -> list[str]:
+    """The two tiny members saved as local model folders (for the command line)."""
+    paths = []
+    for i, (model, tokenizer) in enumerate(tiny_pair):
+        path = tmp_path_factory.mktemp(f"member{i}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def member_args(folders: list[str]) -> list[str]:
+    """`deepen` arguments naming the tiny member folders."""
+    return ["--model", folders[0], "--model", folders[1], "--min-anchors", "50"]

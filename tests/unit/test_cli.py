@@ -8,47 +8,33 @@ import pytest
 
 from deepen_engine import Ensemble, MemberSpec
 from deepen_engine.cli import main
+from tests.conftest import member_args
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_pair, tmp_path_factory):
-    paths = []
-    for i, (model, tokenizer) in enumerate(tiny_pair):
-        path = tmp_path_factory.mktemp(f"member{i}")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(str(path))
-    return paths
+def reference(tiny_folders):
+    return Ensemble([MemberSpec(source=p) for p in tiny_folders], min_anchors=50)
 
 
-@pytest.fixture(scope="module")
-def reference(folders):
-    return Ensemble([MemberSpec(source=p) for p in folders], min_anchors=50)
-
-
-def _args(folders):
-    return ["--model", folders[0], "--model", folders[1], "--min-anchors", "50"]
-
-
-def test_generate_json(folders, reference, capsys):
+def test_generate_json(tiny_folders, reference, capsys):
     code = main(["generate", "The capital of France is", "--json", "--max-new-tokens", "6",
-                 *_args(folders)])  # fmt: skip
+                 *member_args(tiny_folders)])  # fmt: skip
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     expected = reference.generate("The capital of France is", max_new_tokens=6)
     assert out["text"] == expected.text
     assert out["finish_reason"] == expected.finish_reason
-    assert out["members"] == [f.rsplit("/", 1)[-1] for f in folders]
+    assert out["members"] == [f.rsplit("/", 1)[-1] for f in tiny_folders]
     assert out["usage"]["completion_tokens"] == expected.usage.completion_tokens
 
 
-def test_prompts_file_prints_results_in_order(folders, reference, tmp_path, capsys):
+def test_prompts_file_prints_results_in_order(tiny_folders, reference, tmp_path, capsys):
     messages = [{"role": "user", "content": "Capital of France?"}]
     lines = [{"prompt": "Q:"}, {"messages": messages}, {"prompt": "Once upon a time"}]
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     code = main(["generate", "--prompts-file", str(path), "--max-new-tokens", "8",
-                 "--batch-size", "2", *_args(folders)])  # fmt: skip
+                 "--batch-size", "2", *member_args(tiny_folders)])  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = reference.generate(["Q:", messages, "Once upon a time"], max_new_tokens=8)
@@ -56,9 +42,9 @@ def test_prompts_file_prints_results_in_order(folders, reference, tmp_path, caps
     assert [r["text"] for r in rows] == [e.text for e in expected]
 
 
-def test_stream_json_lines_join_to_the_text(folders, reference, capsys):
+def test_stream_json_lines_join_to_the_text(tiny_folders, reference, capsys):
     code = main(["generate", "Q:", "--json", "--stream", "--max-new-tokens", "10",
-                 "--temperature", "0.9", "--seed", "3", *_args(folders)])  # fmt: skip
+                 "--temperature", "0.9", "--seed", "3", *member_args(tiny_folders)])  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     deltas = "".join(r["delta"] for r in rows if "delta" in r)
@@ -68,12 +54,12 @@ def test_stream_json_lines_join_to_the_text(folders, reference, capsys):
     assert final["text"] == expected.text
 
 
-def test_errors_exit_2_with_a_message(folders, tmp_path, capsys):
+def test_errors_exit_2_with_a_message(tiny_folders, tmp_path, capsys):
     assert main(["generate", "x", "--model", str(tmp_path / "missing.gguf")]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt key"}\n')
-    assert main(["generate", "--prompts-file", str(bad), *_args(folders)]) == 2
+    assert main(["generate", "--prompts-file", str(bad), *member_args(tiny_folders)]) == 2
     assert "exactly one of 'prompt' or 'messages'" in capsys.readouterr().err
-    assert main(["generate", "x", "--top-p", "2", *_args(folders)]) == 2
+    assert main(["generate", "x", "--top-p", "2", *member_args(tiny_folders)]) == 2
     assert "top_p" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""Capital-city QA: does the ensemble answer better than its members?
+
+The task (all fixed by the seed):
+
+- questions: every country of the PyPI package `countryinfo` that has a capital, shuffled
+  with `random.Random(seed)`; the first `shots` are the few-shot examples, the next
+  `dev_size` the dev set (for choosing settings and adaptive weights), the rest the test
+  set (`n` limits it);
+- prompt: `shots` solved examples `Q: What is the capital of X?\\nA: Y\\n\\n`, then the
+  question; greedy decoding, at most 12 new tokens, cut at the first newline;
+- score: exact match after normalisation (Unicode NFKD with accents removed, case folded,
+  punctuation and extra spaces dropped), so `Bogotá` = `bogota`;
+- 95% confidence interval: Wilson score interval of the accuracy;
+- adaptive weights (DeePEn-Adapt): each member's weight is its dev-set accuracy alone,
+  normalised to sum 1: `w_i = acc_i / sum_j acc_j` (uniform if all are 0).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+QUESTION = "Q: What is the capital of {country}?\nA:"
+MAX_NEW_TOKENS = 12
+
+
+@dataclass(frozen=True)
+class Question:
+    """One country and its capital."""
+
+    country: str
+    answer: str
+
+
+@dataclass
+class Split:
+    """Few-shot examples, dev set and test set of one seed."""
+
+    shots: list[Question]
+    dev: list[Question]
+    test: list[Question]
+
+
+def load_questions() -> list[Question]:
+    """Every country with a capital in `countryinfo`, sorted by country name."""
+    try:
+        import countryinfo
+    except ImportError as exc:  # an optional dependency: the `eval` extra
+        raise ConfigError(
+            "deepen eval needs the package 'countryinfo': pip install countryinfo"
+        ) from exc
+    out = {}
+    for c in countryinfo.all_countries():
+        name, capital = c.name(), c.capital()
+        if name and capital:
+            out[name] = Question(country=name, answer=capital)
+    return [out[k] for k in sorted(out)]
+
+
+def split_questions(
+    questions: Sequence[Question], seed: int, shots: int = 4, dev_size: int = 50
+) -> Split:
+    """Shuffle with the seed, then cut into shots, dev and test."""
+    if shots < 0 or dev_size < 0:
+        raise ConfigError(f"shots and dev_size must be >= 0, got {shots} and {dev_size}.")
+    if shots + dev_size >= len(questions):
+        raise ConfigError(
+            f"shots + dev_size = {shots + dev_size} leaves no test questions out of "
+            f"{len(questions)}; lower them."
+        )
+    order = list(questions)
+    random.Random(seed).shuffle(order)
+    return Split(
+        shots=order[:shots],
+        dev=order[shots : shots + dev_size],
+        test=order[shots + dev_size :],
+    )
+
+
+def build_prompt(shots: Sequence[Question], question: Question) -> str:
+    """The few-shot prompt for one question."""
+    examples = "".join(QUESTION.format(country=q.country) + f" {q.answer}\n\n" for q in shots)
+    return examples + QUESTION.format(country=question.country)
+
+
+def normalise(text: str) -> str:
+    """Accents removed, case folded, punctuation dropped, spaces collapsed."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    bare = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+    words = re.sub(r"[^\w\s]", " ", bare).split()
+    return " ".join(words)
+
+
+def extract_answer(output: str) -> str:
+    """The first line of the model's output, stripped."""
+    return output.strip().split("\n", 1)[0].strip()
+
+
+def is_correct(output: str, answer: str) -> bool:
+    """Exact match of the normalised first line against the normalised capital."""
+    return normalise(extract_answer(output)) == normalise(answer)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (0, 0 for no data)."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def adaptive_weights(dev_accuracies: Sequence[float]) -> list[float]:
+    """DeePEn-Adapt: weights proportional to each member's dev accuracy alone."""
+    total = sum(dev_accuracies)
+    if total <= 0:
+        return [1.0 / len(dev_accuracies)] * len(dev_accuracies)
+    return [a / total for a in dev_accuracies]
+
+
+@dataclass
+class Score:
+    """Accuracy of one system on one question set, with its per-question records."""
+
+    system: str
+    correct: int
+    total: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        """Share of questions answered exactly."""
+        return self.correct / self.total if self.total else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson interval of the accuracy."""
+        return wilson_interval(self.correct, self.total)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly figures (no records)."""
+        low, high = self.interval
+        return {
+            "system": self.system,
+            "accuracy": round(self.accuracy, 4),
+            "ci95": [round(low, 4), round(high, 4)],
+            "correct": self.correct,
+            "total": self.total,
+        }
+
+
+def score(
+    system: str,
+    generate: Callable[[list[str]], list[str]],
+    shots: Sequence[Question],
+    questions: Sequence[Question],
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = 8,
+) -> Score:
+    """Ask every question through `generate` (prompts -> outputs) in batches."""
+    result = Score(system=system, correct=0, total=0)
+    for start in range(0, len(questions), batch_size):
+        chunk = list(questions[start : start + batch_size])
+        outputs = generate([build_prompt(shots, q) for q in chunk])
+        for q, out in zip(chunk, outputs):
+            ok = is_correct(out, q.answer)
+            result.correct += ok
+            result.total += 1
+            result.records.append({"system": system, **asdict(q), "output": out, "correct": ok})
+        if progress is not None:
+            progress(len(chunk))
+    return result
