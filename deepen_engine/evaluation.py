@@ -33,10 +33,15 @@ MAX_NEW_TOKENS = 12
 
 @dataclass(frozen=True)
 class Question:
-    """One country and its capital."""
+    """One country and its capital (every spelling the data lists counts)."""
 
     country: str
-    answer: str
+    answers: tuple[str, ...]
+
+    @property
+    def answer(self) -> str:
+        """The first listed spelling (used in few-shot examples)."""
+        return self.answers[0]
 
 
 @dataclass
@@ -59,8 +64,10 @@ def load_questions() -> list[Question]:
     out = {}
     for c in countryinfo.all_countries():
         name, capital = c.name(), c.capital()
-        if name and capital:
-            out[name] = Question(country=name, answer=capital)
+        spellings = tuple(capital) if isinstance(capital, list) else (capital,)
+        spellings = tuple(s for s in spellings if isinstance(s, str) and s.strip())
+        if name and spellings:
+            out[name] = Question(country=name, answers=spellings)
     return [out[k] for k in sorted(out)]
 
 
@@ -103,9 +110,11 @@ def extract_answer(output: str) -> str:
     return output.strip().split("\n", 1)[0].strip()
 
 
-def is_correct(output: str, answer: str) -> bool:
-    """Exact match of the normalised first line against the normalised capital."""
-    return normalise(extract_answer(output)) == normalise(answer)
+def is_correct(output: str, answers: str | Sequence[str]) -> bool:
+    """Exact match of the normalised first line against a normalised capital spelling."""
+    spellings = [answers] if isinstance(answers, str) else answers
+    got = normalise(extract_answer(output))
+    return bool(got) and any(got == normalise(a) for a in spellings)
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:

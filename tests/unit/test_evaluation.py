@@ -30,6 +30,8 @@ def test_normalise_and_match():
     assert is_correct(" paris.", "Paris")
     assert not is_correct(" Paris is the capital", "Paris")
     assert not is_correct("", "Paris")
+    assert not is_correct(" ...", "...")  # nothing left after normalisation is never right
+    assert is_correct(" Sucre", ["La Paz", "Sucre"])  # any listed spelling counts
 
 
 def test_wilson_interval_known_values():
@@ -48,7 +50,7 @@ def test_adaptive_weights_formula():
 
 
 def test_split_is_seeded_and_disjoint():
-    questions = [Question(f"C{i}", f"K{i}") for i in range(40)]
+    questions = [Question(f"C{i}", (f"K{i}",)) for i in range(40)]
     a = split_questions(questions, seed=3, shots=4, dev_size=10)
     b = split_questions(questions, seed=3, shots=4, dev_size=10)
     c = split_questions(questions, seed=4, shots=4, dev_size=10)
@@ -61,8 +63,8 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_prompt_text():
-    shots = [Question("France", "Paris"), Question("Japan", "Tokyo")]
-    assert build_prompt(shots, Question("Peru", "Lima")) == (
+    shots = [Question("France", ("Paris",)), Question("Japan", ("Tokyo",))]
+    assert build_prompt(shots, Question("Peru", ("Lima",))) == (
         "Q: What is the capital of France?\nA: Paris\n\n"
         "Q: What is the capital of Japan?\nA: Tokyo\n\n"
         "Q: What is the capital of Peru?\nA:"
@@ -72,7 +74,8 @@ def test_prompt_text():
 def test_questions_come_from_countryinfo():
     questions = load_questions()
     assert len(questions) > 200
-    assert Question("France", "Paris") in questions
+    assert Question("France", ("Paris",)) in questions
+    assert all(q.answers and all(isinstance(a, str) for a in q.answers) for q in questions)
     assert [q.country for q in questions] == sorted(q.country for q in questions)
 
 
@@ -91,7 +94,7 @@ def test_eval_command_on_tiny_members(tiny_folders, tmp_path, capsys):
     assert [d["total"] for d in summary["dev"]] == [5, 5]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 * 5 + 3 * 6
-    assert {"system", "country", "answer", "output", "correct"} <= set(records[0])
+    assert {"system", "country", "answers", "output", "correct"} <= set(records[0])
     by_system = {}
     for r in records:
         by_system.setdefault(r["system"], []).append(r["correct"])
