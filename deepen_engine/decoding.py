@@ -148,6 +148,7 @@ def decode(
                 if b in finished:
                     ids = main_batch.rows[b].generated_ids
                     usage = usages[row]
+                    usage.fusion_seconds = other_seconds
                     yield from _finish(row, finished[b], texts[row], ids, usage, batches, b, start)
                 else:
                     delta = texts[row].delta()
@@ -167,8 +168,6 @@ def decode(
                         batch.sync_text(b, texts[row].text)
             other_seconds += time.perf_counter() - t0
             _forward_all(batches, pool)
-            for row in active:
-                usages[row].fusion_seconds = other_seconds
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
