@@ -169,6 +169,8 @@ class Ensemble:
 
         def work() -> None:
             try:
+                if stop.is_set():  # closed while queued: do not take the ensemble at all
+                    return
                 for event in events:
                     if stop.is_set():
                         break
