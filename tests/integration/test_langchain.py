@@ -2,8 +2,8 @@
 SmolLM2-135M-Instruct): DeepEnLLM checks, LangChain's standard ChatModelIntegrationTests for
 ChatDeepEn, and the cookbook scripts run as subprocesses.
 
-Run with `HF_HUB_OFFLINE=1 DEEPEN_CACHE=/tmp/dcache pytest -m integration tests/integration/
-test_langchain.py`. The members are loaded once per module and shared (`ensemble=`).
+Run with `HF_HUB_OFFLINE=1 pytest -m integration tests/integration/test_langchain.py`. The
+members are loaded once per module and shared (`ensemble=`).
 """
 
 from __future__ import annotations
@@ -203,7 +203,6 @@ COOKBOOK = sorted((ROOT / "cookbook").glob("langchain_*.py"))
 @pytest.mark.parametrize("script", COOKBOOK, ids=[p.name for p in COOKBOOK])
 def test_cookbook_script_runs(script: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.setdefault("DEEPEN_CACHE", "/tmp/dcache")
     proc = subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
