@@ -107,6 +107,12 @@ def decode(
                     f"Prompt {b} ({prompts[b][i][0]!r}) is empty in member {m.name!r}'s "
                     "tokens; give some text."
                 )
+            window = m.context_window
+            if window is not None and len(row_ids) >= window:
+                raise ConfigError(
+                    f"Prompt {b} is {len(row_ids)} tokens long in member {m.name!r}, whose "
+                    f"context holds {window}; shorten the prompt."
+                )
             usages[b].prompt_tokens[m.name] = len(row_ids)
         batches.append(MemberBatch(m, ids))
     main_batch, main_member = batches[main], members[main]
