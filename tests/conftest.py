@@ -111,7 +111,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         tie_word_embeddings=True,
         initializer_range=0.2,  # varied (not repetitive) greedy text from random weights
         bos_token_id=1,
@@ -131,7 +131,7 @@ def tiny_gemma3(vocab_size: int, seed: int = 1, sliding_window: int = 6) -> Gemm
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention"],
         initializer_range=0.2,

@@ -305,7 +305,7 @@ def test_cancelled_astream_leaves_the_ensemble_usable(tiny_ensemble):
 
 
 def test_prompt_longer_than_a_members_context_is_refused(tiny_ensemble):
-    long_prompt = "the capital of " * 200  # the tiny members hold 256 positions
+    long_prompt = "the capital of " * 600  # the tiny members hold 1024 positions
     with pytest.raises(ConfigError, match=r"Prompt 1 is \d+ tokens long in member 'tiny-llama'"):
         tiny_ensemble.generate(["Hi", long_prompt], max_new_tokens=4)
     assert tiny_ensemble.generate("Hi", max_new_tokens=4).finish_reason == "length"

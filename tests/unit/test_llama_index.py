@@ -282,7 +282,7 @@ def test_metadata(llm, tiny_ensemble):
     meta = llm.metadata
     assert meta.is_chat_model is True
     assert meta.num_output == N
-    assert meta.context_window == 256 - N  # tiny members: max_position_embeddings 256
+    assert meta.context_window == 1024 - N  # tiny members: max_position_embeddings 1024
     assert meta.model_name == "deepen[tiny-llama + tiny-gemma; main=tiny-llama]"
     assert DeepEnLLM(ensemble=tiny_ensemble, context_window=100).metadata.context_window == 100
 
