@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -394,26 +394,46 @@ class DeepEnLLM(CustomLLM):
         """
         ens = self.ensemble
         events = ens.stream(self._prompt(prompt, formatted), **self._generation_kwargs(kwargs))
+        return self._responses(ens, events, _same)
 
-        def gen() -> CompletionResponseGen:
-            text = ""
-            try:
-                for event in events:
-                    response, text = self._completion_event(ens, event, text)
-                    yield response
-            finally:
-                events.close()  # frees the caches and the engine lock if stopped early
-
-        return gen()
-
-    def _completion_event(
-        self, ens: Ensemble, event: StreamEvent, text: str
-    ) -> tuple[CompletionResponse, str]:
-        text += event.delta
+    def _response(self, ens: Ensemble, event: StreamEvent, text: str) -> CompletionResponse:
+        """One engine event as a response; `text` is the cumulative text so far."""
         raw = None
         if event.finish_reason is not None:
             raw = self._raw(ens, event.usage, event.finish_reason, event.token_ids)
-        return CompletionResponse(text=text, delta=event.delta, raw=raw), text
+        return CompletionResponse(text=text, delta=event.delta, raw=raw)
+
+    def _responses(
+        self,
+        ens: Ensemble,
+        events: Iterator[StreamEvent],
+        wrap: Callable[[CompletionResponse], Any],
+    ) -> Iterator[Any]:
+        """Engine events as cumulative responses (wrapped for chat); closing it closes
+        the engine stream, which frees the caches and the engine lock if stopped early.
+        """
+        text = ""
+        try:
+            for event in events:
+                text += event.delta
+                yield wrap(self._response(ens, event, text))
+        finally:
+            events.close()
+
+    async def _aresponses(
+        self,
+        ens: Ensemble,
+        events: AsyncIterator[StreamEvent],
+        wrap: Callable[[CompletionResponse], Any],
+    ) -> AsyncIterator[Any]:
+        """`_responses` for an async engine stream."""
+        text = ""
+        try:
+            async for event in events:
+                text += event.delta
+                yield wrap(self._response(ens, event, text))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     @llm_completion_callback()
     async def acomplete(
@@ -435,18 +455,7 @@ class DeepEnLLM(CustomLLM):
         ens = await self._aensemble()
         settings = self._generation_kwargs(kwargs)
         text_prompt = self._prompt(prompt, formatted)
-
-        async def gen() -> CompletionResponseAsyncGen:
-            text = ""
-            events = ens.astream(text_prompt, **settings)
-            try:
-                async for event in events:
-                    response, text = self._completion_event(ens, event, text)
-                    yield response
-            finally:
-                await events.aclose()
-
-        return gen()
+        return self._aresponses(ens, ens.astream(text_prompt, **settings), _same)
 
     # ----------------------------------------------------------------- chat
 
@@ -463,17 +472,7 @@ class DeepEnLLM(CustomLLM):
         """Stream `chat`: responses with the cumulative message and the new `delta`."""
         ens = self.ensemble
         events = ens.stream(to_engine_messages(messages), **self._generation_kwargs(kwargs))
-
-        def gen() -> ChatResponseGen:
-            text = ""
-            try:
-                for event in events:
-                    response, text = self._completion_event(ens, event, text)
-                    yield _chat_response(response)
-            finally:
-                events.close()
-
-        return gen()
+        return self._responses(ens, events, _chat_response)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -493,18 +492,7 @@ class DeepEnLLM(CustomLLM):
         ens = await self._aensemble()
         conversation = to_engine_messages(messages)
         settings = self._generation_kwargs(kwargs)
-
-        async def gen() -> ChatResponseAsyncGen:
-            text = ""
-            events = ens.astream(conversation, **settings)
-            try:
-                async for event in events:
-                    response, text = self._completion_event(ens, event, text)
-                    yield _chat_response(response)
-            finally:
-                await events.aclose()
-
-        return gen()
+        return self._aresponses(ens, ens.astream(conversation, **settings), _chat_response)
 
 
 def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
@@ -519,6 +507,10 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
             raise ConfigError(f"messages[{i}] has role {message.role!r}, which deepen cannot map.")
         out.append({"role": role, "content": message.content or ""})
     return out
+
+
+def _same(response: CompletionResponse) -> CompletionResponse:
+    return response
 
 
 def _chat_response(response: CompletionResponse) -> ChatResponse:
