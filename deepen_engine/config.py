@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -39,6 +46,9 @@ def _explain(owner: str, exc: ValidationError) -> str:
             lines.append(f"{owner} has no setting {field!r}; check the spelling.")
             continue
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across fields names its fields itself
+            lines.append(f"{owner}: {msg}.")
+            continue
         lines.append(f"{owner}.{field}: {msg}, got {err.get('input')!r}.")
     return " ".join(lines)
 
@@ -121,6 +131,11 @@ class GenerationConfig(_Settings):
     max_new_tokens: int = Field(128, ge=1)
     """Most tokens of the main member to generate."""
 
+    min_new_tokens: int = Field(0, ge=0)
+    """Tokens generated before an end-of-sequence token may be chosen (as transformers'
+    `min_new_tokens`): until then the main member's end tokens are masked out. Stop strings
+    still end a row. `0`: no minimum."""
+
     stop: list[str] = Field(default_factory=list)
     """Strings that end generation; the text is cut before the first one (on text, not
     tokens)."""
@@ -138,6 +153,15 @@ class GenerationConfig(_Settings):
     seed: int | None = None
     """Seed of each row's random stream: the same seed gives the same text for the same
     prompt, whatever the batch. `None`: a fresh random seed per row."""
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        return self
 
     @field_validator("stop")
     @classmethod

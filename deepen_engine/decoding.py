@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from .config import GenerationConfig
 from .errors import ConfigError
 from .fusion import Fuser
@@ -123,6 +125,7 @@ def decode(
     sampler = Sampler(config.temperature, config.top_k, config.top_p, seeds)
     texts = [TextAssembler(config.stop) for _ in range(n_rows)]
     active = list(range(n_rows))  # request row index of each batch row
+    eos = torch.tensor(sorted(main_member.eos_ids), dtype=torch.long)
     other_seconds = 0.0
     parallel = len({str(m.device) for m in members}) == len(members) > 1
     pool = ThreadPoolExecutor(max_workers=len(members)) if parallel else None
@@ -133,6 +136,8 @@ def decode(
             # 2. fuse the next-token distributions into the main vocabulary.
             logits = [batch.logits for batch in batches]  # per member (B, V_i)
             fused = logits[main] if identity else fuser.fuse(logits)  # (B, V_main)
+            if step < config.min_new_tokens and eos.numel():
+                fused = fused.index_fill(1, eos, float("-inf"))  # no end before the minimum
             # 3. choose each row's token.
             tokens = sampler(fused, active)
             finished: dict[int, str] = {}

@@ -18,7 +18,7 @@ Pipeline of `Fuser.fuse`, for a batch of rows:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -172,22 +172,35 @@ class Fuser:
                 u[d_b, d_j] = -(ratio @ dense_rows.T)[d_b, n_dense]
                 return u / num_anchors
 
-        z = z.clone()
-        m = torch.zeros_like(z)
-        v = torch.zeros_like(z)
-        b1, b2 = _ADAM_BETAS
-        eta_min = cfg.eta * cfg.eta_min_ratio
-        for t in range(cfg.steps):
-            cosine = (1 + math.cos(math.pi * t / cfg.schedule_t_max)) / 2
-            lr = eta_min + (cfg.eta - eta_min) * cosine
-            s = torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)  # (B, M)
-            u = gradient_of_s(s)  # (B, M) dL/ds
-            grad = s * (u - (s * u).sum(-1, keepdim=True))  # dL/dz through the softmax
-            # AdamW step (decoupled weight decay), as torch.optim.AdamW.
-            z = z * (1 - lr * cfg.weight_decay)
-            m = b1 * m + (1 - b1) * grad
-            v = b2 * v + (1 - b2) * grad * grad
-            step = t + 1
-            denom = (v.sqrt() / math.sqrt(1 - b2**step)) + _ADAM_EPS
-            z = z - (lr / (1 - b1**step)) * m / denom
-        return z
+        return adamw_search(z, valid, gradient_of_s, cfg)
+
+
+def adamw_search(
+    z: torch.Tensor,
+    valid: torch.Tensor,
+    gradient_of_s: Callable[[torch.Tensor], torch.Tensor],
+    cfg: FusionConfig,
+) -> torch.Tensor:
+    """The inverse search's optimiser, as the reference: `cfg.steps` AdamW steps on the
+    logits z (B, M) with a cosine-annealed rate, given dL/ds for s = softmax(z) over the
+    `valid` entries (padding masked out).
+    """
+    z = z.clone()
+    m = torch.zeros_like(z)
+    v = torch.zeros_like(z)
+    b1, b2 = _ADAM_BETAS
+    eta_min = cfg.eta * cfg.eta_min_ratio
+    for t in range(cfg.steps):
+        cosine = (1 + math.cos(math.pi * t / cfg.schedule_t_max)) / 2
+        lr = eta_min + (cfg.eta - eta_min) * cosine
+        s = torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)  # (B, M)
+        u = gradient_of_s(s)  # (B, M) dL/ds
+        grad = s * (u - (s * u).sum(-1, keepdim=True))  # dL/dz through the softmax
+        # AdamW step (decoupled weight decay), as torch.optim.AdamW.
+        z = z * (1 - lr * cfg.weight_decay)
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        step = t + 1
+        denom = (v.sqrt() / math.sqrt(1 - b2**step)) + _ADAM_EPS
+        z = z - (lr / (1 - b1**step)) * m / denom
+    return z

@@ -85,6 +85,31 @@ def test_eos_ends_generation(tiny_ensemble):
     assert result.usage.completion_tokens == first + 1
 
 
+def test_min_new_tokens_masks_end_tokens_until_reached(tiny_ensemble):
+    free = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=10)
+    eos = free.token_ids[3]
+    ens = tiny_ensemble.with_fusion()
+    main = ens.members[0]
+    original = main.eos_ids
+    main.eos_ids = frozenset({eos})
+    try:
+        held = ens.generate(PROMPTS[0], max_new_tokens=10, min_new_tokens=10)
+    finally:
+        main.eos_ids = original
+    first = free.token_ids.index(eos)
+    assert held.finish_reason == "length"
+    assert held.token_ids[:first] == free.token_ids[:first]
+    assert eos not in held.token_ids
+    assert len(held.token_ids) == 10
+
+
+def test_min_new_tokens_above_max_is_refused(tiny_ensemble):
+    with pytest.raises(
+        ConfigError, match=r"min_new_tokens \(9\) must not exceed max_new_tokens \(4\)"
+    ):
+        tiny_ensemble.generate(PROMPTS[0], max_new_tokens=4, min_new_tokens=9)
+
+
 def test_stop_string_cuts_text(tiny_ensemble):
     free = tiny_ensemble.generate(PROMPTS[2], max_new_tokens=20)
     stop = free.text[5:8]
