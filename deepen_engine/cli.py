@@ -3,6 +3,8 @@
     deepen generate "The capital of France is" --max-new-tokens 16
     deepen generate "Q: 12 + 7?" -m smollm2-135m-instruct -m gemma-3-270m --main 1 --json
     deepen members --json
+    deepen eval --n 150 --seed 0
+    deepen bench --json --plot bench.png
 
 Text goes to stdout; progress bars and notes go to stderr.
 """
@@ -79,9 +81,60 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--min-anchors", type=int, default=1000)
     ev.add_argument("--output", default="deepen-eval.jsonl", help="per-question outputs (JSONL)")
+    ev.add_argument(
+        "--sweep-eta",
+        type=float,
+        nargs="+",
+        help="sweep mode: score the ensemble on the dev set for each of these etas",
+    )
+    ev.add_argument("--sweep-steps", type=int, nargs="+", help="sweep: steps values (--steps)")
+    ev.add_argument("--sweep-main", type=int, nargs="+", help="sweep: main members (--main)")
+    ev.add_argument(
+        "--sweep-output",
+        default="deepen-sweep",
+        help="sweep: writes PREFIX.json, PREFIX.md (table) and PREFIX.png (plot)",
+    )
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    bench = sub.add_parser(
+        "bench", help="speed, memory and fidelity of the ensemble against its members"
+    )
+    bench.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    bench.add_argument("--main", type=int, default=0, help="index of the main member (default 0)")
+    bench.add_argument("--eta", type=float, default=0.15)
+    bench.add_argument("--steps", type=int, default=5)
+    bench.add_argument("--min-anchors", type=int, default=1000)
+    bench.add_argument(
+        "--new-tokens", type=int, default=64, help="tokens per row in the batch runs (64)"
+    )
+    bench.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (1 4 8)"
+    )
+    bench.add_argument(
+        "--long-tokens",
+        type=int,
+        default=512,
+        help="length of the batch-1 runs: ms/token curve and re-encoding baseline (512)",
+    )
+    bench.add_argument(
+        "--fidelity-prompts", type=int, default=4, help="prompts of the fidelity check (4; 0: skip)"
+    )
+    bench.add_argument(
+        "--fidelity-tokens", type=int, default=8, help="tokens per fidelity prompt (8)"
+    )
+    bench.add_argument(
+        "--leftout-mass",
+        type=float,
+        default=1e-4,
+        help="reference fusion: probability of a member's rarest non-anchor tokens it may "
+        "leave out (1e-4; 0 = every token, minutes per step for a 262k vocabulary)",
+    )
+    bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
 
     mem = sub.add_parser("members", help="load the members and describe them")
     mem.add_argument("--model", "-m", action="append", dest="models", help=members_help)
@@ -102,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .eval_command import run_eval
 
             return run_eval(args)
+        if args.command == "bench":
+            from .benchmark import run_bench
+
+            return run_bench(args)
         return _members(args)
     except DeepenError as exc:
         print(f"deepen: error: {exc}", file=sys.stderr)

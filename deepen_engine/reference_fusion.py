@@ -146,4 +146,3 @@ class ReferenceFuser:
         while len(cache) > max(self._row_cache, len(wanted)):
             cache.popitem(last=False)
         return out
-

@@ -41,6 +41,12 @@ class RelativeSpace:
         self._chunk = chunk
         self.rows_computed = 0  # non-anchor rows computed so far (cache misses)
 
+    def memory_bytes(self) -> int:
+        """Bytes held: the unit anchor embeddings and the cached rows."""
+        rows = sum(row.numel() * row.element_size() for row in self._cache.values())
+        units = self._anchor_units.numel() * self._anchor_units.element_size()
+        return units + rows
+
     def exact_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(n, A) rows by the formula, for any tokens, computed in chunks of tokens."""
         out = []

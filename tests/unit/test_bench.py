@@ -1,0 +1,104 @@
+"""`deepen bench` on the tiny members: every section, consistent figures, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepen_engine.benchmark import follow, kv_cache_mb
+from deepen_engine.cli import main
+from tests.conftest import member_args
+
+SMALL = [
+    "--new-tokens", "4", "--batch-sizes", "1", "2", "--long-tokens", "20",
+    "--fidelity-prompts", "2", "--fidelity-tokens", "3",
+]  # fmt: skip
+
+
+def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
+    plot = tmp_path / "bench.png"
+    assert main(["bench", *member_args(tiny_folders), *SMALL, "--json", "--plot", str(plot)]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    names = figures["members"]
+    assert len(names) == 2 and figures["main"] == names[0]
+
+    rows = figures["speed"]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r["members_alone_ms"]) == set(names)
+        assert r["sum_of_members_ms"] == pytest.approx(
+            sum(r["members_alone_ms"].values()), abs=0.02
+        )
+        assert r["ratio_ensemble_to_sum"] == pytest.approx(
+            r["ensemble_ms"] / r["sum_of_members_ms"], rel=0.01
+        )
+        assert 0 < r["fusion_only_share"] < 1
+        assert r["ensemble_tokens_per_second"] > 0
+
+    length = figures["length"]
+    assert [p["new_tokens"] for p in length["curve"]] == [16, 20]
+    assert set(length["speedup_over_reencode"]) == {"20"}
+    # the baseline re-encodes instead of syncing, and must choose the very same tokens
+    assert length["baseline_same_tokens_as_ensemble"] is True
+
+    memory = figures["memory"]
+    assert memory["peak_rss_mb"] >= memory["rss_before_load_mb"]
+    assert memory["largest_run"]["batch_size"] in (1, 2)
+    assert set(memory["kv_cache_mb_largest_run"]) == set(names)
+    assert set(memory["weights_mb"]) == set(names)
+
+    fidelity = figures["fidelity"]
+    assert fidelity["prompts"] == 2 and 2 <= fidelity["steps"] <= 6
+    assert fidelity["agreement"] == pytest.approx(fidelity["agreeing_steps"] / fidelity["steps"])
+    assert all(0 <= m <= 1e-4 for m in fidelity["max_leftout_mass"].values())
+    assert figures["plot"] == str(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_table_output(tiny_folders, capsys):
+    assert main(["bench", *member_args(tiny_folders), *SMALL, "--fidelity-prompts", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per decoding step" in out and "speed-up over re-encoding" in out
+    assert "fidelity:" not in out  # skipped with 0 prompts
+
+
+def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
+    from deepen_engine.benchmark import fidelity
+
+    biggest = max(len(m.vocab) for m in tiny_ensemble.members)
+    full = tiny_ensemble.with_fusion(top_k=biggest, candidates=biggest)
+    result = fidelity(full, ["The capital of France is", "def add(a, b):"], 4, 0.0, lambda: None)
+    assert result["steps"] >= 2
+    assert result["agreement"] == 1.0 and result["disagreements"] == []
+
+
+def test_follow_matches_generate_with_both_helper_modes(tiny_ensemble):
+    prompt = "Q: What is 12 + 7?\nA:"
+    expected = tiny_ensemble.generate(prompt, max_new_tokens=12, min_new_tokens=12).token_ids
+    for reencode in (False, True):
+        ids, times = follow(tiny_ensemble, prompt, 12, reencode=reencode, min_new_tokens=12)
+        assert ids == expected
+        assert len(times) == 12 and times == sorted(times)
+
+
+def test_kv_cache_size_from_the_model_config(tiny_ensemble):
+    member = tiny_ensemble.members[0]
+    cfg = member.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    assert kv_cache_mb(member, 3, 10) == per_position * 30 / 2**20
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0."),
+        (["--batch-sizes", "2", "0"], "--batch-sizes must all be >= 1, got [2, 0]."),
+        (["--fidelity-prompts", "99"], "--fidelity-prompts must be from 0 to 8, got 99."),
+        (["--leftout-mass", "1"], "--leftout-mass must be in [0, 1), got 1.0."),
+    ],
+)
+def test_bench_bad_flags(tiny_folders, capsys, flags, message):
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 2
+    assert message in capsys.readouterr().err
