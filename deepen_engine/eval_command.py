@@ -2,9 +2,14 @@
 
     deepen eval --n 150 --seed 0                 # uniform weights, Gemma-3 main
     deepen eval --main 1 --weights adaptive      # DeePEn-Adapt weights from the dev set
+    deepen eval --sweep-eta 0.05 0.15 0.5 --sweep-steps 5 10 --sweep-main 0 1   # dev set
 
 Prints a table (or `--json`), writes every answer to `--output` (JSONL), shows a progress
 bar on stderr. The task, scoring and the adaptive formula are in evaluation.py.
+
+With `--sweep-eta`, the command scores the ensemble on the dev set only (settings are
+chosen on dev, never on test) for every eta x `--sweep-steps` x `--sweep-main`, and writes
+`<sweep-output>.json`, `.md` (a table) and `.png` (accuracy against eta).
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def run_eval(args: argparse.Namespace) -> int:
         weights=weights if isinstance(weights, list) else None,
     )
     names = [m.name for m in ens.members]
+    if args.sweep_eta:
+        return _run_sweep(args, ens, split, weights)
     n_runs = len(names) * len(test) + len(test)
     if weights == "adaptive":
         n_runs += len(names) * len(split.dev)
@@ -107,9 +114,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "eta": ens.fusion.eta,
         "steps": ens.fusion.steps,
         "weights": [round(w, 4) for w in ens.fusion.normalised_weights(len(names))],
-        "weight_mode": "adaptive"
-        if weights == "adaptive"
-        else ("explicit" if weights else "uniform"),
+        "weight_mode": _weight_mode(weights),
         "dev": [s.summary() for s in dev_scores],
         "results": [s.summary() for s in scores],
         "best_member_accuracy": round(max(s.accuracy for s in scores[:-1]), 4),
@@ -131,3 +136,121 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     print(f"per-question outputs: {output}")
     return 0
+
+
+def _check_sweep(args: argparse.Namespace, n_members: int) -> tuple[list[int], list[int]]:
+    if any(e < 0 for e in args.sweep_eta):
+        raise ConfigError(f"--sweep-eta values must be >= 0, got {args.sweep_eta}.")
+    steps = args.sweep_steps or [args.steps]
+    if any(s < 0 for s in steps):
+        raise ConfigError(f"--sweep-steps values must be >= 0, got {steps}.")
+    mains = args.sweep_main or [args.main]
+    bad = [m for m in mains if not 0 <= m < n_members]
+    if bad:
+        raise ConfigError(
+            f"--sweep-main {bad} out of range for {n_members} members; give 0 to {n_members - 1}."
+        )
+    if not args.dev_size:
+        raise ConfigError("--sweep-eta scores on the dev set: give --dev-size >= 1.")
+    return steps, mains
+
+
+def _run_sweep(
+    args: argparse.Namespace, ens: Ensemble, split: Any, weights: list[float] | str | None
+) -> int:
+    """Dev-set accuracy of the ensemble for every eta x steps x main member."""
+    from .plotting import plot_sweep
+
+    steps_list, mains = _check_sweep(args, len(ens.members))
+    names = [m.name for m in ens.members]
+    grid = [(main, steps, eta) for main in mains for steps in steps_list for eta in args.sweep_eta]
+    fused_runs = [g for g in grid if g[1] > 0 and g[2] > 0]  # eta 0 / 0 steps: main alone
+    with tqdm(
+        total=len(split.dev) * (len(names) + len(fused_runs)), desc="deepen eval sweep",
+        file=sys.stderr,
+    ) as bar:  # fmt: skip
+        alone = []
+        for i, name in enumerate(names):
+            answer = _answerer(ens.with_fusion(main=i, eta=0), args.batch_size)
+            alone.append(score(name, answer, split.shots, split.dev, bar.update, args.batch_size))
+        if weights == "adaptive":
+            ens = ens.with_fusion(weights=adaptive_weights([s.accuracy for s in alone]))
+        scores: list[tuple[tuple[int, int, float], Score]] = []
+        for main, steps, eta in grid:
+            if steps == 0 or eta == 0:
+                result = alone[main]
+            else:
+                label = f"ensemble main={names[main]} steps={steps} eta={eta}"
+                answer = _answerer(
+                    ens.with_fusion(main=main, steps=steps, eta=eta), args.batch_size
+                )
+                result = score(label, answer, split.shots, split.dev, bar.update, args.batch_size)
+            scores.append(((main, steps, eta), result))
+    rows = [
+        {"main": names[main], "steps": steps, "eta": eta, **result.summary()}
+        for (main, steps, eta), result in scores
+    ]
+    best = max(rows, key=lambda r: r["accuracy"])  # the first of equals: grid order
+    sweep = {
+        "task": "capital-city QA (countryinfo), dev set",
+        "seed": args.seed,
+        "shots": args.shots,
+        "dev_questions": len(split.dev),
+        "members": names,
+        "weights": [round(w, 4) for w in ens.fusion.normalised_weights(len(names))],
+        "weight_mode": _weight_mode(weights),
+        "members_alone": [s.summary() for s in alone],
+        "rows": rows,
+        "best": best,
+    }
+    prefix = Path(args.sweep_output)
+    files = {ext: str(prefix.with_name(prefix.name + ext)) for ext in (".json", ".md", ".png")}
+    sweep["files"] = files
+    Path(files[".json"]).write_text(json.dumps(sweep, indent=1) + "\n", encoding="utf-8")
+    Path(files[".md"]).write_text(_sweep_table(sweep), encoding="utf-8")
+    plot_sweep(sweep, files[".png"])
+    with Path(args.output).open("w", encoding="utf-8") as f:
+        for s in alone + [result for _, result in scores if result not in alone]:
+            for record in s.records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(sweep))
+        return 0
+    print(_sweep_table(sweep), end="")
+    return 0
+
+
+def _weight_mode(weights: list[float] | str | None) -> str:
+    if weights == "adaptive":
+        return "adaptive"
+    return "explicit" if weights else "uniform"
+
+
+def _sweep_table(sweep: dict) -> str:
+    """Markdown: one row per eta, one column per (main, steps); members alone below."""
+    columns = list(dict.fromkeys((r["main"], r["steps"]) for r in sweep["rows"]))
+    etas = list(dict.fromkeys(r["eta"] for r in sweep["rows"]))
+    cell = {(r["main"], r["steps"], r["eta"]): r for r in sweep["rows"]}
+    best = sweep["best"]
+    lines = [
+        f"Dev accuracy, {sweep['dev_questions']} questions, seed {sweep['seed']}, "
+        f"weights {sweep['weights']} ({sweep['weight_mode']}); eta 0 = the main member alone.",
+        "",
+        "| eta | " + " | ".join(f"main {m}, {s} steps" for m, s in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for eta in etas:
+        cells = []
+        for main, steps in columns:
+            r = cell[(main, steps, eta)]
+            text = f"{r['accuracy']:.1%} ({r['correct']}/{r['total']})"
+            cells.append(f"**{text}**" if r is best else text)
+        lines.append(f"| {eta:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for m in sweep["members_alone"]:
+        lines.append(f"- {m['system']} alone: {m['accuracy']:.1%} ({m['correct']}/{m['total']})")
+    lines.append(
+        f"- best on dev: main {best['main']}, {best['steps']} steps, eta {best['eta']:g}: "
+        f"{best['accuracy']:.1%}"
+    )
+    return "\n".join(lines) + "\n"

@@ -181,7 +181,7 @@ def score(
         chunk = list(questions[start : start + batch_size])
         outputs = generate([build_prompt(shots, q) for q in chunk])
         for q, out in zip(chunk, outputs):
-            ok = is_correct(out, q.answer)
+            ok = is_correct(out, q.answers)  # any spelling the data lists
             result.correct += ok
             result.total += 1
             result.records.append({"system": system, **asdict(q), "output": out, "correct": ok})

@@ -105,3 +105,49 @@ def test_eval_command_on_tiny_members(tiny_folders, tmp_path, capsys):
 def test_eval_rejects_bad_weights(tiny_folders, capsys):
     assert main(["eval", *member_args(tiny_folders), "--weights", "heavy"]) == 2
     assert "--weights takes numbers" in capsys.readouterr().err
+
+
+def test_any_listed_spelling_scores(tiny_folders):
+    from deepen_engine.evaluation import score
+
+    questions = [Question("Bolivia", ("Sucre", "La Paz")), Question("France", ("Paris",))]
+    result = score("fake", lambda prompts: [" La Paz", " Lyon"], [], questions)
+    assert (result.correct, result.total) == (1, 2)
+    assert [r["correct"] for r in result.records] == [True, False]
+
+
+def test_sweep_on_tiny_members(tiny_folders, tmp_path, capsys):
+    prefix = tmp_path / "sweep"
+    out = tmp_path / "answers.jsonl"
+    args = ["--dev-size", "4", "--batch-size", "4", "--sweep-eta", "0", "0.5", "2.0"]
+    args += ["--sweep-steps", "5", "--sweep-main", "0", "1", "--sweep-output", str(prefix)]
+    code = main(["eval", *member_args(tiny_folders), *args, "--json", "--output", str(out)])
+    assert code == 0
+    sweep = json.loads(capsys.readouterr().out)
+    names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
+    assert sweep["dev_questions"] == 4
+    assert [(r["main"], r["steps"], r["eta"]) for r in sweep["rows"]] == [
+        (names[0], 5, 0.0), (names[0], 5, 0.5), (names[0], 5, 2.0),
+        (names[1], 5, 0.0), (names[1], 5, 0.5), (names[1], 5, 2.0),
+    ]  # fmt: skip
+    alone = {m["system"]: m["accuracy"] for m in sweep["members_alone"]}
+    # eta 0 is the main member alone
+    assert sweep["rows"][0]["accuracy"] == alone[names[0]]
+    assert sweep["rows"][3]["accuracy"] == alone[names[1]]
+    assert sweep["best"]["accuracy"] == max(r["accuracy"] for r in sweep["rows"])
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["rows"] == sweep["rows"]
+    table = (tmp_path / "sweep.md").read_text()
+    assert f"| eta | main {names[0]}, 5 steps | main {names[1]}, 5 steps |" in table
+    assert table.count("\n| ") == 4  # header + 3 etas
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 * 4 + 4 * 4  # members alone + 4 fused runs, 4 questions each
+
+
+def test_sweep_rejects_bad_values(tiny_folders, capsys):
+    base = ["eval", *member_args(tiny_folders), "--sweep-eta", "0.1"]
+    assert main([*base, "--sweep-main", "2"]) == 2
+    assert "--sweep-main [2] out of range for 2 members; give 0 to 1." in capsys.readouterr().err
+    assert main(["eval", *member_args(tiny_folders), "--sweep-eta", "-1"]) == 2
+    assert "--sweep-eta values must be >= 0, got [-1.0]." in capsys.readouterr().err
