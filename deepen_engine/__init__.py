@@ -7,7 +7,7 @@ from .config import FusionConfig, GenerationConfig
 from .decoding import GenerationResult, StreamEvent, Usage
 from .embedded import DEFAULT_MEMBERS, EMBEDDED
 from .ensemble import Ensemble
-from .errors import AlignmentError, ConfigError, DeepenError, MemberLoadError
+from .errors import AlignmentError, ConfigError, DeepenError, MemberError, MemberLoadError
 from .members import Member, MemberSpec, cache_dir, load_member
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationResult",
     "Member",
+    "MemberError",
     "MemberLoadError",
     "MemberSpec",
     "StreamEvent",

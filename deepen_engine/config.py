@@ -8,6 +8,7 @@ that names the field, the value and the valid range.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -153,6 +154,12 @@ class GenerationConfig(_Settings):
     seed: int | None = None
     """Seed of each row's random stream: the same seed gives the same text for the same
     prompt, whatever the batch. `None`: a fresh random seed per row."""
+
+    truncation: Literal["error", "left"] = "error"
+    """A prompt too long for a member's context window. `"error"`: a prompt that fills
+    some member's window raises `ConfigError`. `"left"`: each member drops its own oldest
+    prompt tokens (a leading BOS token is kept) so that prompt + `max_new_tokens` fits its
+    window. Either way a row ends with `"length"` once any member's window is full."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:

@@ -4,13 +4,16 @@ step.
 Steps of `decode` (a generator; `Ensemble.generate` aggregates it, so streamed and
 non-streamed text can never disagree):
 
-1. Tokenise each prompt with each member's tokenizer and prefill the members' caches.
+1. Tokenise each prompt with each member's tokenizer (left-truncated to fit the member's
+   context when `truncation="left"`) and prefill the members' caches.
 2. Fuse the members' next-token logits into the main member's vocabulary (all rows).
 3. Choose each row's token (greedy or sampled); the main member's end tokens end a row.
 4. Append it to the main member's ids and its bytes to the row's text; cut at stop strings.
+   Sync every helper to the new texts; a row that no longer fits some member's context
+   window ends with `"length"`.
 5. Yield each row's text that is now final; yield a final event for each finished row.
-6. Drop finished rows; sync every helper to the new texts; feed each member only its new
-   positions, all rows in one forward pass (members on distinct devices concurrently).
+6. Drop finished rows; feed each member only its new positions, all rows in one forward
+   pass (members on distinct devices concurrently).
 """
 
 from __future__ import annotations
@@ -99,8 +102,9 @@ def decode(
         main = 0
     n_rows = len(prompts)
     usages = [Usage() for _ in range(n_rows)]
-    # 1. each member's own prompt ids, prefilled into its KV cache.
-    batches: list[MemberBatch] = []
+    # 1. each member's own prompt ids (all checked before any cache exists), then
+    # prefilled into its KV cache.
+    member_ids: list[list[list[int]]] = []  # [member][row] ids
     for i, m in enumerate(members):
         ids = [m.tokenizer(row[i][0], add_special_tokens=row[i][1]).input_ids for row in prompts]
         for b, row_ids in enumerate(ids):
@@ -109,14 +113,10 @@ def decode(
                     f"Prompt {b} ({prompts[b][i][0]!r}) is empty in member {m.name!r}'s "
                     "tokens; give some text."
                 )
-            window = m.context_window
-            if window is not None and len(row_ids) >= window:
-                raise ConfigError(
-                    f"Prompt {b} is {len(row_ids)} tokens long in member {m.name!r}, whose "
-                    f"context holds {window}; shorten the prompt."
-                )
-            usages[b].prompt_tokens[m.name] = len(row_ids)
-        batches.append(MemberBatch(m, ids))
+            ids[b] = _fit_context(row_ids, m, b, config)
+            usages[b].prompt_tokens[m.name] = len(ids[b])
+        member_ids.append(ids)
+    batches = [MemberBatch(m, ids) for m, ids in zip(members, member_ids)]
     main_batch, main_member = batches[main], members[main]
     if config.seed is None:
         seeds = [random.getrandbits(63) for _ in range(n_rows)]
@@ -153,6 +153,16 @@ def decode(
                     finished[b] = "stop"
                 elif step == config.max_new_tokens - 1:
                     finished[b] = "length"
+            # 4b. helpers follow the texts; a row whose next feed would pass some member's
+            # context window ends here (its last token is chosen, it just cannot be fed).
+            for i, batch in enumerate(batches):
+                for b, row in enumerate(active):
+                    if b in finished:
+                        continue
+                    if i != main:
+                        batch.sync_text(b, texts[row].text)
+                    if not batch.fits(b):
+                        finished[b] = "length"
             other_seconds += time.perf_counter() - t0
             # 5. hand out what is final, and finish rows.
             for b, row in enumerate(active):
@@ -168,15 +178,11 @@ def decode(
             if len(finished) == len(active):
                 break
             t0 = time.perf_counter()
-            # 6. drop finished rows, sync helpers to the texts, feed new positions.
+            # 6. drop finished rows, feed new positions.
             keep = [b for b in range(len(active)) if b not in finished]
             active = [active[b] for b in keep]
             for batch in batches:
                 batch.keep_rows(keep)
-            for i, batch in enumerate(batches):
-                if i != main:
-                    for b, row in enumerate(active):
-                        batch.sync_text(b, texts[row].text)
             other_seconds += time.perf_counter() - t0
             _forward_all(batches, pool)
     finally:
@@ -184,6 +190,38 @@ def decode(
             pool.shutdown(wait=True)
         for batch in batches:
             batch.free()
+
+
+def _fit_context(ids: list[int], member: Member, row: int, config: GenerationConfig) -> list[int]:
+    """A row's prompt ids for one member, checked against (or cut to) its context window.
+
+    `truncation="error"`: a prompt that fills the window raises `ConfigError`. `"left"`:
+    the oldest ids are dropped so that prompt + `max_new_tokens` fits; a leading BOS token
+    is kept, since models trained with one behave badly without it.
+    """
+    window = member.context_window
+    if window is None:
+        return ids
+    if config.truncation == "error":
+        if len(ids) >= window:
+            raise ConfigError(
+                f"Prompt {row} is {len(ids)} tokens long in member {member.name!r}, whose "
+                f"context holds {window}; shorten the prompt, or pass truncation='left' to "
+                "drop its oldest tokens."
+            )
+        return ids
+    room = window - config.max_new_tokens
+    if len(ids) <= room:
+        return ids
+    bos = member.tokenizer.bos_token_id
+    head = ids[:1] if bos is not None and ids[0] == bos else []
+    if room <= len(head):
+        raise ConfigError(
+            f"max_new_tokens={config.max_new_tokens} leaves no room for prompt {row} in "
+            f"member {member.name!r}, whose context holds {window}; lower max_new_tokens "
+            f"below {window - len(head)}."
+        )
+    return head + ids[len(ids) - (room - len(head)) :]
 
 
 def _forward_all(batches: list[MemberBatch], pool: ThreadPoolExecutor | None) -> None:

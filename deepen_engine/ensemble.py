@@ -22,7 +22,7 @@ from .decoding import GenerationResult, MemberPrompt, StreamEvent, collect, deco
 from .embedded import DEFAULT_MEMBERS
 from .errors import ConfigError
 from .fusion import Fuser
-from .members import Member, MemberSpec, as_spec, load_member
+from .members import Member, MemberSpec, as_spec, display_name, load_member, source_key
 from .relative import RelativeSpace
 from .vocabulary import Anchors, find_anchors
 
@@ -55,6 +55,7 @@ class Ensemble:
         specs = [as_spec(m) for m in members]
         _check_main(self.fusion, len(specs))
         self.fusion.normalised_weights(len(specs))  # raises on a wrong count
+        _check_distinct(specs)  # before loading: a mistake should cost no load time
         self.members: list[Member] = [load_member(s) for s in specs]
         self._lock = threading.Lock()  # the members' models run one request at a time
         start = time.perf_counter()
@@ -135,13 +136,7 @@ class Ensemble:
         alone (greedy). Requests are serialised: a stream holds the ensemble from its
         first event until it ends or is closed, and other threads' requests wait.
         """
-        cfg = _generation_config(config, overrides)
-        prompts = _prompt_list(prompt)
-        size = len(prompts) if batch_size is None else batch_size
-        if size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        rows = [self._member_prompts(p) for p in prompts]
-        return self._stream_batches(rows, cfg, size)
+        return self._stream_batches(*self._request(prompt, config, batch_size, overrides))
 
     async def astream(
         self,
@@ -154,12 +149,14 @@ class Ensemble:
         """`stream` for asyncio: decoding runs in a worker thread, the event loop stays free.
 
         Closing the iterator or cancelling the task that reads it stops the worker after
-        its current step and frees the caches.
+        its current step and frees the caches; a request still waiting for the ensemble
+        then never starts.
         """
-        events = self.stream(prompt, config, batch_size=batch_size, **overrides)  # validates
+        request = self._request(prompt, config, batch_size, overrides)  # validates here
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
+        events = self._stream_batches(*request, cancelled=stop)
 
         def post(kind: str, item: Any) -> None:
             try:
@@ -207,6 +204,21 @@ class Ensemble:
         results = collect(iter(events), len(_prompt_list(prompt)))
         return results[0] if _is_single(prompt) else results
 
+    def _request(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        config: GenerationConfig | None,
+        batch_size: int | None,
+        overrides: dict[str, Any],
+    ) -> tuple[list[list[MemberPrompt]], GenerationConfig, int]:
+        """Check a request and render its prompts: (rows, config, batch size)."""
+        cfg = _generation_config(config, overrides)
+        prompts = _prompt_list(prompt)
+        size = len(prompts) if batch_size is None else batch_size
+        if size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        return [self._member_prompts(p) for p in prompts], cfg, size
+
     def render(self, messages: list[dict[str, str]]) -> list[str]:
         """Each member's prompt text for a chat conversation (see chat.py)."""
         messages = check_messages(messages)
@@ -238,12 +250,18 @@ class Ensemble:
         return results[0] if _is_single(prompt) else results
 
     def _stream_batches(
-        self, rows: list[list[MemberPrompt]], cfg: GenerationConfig, size: int
+        self,
+        rows: list[list[MemberPrompt]],
+        cfg: GenerationConfig,
+        size: int,
+        cancelled: threading.Event | None = None,
     ) -> Iterator[StreamEvent]:
         # One request at a time per set of loaded members (views from with_fusion share
         # it): a second thread's request waits here until this stream ends or is closed.
         with self._lock:
             for offset in range(0, len(rows), size):
+                if cancelled is not None and cancelled.is_set():
+                    return  # the reader left (perhaps while this waited for the lock)
                 for event in decode(self.members, self.fuser, rows[offset : offset + size], cfg):
                     event.index += offset
                     yield event
@@ -266,6 +284,13 @@ def _prompt_list(prompt: Any) -> list[Prompt]:
     out: list[Prompt] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
+            if not p:
+                # Members disagree on what an empty prompt means (one adds a BOS token, one
+                # has no token at all), so it is refused for all of them alike.
+                raise ConfigError(
+                    f"prompt at position {i} is an empty string; give some text to continue "
+                    "(or a chat conversation)."
+                )
             out.append(p)
         elif isinstance(p, (list, tuple)):
             out.append(check_messages(p))
@@ -283,6 +308,33 @@ def _check_main(fusion: FusionConfig, n_members: int) -> None:
             f"FusionConfig.main={fusion.main} is out of range for {n_members} members; "
             f"give an index from 0 to {n_members - 1}."
         )
+
+
+def _check_distinct(specs: Sequence[MemberSpec]) -> None:
+    """Refuse the same model twice, or two members with one display name.
+
+    Fusing a model with itself only reweights it (that is what `weights` is for), and
+    usage is reported by member name, so names must tell members apart.
+    """
+    sources: dict[Any, int] = {}
+    names: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        key = source_key(spec)
+        if key in sources:
+            j = sources[key]
+            raise ConfigError(
+                f"members[{j}] and members[{i}] are the same model ({display_name(spec)!r}); "
+                "fusing a model with itself only reweights it. Give each model once and use "
+                "FusionConfig.weights (e.g. weights=[2, 1]) to weigh one member more."
+            )
+        sources[key] = i
+        name = display_name(spec)
+        if name in names:
+            raise ConfigError(
+                f"members[{names[name]}] and members[{i}] are both named {name!r}; give them "
+                "distinct names with MemberSpec(source=..., name=...)."
+            )
+        names[name] = i
 
 
 def _is_pair(item: Any) -> bool:

@@ -1,4 +1,8 @@
-"""The package's error types: one base class, and `ValueError` subclasses for bad input."""
+"""The package's error types: one base class, `ValueError` subclasses for bad input, and
+a `RuntimeError` subclass for a member that failed while generating.
+
+docs/errors.md lists every error a user can get, what it means and the fix.
+"""
 
 from __future__ import annotations
 
@@ -17,3 +21,17 @@ class MemberLoadError(DeepenError, ValueError):
 
 class AlignmentError(DeepenError, ValueError):
     """Members cannot be aligned (for example they share too few anchor tokens)."""
+
+
+class MemberError(DeepenError, RuntimeError):
+    """A member failed while generating (its forward pass raised).
+
+    The message names the member; the member's own exception is the `__cause__`. The
+    request that hit it is abandoned (all its rows: they share the member's batch), its
+    caches are freed, and the ensemble serves the next request.
+    """
+
+    def __init__(self, member: str, message: str) -> None:
+        super().__init__(message)
+        self.member = member
+        """Name of the member that failed."""

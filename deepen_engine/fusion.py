@@ -47,7 +47,8 @@ class Fuser:
         self.anchors = anchors
         self.config = config
         self.main = config.main
-        self.weights = torch.tensor(config.normalised_weights(len(spaces)))
+        # one weight per member (a single member has no relative space, but a weight of 1)
+        self.weights = torch.tensor(config.normalised_weights(len(self.has_text)))
         self.main_eos_ids = torch.tensor(sorted(main_eos_ids), dtype=torch.long)
 
     @property

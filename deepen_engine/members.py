@@ -8,6 +8,7 @@ transformers folder under the cache directory (`$DEEPEN_CACHE`, default
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
 import os
@@ -122,7 +123,13 @@ def load_member(spec: MemberSpec) -> Member:
     else:
         name, kind, folder = _resolve(source)
         name = spec.name or name
-        tokenizer, model = _load_folder_or_hub(folder, name, dtype)
+        try:
+            tokenizer, model = _load_folder_or_hub(folder, name, dtype)
+        except MemberLoadError as exc:
+            if kind != "hub":
+                raise
+            # Most often a typo in an embedded name or a path: say what was tried.
+            raise MemberLoadError(f"{_not_found_hint(str(source))} {exc}") from exc.__cause__
     model = model.to(spec.device).eval()
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
     _check_round_trip(tokenizer, vocab, name)
@@ -140,6 +147,46 @@ def load_member(spec: MemberSpec) -> Member:
         chat_template=spec.chat_template,
     )
     return member
+
+
+def display_name(spec: MemberSpec) -> str:
+    """The name a member will have once loaded, found without loading anything."""
+    if spec.name:
+        return spec.name
+    source = spec.source
+    if isinstance(source, tuple):
+        return _object_name(source[0]) if source else "(model, tokenizer) pair"
+    text = str(source)
+    if text in EMBEDDED:
+        return text
+    path = Path(text).expanduser()
+    return path.name if path.exists() else text
+
+
+def source_key(spec: MemberSpec) -> tuple[str, Any]:
+    """What identifies a member's model, whatever its name, device or dtype: the same
+    embedded name, the same file or folder (resolved), the same hub id, or the same model
+    object.
+    """
+    source = spec.source
+    if isinstance(source, tuple):
+        return ("object", id(source[0]) if source else id(source))
+    text = str(source)
+    if text in EMBEDDED:
+        return ("embedded", text)
+    path = Path(text).expanduser()
+    if path.exists():
+        return ("path", str(path.resolve()))
+    return ("hub", text)
+
+
+def _not_found_hint(text: str) -> str:
+    close = difflib.get_close_matches(text, list(EMBEDDED), n=1)
+    guess = f" Did you mean {close[0]!r}?" if close else ""
+    return (
+        f"Member {text!r} is not an embedded name ({', '.join(EMBEDDED)}) nor an existing "
+        f"file or folder, and loading it as a hub id failed.{guess}"
+    )
 
 
 def _resolve(source: str | Path) -> tuple[str, str, str]:

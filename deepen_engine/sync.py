@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .errors import MemberError
 from .members import Member
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
@@ -70,6 +71,13 @@ class MemberBatch:
         self._window: int | None = int(window) if window else None
         pad = member.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
+
+    def fits(self, row: int) -> bool:
+        """Whether all of a row's ids fit the member's context window (positions 0..W-1),
+        so they can be fed; a model without a stated window always fits.
+        """
+        window = self.member.context_window
+        return window is None or len(self.rows[row].ids) <= window
 
     def append(self, row: int, token_id: int) -> None:
         """Main member: append the chosen token to a row."""
@@ -157,15 +165,26 @@ class MemberBatch:
                 positions[b, width - len(ids) :] = torch.arange(r.cached, r.cached + len(ids))
         mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
         device = self.member.device
-        with torch.no_grad():  # not inference_mode: caches are edited in place later
-            out = self.member.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.long().to(device),
-                position_ids=positions.to(device),
-                use_cache=True,
-                logits_to_keep=1,
-                **{self.member.cache_argument: self.cache},
-            )
+        try:
+            with torch.no_grad():  # not inference_mode: caches are edited in place later
+                out = self.member.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.long().to(device),
+                    position_ids=positions.to(device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self.member.cache_argument: self.cache},
+                )
+        except Exception as exc:
+            # The cache may hold half a step now: the whole request is abandoned (the
+            # decoding loop frees every batch), so the error only has to say who failed.
+            name = self.member.name
+            raise MemberError(
+                name,
+                f"Member {name!r} failed in its forward pass ({type(exc).__name__}: {exc}); "
+                f"the request was abandoned and the ensemble stays usable. Check that "
+                f"{name!r} runs on its own (device, dtype, memory).",
+            ) from exc
         logits = out.logits[:, -1, :].float().cpu()  # (B, V)
         if self.logits is not None:  # rows that fed nothing keep their logits
             unchanged = torch.tensor([not ids for ids in pending])
