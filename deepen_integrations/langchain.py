@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -83,7 +83,15 @@ __all__ = ["TOOL_INSTRUCTION", "ChatDeepEn", "DeepEnLLM", "parse_tool_calls"]
 PROVIDER = "deepen"
 
 # Generation settings a call may override (`invoke(x, max_tokens=8)`), by keyword.
-_GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
+_GENERATION_KEYS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "truncation",
+    "batch_size",
+)
 # Fusion settings a call may override; the value is FusionConfig's name for it.
 _FUSION_KEYS = {
     "main": "main",
@@ -159,6 +167,10 @@ class _DeepEnSettings(BaseModel):
 
     seed: int | None = None
     """Seed of each row's random stream (same seed, same prompt: same text). `None`: fresh."""
+
+    truncation: Literal["error", "left"] = "error"
+    """A prompt too long for a member's context window: `"error"` raises `ConfigError`;
+    `"left"` drops each member's oldest prompt tokens so the reply fits (docs/errors.md)."""
 
     stop: list[str] | None = None
     """Strings that end generation; the text is cut exactly before the first one. Merged

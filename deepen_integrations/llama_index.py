@@ -85,7 +85,15 @@ _FUSION_FIELDS = {
     "min_anchors": "min_anchors",
 }
 # Generation settings a call may override as keyword arguments.
-_GENERATION_KEYS = ("max_new_tokens", "stop", "temperature", "top_p", "top_k", "seed")
+_GENERATION_KEYS = (
+    "max_new_tokens",
+    "stop",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "truncation",
+)
 # LlamaIndex roles -> the engine's three roles.
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -126,8 +134,8 @@ class DeepEnLLM(CustomLLM):
     every call.
 
     Calls accept the generation settings as keyword overrides (`max_new_tokens`, `stop`,
-    `temperature`, `top_p`, `top_k`, `seed`); other keywords LlamaIndex passes along are
-    ignored. Concurrent calls (threads or tasks) are safe: the engine runs one request
+    `temperature`, `top_p`, `top_k`, `seed`, `truncation`); other keywords LlamaIndex passes
+    along are ignored. Concurrent calls (threads or tasks) are safe: the engine runs one request
     at a time per set of loaded members.
     """
 
@@ -176,6 +184,13 @@ class DeepEnLLM(CustomLLM):
     top_p: float = Field(default=1.0, description="Nucleus sampling cut; 1.0: none.")
     top_k: int = Field(default=0, description="Sample among the top_k tokens; 0: no cut.")
     seed: int | None = Field(default=None, description="Sampling seed; None: fresh per call.")
+    truncation: str = Field(
+        default="error",
+        description=(
+            "A prompt too long for a member's context window: 'error' raises ConfigError; "
+            "'left' drops each member's oldest prompt tokens so the reply fits."
+        ),
+    )
     stop: list[str] | None = Field(
         default=None, description="Strings that end generation (cut before the first one)."
     )
