@@ -102,7 +102,9 @@ def _merges(tok: Tokenizer) -> list:
     return json.loads(tok.to_str())["model"]["merges"]
 
 
-def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 1024) -> LlamaForCausalLM:
+    """A 2-layer random Llama; `max_positions` is its context window (the weights do not
+    depend on it: the same seed gives the same model for any window)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -111,7 +113,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         initializer_range=0.2,  # varied (not repetitive) greedy text from random weights
         bos_token_id=1,
@@ -121,7 +123,10 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gemma3(vocab_size: int, seed: int = 1, sliding_window: int = 6) -> Gemma3ForCausalLM:
+def tiny_gemma3(
+    vocab_size: int, seed: int = 1, sliding_window: int = 6, max_positions: int = 1024
+) -> Gemma3ForCausalLM:
+    """A 2-layer random Gemma-3 (one sliding-window layer); `max_positions` as tiny_llama."""
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=vocab_size,
@@ -131,7 +136,7 @@ def tiny_gemma3(vocab_size: int, seed: int = 1, sliding_window: int = 6) -> Gemm
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention"],
         initializer_range=0.2,
