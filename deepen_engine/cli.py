@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
         "--min-anchors", type=int, default=1000, help="fewest shared tokens accepted (1000)"
     )
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument(
+        "--min-new-tokens", type=int, default=0, help="tokens before an end token may come (0)"
+    )
+    gen.add_argument(
+        "--truncation",
+        choices=["error", "left"],
+        default="error",
+        help="a prompt too long for a member: refuse it (error, default) or drop each "
+        "member's oldest prompt tokens (left)",
+    )
     gen.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
     gen.add_argument(
         "--prompts-file",
@@ -180,6 +190,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        truncation=args.truncation,
         stop=args.stop,
         temperature=args.temperature,
         top_p=args.top_p,
