@@ -97,7 +97,9 @@ def _pad_id(member: Member) -> int:
     return int(pad)
 
 
-def member_alone(member: Member, prompts: Sequence[str], n: int) -> list[float]:
+def member_alone(
+    member: Member, prompts: Sequence[str], n: int, *, warm_up: bool = True
+) -> list[float]:
     """Seconds from the start to each of `n` new tokens, for `member.model.generate` on
     these prompts (left-padded batch, greedy, its KV cache, exactly n tokens).
     """
@@ -106,7 +108,8 @@ def member_alone(member: Member, prompts: Sequence[str], n: int) -> list[float]:
         attention_mask=mask, do_sample=False, pad_token_id=_pad_id(member)
     )
     with torch.no_grad():
-        member.model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        if warm_up:
+            member.model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
         clock = _TokenClock()
         start = time.perf_counter()
         member.model.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=clock, **kwargs)
@@ -276,22 +279,30 @@ def speed(ens: Ensemble, n: int, batch_sizes: Sequence[int], tick: Callable[[], 
 def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict:
     """Ms per token at each length, batch 1: ensemble, members alone, re-encoding baseline.
 
-    The ensemble and the members generate n tokens once, noting when each token comes;
-    the cost at length L is the mean of steps L-7..L. The baseline's cost grows with the
-    text, so a full run of it takes long: it is timed on the same windows instead, each
-    resumed from the ensemble's own tokens before the window (the baseline must choose the
-    same tokens; that is checked).
+    The ensemble generates n tokens once, noting when each token comes; its cost at
+    length L is the mean of steps L-7..L. The members alone and the re-encoding baseline
+    are timed on the same windows, each resumed from the ensemble's text before the window
+    (a full baseline run takes many minutes: its step cost grows with the text). The
+    baseline must choose the ensemble's very tokens; that is checked.
     """
     prompt = PROMPTS[0]
     ens_times, ens_ids = ensemble_token_times(ens, prompt, n)
     tick()
-    alone = {m.name: member_alone(m, [prompt], n) for m in ens.members}
-    tick()
+    texts = ens.main.vocab.texts
     points = sorted({x for x in (16, 32, 64, 128, 256, 512, 1024, 2048) if x < n} | {n})
 
     def ms_at(times: list[float], length: int) -> float:
         return (times[length - 1] - times[length - 1 - WINDOW]) * 1000 / WINDOW
 
+    alone_ms: dict[int, float] = {}
+    for length in points:
+        before = b"".join(texts[t] or b"" for t in ens_ids[: length - WINDOW - 1])
+        context = prompt + before.decode("utf-8", errors="replace")
+        alone_ms[length] = sum(
+            ms_at(member_alone(m, [context], WINDOW + 1, warm_up=length == points[0]), WINDOW + 1)
+            for m in ens.members
+        )
+    tick()
     curve = []
     same = True
     for length in points:
@@ -300,13 +311,12 @@ def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict:
             ens, prompt, WINDOW + 1, reencode=True, min_new_tokens=n, prefix=ens_ids[:before]
         )
         same = same and base_ids == ens_ids[before:length]
-        sum_alone = sum(ms_at(t, length) for t in alone.values())
         curve.append(
             {
                 "new_tokens": length,
                 "ensemble_ms": round(ms_at(ens_times, length), 2),
                 "reencode_baseline_ms": round(ms_at(base_times, WINDOW + 1), 2),
-                "sum_of_members_ms": round(sum_alone, 2),
+                "sum_of_members_ms": round(alone_ms[length], 2),
             }
         )
     tick()
@@ -384,6 +394,8 @@ def fidelity(
     steps = agree = 0
     worst_leftout = [0.0] * len(ens.members)
     rows_used = [0] * len(ens.members)
+    fast_leftout: list[list[float]] = [[] for _ in ens.members]
+    k = ens.fusion.top_k
     disagreements = []
     for p, prompt in enumerate(prompts):
 
@@ -405,6 +417,7 @@ def fidelity(
             for i, (left, used) in enumerate(zip(ref.leftout_mass, ref.rows_used)):
                 worst_leftout[i] = max(worst_leftout[i], left)
                 rows_used[i] = max(rows_used[i], used)
+                fast_leftout[i].append(_top_k_leftout(log.logits[i], ens.fuser.has_text[i], k))
 
         follow(ens, prompt, n, reencode=False, on_step=check)
         tick()
@@ -417,9 +430,23 @@ def fidelity(
         "candidates": ens.fusion.candidates,
         "leftout_mass_bound": leftout_mass,
         "max_leftout_mass": {m.name: worst_leftout[i] for i, m in enumerate(ens.members)},
+        "fast_path_leftout_mass": {
+            m.name: {
+                "mean": sum(fast_leftout[i]) / len(fast_leftout[i]) if fast_leftout[i] else None,
+                "max": max(fast_leftout[i], default=None),
+            }
+            for i, m in enumerate(ens.members)
+        },
         "max_non_anchor_rows_per_step": {m.name: rows_used[i] for i, m in enumerate(ens.members)},
         "disagreements": disagreements,
     }
+
+
+def _top_k_leftout(logits: torch.Tensor, has_text: torch.Tensor, k: int) -> float:
+    """Probability (of tokens with text) outside the fast path's top-k tokens."""
+    probs = torch.where(has_text, torch.softmax(logits.float(), dim=-1), 0.0)
+    top = probs[logits.topk(min(k, logits.numel())).indices].sum()
+    return float(1 - top / probs.sum())
 
 
 # --- plot and command -----------------------------------------------------------------
@@ -460,10 +487,16 @@ def run_bench(args: argparse.Namespace) -> int:
         "load_seconds": {m.name: round(m.load_seconds, 2) for m in ens.members},
         "align_seconds": round(ens.align_seconds, 2),
     }
+    seconds: dict[str, float] = {}
+    figures["section_seconds"] = seconds
     with tqdm(total=n_ticks, desc="deepen bench", file=sys.stderr) as bar:
         tick = lambda: bar.update(1)  # noqa: E731
+        start = time.perf_counter()
         figures["speed"] = speed(ens, args.new_tokens, args.batch_sizes, tick)
+        seconds["speed"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
         figures["length"] = length_curve(ens, args.long_tokens, tick)
+        seconds["length"] = round(time.perf_counter() - start, 1)
         prompt_tokens = max(len(m.tokenizer(p).input_ids) for m in ens.members for p in PROMPTS)
         largest = max(
             (max(args.batch_sizes), prompt_tokens + args.new_tokens),
@@ -472,9 +505,11 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         # before the fidelity check, whose reference rows are not part of the ensemble
         figures["memory"] = memory(ens, rss_start, largest)
+        start = time.perf_counter()
         figures["fidelity"] = fidelity(
             ens, PROMPTS[: args.fidelity_prompts], args.fidelity_tokens, args.leftout_mass, tick
         )
+        seconds["fidelity"] = round(time.perf_counter() - start, 1)
     if args.plot:
         plot_bench(figures, args.plot)
         figures["plot"] = args.plot

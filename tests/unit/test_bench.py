@@ -52,6 +52,10 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
     assert fidelity["prompts"] == 2 and 2 <= fidelity["steps"] <= 6
     assert fidelity["agreement"] == pytest.approx(fidelity["agreeing_steps"] / fidelity["steps"])
     assert all(0 <= m <= 1e-4 for m in fidelity["max_leftout_mass"].values())
+    for name in names:
+        fast = fidelity["fast_path_leftout_mass"][name]
+        assert 0 <= fast["mean"] <= fast["max"] < 1
+    assert set(figures["section_seconds"]) == {"speed", "length", "fidelity"}
     assert figures["plot"] == str(plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -71,6 +75,7 @@ def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
     result = fidelity(full, ["The capital of France is", "def add(a, b):"], 4, 0.0, lambda: None)
     assert result["steps"] >= 2
     assert result["agreement"] == 1.0 and result["disagreements"] == []
+    assert all(m["max"] < 1e-6 for m in result["fast_path_leftout_mass"].values())
 
 
 def test_follow_matches_generate_with_both_helper_modes(tiny_ensemble):
