@@ -23,6 +23,7 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
     names = figures["members"]
     assert len(names) == 2 and figures["main"] == names[0]
 
+    assert figures["speed"]["cold_run"]["batch_size"] == 2
     rows = figures["speed"]["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     for r in rows:
