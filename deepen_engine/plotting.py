@@ -37,7 +37,7 @@ def plot_bench(figures: dict, path: str) -> None:
         ax.plot(x, [p[key] for p in curve], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("new tokens (batch 1)")
-    ax.set_ylabel("ms per token, averaged from the start")
+    ax.set_ylabel(f"ms per token at that length (mean of {figures['length']['window']} steps)")
     ax.set_title(f"deepen bench: {' + '.join(figures['members'])}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
