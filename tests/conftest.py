@@ -193,3 +193,18 @@ def tiny_folders(tiny_pair, tmp_path_factory) -> list[str]:
 def member_args(folders: list[str]) -> list[str]:
     """`deepen` arguments naming the tiny member folders."""
     return ["--model", folders[0], "--model", folders[1], "--min-anchors", "50"]
+
+
+def plain_greedy_ids(model, ids: list[int], n: int) -> list[int]:
+    """transformers' own greedy continuation of `ids`: exactly n new ids, EOS ignored."""
+    x = torch.tensor([ids])
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()

@@ -3,26 +3,30 @@ length, streaming equals generate, fusion changes the output."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
-import torch
 
 from deepen_engine import ConfigError
+from tests.conftest import plain_greedy_ids
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 
 
 def _plain_greedy(member, prompt, n):
-    ids = member.tokenizer(prompt, return_tensors="pt").input_ids
-    out = member.model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, ids.shape[1] :].tolist()
+    return plain_greedy_ids(member.model, member.tokenizer(prompt).input_ids, n)
+
+
+@contextmanager
+def _main_ends_on(ens, token):
+    """The main member treats `token` as its only end token for the block."""
+    main = ens.members[ens.fusion.main]
+    original = main.eos_ids
+    main.eos_ids = frozenset({token})
+    try:
+        yield
+    finally:
+        main.eos_ids = original
 
 
 @pytest.mark.parametrize("main", [0, 1], ids=["main-llama", "main-gemma3-sliding"])
@@ -71,14 +75,8 @@ def test_length_finish(tiny_ensemble):
 def test_eos_ends_generation(tiny_ensemble):
     free = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=10)
     eos = free.token_ids[3]
-    ens = tiny_ensemble.with_fusion()
-    main = ens.members[0]
-    original = main.eos_ids
-    main.eos_ids = frozenset({eos})
-    try:
-        result = ens.generate(PROMPTS[0], max_new_tokens=10)
-    finally:
-        main.eos_ids = original
+    with _main_ends_on(tiny_ensemble, eos):
+        result = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=10)
     first = free.token_ids.index(eos)
     assert result.finish_reason == "eos"
     assert result.token_ids == free.token_ids[:first]
@@ -88,14 +86,8 @@ def test_eos_ends_generation(tiny_ensemble):
 def test_min_new_tokens_masks_end_tokens_until_reached(tiny_ensemble):
     free = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=10)
     eos = free.token_ids[3]
-    ens = tiny_ensemble.with_fusion()
-    main = ens.members[0]
-    original = main.eos_ids
-    main.eos_ids = frozenset({eos})
-    try:
-        held = ens.generate(PROMPTS[0], max_new_tokens=10, min_new_tokens=10)
-    finally:
-        main.eos_ids = original
+    with _main_ends_on(tiny_ensemble, eos):
+        held = tiny_ensemble.generate(PROMPTS[0], max_new_tokens=10, min_new_tokens=10)
     first = free.token_ids.index(eos)
     assert held.finish_reason == "length"
     assert held.token_ids[:first] == free.token_ids[:first]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from deepen_engine import (
     AlignmentError,
@@ -18,6 +17,7 @@ from deepen_engine import (
     MemberSpec,
 )
 from deepen_engine import ensemble as ensemble_module
+from tests.conftest import plain_greedy_ids
 
 
 @pytest.fixture
@@ -57,17 +57,7 @@ def test_a_member_that_is_not_a_model(no_loading):
 
 
 def _plain_greedy(model, tokenizer, prompt, n):
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, ids.shape[1] :].tolist()
+    return plain_greedy_ids(model, tokenizer(prompt).input_ids, n)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["llama", "gemma3-sliding"])

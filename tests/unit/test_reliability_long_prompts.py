@@ -7,10 +7,9 @@ fed past its window."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deepen_engine import ConfigError, Ensemble, MemberSpec, sync
-from tests.conftest import tiny_gemma3, tiny_llama
+from tests.conftest import plain_greedy_ids, tiny_gemma3, tiny_llama
 
 MAIN_WINDOW, HELPER_WINDOW = 48, 40
 
@@ -49,21 +48,6 @@ def fed_lengths(monkeypatch):
     return longest
 
 
-def _greedy_ids(model, ids: list[int], n: int) -> list[int]:
-    """Plain greedy continuation of `ids` by a conftest model (window 1024)."""
-    x = torch.tensor([ids])
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
-
-
 def test_a_prompt_filling_the_smallest_window_is_refused_naming_that_member(small):
     prompt = "x " * 21  # 42 tokens in both members: fits the main (48), not the helper (40)
     with pytest.raises(
@@ -85,7 +69,7 @@ def test_left_truncation_keeps_the_newest_tokens(small_members, tiny_pair):
     result = ens.generate(prompt, max_new_tokens=8, truncation="left")
     kept = MAIN_WINDOW - 8
     assert result.usage.prompt_tokens == {"llama-48": kept}
-    assert result.token_ids == _greedy_ids(tiny_pair[0][0], ids[-kept:], 8)
+    assert result.token_ids == plain_greedy_ids(tiny_pair[0][0], ids[-kept:], 8)
     assert result.finish_reason == "length"
 
 
@@ -98,7 +82,7 @@ def test_left_truncation_keeps_a_leading_bos(small_members, tiny_pair):
     result = ens.generate(prompt, max_new_tokens=6, truncation="left")
     kept = [ids[0], *ids[-(HELPER_WINDOW - 6 - 1) :]]
     assert result.usage.prompt_tokens == {"gemma-40": HELPER_WINDOW - 6}
-    assert result.token_ids == _greedy_ids(tiny_pair[1][0], kept, 6)
+    assert result.token_ids == plain_greedy_ids(tiny_pair[1][0], kept, 6)
 
 
 def test_left_truncation_cuts_each_member_to_its_own_window(small, fed_lengths):
@@ -131,7 +115,7 @@ def test_generation_ends_with_length_when_the_window_is_full(small_members, tiny
     assert result.finish_reason == "length"
     assert result.usage.completion_tokens == MAIN_WINDOW - 40 + 1
     ids = small_members[0][1](prompt).input_ids
-    assert result.token_ids == _greedy_ids(tiny_pair[0][0], ids, MAIN_WINDOW - 40 + 1)
+    assert result.token_ids == plain_greedy_ids(tiny_pair[0][0], ids, MAIN_WINDOW - 40 + 1)
     assert fed_lengths["llama-48"] == MAIN_WINDOW
 
 
