@@ -29,13 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    members_help = (
-        "a member: embedded name, .gguf file, model folder or hub id; repeat for each member "
-        f"(default: {' '.join(DEFAULT_MEMBERS)})"
-    )
     gen = sub.add_parser("generate", help="generate fused text for one prompt")
     gen.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
-    gen.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    _add_members(gen)
     gen.add_argument("--main", type=int, default=0, help="index of the main member (default 0)")
     gen.add_argument("--weights", type=float, nargs="+", help="one weight per member")
     gen.add_argument("--eta", type=float, default=0.15, help="inverse-search rate; 0 = main alone")
@@ -75,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     ev = sub.add_parser("eval", help="capital-city QA: each member alone vs the ensemble")
-    ev.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    _add_members(ev)
     ev.add_argument("--main", type=int, default=0, help="index of the main member (default 0)")
     ev.add_argument(
         "--weights",
@@ -111,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="speed, memory and fidelity of the ensemble against its members"
     )
-    bench.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    _add_members(bench)
     bench.add_argument("--main", type=int, default=0, help="index of the main member (default 0)")
     bench.add_argument("--eta", type=float, default=0.15)
     bench.add_argument("--steps", type=int, default=5)
@@ -147,11 +143,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
 
     mem = sub.add_parser("members", help="load the members and describe them")
-    mem.add_argument("--model", "-m", action="append", dest="models", help=members_help)
+    _add_members(mem)
     mem.add_argument("--device", default="cpu")
     mem.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     mem.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _add_members(parser: argparse.ArgumentParser) -> None:
+    """`--model/-m` once per member, or `--models` with several at once (same list)."""
+    parser.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        dest="models",
+        help="a member: embedded name, .gguf file, model folder or hub id; repeat for each "
+        f"member (default: {' '.join(DEFAULT_MEMBERS)})",
+    )
+    parser.add_argument(
+        "--models", nargs="+", action="extend", dest="models", help="several members at once"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,3 +78,13 @@ def test_generate_truncation_and_min_new_tokens(tiny_folders, reference, capsys)
     )
     assert out["text"] == expected.text
     assert out["usage"]["completion_tokens"] == 5
+
+
+def test_models_takes_several_members_at_once(tiny_folders, capsys):
+    one_by_one = ["members", "-m", tiny_folders[0], "--model", tiny_folders[1], "--json"]
+    assert main(one_by_one) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["members", "--models", *tiny_folders, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in got["members"]] == [m["name"] for m in expected["members"]]
+    assert got["anchors"] == expected["anchors"]
