@@ -20,7 +20,6 @@ computation.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,8 +55,8 @@ class ReferenceFuser:
             raise ValueError(f"leftout_mass must be in [0, 1), got {leftout_mass}.")
         self.fuser = fuser
         self.leftout_mass = leftout_mass
-        self._row_cache = row_cache
-        self._caches: list[OrderedDict[int, torch.Tensor]] = [OrderedDict() for _ in fuser.spaces]
+        # own row caches, so the reference never evicts the fast path's rows
+        self._spaces = [space.with_row_cache(row_cache) for space in fuser.spaces]
 
     def fuse_row(self, logits: Sequence[torch.Tensor]) -> ReferenceStep:
         """Fused logits of one row; logits: per member (V_i,) next-token logits."""
@@ -71,14 +70,16 @@ class ReferenceFuser:
         leftout: list[float] = []
         used: list[int] = []
         main_rest: torch.Tensor | None = None  # the main member's non-anchor ids that entered
-        for i, (member_logits, space) in enumerate(zip(logits, fuser.spaces)):
+        rest_rows: torch.Tensor | None = None  # and their relative rows, (n_r, A)
+        for i, (member_logits, space) in enumerate(zip(logits, self._spaces)):
             probs = torch.softmax(member_logits.float(), dim=-1)
             probs = torch.where(fuser.has_text[i], probs, 0.0)
             to_anchor = space.token_to_anchor
             is_anchor = to_anchor >= 0
             r_i = torch.zeros(num_anchors).index_add_(0, to_anchor[is_anchor], probs[is_anchor])
             rest_ids, left = self._rest(probs, ~is_anchor & (probs > 0))
-            r_i += probs[rest_ids] @ self._rows(i, rest_ids)
+            rows = space.non_anchor_rows(rest_ids.tolist())  # (n, A)
+            r_i += probs[rest_ids] @ rows
             mass = float(r_i.sum())
             if mass > 0:
                 r += float(fuser.weights[i]) * (r_i / mass)
@@ -86,18 +87,17 @@ class ReferenceFuser:
             leftout.append(left)
             used.append(int(rest_ids.numel()))
             if i == main:
-                main_rest = rest_ids
+                main_rest, rest_rows = rest_ids, rows
         r = r / max(weight_sum, 1e-30)
         keep_main = int(main_logits.argmax()) in set(fuser.main_eos_ids.tolist())
         if keep_main or weight_sum == 0:
             return ReferenceStep(main_logits, leftout, used)
 
         # 2. inverse search on the main member's anchor tokens and entered non-anchor tokens.
-        assert main_rest is not None
+        assert main_rest is not None and rest_rows is not None
         space = fuser.spaces[main]
         anchor_ids = ((space.token_to_anchor >= 0) & fuser.has_text[main]).nonzero().squeeze(1)
         anchor_of = space.token_to_anchor[anchor_ids]  # (n_a,)
-        rest_rows = self._rows(main, main_rest)  # (n_r, A)
         cand = torch.cat([anchor_ids, main_rest])
         n_a = anchor_ids.numel()
 
@@ -127,22 +127,3 @@ class ReferenceFuser:
         n = int((after > self.leftout_mass).sum()) + 1
         n = min(n, ids.numel())
         return ids[order[:n]], float(after[n - 1])
-
-    def _rows(self, member: int, ids: torch.Tensor) -> torch.Tensor:
-        """(n, A) exact relative rows, through a per-member cache of recent rows."""
-        cache = self._caches[member]
-        space = self.fuser.spaces[member]
-        wanted = ids.tolist()
-        missing = [t for t in wanted if t not in cache]
-        if missing:
-            rows = space.exact_rows(torch.tensor(missing, dtype=torch.long))
-            for t, row in zip(missing, rows):
-                cache[t] = row
-        if not wanted:
-            return torch.empty(0, space.num_anchors)
-        out = torch.stack([cache[t] for t in wanted])
-        for t in wanted:
-            cache.move_to_end(t)
-        while len(cache) > max(self._row_cache, len(wanted)):
-            cache.popitem(last=False)
-        return out

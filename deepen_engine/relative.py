@@ -12,6 +12,7 @@ below), and for byte-fallback duplicates the shared text is the better match any
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -40,6 +41,17 @@ class RelativeSpace:
         self._cache_size = cache_size
         self._chunk = chunk
         self.rows_computed = 0  # non-anchor rows computed so far (cache misses)
+
+    def with_row_cache(self, cache_size: int) -> RelativeSpace:
+        """The same space with its own, empty row cache of `cache_size` rows (the unit
+        anchor embeddings are shared, not copied): for work that should not evict this
+        space's rows, like the full-vocabulary reference fusion.
+        """
+        twin = copy.copy(self)
+        twin._cache = OrderedDict()
+        twin._cache_size = cache_size
+        twin.rows_computed = 0
+        return twin
 
     def memory_bytes(self) -> int:
         """Bytes held: the unit anchor embeddings and the cached rows."""
