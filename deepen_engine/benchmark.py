@@ -10,11 +10,12 @@ Sections (each a key of the JSON output; docs/benchmarks.md describes every fiel
   for each member alone (transformers `generate` with its KV cache, same prompts, same
   number of new tokens) and for the ensemble (`Ensemble.generate`); the ratio ensemble /
   sum of members, and the share of the ensemble's time spent outside member forwards
-  (alignment, fusion, sampling, sync).
-- `length`: ms per token after L new tokens at batch 1, for the ensemble, the sum of the
-  members alone and a re-encoding baseline (the same fusion, but every helper re-encodes
-  its whole text each step, as the reference implementation does); the speed-up over the
-  baseline at 128 tokens and at the longest length.
+  (fusion, sampling, helper sync, text).
+- `length`: ms per token at L new tokens (mean of the 8 steps ending there) at batch 1,
+  for the ensemble, the sum of the members alone and a re-encoding baseline (the same
+  fusion, but every helper re-encodes its whole text each step, as the reference
+  implementation does); the speed-up over the baseline at 128 tokens and at the longest
+  length.
 - `memory`: peak resident memory of this process against the members' weights, their KV
   caches at the largest run, and the relative-space tensors.
 - `fidelity`: on fixed prompts, the share of steps where the fast path (top-k) picks the
@@ -57,6 +58,11 @@ PROMPTS = (
     "The three laws of motion describe",
     "In 1969, the first humans to walk on the Moon",
 )
+
+
+def _prompts(size: int) -> list[str]:
+    """The first `size` benchmark prompts (cycling through them past 8)."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(size)]
 
 
 # --- timing helpers -------------------------------------------------------------------
@@ -253,12 +259,12 @@ def speed(ens: Ensemble, n: int, batch_sizes: Sequence[int], tick: Callable[[], 
     so the table's ensemble figures are the steady state of a long-lived process; that
     first run is reported on its own as `cold_run`.
     """
-    largest = [PROMPTS[i % len(PROMPTS)] for i in range(max(batch_sizes))]
+    largest = _prompts(max(batch_sizes))
     cold = ensemble_run(ens, largest, n)
     tick()
     rows = []
     for size in batch_sizes:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(size)]
+        prompts = _prompts(size)
         alone = {}
         for m in ens.members:
             alone[m.name] = member_alone(m, prompts, n)[-1] * 1000 / n
@@ -310,29 +316,27 @@ def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict:
     def ms_at(times: list[float], length: int) -> float:
         return (times[length - 1] - times[length - 1 - WINDOW]) * 1000 / WINDOW
 
-    alone_ms: dict[int, float] = {}
-    for length in points:
-        before = b"".join(texts[t] or b"" for t in ens_ids[: length - WINDOW - 1])
-        context = prompt + before.decode("utf-8", errors="replace")
-        alone_ms[length] = sum(
-            ms_at(member_alone(m, [context], WINDOW + 1, warm_up=length == points[0]), WINDOW + 1)
-            for m in ens.members
-        )
-    tick()
     curve = []
     same = True
     for length in points:
-        before = length - WINDOW - 1
+        start = length - WINDOW - 1  # tokens before the timed window (+1: its first step)
+        prefix = ens_ids[:start]
+        text = b"".join(texts[t] or b"" for t in prefix).decode("utf-8", errors="replace")
+        alone_ms = sum(
+            ms_at(member_alone(m, [prompt + text], WINDOW + 1, warm_up=length == points[0]),
+                  WINDOW + 1)
+            for m in ens.members
+        )  # fmt: skip
         base_ids, base_times = follow(
-            ens, prompt, WINDOW + 1, reencode=True, min_new_tokens=n, prefix=ens_ids[:before]
+            ens, prompt, WINDOW + 1, reencode=True, min_new_tokens=n, prefix=prefix
         )
-        same = same and base_ids == ens_ids[before:length]
+        same = same and base_ids == ens_ids[start:length]
         curve.append(
             {
                 "new_tokens": length,
                 "ensemble_ms": round(ms_at(ens_times, length), 2),
                 "reencode_baseline_ms": round(ms_at(base_times, WINDOW + 1), 2),
-                "sum_of_members_ms": round(alone_ms[length], 2),
+                "sum_of_members_ms": round(alone_ms, 2),
             }
         )
     tick()
@@ -350,7 +354,7 @@ def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict:
     }
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     """Resident memory of this process now (Linux /proc), in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -385,7 +389,7 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
         for m in ens.members
     }
     caches = {m.name: kv_cache_mb(m, batch, positions) for m in ens.members}
-    relative = sum(s.memory_bytes() for s in ens._spaces) / 2**20
+    relative = sum(s.memory_bytes() for s in ens.fuser.spaces) / 2**20
     accounted = sum(weights.values()) + sum(caches.values()) + relative
     peak = _peak_rss_mb()
     return {
@@ -486,13 +490,13 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.leftout_mass < 1:
         raise ConfigError(f"--leftout-mass must be in [0, 1), got {args.leftout_mass}.")
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     ens = Ensemble(
         specs(args), main=args.main, eta=args.eta, steps=args.steps, min_anchors=args.min_anchors
     )
     if len(ens.members) < 2:
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
-    n_ticks = len(args.batch_sizes) * (len(ens.members) + 1) + 4 + args.fidelity_prompts
+    n_ticks = len(args.batch_sizes) * (len(ens.members) + 1) + 3 + args.fidelity_prompts
     figures: dict[str, Any] = {
         "members": [m.name for m in ens.members],
         "main": ens.main.name,

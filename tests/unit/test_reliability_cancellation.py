@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from pathlib import Path
 
 import pytest
 
 from deepen_engine import sync
+from deepen_engine.benchmark import rss_mb
 
 PROMPT = "Once upon a time there was a small model that learned to write stories. It"
 CYCLES = 50
 LONG = 200  # far more tokens than a cycle ever reads
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS line in /proc/self/status")
 
 
 @pytest.fixture
@@ -103,13 +95,13 @@ def test_50_cancel_cycles_leave_the_engine_usable_without_growth(tiny_ensemble, 
     before = ens.generate(PROMPT, max_new_tokens=12)
     _cycles(ens, llm, 4)  # warm-up: allocator pools, thread pool, relative rows
     gc.collect()
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     made_before = batches["made"]
 
     _cycles(ens, llm, CYCLES)
 
     gc.collect()
-    growth = _rss_mb() - rss_before
+    growth = rss_mb() - rss_before
     assert batches["made"] - made_before >= CYCLES  # every cycle really started decoding
     assert batches["made"] == batches["freed"]  # and freed every member's cache
     assert not ens._lock.locked()
