@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .ensemble import Ensemble
 from .errors import ConfigError
 from .evaluation import (
     MAX_NEW_TOKENS,
+    Question,
     Score,
     adaptive_weights,
     load_questions,
@@ -57,6 +59,28 @@ def _weights(raw: list[str] | None) -> list[float] | str | None:
         ) from None
 
 
+def _members_alone(
+    ens: Ensemble,
+    shots: Sequence[Question],
+    questions: Sequence[Question],
+    bar: Any,
+    args: argparse.Namespace,
+    suffix: str = "",
+) -> list[Score]:
+    """Each member alone (main member, eta 0) on the questions, labelled name + suffix."""
+    return [
+        score(
+            f"{m.name}{suffix}",
+            _answerer(ens.with_fusion(main=i, eta=0), args.batch_size),
+            shots,
+            questions,
+            bar.update,
+            args.batch_size,
+        )
+        for i, m in enumerate(ens.members)
+    ]
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by the parsed `deepen eval` arguments."""
     from .cli import specs
@@ -80,21 +104,12 @@ def run_eval(args: argparse.Namespace) -> int:
     n_runs = len(names) * len(test) + len(test)
     if weights == "adaptive":
         n_runs += len(names) * len(split.dev)
-    scores: list[Score] = []
     dev_scores: list[Score] = []
     with tqdm(total=n_runs, desc="deepen eval", file=sys.stderr) as bar:
         if weights == "adaptive":
-            for i, name in enumerate(names):
-                alone = _answerer(ens.with_fusion(main=i, eta=0), args.batch_size)
-                dev_scores.append(
-                    score(
-                        f"{name} (dev)", alone, split.shots, split.dev, bar.update, args.batch_size
-                    )
-                )
+            dev_scores = _members_alone(ens, split.shots, split.dev, bar, args, " (dev)")
             ens = ens.with_fusion(weights=adaptive_weights([s.accuracy for s in dev_scores]))
-        for i, name in enumerate(names):
-            alone = _answerer(ens.with_fusion(main=i, eta=0), args.batch_size)
-            scores.append(score(name, alone, split.shots, test, bar.update, args.batch_size))
+        scores = _members_alone(ens, split.shots, test, bar, args)
         label = f"ensemble (main {ens.main.name})"
         fused = _answerer(ens, args.batch_size)
         scores.append(score(label, fused, split.shots, test, bar.update, args.batch_size))
@@ -169,10 +184,7 @@ def _run_sweep(
         total=len(split.dev) * (len(names) + len(fused_runs)), desc="deepen eval sweep",
         file=sys.stderr,
     ) as bar:  # fmt: skip
-        alone = []
-        for i, name in enumerate(names):
-            answer = _answerer(ens.with_fusion(main=i, eta=0), args.batch_size)
-            alone.append(score(name, answer, split.shots, split.dev, bar.update, args.batch_size))
+        alone = _members_alone(ens, split.shots, split.dev, bar, args)
         if weights == "adaptive":
             ens = ens.with_fusion(weights=adaptive_weights([s.accuracy for s in alone]))
         scores: list[tuple[tuple[int, int, float], Score]] = []
