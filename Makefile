@@ -38,7 +38,8 @@ test-unit: setup
 	$(PY) -m pytest -m "not integration"
 
 lint: setup
-	$(VENV)/bin/ruff check deepen_engine deepen_integrations tests
+	$(VENV)/bin/ruff check deepen_engine deepen_integrations tests cookbook
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,7 +8,7 @@ from .decoding import GenerationResult, StreamEvent, Usage
 from .embedded import DEFAULT_MEMBERS, EMBEDDED
 from .ensemble import Ensemble
 from .errors import AlignmentError, ConfigError, DeepenError, MemberError, MemberLoadError
-from .members import Member, MemberSpec, cache_dir, load_member
+from .members import Member, MemberSpec, cache_dir, display_name, load_member
 
 __all__ = [
     "DEFAULT_MEMBERS",
@@ -27,6 +27,7 @@ __all__ = [
     "StreamEvent",
     "Usage",
     "cache_dir",
+    "display_name",
     "load_member",
 ]
 

@@ -54,6 +54,17 @@ class Usage:
     total_seconds: float = 0.0
     """Wall time from the start of the batch to this row's end."""
 
+    def token_counts(self, main: str) -> dict[str, int]:
+        """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the
+        vocabulary the answer is written in), `completion_tokens` and `total_tokens`.
+        """
+        prompt = int(self.prompt_tokens.get(main, 0))
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+        }
+
 
 @dataclass
 class StreamEvent:

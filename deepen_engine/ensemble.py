@@ -119,6 +119,20 @@ class Ensemble:
         """The member whose vocabulary the fused tokens come from."""
         return self.members[self.fusion.main]
 
+    def default_chat_main(self) -> int:
+        """The main member for chat when the user chose none: the first member with a chat
+        template of its own (its tokenizer's, or `MemberSpec.chat_template`), else
+        `fusion.main`.
+
+        A member without a template is most often a base model that does not follow a
+        conversation (the Gemma-3-270m GGUF); with the default members this picks
+        SmolLM2-135M-Instruct (index 1). Every entry point (adapters, CLI) uses this rule.
+        """
+        for i, member in enumerate(self.members):
+            if member.chat_template or getattr(member.tokenizer, "chat_template", None):
+                return i
+        return self.fusion.main
+
     def stream(
         self,
         prompt: Prompt | Sequence[Prompt],

@@ -149,8 +149,13 @@ def load_member(spec: MemberSpec) -> Member:
     return member
 
 
-def display_name(spec: MemberSpec) -> str:
-    """The name a member will have once loaded, found without loading anything."""
+def display_name(member: Any) -> str:
+    """The name a member will have once loaded, found without loading anything.
+
+    `member` is anything `Ensemble` takes for one member: a `MemberSpec`, an embedded
+    name, a path, a hub id or a `(model, tokenizer)` pair.
+    """
+    spec = as_spec(member)
     if spec.name:
         return spec.name
     source = spec.source

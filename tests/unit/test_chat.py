@@ -9,6 +9,7 @@ import torch
 
 from deepen_engine import ConfigError, Ensemble, MemberSpec, load_member
 from deepen_engine.chat import check_messages, render
+from tests.conftest import CHATML
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -107,6 +108,34 @@ def test_bad_messages(messages, match):
 
 
 def test_bad_messages_through_generate(tiny_ensemble):
+    before = tiny_ensemble.generate(MESSAGES[:2], max_new_tokens=6).token_ids
     with pytest.raises(ConfigError, match="role 'robot'"):
         tiny_ensemble.generate([{"role": "robot", "content": "hi"}])
-    assert isinstance(tiny_ensemble, Ensemble)
+    # the refused request left nothing behind: the same chat gives the same ids
+    assert tiny_ensemble.generate(MESSAGES[:2], max_new_tokens=6).token_ids == before
+
+
+def test_default_chat_main_is_the_first_member_with_a_template(tiny_pair):
+    llama, gemma = tiny_pair  # the BPE tokenizer has a ChatML template, the SP one none
+    base_first = Ensemble(
+        [MemberSpec(source=gemma, name="g"), MemberSpec(source=llama, name="l")], min_anchors=50
+    )
+    assert base_first.default_chat_main() == 1
+    assert base_first.with_fusion(main=1).default_chat_main() == 1
+    given = Ensemble(
+        [MemberSpec(source=gemma, name="g", chat_template=CHATML), MemberSpec(source=llama)],
+        min_anchors=50,
+    )
+    assert given.default_chat_main() == 0  # a MemberSpec template counts
+
+
+def test_default_chat_main_without_templates_keeps_the_main_member(tiny_pair, sp_tokenizer):
+    from tests.conftest import tiny_gemma3
+
+    other = tiny_gemma3(len(sp_tokenizer), seed=5)
+    ens = Ensemble(
+        [MemberSpec(source=tiny_pair[1], name="g"), MemberSpec(source=(other, sp_tokenizer))],
+        min_anchors=50,
+        main=1,
+    )
+    assert ens.default_chat_main() == 1

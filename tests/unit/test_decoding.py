@@ -326,3 +326,15 @@ def test_prompt_longer_than_a_members_context_is_refused(tiny_ensemble):
     with pytest.raises(ConfigError, match=r"Prompt 1 is \d+ tokens long in member 'tiny-llama'"):
         tiny_ensemble.generate(["Hi", long_prompt], max_new_tokens=4)
     assert tiny_ensemble.generate("Hi", max_new_tokens=4).finish_reason == "length"
+
+
+def test_usage_token_counts_use_the_main_members_prompt(tiny_ensemble):
+    result = tiny_ensemble.generate("The capital of France is", max_new_tokens=5, min_new_tokens=5)
+    main = tiny_ensemble.main.name
+    counts = result.usage.token_counts(main)
+    assert counts == {
+        "prompt_tokens": result.usage.prompt_tokens[main],
+        "completion_tokens": 5,
+        "total_tokens": result.usage.prompt_tokens[main] + 5,
+    }
+    assert result.usage.token_counts("no such member")["prompt_tokens"] == 0

@@ -88,3 +88,15 @@ def test_tokenizer_that_adds_a_dummy_prefix_is_refused(bpe_tokenizer):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="dtype must be one of"):
         MemberSpec(source="x", dtype="int8")
+
+
+def test_display_name_of_any_member_source(tiny_pair, tmp_path):
+    from deepen_engine import display_name
+
+    assert display_name("gemma-3-270m") == "gemma-3-270m"
+    assert display_name(MemberSpec(source="gemma-3-270m", name="g")) == "g"
+    assert display_name("org/some-model") == "org/some-model"  # a hub id stays whole
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert display_name(str(folder)) == "my-model"
+    assert display_name(tiny_pair[0]) == "LlamaForCausalLM"
