@@ -4,11 +4,18 @@ No LangChain or LlamaIndex import here; the adapters live in `deepen_integration
 """
 
 from .config import FusionConfig, GenerationConfig
-from .decoding import GenerationResult, StreamEvent, Usage
-from .embedded import DEFAULT_MEMBERS, EMBEDDED
 from .ensemble import Ensemble
 from .errors import AlignmentError, ConfigError, DeepenError, MemberError, MemberLoadError
-from .members import Member, MemberSpec, cache_dir, display_name, load_member
+from .members import (
+    DEFAULT_MEMBERS,
+    EMBEDDED,
+    Member,
+    MemberSpec,
+    cache_dir,
+    display_name,
+    load_member,
+)
+from .outputs import GenerationResult, StreamEvent, Usage
 
 __all__ = [
     "DEFAULT_MEMBERS",

@@ -23,7 +23,10 @@ from .errors import ConfigError
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # use_attribute_docstrings: each field's docstring is its description (the CLI's help).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, use_attribute_docstrings=True
+    )
 
     def __init__(self, **data: object) -> None:
         try:

@@ -11,22 +11,30 @@ import asyncio
 import copy
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from typing import Any, overload
 
 import torch
 
-from .chat import check_messages, render
+from .alignment.vocabulary import Anchors, find_anchors
 from .config import FusionConfig, GenerationConfig
-from .decoding import GenerationResult, MemberPrompt, StreamEvent, collect, decode
-from .embedded import DEFAULT_MEMBERS
+from .decoding.chat import check_messages, render
+from .decoding.loop import MemberPrompt, decode
 from .errors import ConfigError
 from .fusion import Fuser
-from .members import Member, MemberSpec, as_spec, display_name, load_member, source_key
-from .relative import RelativeSpace
-from .vocabulary import Anchors, find_anchors
+from .members import (
+    DEFAULT_MEMBERS,
+    Member,
+    MemberSpec,
+    as_spec,
+    display_name,
+    load_member,
+    source_key,
+)
+from .outputs import GenerationResult, StreamEvent, collect
 
-Prompt = str | list[dict[str, str]]  # a text, or a chat conversation
+Conversation = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
+Prompt = str | Conversation  # a text, or a chat conversation
 
 
 class Ensemble:
@@ -60,20 +68,14 @@ class Ensemble:
         self._lock = threading.Lock()  # the members' models run one request at a time
         start = time.perf_counter()
         self.anchors: Anchors | None = None
-        self._spaces: list[RelativeSpace] = []
         if len(self.members) > 1:
             self.anchors = find_anchors(
                 [m.vocab for m in self.members],
                 [m.name for m in self.members],
                 self.fusion.min_anchors,
             )
-            self._spaces = self._relative_spaces(self.fusion)
+        self.fuser = Fuser.build(self.members, self.anchors, self.fusion)
         self.align_seconds = time.perf_counter() - start
-        self._has_text = [
-            torch.tensor([t is not None for t in m.vocab.texts], dtype=torch.bool)
-            for m in self.members
-        ]
-        self.fuser = self._fuser(self.fusion)
 
     def with_fusion(self, **changes: Any) -> Ensemble:
         """A view of this ensemble with other fusion settings, sharing the loaded members.
@@ -90,29 +92,8 @@ class Ensemble:
             )
         view = copy.copy(self)
         view.fusion = fusion
-        if fusion.tau != self.fusion.tau or fusion.row_cache_size != self.fusion.row_cache_size:
-            view._spaces = self._relative_spaces(fusion) if self.anchors is not None else []
-        view.fuser = view._fuser(fusion)
+        view.fuser = self.fuser.with_config(fusion)
         return view
-
-    def _relative_spaces(self, fusion: FusionConfig) -> list[RelativeSpace]:
-        assert self.anchors is not None
-        return [
-            RelativeSpace(
-                m.model.get_input_embeddings().weight,
-                self.anchors.token_ids[i],
-                self.anchors.token_to_anchor[i],
-                tau=fusion.tau,
-                cache_size=fusion.row_cache_size,
-            )
-            for i, m in enumerate(self.members)
-        ]
-
-    def _fuser(self, fusion: FusionConfig) -> Fuser:
-        anchors = self.anchors or Anchors(texts=[], token_ids=[], token_to_anchor=[])
-        return Fuser(
-            self._spaces, self._has_text, anchors, fusion, self.members[fusion.main].eos_ids
-        )
 
     @property
     def main(self) -> Member:
@@ -140,7 +121,7 @@ class Ensemble:
         *,
         batch_size: int | None = None,
         **overrides: Any,
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent, None, None]:
         """Yield text deltas as they become final, and one final event per prompt.
 
         `prompt` is one prompt or a list; a prompt is a text, or a chat conversation (a
@@ -159,7 +140,7 @@ class Ensemble:
         *,
         batch_size: int | None = None,
         **overrides: Any,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """`stream` for asyncio: decoding runs in a worker thread, the event loop stays free.
 
         Closing the iterator or cancelling the task that reads it stops the worker after
@@ -205,6 +186,26 @@ class Ensemble:
         finally:
             stop.set()
 
+    @overload
+    async def agenerate(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> GenerationResult: ...
+
+    @overload
+    async def agenerate(
+        self,
+        prompt: Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> list[GenerationResult]: ...
+
     async def agenerate(
         self,
         prompt: Prompt | Sequence[Prompt],
@@ -234,7 +235,7 @@ class Ensemble:
         return [self._member_prompts(p) for p in prompts], cfg, size
 
     def render(self, messages: list[dict[str, str]]) -> list[str]:
-        """Each member's prompt text for a chat conversation (see chat.py)."""
+        """Each member's prompt text for a chat conversation (see decoding/chat.py)."""
         messages = check_messages(messages)
         return [render(m.tokenizer, messages, m.chat_template) for m in self.members]
 
@@ -243,6 +244,26 @@ class Ensemble:
             return [(prompt, True) for _ in self.members]
         # Rendered chat prompts already hold their special tokens (BOS, turn markers).
         return [(text, False) for text in self.render(prompt)]
+
+    @overload
+    def generate(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> GenerationResult: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> list[GenerationResult]: ...
 
     def generate(
         self,
@@ -269,7 +290,7 @@ class Ensemble:
         cfg: GenerationConfig,
         size: int,
         cancelled: threading.Event | None = None,
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent, None, None]:
         # One request at a time per set of loaded members (views from with_fusion share
         # it): a second thread's request waits here until this stream ends or is closed.
         with self._lock:
@@ -356,7 +377,9 @@ def _is_pair(item: Any) -> bool:
     return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.nn.Module)
 
 
-def _generation_config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+def _generation_config(
+    config: GenerationConfig | None, overrides: dict[str, Any]
+) -> GenerationConfig:
     base = config or GenerationConfig()
     if not overrides:
         return base

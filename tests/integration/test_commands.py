@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deepen_engine.cli import main
+from deepen_engine.commands.cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,7 @@ def test_members_and_anchors(ensemble):
     assert names == ["gemma-3-270m", "smollm2-135m-instruct"]
     assert [m.vocab.kind for m in ensemble.members] == ["sentencepiece", "byte_level"]
     assert [len(m.vocab) for m in ensemble.members] == [262144, 49152]
-    assert 45000 < len(ensemble.anchors) < 47000  # DESIGN.md: about 46,000
+    assert 45000 < len(ensemble.anchors) < 47000  # docs/design.md: about 46,000
 
 
 @pytest.mark.parametrize("text", ["Hello wörld, 東京 😀\n\n  x\ty", "def f(x):\n    return x**2"])
@@ -88,7 +88,7 @@ def test_sync_feeds_about_one_position_per_token(ensemble):
 def test_cli_generate_json():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "deepen_engine.cli", "generate", PROMPTS[0], "--json",
+        [sys.executable, "-m", "deepen_engine.commands.cli", "generate", PROMPTS[0], "--json",
          "--max-new-tokens", "8", "--stop", "."],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
@@ -106,7 +106,7 @@ def test_cli_generate_json():
 def test_cli_members_json():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "deepen_engine.cli", "members", "--json"],
+        [sys.executable, "-m", "deepen_engine.commands.cli", "members", "--json"],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -147,7 +147,7 @@ def test_stream_equals_generate_and_close_early(ensemble):
 def test_chat_renders_each_members_own_template(ensemble):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     gemma, smol = ensemble.render(messages)
-    # The Gemma-3-270m GGUF has no chat template: Gemma's turn format (chat.py).
+    # The Gemma-3-270m GGUF has no chat template: Gemma's turn format (decoding/chat.py).
     assert gemma == (
         "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
         "<start_of_turn>model\n"

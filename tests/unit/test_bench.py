@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from deepen_engine.benchmark import follow, kv_cache_mb
-from deepen_engine.cli import main
+from deepen_engine.commands.bench_timing import kv_cache_mb, timed_decode
+from deepen_engine.commands.cli import main
 from tests.conftest import member_args
 
 SMALL = [
@@ -69,7 +69,7 @@ def test_bench_table_output(tiny_folders, capsys):
 
 
 def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
-    from deepen_engine.benchmark import fidelity
+    from deepen_engine.commands.bench import fidelity
 
     biggest = max(len(m.vocab) for m in tiny_ensemble.members)
     full = tiny_ensemble.with_fusion(top_k=biggest, candidates=biggest)
@@ -79,13 +79,24 @@ def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
     assert all(m["max"] < 1e-6 for m in result["fast_path_leftout_mass"].values())
 
 
-def test_follow_matches_generate_with_both_helper_modes(tiny_ensemble):
+def test_timed_decode_matches_generate_with_both_helper_modes(tiny_ensemble):
     prompt = "Q: What is 12 + 7?\nA:"
     expected = tiny_ensemble.generate(prompt, max_new_tokens=12, min_new_tokens=12).token_ids
     for reencode in (False, True):
-        ids, times = follow(tiny_ensemble, prompt, 12, reencode=reencode, min_new_tokens=12)
+        ids, times = timed_decode(tiny_ensemble, prompt, 12, reencode=reencode, min_new_tokens=12)
         assert ids == expected
         assert len(times) == 12 and times == sorted(times)
+
+
+def test_timed_decode_resumes_after_given_ids(tiny_ensemble):
+    prompt = "The capital of France is"
+    full = tiny_ensemble.generate(prompt, max_new_tokens=14, min_new_tokens=14).token_ids
+    for reencode in (False, True):
+        ids, times = timed_decode(
+            tiny_ensemble, prompt, 9, reencode=reencode, min_new_tokens=14, resume=full[:5]
+        )
+        assert ids == full[5:14]
+        assert len(times) == 9
 
 
 def test_kv_cache_size_from_the_model_config(tiny_ensemble):

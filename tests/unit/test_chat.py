@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepen_engine import ConfigError, Ensemble, MemberSpec, load_member
-from deepen_engine.chat import check_messages, render
+from deepen_engine.decoding.chat import check_messages, render
 from tests.conftest import CHATML
 
 MESSAGES = [

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deepen_engine import Ensemble, MemberSpec
-from deepen_engine.cli import main
+from deepen_engine.commands.cli import main
 from tests.conftest import member_args
 
 

@@ -201,10 +201,13 @@ def test_seeded_row_is_the_same_in_any_batch_position(tiny_ensemble):
     assert batched[2].token_ids == alone.token_ids
 
 
-def test_members_on_distinct_devices_run_concurrently_with_the_same_result(tiny_pair):
+def test_members_on_distinct_devices_run_concurrently_with_the_same_result(
+    tiny_pair, monkeypatch
+):
     from concurrent.futures import ThreadPoolExecutor
 
-    from deepen_engine import Ensemble, MemberSpec, decoding
+    from deepen_engine import Ensemble, MemberSpec
+    from deepen_engine.decoding import loop
 
     specs = [
         MemberSpec(source=tiny_pair[0], name="a", device="cpu"),
@@ -212,18 +215,15 @@ def test_members_on_distinct_devices_run_concurrently_with_the_same_result(tiny_
     ]
     ens = Ensemble(specs, min_anchors=50)
     used = []
-    original = decoding.ThreadPoolExecutor
 
     class Recording(ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             used.append(kwargs.get("max_workers"))
             super().__init__(*args, **kwargs)
 
-    decoding.ThreadPoolExecutor = Recording
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "ThreadPoolExecutor", Recording)
         parallel = ens.generate(BATCH_PROMPTS[:3], max_new_tokens=12)
-    finally:
-        decoding.ThreadPoolExecutor = original
     same_device = Ensemble(
         [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
         min_anchors=50,
@@ -232,23 +232,23 @@ def test_members_on_distinct_devices_run_concurrently_with_the_same_result(tiny_
     assert [r.token_ids for r in parallel] == [r.token_ids for r in same_device]
 
 
-def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(tiny_ensemble):
-    from deepen_engine import sync
+def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(
+    tiny_ensemble, monkeypatch
+):
+    from deepen_engine.decoding.member_batch import MemberBatch
 
     created = []
-    original = sync.MemberBatch.free
+    original = MemberBatch.free
 
     def recording_free(self):
         created.append(self.member.name)
         original(self)
 
-    sync.MemberBatch.free = recording_free
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(MemberBatch, "free", recording_free)
         stream = tiny_ensemble.stream(BATCH_PROMPTS[:2], max_new_tokens=30)
         first = next(e for e in stream if e.delta)
         stream.close()
-    finally:
-        sync.MemberBatch.free = original
     assert first.delta
     assert sorted(created) == ["tiny-gemma", "tiny-llama"]  # both members' caches freed
     after = tiny_ensemble.generate(BATCH_PROMPTS[:2], max_new_tokens=12)

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from deepen_engine import ConfigError
-from deepen_engine.cli import main
-from deepen_engine.evaluation import (
+from deepen_engine.commands.cli import main
+from deepen_engine.commands.eval_task import (
     Question,
     adaptive_weights,
     build_prompt,
@@ -108,7 +108,7 @@ def test_eval_rejects_bad_weights(tiny_folders, capsys):
 
 
 def test_any_listed_spelling_scores(tiny_folders):
-    from deepen_engine.evaluation import score
+    from deepen_engine.commands.eval_task import score
 
     questions = [Question("Bolivia", ("Sucre", "La Paz")), Question("France", ("Paris",))]
     result = score("fake", lambda prompts: [" La Paz", " Lyon"], [], questions)

@@ -1,4 +1,4 @@
-"""Unit tests for deepen_engine.fusion (Fuser) and FusionConfig validation."""
+"""Unit tests for deepen_engine.fusion.deepen (Fuser) and FusionConfig validation."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from deepen_engine.alignment.relative import RelativeSpace
+from deepen_engine.alignment.vocabulary import Anchors
 from deepen_engine.config import FusionConfig
 from deepen_engine.errors import ConfigError
 from deepen_engine.fusion import Fuser
-from deepen_engine.relative import RelativeSpace
-from deepen_engine.vocabulary import Anchors
 
 # Synthetic members. Anchor a (0..NUM_ANCHORS-1) is main id 1 + a and helper id
 # NUM_ANCHORS - a; id 0 of each member is its special EOS; the last ids are non-anchors.

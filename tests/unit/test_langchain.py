@@ -26,8 +26,7 @@ from langchain_core.tools import tool  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from deepen_engine import Ensemble, MemberSpec, StreamEvent  # noqa: E402
-from deepen_engine.decoding import Usage  # noqa: E402
+from deepen_engine import Ensemble, MemberSpec, StreamEvent, Usage  # noqa: E402
 from deepen_integrations.langchain import (  # noqa: E402
     ChatDeepEn,
     DeepEnLLM,

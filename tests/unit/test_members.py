@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from deepen_engine import EMBEDDED, MemberLoadError, MemberSpec, load_member
-from deepen_engine.embedded import EmbeddedModel
+from deepen_engine.members.embedded import EmbeddedModel
 from tests.conftest import tiny_llama
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepen_engine.reference_fusion import ReferenceFuser
+from deepen_engine.fusion.reference import ReferenceFuser
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 

@@ -1,4 +1,4 @@
-"""Unit tests for deepen_engine.relative: relative rows, distributions, cache, memory."""
+"""Unit tests for deepen_engine.alignment.relative: relative rows, distributions, cache, memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from deepen_engine.relative import RelativeSpace
+from deepen_engine.alignment.relative import RelativeSpace
 
 V, D, A = 50, 16, 20
 

@@ -11,8 +11,8 @@ import gc
 
 import pytest
 
-from deepen_engine import sync
-from deepen_engine.benchmark import rss_mb
+from deepen_engine.commands.bench_timing import rss_mb
+from deepen_engine.decoding import member_batch as sync
 
 PROMPT = "Once upon a time there was a small model that learned to write stories. It"
 CYCLES = 50
@@ -105,7 +105,7 @@ def test_50_cancel_cycles_leave_the_engine_usable_without_growth(tiny_ensemble, 
     assert batches["made"] - made_before >= CYCLES  # every cycle really started decoding
     assert batches["made"] == batches["freed"]  # and freed every member's cache
     assert not ens._lock.locked()
-    for space in ens._spaces:
+    for space in ens.fuser.spaces:
         assert len(space._cache) <= ens.fusion.row_cache_size
     assert growth < 50, f"resident memory grew {growth:.1f} MB over {CYCLES} cancel cycles"
     after = ens.generate(PROMPT, max_new_tokens=12)

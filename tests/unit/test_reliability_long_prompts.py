@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepen_engine import ConfigError, Ensemble, MemberSpec, sync
+from deepen_engine import ConfigError, Ensemble, MemberSpec
+from deepen_engine.decoding import member_batch as sync
 from tests.conftest import plain_greedy_ids, tiny_gemma3, tiny_llama
 
 MAIN_WINDOW, HELPER_WINDOW = 48, 40

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from deepen_engine import DeepenError, Ensemble, MemberError, MemberSpec, sync
+from deepen_engine import DeepenError, Ensemble, MemberError, MemberSpec
+from deepen_engine.decoding import member_batch as sync
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 N = 6

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepen_engine import ConfigError, decoding
+from deepen_engine import ConfigError
+from deepen_engine.decoding import loop as decoding
 
 N = 8
 
@@ -141,11 +142,11 @@ class _Scripted:
     def __init__(self, script: list[int]) -> None:
         self.script = list(script)
 
-    def __call__(self, temperature, top_k, top_p, seeds):  # noqa: ARG002 - Sampler's signature
+    def __call__(self, temperature, top_k, top_p):  # noqa: ARG002 - Sampler's signature
         script = self.script
 
-        def choose(logits, rows):
-            return [script.pop(0) for _ in rows]
+        def choose(logits, generators):
+            return [script.pop(0) for _ in generators]
 
         return choose
 

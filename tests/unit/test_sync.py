@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepen_engine import MemberSpec, load_member
-from deepen_engine.sync import MemberBatch
+from deepen_engine.decoding.member_batch import MemberBatch
 from tests.conftest import tiny_gemma3
 
 SOURCES = [

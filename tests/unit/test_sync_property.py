@@ -8,7 +8,7 @@ import random
 import pytest
 
 from deepen_engine import MemberSpec, load_member
-from deepen_engine.sync import MemberBatch
+from deepen_engine.decoding.member_batch import MemberBatch
 
 PIECES = [
     "the", " the", " of", "  ", "   ", "\n", "\n\n", " \n", "Paris", ",", ".", "!", "?", "123",

@@ -1,4 +1,5 @@
-"""Unit tests for deepen_engine.text (TextAssembler): UTF-8 assembly, stop strings, deltas."""
+"""Unit tests for deepen_engine.decoding.text (TextAssembler): UTF-8 assembly, stop strings,
+deltas."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import random
 
 import pytest
 
-from deepen_engine.text import TextAssembler
+from deepen_engine.decoding.text import TextAssembler
 
 # UTF-8 assembly -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Unit tests for deepen_engine.vocabulary: canonical token bytes and anchors."""
+"""Unit tests for deepen_engine.alignment.vocabulary: canonical token bytes and anchors."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from deepen_engine.errors import AlignmentError, MemberLoadError
-from deepen_engine.vocabulary import (
+from deepen_engine.alignment.vocabulary import (
     CanonicalVocab,
     byte_level_decoding,
     find_anchors,
     tokenizer_kind,
 )
+from deepen_engine.errors import AlignmentError, MemberLoadError
 
 TEXTS = [
     "Hello world",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _pyplot(flag: str) -> Any:
@@ -23,7 +23,7 @@ def _pyplot(flag: str) -> Any:
     return plt
 
 
-def plot_bench(figures: dict, path: str) -> None:
+def plot_bench(figures: dict[str, Any], path: str) -> None:
     """Ms/token against new tokens: ensemble, re-encoding baseline, sum of members alone."""
     plt = _pyplot("--plot")
     curve = figures["length"]["curve"]
@@ -46,7 +46,7 @@ def plot_bench(figures: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_sweep(sweep: dict, path: str) -> None:
+def plot_sweep(sweep: dict[str, Any], path: str) -> None:
     """Dev accuracy against eta: one line per (main member, steps), members alone dashed."""
     plt = _pyplot("--sweep-eta")
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 QUESTION = "Q: What is the capital of {country}?\nA:"
 MAX_NEW_TOKENS = 12
@@ -64,8 +64,8 @@ def load_questions() -> list[Question]:
     out = {}
     for c in countryinfo.all_countries():
         name, capital = c.name(), c.capital()
-        spellings = tuple(capital) if isinstance(capital, list) else (capital,)
-        spellings = tuple(s for s in spellings if isinstance(s, str) and s.strip())
+        listed = capital if isinstance(capital, list) else [capital]
+        spellings = tuple(s for s in listed if isinstance(s, str) and s.strip())
         if name and spellings:
             out[name] = Question(country=name, answers=spellings)
     return [out[k] for k in sorted(out)]
@@ -172,7 +172,7 @@ def score(
     generate: Callable[[list[str]], list[str]],
     shots: Sequence[Question],
     questions: Sequence[Question],
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     batch_size: int = 8,
 ) -> Score:
     """Ask every question through `generate` (prompts -> outputs) in batches."""

@@ -4,7 +4,7 @@ search the main member's logits whose relative distribution matches the aggregat
 Pipeline of `Fuser.fuse`, for a batch of rows:
 
 1. Each member keeps its top-k tokens (special tokens dropped) and maps them to a relative
-   distribution over the anchors, `r_i = sum_v p_i(v) rel_i(v)` (relative.py).
+   distribution over the anchors, `r_i = sum_v p_i(v) rel_i(v)` (alignment/relative.py).
 2. Aggregate `r = sum_i w_i r_i` (weights renormalised over members that kept any mass).
 3. Candidates: the main member's top tokens, plus its tokens for every anchor another
    member proposed, so a helper can lift a token the main member ranks low.
@@ -17,22 +17,64 @@ Pipeline of `Fuser.fuse`, for a batch of rows:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .config import FusionConfig
-from .relative import RelativeSpace
-from .vocabulary import Anchors
-
-_ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as the reference
-_ADAM_EPS = 1e-8
-_Q_FLOOR = 1e-12  # anchors the candidates cannot reach carry no gradient
+from ..alignment.relative import RelativeSpace
+from ..alignment.vocabulary import Anchors
+from ..config import FusionConfig
+from ..members import Member
+from .search import Q_FLOOR, adamw_search
 
 
 class Fuser:
-    """Batched DeePEn fusion over fixed members, anchors and settings."""
+    """Batched DeePEn fusion over fixed members, anchors and settings.
+
+    Build it with `Fuser.build(members, anchors, config)`; the constructor takes the parts
+    directly (tests build small ones by hand).
+    """
+
+    @classmethod
+    def build(
+        cls, members: Sequence[Member], anchors: Anchors | None, config: FusionConfig
+    ) -> Fuser:
+        """The fuser of loaded members: one relative space per member over the anchors
+        (none for a single member, whose `anchors` is None), and which tokens have text.
+        """
+        has_text = [
+            torch.tensor([t is not None for t in m.vocab.texts], dtype=torch.bool)
+            for m in members
+        ]
+        spaces = _relative_spaces(members, anchors, config) if anchors is not None else []
+        fuser = cls(
+            spaces,
+            has_text,
+            anchors or Anchors(texts=[], token_ids=[], token_to_anchor=[]),
+            config,
+            members[config.main].eos_ids,
+        )
+        fuser.members = list(members)
+        return fuser
+
+    def with_config(self, config: FusionConfig) -> Fuser:
+        """The same members and anchors with other settings. The relative spaces (and
+        their row caches) are shared unless `tau` or `row_cache_size` changed.
+        """
+        if not self.members:
+            raise RuntimeError("with_config needs a fuser made by Fuser.build")
+        same_space = (config.tau, config.row_cache_size) == (
+            self.config.tau,
+            self.config.row_cache_size,
+        )
+        spaces = self.spaces
+        if not same_space and self.spaces:
+            spaces = _relative_spaces(self.members, self.anchors, config)
+        fuser = type(self)(
+            spaces, self.has_text, self.anchors, config, self.members[config.main].eos_ids
+        )
+        fuser.members = self.members
+        return fuser
 
     def __init__(
         self,
@@ -50,6 +92,7 @@ class Fuser:
         # one weight per member (a single member has no relative space, but a weight of 1)
         self.weights = torch.tensor(config.normalised_weights(len(self.has_text)))
         self.main_eos_ids = torch.tensor(sorted(main_eos_ids), dtype=torch.long)
+        self.members: list[Member] = []  # set by build: what with_config rebuilds from
 
     @property
     def is_identity(self) -> bool:
@@ -155,7 +198,7 @@ class Fuser:
 
             def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
                 q_at = (same.float() @ s[:, :, None]).squeeze(-1)  # (B, M)
-                ratio = torch.where(q_at > _Q_FLOOR, r_at / q_at.clamp(min=_Q_FLOOR), 0.0)
+                ratio = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
                 return torch.where(one_hot, -ratio, 0.0) / num_anchors
         else:
             n_dense = torch.arange(d_b.numel())
@@ -167,7 +210,7 @@ class Fuser:
                 # one (B, n) @ (n, A) product.
                 q = torch.zeros_like(r).scatter_add_(1, anchor_idx, torch.where(one_hot, s, 0.0))
                 q.addmm_(owner * s[d_b, d_j][None, :], dense_rows)
-                ratio = torch.where(q > _Q_FLOOR, r / q.clamp(min=_Q_FLOOR), 0.0)  # (B, A)
+                ratio = torch.where(q > Q_FLOOR, r / q.clamp(min=Q_FLOOR), 0.0)  # (B, A)
                 # u_j = dL/ds_j = -(1/A) * R_j . (r / q)
                 u = torch.where(one_hot, -ratio.gather(1, anchor_idx), 0.0)
                 u[d_b, d_j] = -(ratio @ dense_rows.T)[d_b, n_dense]
@@ -176,32 +219,16 @@ class Fuser:
         return adamw_search(z, valid, gradient_of_s, cfg)
 
 
-def adamw_search(
-    z: torch.Tensor,
-    valid: torch.Tensor,
-    gradient_of_s: Callable[[torch.Tensor], torch.Tensor],
-    cfg: FusionConfig,
-) -> torch.Tensor:
-    """The inverse search's optimiser, as the reference: `cfg.steps` AdamW steps on the
-    logits z (B, M) with a cosine-annealed rate, given dL/ds for s = softmax(z) over the
-    `valid` entries (padding masked out).
-    """
-    z = z.clone()
-    m = torch.zeros_like(z)
-    v = torch.zeros_like(z)
-    b1, b2 = _ADAM_BETAS
-    eta_min = cfg.eta * cfg.eta_min_ratio
-    for t in range(cfg.steps):
-        cosine = (1 + math.cos(math.pi * t / cfg.schedule_t_max)) / 2
-        lr = eta_min + (cfg.eta - eta_min) * cosine
-        s = torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)  # (B, M)
-        u = gradient_of_s(s)  # (B, M) dL/ds
-        grad = s * (u - (s * u).sum(-1, keepdim=True))  # dL/dz through the softmax
-        # AdamW step (decoupled weight decay), as torch.optim.AdamW.
-        z = z * (1 - lr * cfg.weight_decay)
-        m = b1 * m + (1 - b1) * grad
-        v = b2 * v + (1 - b2) * grad * grad
-        step = t + 1
-        denom = (v.sqrt() / math.sqrt(1 - b2**step)) + _ADAM_EPS
-        z = z - (lr / (1 - b1**step)) * m / denom
-    return z
+def _relative_spaces(
+    members: Sequence[Member], anchors: Anchors, config: FusionConfig
+) -> list[RelativeSpace]:
+    return [
+        RelativeSpace(
+            m.model.get_input_embeddings().weight,
+            anchors.token_ids[i],
+            anchors.token_to_anchor[i],
+            tau=config.tau,
+            cache_size=config.row_cache_size,
+        )
+        for i, m in enumerate(members)
+    ]

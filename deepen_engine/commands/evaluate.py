@@ -5,7 +5,7 @@
     deepen eval --sweep-eta 0.05 0.15 0.5 --sweep-steps 5 10 --sweep-main 0 1   # dev set
 
 Prints a table (or `--json`), writes every answer to `--output` (JSONL), shows a progress
-bar on stderr. The task, scoring and the adaptive formula are in evaluation.py.
+bar on stderr. The task, scoring and the adaptive formula are in eval_task.py.
 
 With `--sweep-eta`, the command scores the ensemble on the dev set only (settings are
 chosen on dev, never on test) for every eta x `--sweep-steps` x `--sweep-main`, and writes
@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .ensemble import Ensemble
-from .errors import ConfigError
-from .evaluation import (
+from ..ensemble import Ensemble
+from ..errors import ConfigError
+from .eval_task import (
     MAX_NEW_TOKENS,
     Question,
     Score,
@@ -34,9 +34,46 @@ from .evaluation import (
     score,
     split_questions,
 )
+from .options import fusion_options, fusion_settings, member_options, member_specs
+from .plotting import plot_sweep
 
 
-def _answerer(view: Ensemble, batch_size: int):
+def add_parser(sub: Any) -> None:
+    """Register `deepen eval`."""
+    ev = sub.add_parser(
+        "eval",
+        parents=[member_options(), fusion_options(weights=False)],
+        help="capital-city QA: each member alone vs the ensemble",
+    )
+    ev.add_argument(
+        "--weights",
+        nargs="+",
+        help="one weight per member, or 'adaptive' (weights from dev accuracy, DeePEn-Adapt)",
+    )
+    ev.add_argument("--n", type=int, default=150, help="test questions (default 150)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the question split (default 0)")
+    ev.add_argument("--shots", type=int, default=4, help="few-shot examples (default 4)")
+    ev.add_argument("--dev-size", type=int, default=50, help="dev questions (default 50)")
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    ev.add_argument("--output", default="deepen-eval.jsonl", help="per-question outputs (JSONL)")
+    ev.add_argument(
+        "--sweep-eta",
+        type=float,
+        nargs="+",
+        help="sweep mode: score the ensemble on the dev set for each of these etas",
+    )
+    ev.add_argument("--sweep-steps", type=int, nargs="+", help="sweep: steps values (--steps)")
+    ev.add_argument("--sweep-main", type=int, nargs="+", help="sweep: main members (--main)")
+    ev.add_argument(
+        "--sweep-output",
+        default="deepen-sweep",
+        help="sweep: writes PREFIX.json, PREFIX.md (table) and PREFIX.png (plot)",
+    )
+    ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    ev.set_defaults(run=run_eval)
+
+
+def _answerer(view: Ensemble, batch_size: int) -> Callable[[list[str]], list[str]]:
     def generate(prompts: list[str]) -> list[str]:
         results = view.generate(
             prompts, max_new_tokens=MAX_NEW_TOKENS, stop=["\n"], batch_size=batch_size
@@ -83,19 +120,14 @@ def _members_alone(
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by the parsed `deepen eval` arguments."""
-    from .cli import specs
-
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}.")
     weights = _weights(args.weights)
     split = split_questions(load_questions(), args.seed, args.shots, args.dev_size)
     test = split.test[: args.n]
     ens = Ensemble(
-        specs(args),
-        main=args.main,
-        eta=args.eta,
-        steps=args.steps,
-        min_anchors=args.min_anchors,
+        member_specs(args),
+        **fusion_settings(args),
         weights=weights if isinstance(weights, list) else None,
     )
     names = [m.name for m in ens.members]
@@ -115,10 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
         scores.append(score(label, fused, split.shots, test, bar.update, args.batch_size))
 
     output = Path(args.output)
-    with output.open("w", encoding="utf-8") as f:
-        for s in dev_scores + scores:
-            for record in s.records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_records(output, dev_scores + scores)
     summary: dict[str, Any] = {
         "task": "capital-city QA (countryinfo)",
         "seed": args.seed,
@@ -141,16 +170,31 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"capital-city QA, seed {args.seed}, {len(test)} test questions, {args.shots}-shot")
-    print(f"weights {summary['weights']} ({summary['weight_mode']}), eta {ens.fusion.eta}, "
-          f"steps {ens.fusion.steps}")  # fmt: skip
+    _print_summary(summary, scores)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], scores: list[Score]) -> None:
+    print(
+        f"capital-city QA, seed {summary['seed']}, {summary['test_questions']} test questions, "
+        f"{summary['shots']}-shot"
+    )
+    print(f"weights {summary['weights']} ({summary['weight_mode']}), eta {summary['eta']}, "
+          f"steps {summary['steps']}")  # fmt: skip
     for s in scores:
         low, high = s.interval
         print(
             f"  {s.system:40} {s.accuracy:6.1%}  [{low:.1%}, {high:.1%}]  ({s.correct}/{s.total})"
         )
-    print(f"per-question outputs: {output}")
-    return 0
+    print(f"per-question outputs: {summary['outputs']}")
+
+
+def _write_records(path: Path, scores: Sequence[Score]) -> None:
+    """Every answer of these scores, one JSON object per line."""
+    with path.open("w", encoding="utf-8") as f:
+        for s in scores:
+            for record in s.records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _check_sweep(args: argparse.Namespace, n_members: int) -> tuple[list[int], list[int]]:
@@ -174,8 +218,6 @@ def _run_sweep(
     args: argparse.Namespace, ens: Ensemble, split: Any, weights: list[float] | str | None
 ) -> int:
     """Dev-set accuracy of the ensemble for every eta x steps x main member."""
-    from .plotting import plot_sweep
-
     steps_list, mains = _check_sweep(args, len(ens.members))
     names = [m.name for m in ens.members]
     grid = [(main, steps, eta) for main in mains for steps in steps_list for eta in args.sweep_eta]
@@ -221,10 +263,9 @@ def _run_sweep(
     Path(files[".json"]).write_text(json.dumps(sweep, indent=1) + "\n", encoding="utf-8")
     Path(files[".md"]).write_text(_sweep_table(sweep), encoding="utf-8")
     plot_sweep(sweep, files[".png"])
-    with Path(args.output).open("w", encoding="utf-8") as f:
-        for s in alone + [result for _, result in scores if result not in alone]:
-            for record in s.records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_records(
+        Path(args.output), alone + [result for _, result in scores if result not in alone]
+    )
     if args.json:
         print(json.dumps(sweep))
         return 0
@@ -238,7 +279,7 @@ def _weight_mode(weights: list[float] | str | None) -> str:
     return "explicit" if weights else "uniform"
 
 
-def _sweep_table(sweep: dict) -> str:
+def _sweep_table(sweep: dict[str, Any]) -> str:
     """Markdown: one row per eta, one column per (main, steps); members alone below."""
     columns = list(dict.fromkeys((r["main"], r["steps"]) for r in sweep["rows"]))
     etas = list(dict.fromkeys(r["eta"] for r in sweep["rows"]))

@@ -1,4 +1,4 @@
-"""DeePEn fusion over the full vocabularies, to check the top-k fast path (fusion.py).
+"""DeePEn fusion over the full vocabularies, to check the top-k fast path (deepen.py).
 
 The fast path keeps each member's top-k tokens and searches the main member's top tokens
 plus those the others propose. `ReferenceFuser` follows the same formulas with every token
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .fusion import _Q_FLOOR, Fuser, adamw_search
+from .deepen import Fuser
+from .search import Q_FLOOR, adamw_search
 
 
 @dataclass
@@ -105,7 +106,7 @@ class ReferenceFuser:
             s = s[0]
             q = torch.zeros(num_anchors).index_add_(0, anchor_of, s[:n_a])
             q += s[n_a:] @ rest_rows
-            ratio = torch.where(q > _Q_FLOOR, r / q.clamp(min=_Q_FLOOR), 0.0)
+            ratio = torch.where(q > Q_FLOOR, r / q.clamp(min=Q_FLOOR), 0.0)
             u = torch.cat([-ratio[anchor_of], -(rest_rows @ ratio)])
             return (u / num_anchors)[None, :]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import AlignmentError, MemberLoadError
+from ..errors import AlignmentError, MemberLoadError
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -70,7 +70,7 @@ def tokenizer_kind(tokenizer: Any) -> tuple[str, bool]:
     )
 
 
-def _flatten(decoder: dict | None) -> list[dict]:
+def _flatten(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not decoder:
         return []
     if decoder.get("type") == "Sequence":

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .errors import MemberError
-from .members import Member
+from ..errors import MemberError
+from ..members import Member
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
 _SPACES = (b" ", b"\n", b"\t", b"\r")
@@ -71,6 +71,12 @@ class MemberBatch:
         self._window: int | None = int(window) if window else None
         pad = member.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
+
+    def require_logits(self) -> torch.Tensor:
+        """The latest (B, V) next-token logits; there are none before the first forward."""
+        if self.logits is None:
+            raise RuntimeError(f"member {self.member.name!r} has no logits before its forward")
+        return self.logits
 
     def fits(self, row: int) -> bool:
         """Whether all of a row's ids fit the member's context window (positions 0..W-1),
@@ -143,26 +149,9 @@ class MemberBatch:
         if width == 0:
             return
         start = time.perf_counter()
-        if self._window is not None and self.valid.shape[1] + width >= self._window:
-            # A sliding window counts cache slots: no hole may sit inside it. Rows with
-            # fewer new ids re-feed their latest ones, then holes are squeezed out.
-            for b, r in enumerate(self.rows):
-                self._roll_back(b, max(0, r.cached - (width - (len(r.ids) - r.cached))))
-            if self._has_holes():
-                self._compact()
-        elif self._has_holes() and self._holes() * 4 >= self.valid.numel():
-            self._compact()  # holes waste a quarter of the cache
+        self._make_room(width)
         pending = [r.ids[r.cached :] for r in self.rows]
-        batch = len(self.rows)
-        # (B, W) chunk, right-aligned so the last slot holds each row's newest id.
-        input_ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
-        chunk_valid = torch.zeros(batch, width, dtype=torch.bool)
-        positions = torch.zeros(batch, width, dtype=torch.long)
-        for b, (r, ids) in enumerate(zip(self.rows, pending)):
-            if ids:
-                input_ids[b, width - len(ids) :] = torch.tensor(ids)
-                chunk_valid[b, width - len(ids) :] = True
-                positions[b, width - len(ids) :] = torch.arange(r.cached, r.cached + len(ids))
+        input_ids, chunk_valid, positions = self._chunk(pending, width)
         mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
         device = self.member.device
         try:
@@ -198,6 +187,35 @@ class MemberBatch:
                 r.fed_positions += max(0, len(r.ids) - len(r.prompt_ids))
             r.cached = len(r.ids)
         self.forward_seconds += time.perf_counter() - start
+
+    def _make_room(self, width: int) -> None:
+        """Squeeze holes out of the cache where they would cost (see the module docstring)."""
+        if self._window is not None and self.valid.shape[1] + width >= self._window:
+            # A sliding window counts cache slots: no hole may sit inside it. Rows with
+            # fewer new ids re-feed their latest ones, then holes are squeezed out.
+            for b, r in enumerate(self.rows):
+                self._roll_back(b, max(0, r.cached - (width - (len(r.ids) - r.cached))))
+            if self._has_holes():
+                self._compact()
+        elif self._has_holes() and self._holes() * 4 >= self.valid.numel():
+            self._compact()  # holes waste a quarter of the cache
+
+    def _chunk(
+        self, pending: list[list[int]], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (B, W) input ids, validity and position ids of a step's new ids,
+        right-aligned so the last slot holds each row's newest id.
+        """
+        batch = len(self.rows)
+        input_ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+        chunk_valid = torch.zeros(batch, width, dtype=torch.bool)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        for b, (r, ids) in enumerate(zip(self.rows, pending)):
+            if ids:
+                input_ids[b, width - len(ids) :] = torch.tensor(ids)
+                chunk_valid[b, width - len(ids) :] = True
+                positions[b, width - len(ids) :] = torch.arange(r.cached, r.cached + len(ids))
+        return input_ids, chunk_valid, positions
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); finished rows stop costing compute."""

@@ -1,5 +1,8 @@
 """Choosing the next token from the fused logits of the main member.
 
+Before sampling, `suppress_end_tokens` masks the main member's end tokens in rows that
+have not reached `min_new_tokens` yet.
+
 Pipeline of `Sampler.__call__`, for a batch of rows:
 
 1. temperature 0: argmax (greedy), nothing else runs;
@@ -15,26 +18,35 @@ from __future__ import annotations
 import torch
 
 
-class Sampler:
-    """Batched next-token choice with temperature, top-k, top-p and per-row seeds."""
+def suppress_end_tokens(
+    logits: torch.Tensor, end_ids: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, V) with the end tokens `end_ids` set to -inf in the rows where `rows`
+    (B,) bool is true (rows below their `min_new_tokens`).
+    """
+    if not end_ids.numel() or not bool(rows.any()):
+        return logits
+    masked = logits.index_fill(1, end_ids, float("-inf"))
+    return torch.where(rows[:, None], masked, logits)
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, seeds: list[int]) -> None:
+
+class Sampler:
+    """Batched next-token choice with temperature, top-k and top-p; each row draws from its
+    own random generator.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
-        self.generators = []
-        for seed in seeds:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(seed)
-            self.generators.append(gen)
 
     @property
     def greedy(self) -> bool:
         """Whether the choice is the argmax."""
         return self.temperature == 0
 
-    def __call__(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """Next token of each row. logits: (B, V) for the batch rows `rows` (their indices)."""
+    def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+        """Next token of each row. logits: (B, V); `generators[b]` is row b's stream."""
         # 1. greedy.
         if self.greedy:
             return logits.argmax(-1).tolist()
@@ -55,6 +67,5 @@ class Sampler:
         # 5. one draw per row from its own generator.
         probs = scores.softmax(-1)
         return [
-            int(torch.multinomial(probs[b], 1, generator=self.generators[row]))
-            for b, row in enumerate(rows)
+            int(torch.multinomial(probs[b], 1, generator=gen)) for b, gen in enumerate(generators)
         ]

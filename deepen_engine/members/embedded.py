@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MemberLoadError
+from ..errors import MemberLoadError
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 # Gemma-3 first: the first member is the main one by default, and Gemma-3 is the stronger of
-# the two on the capital-city check (DESIGN.md section 1).
+# the two on the capital-city check (docs/evaluation.md).
 DEFAULT_MEMBERS: tuple[str, ...] = ("gemma-3-270m", "smollm2-135m-instruct")
 
 

@@ -1,0 +1,3 @@
+"""The `deepen` command line (`cli`) and its commands. The library never imports this
+package; it imports only the library.
+"""

@@ -1,0 +1,191 @@
+"""`deepen bench`: what an ensemble costs next to its members, and how close its fast path
+comes to the full computation.
+
+    deepen bench                                  # the default members
+    deepen bench --json --plot bench.png          # every figure as JSON, and a plot
+
+Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
+
+- `speed`: milliseconds per decoding step (one new token for each row) at each batch size,
+  for each member alone (transformers `generate` with its KV cache, same prompts, same
+  number of new tokens) and for the ensemble (`Ensemble.generate`); the ratio ensemble /
+  sum of members, and the share of the ensemble's time spent outside member forwards
+  (fusion, sampling, helper sync, text).
+- `length`: ms per token at L new tokens (mean of the 8 steps ending there) at batch 1,
+  for the ensemble, the sum of the members alone and a re-encoding baseline (the same
+  fusion, but every helper re-encodes its whole text each step, as the reference
+  implementation does); the speed-up over the baseline at 128 tokens and at the longest
+  length.
+- `memory`: peak resident memory of this process against the members' weights, their KV
+  caches at the largest run, and the relative-space tensors.
+- `fidelity`: on fixed prompts, the share of steps where the fast path (top-k) picks the
+  same token as the full-vocabulary reference fusion (fusion/reference.py).
+
+Every run uses `min_new_tokens`, so all rows generate exactly the asked number of tokens.
+Timings on a shared CPU vary by 10-30% from run to run: compare figures from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..ensemble import Ensemble
+from ..errors import ConfigError
+from .bench_sections import PROMPTS, WINDOW, fidelity, length_curve, memory, speed
+from .bench_timing import rss_mb
+from .options import fusion_options, fusion_settings, member_options, member_specs
+from .plotting import plot_bench
+
+
+def add_parser(sub: Any) -> None:
+    """Register `deepen bench`."""
+    bench = sub.add_parser(
+        "bench",
+        parents=[member_options(), fusion_options()],
+        help="speed, memory and fidelity of the ensemble against its members",
+    )
+    bench.add_argument(
+        "--new-tokens", type=int, default=64, help="tokens per row in the batch runs (64)"
+    )
+    bench.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (1 4 8)"
+    )
+    bench.add_argument(
+        "--long-tokens",
+        type=int,
+        default=512,
+        help="length of the batch-1 runs: ms/token curve and re-encoding baseline (512)",
+    )
+    bench.add_argument(
+        "--fidelity-prompts", type=int, default=4, help="prompts of the fidelity check (4; 0: skip)"
+    )
+    bench.add_argument(
+        "--fidelity-tokens", type=int, default=8, help="tokens per fidelity prompt (8)"
+    )
+    bench.add_argument(
+        "--leftout-mass",
+        type=float,
+        default=1e-4,
+        help="reference fusion: probability of a member's rarest non-anchor tokens it may "
+        "leave out (1e-4; 0 = every token, minutes per step for a 262k vocabulary)",
+    )
+    bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
+    bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
+    bench.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by the parsed `deepen bench` arguments."""
+    _check_flags(args)
+    rss_start = rss_mb()
+    ens = Ensemble(member_specs(args), **fusion_settings(args))
+    if len(ens.members) < 2:
+        raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    figures = _measure(ens, args, rss_start)
+    if args.plot:
+        plot_bench(figures, args.plot)
+        figures["plot"] = args.plot
+    if args.json:
+        print(json.dumps(figures, ensure_ascii=False))
+        return 0
+    _print_table(figures)
+    return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse bad flags before any model loads."""
+    if args.new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be >= 1, got {args.new_tokens}.")
+    if args.long_tokens < 2 * WINDOW:
+        raise ConfigError(f"--long-tokens must be >= {2 * WINDOW}, got {args.long_tokens}.")
+    if any(b < 1 for b in args.batch_sizes):
+        raise ConfigError(f"--batch-sizes must all be >= 1, got {args.batch_sizes}.")
+    if args.fidelity_prompts < 0 or args.fidelity_prompts > len(PROMPTS):
+        raise ConfigError(
+            f"--fidelity-prompts must be from 0 to {len(PROMPTS)}, got {args.fidelity_prompts}."
+        )
+    if not 0 <= args.leftout_mass < 1:
+        raise ConfigError(f"--leftout-mass must be in [0, 1), got {args.leftout_mass}.")
+
+
+def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[str, Any]:
+    """Every section's figures, with a progress bar on stderr."""
+    n_ticks = len(args.batch_sizes) * (len(ens.members) + 1) + 3 + args.fidelity_prompts
+    figures: dict[str, Any] = {
+        "members": [m.name for m in ens.members],
+        "main": ens.main.name,
+        "fusion": {"eta": ens.fusion.eta, "steps": ens.fusion.steps, "top_k": ens.fusion.top_k},
+        "device": str(ens.main.device),
+        "dtype": str(ens.main.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "load_seconds": {m.name: round(m.load_seconds, 2) for m in ens.members},
+        "align_seconds": round(ens.align_seconds, 2),
+    }
+    seconds: dict[str, float] = {}
+    figures["section_seconds"] = seconds
+    with tqdm(total=n_ticks, desc="deepen bench", file=sys.stderr) as bar:
+        def tick() -> None:
+            bar.update(1)
+
+        start = time.perf_counter()
+        figures["speed"] = speed(ens, args.new_tokens, args.batch_sizes, tick)
+        seconds["speed"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        figures["length"] = length_curve(ens, args.long_tokens, tick)
+        seconds["length"] = round(time.perf_counter() - start, 1)
+        prompt_tokens = max(len(m.tokenizer(p).input_ids) for m in ens.members for p in PROMPTS)
+        largest = max(
+            (max(args.batch_sizes), prompt_tokens + args.new_tokens),
+            (1, prompt_tokens + args.long_tokens),
+            key=lambda bp: bp[0] * bp[1],
+        )
+        # before the fidelity check, whose reference rows are not part of the ensemble
+        figures["memory"] = memory(ens, rss_start, largest)
+        start = time.perf_counter()
+        figures["fidelity"] = fidelity(
+            ens, PROMPTS[: args.fidelity_prompts], args.fidelity_tokens, args.leftout_mass, tick
+        )
+        seconds["fidelity"] = round(time.perf_counter() - start, 1)
+    return figures
+
+
+def _print_table(f: dict[str, Any]) -> None:
+    print(f"members {' + '.join(f['members'])} (main {f['main']}), {f['dtype']} on {f['device']}")
+    print("\nms per decoding step (one token per row)")
+    names = f["members"]
+    head = "".join(f"{n[:18]:>20}" for n in names)
+    print(f"{'batch':>5}{head}{'sum':>9}{'ensemble':>10}{'ratio':>7}{'fusion share':>14}")
+    for r in f["speed"]["rows"]:
+        alone = "".join(f"{r['members_alone_ms'][n]:>20.1f}" for n in names)
+        print(
+            f"{r['batch_size']:>5}{alone}{r['sum_of_members_ms']:>9.1f}{r['ensemble_ms']:>10.1f}"
+            f"{r['ratio_ensemble_to_sum']:>7.2f}{r['fusion_only_share']:>14.1%}"
+        )
+    print("\nms per token after N new tokens (batch 1)")
+    print(f"{'N':>6}{'ensemble':>10}{'re-encode':>11}{'sum alone':>11}")
+    for p in f["length"]["curve"]:
+        print(
+            f"{p['new_tokens']:>6}{p['ensemble_ms']:>10.1f}{p['reencode_baseline_ms']:>11.1f}"
+            f"{p['sum_of_members_ms']:>11.1f}"
+        )
+    print(f"speed-up over re-encoding: {f['length']['speedup_over_reencode']}")
+    m = f["memory"]
+    print(
+        f"\npeak RSS {m['peak_rss_mb']:.0f} MiB ({m['peak_rss_above_start_mb']:.0f} above start); "
+        f"weights + KV caches + relative space {m['weights_caches_relative_mb']:.0f} MiB"
+    )
+    fid = f["fidelity"]
+    if fid["steps"]:
+        print(
+            f"fidelity: fast path = reference on {fid['agreeing_steps']}/{fid['steps']} steps "
+            f"({fid['agreement']:.1%}); left-out mass <= {fid['leftout_mass_bound']}"
+        )
+    if "plot" in f:
+        print(f"plot: {f['plot']}")

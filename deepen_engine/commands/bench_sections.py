@@ -1,0 +1,240 @@
+"""The sections of `deepen bench` (each a key of its JSON output; docs/benchmarks.md
+describes every field): `speed`, `length`, `memory`, `fidelity`. See bench.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..decoding.loop import StepRecord
+from ..ensemble import Ensemble
+from ..fusion.reference import ReferenceFuser
+from .bench_timing import (
+    ensemble_run,
+    kv_cache_mb,
+    member_alone,
+    peak_rss_mb,
+    tensor_mb,
+    timed_decode,
+)
+
+WINDOW = 8  # steps averaged for the ms/token at one length
+
+PROMPTS = (
+    "The history of the city of Paris begins",
+    "Once upon a time, in a small village by the sea,",
+    "The main causes of the French Revolution were",
+    "Photosynthesis is the process by which plants",
+    "def fibonacci(n):\n    ",
+    "Q: What is the capital of Japan?\nA:",
+    "The three laws of motion describe",
+    "In 1969, the first humans to walk on the Moon",
+)
+
+
+def _prompts(size: int) -> list[str]:
+    """The first `size` benchmark prompts (cycling through them past 8)."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(size)]
+
+
+# --- timing helpers -------------------------------------------------------------------
+
+
+def speed(
+    ens: Ensemble, n: int, batch_sizes: Sequence[int], tick: Callable[[], None]
+) -> dict[str, Any]:
+    """Ms per decoding step for each member alone and the ensemble, per batch size.
+
+    A first ensemble run over the largest batch's prompts fills the relative-row caches,
+    so the table's ensemble figures are the steady state of a long-lived process; that
+    first run is reported on its own as `cold_run`.
+    """
+    largest = _prompts(max(batch_sizes))
+    cold = ensemble_run(ens, largest, n)
+    tick()
+    rows = []
+    for size in batch_sizes:
+        prompts = _prompts(size)
+        alone = {}
+        for m in ens.members:
+            alone[m.name] = member_alone(m, prompts, n)[-1] * 1000 / n
+            tick()
+        run = ensemble_run(ens, prompts, n)
+        tick()
+        total = sum(alone.values())
+        ms = run["seconds"] * 1000 / n
+        rows.append(
+            {
+                "batch_size": size,
+                "new_tokens": n,
+                "members_alone_ms": {k: round(v, 2) for k, v in alone.items()},
+                "sum_of_members_ms": round(total, 2),
+                "ensemble_ms": round(ms, 2),
+                "ratio_ensemble_to_sum": round(ms / total, 3),
+                "ensemble_forward_ms": round(run["forward_seconds"] * 1000 / n, 2),
+                "fusion_only_ms": round(run["fusion_seconds"] * 1000 / n, 2),
+                "fusion_only_share": round(run["fusion_seconds"] / run["seconds"], 4),
+                "ensemble_tokens_per_second": round(run["tokens"] / run["seconds"], 2),
+            }
+        )
+    return {
+        "cold_run": {
+            "batch_size": len(largest),
+            "ensemble_ms": round(cold["seconds"] * 1000 / n, 2),
+            "fusion_only_ms": round(cold["fusion_seconds"] * 1000 / n, 2),
+            "fusion_only_share": round(cold["fusion_seconds"] / cold["seconds"], 4),
+        },
+        "rows": rows,
+    }
+
+
+def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict[str, Any]:
+    """Ms per token at each length, batch 1: ensemble, members alone, re-encoding baseline.
+
+    The ensemble generates n tokens once, noting when each token comes; its cost at
+    length L is the mean of steps L-7..L. The members alone and the re-encoding baseline
+    are timed on the same windows, each resumed from the ensemble's text before the window
+    (a full baseline run takes many minutes: its step cost grows with the text). The
+    baseline must choose the ensemble's very tokens; that is checked.
+    """
+    prompt = PROMPTS[0]
+    ens_ids, ens_times = timed_decode(ens, prompt, n, min_new_tokens=n)
+    tick()
+    texts = ens.main.vocab.texts
+    points = sorted({x for x in (16, 32, 64, 128, 256, 512, 1024, 2048) if x < n} | {n})
+
+    def ms_at(times: list[float], length: int) -> float:
+        return (times[length - 1] - times[length - 1 - WINDOW]) * 1000 / WINDOW
+
+    curve = []
+    same = True
+    for length in points:
+        start = length - WINDOW - 1  # tokens before the timed window (+1: its first step)
+        prefix = ens_ids[:start]
+        text = b"".join(texts[t] or b"" for t in prefix).decode("utf-8", errors="replace")
+        alone_ms = sum(
+            ms_at(member_alone(m, [prompt + text], WINDOW + 1, warm_up=length == points[0]),
+                  WINDOW + 1)
+            for m in ens.members
+        )  # fmt: skip
+        base_ids, base_times = timed_decode(
+            ens, prompt, WINDOW + 1, reencode=True, min_new_tokens=n, resume=prefix
+        )
+        same = same and base_ids == ens_ids[start:length]
+        curve.append(
+            {
+                "new_tokens": length,
+                "ensemble_ms": round(ms_at(ens_times, length), 2),
+                "reencode_baseline_ms": round(ms_at(base_times, WINDOW + 1), 2),
+                "sum_of_members_ms": round(alone_ms, 2),
+            }
+        )
+    tick()
+    speedups = {
+        str(p["new_tokens"]): round(p["reencode_baseline_ms"] / p["ensemble_ms"], 2)
+        for p in curve
+        if p["new_tokens"] in (128, n)
+    }
+    return {
+        "prompt": prompt,
+        "window": WINDOW,
+        "curve": curve,
+        "speedup_over_reencode": speedups,
+        "baseline_same_tokens_as_ensemble": same,
+    }
+
+
+def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> dict[str, Any]:
+    """Peak resident memory against what the ensemble must hold."""
+    batch, positions = largest
+    weights = {
+        m.name: tensor_mb(list(m.model.parameters()) + list(m.model.buffers()))
+        for m in ens.members
+    }
+    caches = {m.name: kv_cache_mb(m, batch, positions) for m in ens.members}
+    relative = sum(s.memory_bytes() for s in ens.fuser.spaces) / 2**20
+    accounted = sum(weights.values()) + sum(caches.values()) + relative
+    peak = peak_rss_mb()
+    return {
+        "rss_before_load_mb": round(rss_before_load, 1),
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_above_start_mb": round(peak - rss_before_load, 1),
+        "weights_mb": {k: round(v, 1) for k, v in weights.items()},
+        "kv_cache_mb_largest_run": {k: round(v, 1) for k, v in caches.items()},
+        "largest_run": {"batch_size": batch, "positions": positions},
+        "relative_space_mb": round(relative, 1),
+        "weights_caches_relative_mb": round(accounted, 1),
+        "peak_above_start_over_accounted": round((peak - rss_before_load) / accounted, 3),
+    }
+
+
+def fidelity(
+    ens: Ensemble, prompts: Sequence[str], n: int, leftout_mass: float, tick: Callable[[], None]
+) -> dict[str, Any]:
+    """Share of steps where the fast path's token equals the reference fusion's token."""
+    reference = ReferenceFuser(ens.fuser, leftout_mass=leftout_mass)
+    main = ens.main
+    steps = agree = 0
+    worst_leftout = [0.0] * len(ens.members)
+    rows_used = [0] * len(ens.members)
+    fast_leftout: list[list[float]] = [[] for _ in ens.members]
+    k = ens.fusion.top_k
+    disagreements = []
+    for p, prompt in enumerate(prompts):
+
+        def check(record: StepRecord, p: int = p) -> None:
+            nonlocal steps, agree
+            logits = [x[0] for x in record.logits]  # batch 1: row 0 of each member
+            token = record.tokens[0]
+            ref = reference.fuse_row(logits)
+            ref_token = int(ref.logits.argmax())
+            steps += 1
+            if ref_token == token:
+                agree += 1
+            else:
+                disagreements.append(
+                    {
+                        "prompt": p,
+                        "fast": main.tokenizer.decode([token]),
+                        "reference": main.tokenizer.decode([ref_token]),
+                    }
+                )
+            for i, (left, used) in enumerate(zip(ref.leftout_mass, ref.rows_used)):
+                worst_leftout[i] = max(worst_leftout[i], left)
+                rows_used[i] = max(rows_used[i], used)
+                fast_leftout[i].append(_top_k_leftout(logits[i], ens.fuser.has_text[i], k))
+
+        timed_decode(ens, prompt, n, on_step=check)
+        tick()
+    return {
+        "prompts": len(prompts),
+        "steps": steps,
+        "agreeing_steps": agree,
+        "agreement": round(agree / steps, 4) if steps else None,
+        "top_k": ens.fusion.top_k,
+        "candidates": ens.fusion.candidates,
+        "leftout_mass_bound": leftout_mass,
+        "max_leftout_mass": {m.name: worst_leftout[i] for i, m in enumerate(ens.members)},
+        "fast_path_leftout_mass": {
+            m.name: {
+                "mean": sum(fast_leftout[i]) / len(fast_leftout[i]) if fast_leftout[i] else None,
+                "max": max(fast_leftout[i], default=None),
+            }
+            for i, m in enumerate(ens.members)
+        },
+        "max_non_anchor_rows_per_step": {m.name: rows_used[i] for i, m in enumerate(ens.members)},
+        "disagreements": disagreements,
+    }
+
+
+def _top_k_leftout(logits: torch.Tensor, has_text: torch.Tensor, k: int) -> float:
+    """Probability (of tokens with text) outside the fast path's top-k tokens."""
+    probs = torch.where(has_text, torch.softmax(logits.float(), dim=-1), 0.0)
+    top = probs[logits.topk(min(k, logits.numel())).indices].sum()
+    return float(1 - top / probs.sum())
+
+
+# --- plot and command -----------------------------------------------------------------

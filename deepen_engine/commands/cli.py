@@ -1,0 +1,48 @@
+"""The `deepen` command line: one subcommand per module of this package.
+
+    deepen generate "The capital of France is" --max-new-tokens 16
+    deepen generate "Q: 12 + 7?" -m smollm2-135m-instruct -m gemma-3-270m --main 1 --json
+    deepen members --json
+    deepen eval --n 150 --seed 0
+    deepen bench --json --plot bench.png
+
+Text goes to stdout; progress bars and notes go to stderr. Options shared by several
+commands come from `options.py`, their defaults from the engine's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import DeepenError
+from . import bench, describe, evaluate, generate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `deepen` parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="deepen",
+        description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate, evaluate, bench, describe):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `deepen` console script."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except DeepenError as exc:
+        print(f"deepen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

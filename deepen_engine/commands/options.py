@@ -1,0 +1,159 @@
+"""Command-line options shared by the commands, with defaults and help taken from the
+engine's own settings (`FusionConfig`, `GenerationConfig`, `MemberSpec`), so the command
+line never restates a default.
+
+Each `*_options()` returns a parent parser (`argparse.ArgumentParser(add_help=False)`)
+that a subcommand lists in `parents=`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..config import FusionConfig, GenerationConfig
+from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
+
+
+def _help(model: type[BaseModel], field: str, extra: str = "") -> str:
+    """The field's first sentence, then its default: `Learning rate ... (default: 0.15)`."""
+    info = model.model_fields[field]
+    text = re.split(r"\.\s", info.description or "")[0].strip().rstrip(".")
+    default = info.get_default(call_default_factory=True)
+    shown = "none" if default in (None, []) else default
+    return f"{text}{extra} (default: {shown})"
+
+
+def _option(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    field: str,
+    flag: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """One option for one settings field: its flag, default and help come from the field."""
+    default = model.model_fields[field].get_default(call_default_factory=True)
+    extra = kwargs.pop("extra_help", "")
+    parser.add_argument(
+        flag or "--" + field.replace("_", "-"),
+        dest=kwargs.pop("dest", field),
+        default=kwargs.pop("default", default),
+        help=kwargs.pop("help", None) or _help(model, field, extra),
+        **kwargs,
+    )
+
+
+def member_options() -> argparse.ArgumentParser:
+    """`--model/-m` once per member or `--models A B ...`, and where the members run."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        dest="models",
+        metavar="MODEL",
+        help="a member: embedded name, .gguf file, model folder or hub id; repeat for each "
+        f"member (default: {' '.join(DEFAULT_MEMBERS)})",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        action="extend",
+        dest="models",
+        metavar="MODEL",
+        help="several members at once (same list as --model)",
+    )
+    _option(parser, MemberSpec, "device", help="torch device of every member (default: cpu)")
+    _option(
+        parser,
+        MemberSpec,
+        "dtype",
+        choices=sorted(DTYPES),
+        help="dtype of every member's weights (default: float32)",
+    )
+    return parser
+
+
+def fusion_options(
+    *, main_default: int | None = 0, weights: bool = True
+) -> argparse.ArgumentParser:
+    """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
+    main member (the chat rule); `weights=False` leaves `--weights` to the command.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    extra = "; default: for chat prompts the first member with a chat template, else 0"
+    _option(
+        parser,
+        FusionConfig,
+        "main",
+        type=int,
+        metavar="INDEX",
+        default=main_default,
+        help=None if main_default is not None else "index of the main member" + f" ({extra[2:]})",
+    )
+    if weights:
+        _option(parser, FusionConfig, "weights", type=float, nargs="+", metavar="W")
+    _option(parser, FusionConfig, "eta", type=float)
+    _option(parser, FusionConfig, "steps", type=int)
+    _option(parser, FusionConfig, "tau", type=float)
+    _option(parser, FusionConfig, "top_k", "--fusion-top-k", dest="fusion_top_k", type=int)
+    _option(parser, FusionConfig, "candidates", type=int)
+    _option(parser, FusionConfig, "min_anchors", type=int)
+    return parser
+
+
+def generation_options() -> argparse.ArgumentParser:
+    """The generation settings (GenerationConfig)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _option(parser, GenerationConfig, "max_new_tokens", type=int, metavar="N")
+    _option(parser, GenerationConfig, "min_new_tokens", type=int, metavar="N")
+    _option(
+        parser, GenerationConfig, "stop", action="append", default=None, extra_help="; repeatable"
+    )
+    _option(parser, GenerationConfig, "temperature", type=float)
+    _option(parser, GenerationConfig, "top_p", type=float)
+    _option(parser, GenerationConfig, "top_k", type=int)
+    _option(parser, GenerationConfig, "seed", type=int)
+    _option(parser, GenerationConfig, "truncation", choices=["error", "left"])
+    return parser
+
+
+def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
+    """The members named by --model/--models (default: the embedded defaults)."""
+    sources = args.models or list(DEFAULT_MEMBERS)
+    return [MemberSpec(source=s, device=args.device, dtype=args.dtype) for s in sources]
+
+
+def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
+    out: dict[str, Any] = {
+        "eta": args.eta,
+        "steps": args.steps,
+        "tau": args.tau,
+        "top_k": args.fusion_top_k,
+        "candidates": args.candidates,
+        "min_anchors": args.min_anchors,
+    }
+    if args.main is not None:
+        out["main"] = args.main
+    weights = getattr(args, "weights", None)
+    if isinstance(weights, list) and all(isinstance(w, float) for w in weights):
+        out["weights"] = weights
+    return out
+
+
+def generation_settings(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig of the parsed generation options."""
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        stop=list(args.stop or []),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        truncation=args.truncation,
+    )

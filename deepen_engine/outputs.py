@@ -1,0 +1,81 @@
+"""What generation hands back: `StreamEvent`s as text is decided, `GenerationResult`s when
+rows finish, and each row's `Usage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Usage:
+    """Token counts of one row, and the time spent by the batch it ran in."""
+
+    completion_tokens: int = 0
+    """Tokens the main member generated (an end-of-sequence token included)."""
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    """Prompt length in each member's own tokens, by member name."""
+    fed_positions: dict[str, int] = field(default_factory=dict)
+    """Positions each member fed after its prompt (the sync cost; ~1 per token is ideal)."""
+    forward_seconds: dict[str, float] = field(default_factory=dict)
+    """Time in each member's forward passes (prefill included), for the whole batch."""
+    fusion_seconds: float = 0.0
+    """Time in fusion, sampling and sync (everything but forwards), for the whole batch."""
+    total_seconds: float = 0.0
+    """Wall time from the start of the batch to this row's end."""
+
+    def token_counts(self, main: str) -> dict[str, int]:
+        """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the
+        vocabulary the answer is written in), `completion_tokens` and `total_tokens`.
+        """
+        prompt = int(self.prompt_tokens.get(main, 0))
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+        }
+
+
+@dataclass
+class StreamEvent:
+    """One streamed piece of row `index`: a text delta, or its final event."""
+
+    delta: str = ""
+    index: int = 0
+    """The row (position of the prompt in the request)."""
+    finish_reason: str | None = None
+    """`"eos"`, `"length"` or `"stop"` on the row's final event, else None."""
+    usage: Usage | None = None
+    token_ids: list[int] | None = None
+    """The main member's generated ids, on the final event."""
+
+
+@dataclass
+class GenerationResult:
+    """A finished row."""
+
+    text: str
+    finish_reason: str
+    token_ids: list[int]
+    usage: Usage
+
+
+def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult]:
+    """Aggregate a stream of `n_rows` rows into one result per row, in row order."""
+    parts: list[list[str]] = [[] for _ in range(n_rows)]
+    results: list[GenerationResult | None] = [None] * n_rows
+    for event in events:
+        parts[event.index].append(event.delta)
+        if event.finish_reason is not None:
+            assert event.usage is not None and event.token_ids is not None
+            results[event.index] = GenerationResult(
+                text="".join(parts[event.index]),
+                finish_reason=event.finish_reason,
+                token_ids=event.token_ids,
+                usage=event.usage,
+            )
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"the decoding stream ended without final events for rows {missing}")
+    return [r for r in results if r is not None]
