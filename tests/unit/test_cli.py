@@ -88,3 +88,43 @@ def test_models_takes_several_members_at_once(tiny_folders, capsys):
     got = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in got["members"]] == [m["name"] for m in expected["members"]]
     assert got["anchors"] == expected["anchors"]
+
+
+def test_chat_prompts_lead_with_the_engines_chat_member(tiny_folders, tmp_path, capsys):
+    # gemma's tokenizer has no chat template, llama's has: for chat, llama (index 1) leads
+    folders = [tiny_folders[1], tiny_folders[0]]
+    ens = Ensemble([MemberSpec(source=p) for p in folders], min_anchors=50)
+    assert ens.default_chat_main() == 1
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    args = ["--models", *folders, "--min-anchors", "50", "--max-new-tokens", "6"]
+    assert main(["generate", "--prompts-file", str(path), *args]) == 0
+    chat = json.loads(capsys.readouterr().out)
+    assert chat["main"] == ens.members[1].name
+    assert chat["text"] == ens.with_fusion(main=1).generate(messages, max_new_tokens=6).text
+    assert main(["generate", "Q:", "--json", *args]) == 0  # a text prompt: member 0 leads
+    assert json.loads(capsys.readouterr().out)["main"] == ens.members[0].name
+    assert main(["generate", "--prompts-file", str(path), "--main", "0", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["main"] == ens.members[0].name
+
+
+def test_option_defaults_come_from_the_engine_settings(capsys, monkeypatch):
+    from deepen_engine import FusionConfig, GenerationConfig
+    from deepen_engine.commands.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "x"])
+    gen, fusion = GenerationConfig(), FusionConfig()
+    assert args.max_new_tokens == gen.max_new_tokens == 128
+    assert (args.temperature, args.top_p, args.top_k) == (gen.temperature, gen.top_p, gen.top_k)
+    assert (args.eta, args.steps, args.tau) == (fusion.eta, fusion.steps, fusion.tau)
+    assert (args.fusion_top_k, args.candidates) == (fusion.top_k, fusion.candidates)
+    assert args.min_anchors == fusion.min_anchors and args.main is None
+    bench = build_parser().parse_args(["bench"])
+    assert bench.main == fusion.main and bench.eta == fusion.eta
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option in the help
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    line = next(x for x in help_text.splitlines() if "--max-new-tokens N" in x)
+    assert line.endswith("Most tokens of the main member to generate (default: 128)")
