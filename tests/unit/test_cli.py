@@ -126,5 +126,5 @@ def test_option_defaults_come_from_the_engine_settings(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     help_text = capsys.readouterr().out
-    line = next(x for x in help_text.splitlines() if "--max-new-tokens N" in x)
+    line = next(x for x in help_text.splitlines() if x.startswith("  --max-new-tokens N"))
     assert line.endswith("Most tokens of the main member to generate (default: 128)")
