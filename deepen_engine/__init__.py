@@ -3,9 +3,17 @@
 No LangChain or LlamaIndex import here; the adapters live in `deepen_integrations`.
 """
 
-from .config import FusionConfig, GenerationConfig
+from .config import FusionConfig, GenerationConfig, SchedulerConfig
 from .ensemble import Ensemble
-from .errors import AlignmentError, ConfigError, DeepenError, MemberError, MemberLoadError
+from .errors import (
+    AlignmentError,
+    ConfigError,
+    DeepenError,
+    MemberError,
+    MemberLoadError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from .members import (
     DEFAULT_MEMBERS,
     EMBEDDED,
@@ -31,6 +39,9 @@ __all__ = [
     "MemberError",
     "MemberLoadError",
     "MemberSpec",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "SchedulerConfig",
     "StreamEvent",
     "Usage",
     "cache_dir",

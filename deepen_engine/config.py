@@ -158,6 +158,11 @@ class GenerationConfig(_Settings):
     """Seed of each row's random stream: the same seed gives the same text for the same
     prompt, whatever the batch. `None`: a fresh random seed per row."""
 
+    timeout: float | None = Field(None, gt=0)
+    """Seconds a request may take from the moment it is made, waiting in the queue
+    included; past it the request fails with `RequestTimeoutError` at the next step and
+    its rows leave the batch. `None`: no limit."""
+
     truncation: Literal["error", "left"] = "error"
     """A prompt too long for a member's context window. `"error"`: a prompt that fills
     some member's window raises `ConfigError`. `"left"`: each member drops its own oldest
@@ -179,3 +184,17 @@ class GenerationConfig(_Settings):
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
         return value
+
+
+class SchedulerConfig(_Settings):
+    """How concurrent requests share the members (continuous batching).
+
+    Requests from any thread or task wait in one queue; between two decoding steps the
+    waiting rows are prefilled and join the running batch, and finished rows leave it.
+    """
+
+    max_batch_size: int = Field(32, ge=1)
+    """Most rows decoded together; more wait in the queue until rows finish."""
+
+    max_queue: int = Field(256, ge=0)
+    """Most requests waiting to start; one more raises `QueueFullError` at once."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import threading
+import queue
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any, overload
@@ -17,9 +17,11 @@ from typing import Any, overload
 import torch
 
 from .alignment.vocabulary import Anchors, find_anchors
-from .config import FusionConfig, GenerationConfig
+from .config import FusionConfig, GenerationConfig, SchedulerConfig
 from .decoding.chat import check_messages, render
-from .decoding.loop import MemberPrompt, decode
+from .decoding.loop import NewRow
+from .decoding.prompts import MemberPrompt
+from .decoding.scheduler import Request, Scheduler, Sink
 from .errors import ConfigError
 from .fusion import Fuser
 from .members import (
@@ -32,6 +34,8 @@ from .members import (
     source_key,
 )
 from .outputs import GenerationResult, StreamEvent, collect
+
+_RELEASE_WAIT = 60.0  # seconds a closed stream waits for its rows to leave the batch
 
 Conversation = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
 Prompt = str | Conversation  # a text, or a chat conversation
@@ -46,12 +50,16 @@ class Ensemble:
             members (SmolLM2-135M-Instruct, Gemma-3-270m).
         fusion: fusion settings; keyword arguments (`main=1`, `eta=0.15`, ...) override
             its fields.
+        scheduler: how concurrent requests share the members (largest batch, longest
+            queue); see `SchedulerConfig`.
     """
 
     def __init__(
         self,
         members: Sequence[Any] = DEFAULT_MEMBERS,
         fusion: FusionConfig | None = None,
+        *,
+        scheduler: SchedulerConfig | None = None,
         **fusion_overrides: Any,
     ) -> None:
         if isinstance(members, (str, MemberSpec)) or _is_pair(members):
@@ -65,7 +73,8 @@ class Ensemble:
         self.fusion.normalised_weights(len(specs))  # raises on a wrong count
         _check_distinct(specs)  # before loading: a mistake should cost no load time
         self.members: list[Member] = [load_member(s) for s in specs]
-        self._lock = threading.Lock()  # the members' models run one request at a time
+        # one worker thread owns the members; views from with_fusion share it
+        self._scheduler = Scheduler(self.members, scheduler or SchedulerConfig())
         start = time.perf_counter()
         self.anchors: Anchors | None = None
         if len(self.members) > 1:
@@ -126,12 +135,44 @@ class Ensemble:
 
         `prompt` is one prompt or a list; a prompt is a text, or a chat conversation (a
         list of `{"role", "content"}` dicts) that each member renders with its own chat
-        template. Events carry the prompt's position as `index`. Prompts run in batches of
-        `batch_size` (default: all at once); each row gives exactly the text it gives
-        alone (greedy). Requests are serialised: a stream holds the ensemble from its
-        first event until it ends or is closed, and other threads' requests wait.
+        template. Events carry the prompt's position as `index`. At most `batch_size` of
+        the request's prompts run at once (default: all). Requests from other threads and
+        tasks share the members' forward passes (continuous batching, see
+        `SchedulerConfig`); each row gives exactly the text it gives alone (greedy, or
+        sampled with a seed). Closing the stream removes its rows after the current step
+        and frees their cache rows before `close()` returns.
         """
-        return self._stream_batches(*self._request(prompt, config, batch_size, overrides))
+        rows, cfg, size = self._request(prompt, config, batch_size, overrides)
+        return self._read(rows, cfg, size)
+
+    def _read(
+        self, rows: list[list[MemberPrompt]], cfg: GenerationConfig, size: int | None
+    ) -> Generator[StreamEvent, None, None]:
+        inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        request = self._submit(rows, cfg, size, lambda kind, item: inbox.put((kind, item)))
+        released = False
+        try:
+            while True:
+                kind, item = inbox.get()
+                if kind == "released":
+                    released = True
+                elif kind == "error":
+                    raise item
+                elif kind == "done":
+                    return
+                else:
+                    yield item
+        finally:
+            request.cancelled.set()
+            self._scheduler.wake()
+            # the rows leave at the worker's next step boundary: wait for it, so the
+            # caches are freed when close() returns
+            while not released:
+                try:
+                    kind, _ = inbox.get(timeout=_RELEASE_WAIT)
+                except queue.Empty:
+                    break
+                released = kind == "released"
 
     async def astream(
         self,
@@ -141,50 +182,78 @@ class Ensemble:
         batch_size: int | None = None,
         **overrides: Any,
     ) -> AsyncGenerator[StreamEvent, None]:
-        """`stream` for asyncio: decoding runs in a worker thread, the event loop stays free.
+        """`stream` for asyncio: decoding runs in the ensemble's worker thread, the event
+        loop stays free.
 
-        Closing the iterator or cancelling the task that reads it stops the worker after
-        its current step and frees the caches; a request still waiting for the ensemble
-        then never starts.
+        Closing the iterator or cancelling the task that reads it removes the request's
+        rows after the current step; a request still waiting to start never starts.
         """
-        request = self._request(prompt, config, batch_size, overrides)  # validates here
+        rows, cfg, size = self._request(prompt, config, batch_size, overrides)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-        events = self._stream_batches(*request, cancelled=stop)
+        inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def post(kind: str, item: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+                loop.call_soon_threadsafe(inbox.put_nowait, (kind, item))
             except RuntimeError:  # the loop has closed: nobody is reading any more
-                stop.set()
+                request.cancelled.set()
 
-        def work() -> None:
-            try:
-                if stop.is_set():  # closed while queued: do not take the ensemble at all
-                    return
-                for event in events:
-                    if stop.is_set():
-                        break
-                    post("event", event)
-            except BaseException as exc:  # handed to the reader, raised there
-                post("error", exc)
-            else:
-                post("done", None)
-            finally:
-                events.close()
-
-        loop.run_in_executor(None, work)
+        request = self._submit(rows, cfg, size, post)
+        released = False
         try:
             while True:
-                kind, item = await queue.get()
-                if kind == "error":
+                kind, item = await inbox.get()
+                if kind == "released":
+                    released = True
+                elif kind == "error":
                     raise item
-                if kind == "done":
+                elif kind == "done":
                     return
-                yield item
+                else:
+                    yield item
         finally:
-            stop.set()
+            request.cancelled.set()
+            self._scheduler.wake()
+            while not released:
+                try:
+                    kind, _ = await asyncio.wait_for(inbox.get(), _RELEASE_WAIT)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    break
+                released = kind == "released"
+
+    def _submit(
+        self,
+        rows: list[list[MemberPrompt]],
+        cfg: GenerationConfig,
+        size: int | None,
+        sink: Sink,
+    ) -> Request:
+        """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
+        request = Request(
+            rows=[],
+            main=self.fusion.main,
+            run_helpers=not self.fuser.is_identity,
+            sink=sink,
+            batch_size=size,
+            deadline=None if cfg.timeout is None else time.monotonic() + cfg.timeout,
+        )
+        request.rows = [
+            NewRow(prompts=p, config=cfg, fuser=self.fuser, index=i, owner=request)
+            for i, p in enumerate(rows)
+        ]
+        self._scheduler.submit(request)
+        return request
+
+    def close(self) -> None:
+        """Stop the worker thread; requests still running fail. Views share it."""
+        self._scheduler.close()
+
+    def queue_state(self) -> dict[str, int]:
+        """Rows decoding now and requests waiting to start (shared by all views)."""
+        return {
+            "running_rows": self._scheduler.running_rows,
+            "waiting_requests": self._scheduler.waiting_requests,
+        }
 
     @overload
     async def agenerate(
@@ -225,14 +294,13 @@ class Ensemble:
         config: GenerationConfig | None,
         batch_size: int | None,
         overrides: dict[str, Any],
-    ) -> tuple[list[list[MemberPrompt]], GenerationConfig, int]:
+    ) -> tuple[list[list[MemberPrompt]], GenerationConfig, int | None]:
         """Check a request and render its prompts: (rows, config, batch size)."""
         cfg = _generation_config(config, overrides)
         prompts = _prompt_list(prompt)
-        size = len(prompts) if batch_size is None else batch_size
-        if size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        return [self._member_prompts(p) for p in prompts], cfg, size
+        return [self._member_prompts(p) for p in prompts], cfg, batch_size
 
     def render(self, messages: list[dict[str, str]]) -> list[str]:
         """Each member's prompt text for a chat conversation (see decoding/chat.py)."""
@@ -283,23 +351,6 @@ class Ensemble:
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
         results = collect(events, len(_prompt_list(prompt)))
         return results[0] if _is_single(prompt) else results
-
-    def _stream_batches(
-        self,
-        rows: list[list[MemberPrompt]],
-        cfg: GenerationConfig,
-        size: int,
-        cancelled: threading.Event | None = None,
-    ) -> Generator[StreamEvent, None, None]:
-        # One request at a time per set of loaded members (views from with_fusion share
-        # it): a second thread's request waits here until this stream ends or is closed.
-        with self._lock:
-            for offset in range(0, len(rows), size):
-                if cancelled is not None and cancelled.is_set():
-                    return  # the reader left (perhaps while this waited for the lock)
-                for event in decode(self.members, self.fuser, rows[offset : offset + size], cfg):
-                    event.index += offset
-                    yield event
 
 
 def _is_single(prompt: Any) -> bool:

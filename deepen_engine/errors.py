@@ -35,3 +35,14 @@ class MemberError(DeepenError, RuntimeError):
         super().__init__(message)
         self.member = member
         """Name of the member that failed."""
+
+
+class QueueFullError(DeepenError, RuntimeError):
+    """The ensemble's request queue is full (`SchedulerConfig.max_queue`); retry later.
+
+    Raised at once when the request is made, never after a wait.
+    """
+
+
+class RequestTimeoutError(DeepenError, TimeoutError):
+    """A request ran past its `GenerationConfig.timeout`; its rows were dropped."""

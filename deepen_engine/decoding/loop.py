@@ -1,25 +1,30 @@
-"""The decoding loop: a batch of prompts, every member in step, one fused token per row per
+"""The decoding loop: rows of prompts, every member in step, one fused token per row per
 step.
 
-`decode` is a generator (`Ensemble.generate` aggregates it, so streamed and non-streamed
-text can never disagree) driving a `BatchDecoder` through its phases:
+A `BatchDecoder` holds the running rows and every member's batched state for them. Rows
+carry their own settings (generation config, fuser), so rows of different requests share
+the members' forward passes; they can join and leave between steps. Its phases:
 
-1. `prefill`: tokenise each prompt with each member's tokenizer (left-truncated to fit the
-   member's context when `truncation="left"`) and prefill the members' caches.
-2. `step`: fuse the members' next-token logits into the main member's vocabulary (all
-   rows); choose each row's token (greedy or sampled; end tokens masked before
-   `min_new_tokens`), where the main member's end tokens end a row; append it to the main
-   member's ids and its bytes to the row's text, cut at stop strings; sync every helper to
-   the new texts (a row that no longer fits some member's context window ends with
-   `"length"`); return each row's text that is now final, and a final event for each
-   finished row.
-3. `advance`: drop finished rows; feed each member only its new positions, all rows in one
-   forward pass (members on distinct devices concurrently).
-4. `close`: free every member's cache, whether the batch finished or was abandoned.
+1. `prepare`: tokenise new rows with each member's tokenizer (left-truncated to fit the
+   member's context when `truncation="left"`); a bad row raises before anything changes.
+2. `join`: prefill the new rows (one forward per member for all of them) and merge them
+   into the running batches.
+3. `step`: fuse the members' next-token logits into the main member's vocabulary (each
+   row with its own fuser); choose each row's token (its own sampling settings and random
+   stream; end tokens masked before `min_new_tokens`), where the main member's end tokens
+   end a row; append it to the main member's ids and its bytes to the row's text, cut at
+   stop strings; sync every helper to the new texts (a row that no longer fits some
+   member's context window ends with `"length"`); return each row's text that is now
+   final and a final event for each finished row, and drop the finished rows.
+4. `advance`: feed each member only its new positions, all rows in one forward pass
+   (members on distinct devices concurrently).
+5. `remove` drops rows whose reader left; `close` frees every cache.
 
-`DecodeHooks` let tools vary the loop without copying it: the bench swaps in helpers that
-re-encode their text each step (the reference implementation's way) and watches every
-step's logits.
+`decode` drives one batch of rows from start to end (a generator: `Ensemble.generate`
+aggregates a stream, so streamed and non-streamed text can never disagree); the scheduler
+(`scheduler.py`) drives a long-lived decoder that requests join and leave. `DecodeHooks`
+let tools vary the loop without copying it: the bench swaps in helpers that re-encode
+their text each step (the reference implementation's way) and watches every step.
 """
 
 from __future__ import annotations
@@ -33,15 +38,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import GenerationConfig
-from ..errors import ConfigError
 from ..fusion import Fuser
 from ..members import Member
 from ..outputs import StreamEvent, Usage
 from .member_batch import MemberBatch
+from .prompts import MemberPrompt, fit_context
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
-
-MemberPrompt = tuple[str, bool]  # (prompt text, add the tokenizer's special tokens)
 
 
 @dataclass
@@ -49,12 +52,12 @@ class StepRecord:
     """What one step saw, for `DecodeHooks.on_step`."""
 
     logits: list[torch.Tensor]
-    """Per member (B, V_i) next-token logits (only the main member's when fusion is the
-    identity, since the others are not run then)."""
+    """Per member run (B, V_i) next-token logits (only the main member's when the batch
+    runs it alone)."""
     tokens: list[int]
     """The token chosen for each batch row."""
     rows: list[int]
-    """The request row (prompt position) of each batch row."""
+    """The prompt position (`Row.index`) of each batch row."""
 
 
 @dataclass
@@ -68,14 +71,40 @@ class DecodeHooks:
 
 
 @dataclass
-class Row:
-    """One prompt being decoded."""
+class NewRow:
+    """A row asked for: its prompt for every member of the ensemble and its settings."""
 
-    index: int  # position of the prompt in the request
+    prompts: Sequence[MemberPrompt]  # one per ensemble member, in member order
+    config: GenerationConfig
+    fuser: Fuser
+    index: int = 0  # position of the prompt in its request
+    owner: object = None  # who asked (the scheduler's request); events are routed by it
+    resume: Sequence[int] = ()  # main-member ids already generated (not streamed again)
+    seed: int | None = None  # None: the config's seed, else a fresh random one
+
+
+@dataclass
+class Row:
+    """A running row."""
+
+    index: int
+    config: GenerationConfig
+    fuser: Fuser
+    owner: object
     text: TextAssembler
     generator: torch.Generator  # the row's own random stream
     usage: Usage = field(default_factory=Usage)
     generated: int = 0  # tokens chosen so far (resumed ids included)
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Prepared:
+    """New rows tokenised and checked for every member run: ready to join."""
+
+    rows: list[Row]
+    ids: list[list[list[int]]]  # [member run][row] prompt ids
+    resume: list[Sequence[int]]
 
 
 def decode(
@@ -87,7 +116,7 @@ def decode(
     hooks: DecodeHooks | None = None,
     resume: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[StreamEvent]:
-    """Generate for a batch of rows, yielding text deltas and one final event per row.
+    """Generate for one batch of rows, yielding text deltas and one final event per row.
 
     prompts[b][i] is row b's prompt for member i: (text, add_special_tokens). A plain
     prompt is the same text for all members, tokenised with the member's special tokens
@@ -95,128 +124,187 @@ def decode(
     `resume[b]`: main-member ids row b has already generated; they are prefilled (their
     text is not streamed again) and count toward `max_new_tokens` and `min_new_tokens`.
     """
-    decoder = BatchDecoder(members, fuser, config, hooks or DecodeHooks())
+    decoder = BatchDecoder(members, fuser.main, not fuser.is_identity, hooks)
+    new = [
+        NewRow(prompts=p, config=config, fuser=fuser, index=b, resume=(resume or [])[b])
+        if resume
+        else NewRow(prompts=p, config=config, fuser=fuser, index=b)
+        for b, p in enumerate(prompts)
+    ]
     try:
-        decoder.prefill(prompts, resume)
-        while True:
-            yield from decoder.step()
-            if not decoder.rows:
-                return
-            decoder.advance()
+        decoder.join(decoder.prepare(new))
+        while decoder.rows:
+            for _, event in decoder.step():
+                yield event
+            if decoder.rows:
+                decoder.advance()
     finally:
         decoder.close()
 
 
 class BatchDecoder:
-    """The rows of one batch and every member's state for them (see the module docstring
-    for the phases).
+    """The running rows and every member's state for them (see the module docstring).
+
+    All rows share one main member. `run_helpers=False` runs the main member alone (for
+    rows whose fusion is the identity: the other members could not change them).
     """
 
     def __init__(
         self,
         members: Sequence[Member],
-        fuser: Fuser,
-        config: GenerationConfig,
-        hooks: DecodeHooks,
+        main: int,
+        run_helpers: bool = True,
+        hooks: DecodeHooks | None = None,
     ) -> None:
-        self.start = time.perf_counter()
-        self.fuser, self.config, self.hooks = fuser, config, hooks
-        self.main = fuser.main
-        # With identity fusion (eta 0, steps 0, a single member or all weight on the main
-        # member) the other members cannot change the result: they are not run at all.
-        self.identity = fuser.is_identity
-        self.members = [members[self.main]] if self.identity else list(members)
-        self.member_index = [self.main] if self.identity else list(range(len(members)))
-        if self.identity:
-            self.main = 0
+        self.hooks = hooks or DecodeHooks()
+        self.member_index = list(range(len(members))) if run_helpers else [main]
+        self.members = [members[i] for i in self.member_index]
+        self.main = self.member_index.index(main)  # position among the members run
         self.main_member = self.members[self.main]
-        self.rows: list[Row] = []  # the active rows, in batch order
-        self.batches: list[MemberBatch] = []
-        self.sampler = Sampler(config.temperature, config.top_k, config.top_p)
-        self.eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long)
-        self.other_seconds = 0.0  # fusion, sampling, sync: everything but forwards
-        self._keep: list[int] = []  # batch rows still active after the last step
+        self.rows: list[Row] = []  # the running rows, in batch order
+        self.batches = [
+            MemberBatch(m, []) if i == self.main else self.hooks.helper_batch(m, [])
+            for i, m in enumerate(self.members)
+        ]
         parallel = len({str(m.device) for m in self.members}) == len(self.members) > 1
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
 
-    def prefill(
-        self,
-        prompts: Sequence[Sequence[MemberPrompt]],
-        resume: Sequence[Sequence[int]] | None = None,
-    ) -> None:
-        """Tokenise and check every row for every member, then fill the caches."""
-        cfg = self.config
-        if cfg.seed is None:
-            seeds = [random.getrandbits(63) for _ in prompts]
-        else:  # every row its own stream, the same for the same seed in any batch position
-            seeds = [cfg.seed] * len(prompts)
-        self.rows = [
-            Row(index=b, text=TextAssembler(cfg.stop), generator=_generator(seeds[b]))
-            for b in range(len(prompts))
-        ]
-        # all rows checked for every member before any cache exists
-        member_ids = [
-            self._prompt_ids(m, [row[j] for row in prompts])
-            for m, j in zip(self.members, self.member_index)
-        ]
-        self.batches = [
-            MemberBatch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
-            for i, (m, ids) in enumerate(zip(self.members, member_ids))
-        ]
-        for b, ids in enumerate(resume or []):
-            self._resume(b, list(ids))
-        self._forward_all()
+    # --- rows in ------------------------------------------------------------------------
 
-    def _prompt_ids(self, member: Member, prompts: list[MemberPrompt]) -> list[list[int]]:
-        ids = [member.tokenizer(text, add_special_tokens=add).input_ids for text, add in prompts]
-        for b, row_ids in enumerate(ids):
-            if not row_ids:
-                raise ConfigError(
-                    f"Prompt {b} ({prompts[b][0]!r}) is empty in member {member.name!r}'s "
-                    "tokens; give some text."
+    def prepare(self, new: Sequence[NewRow]) -> Prepared:
+        """Tokenise and check new rows for every member run; raises `ConfigError` naming
+        the first bad row, before anything changes.
+        """
+        rows = []
+        for item in new:
+            seed = item.seed if item.seed is not None else item.config.seed
+            if seed is None:
+                seed = random.getrandbits(63)
+            rows.append(
+                Row(
+                    index=item.index,
+                    config=item.config,
+                    fuser=item.fuser,
+                    owner=item.owner,
+                    text=TextAssembler(item.config.stop),
+                    generator=_generator(seed),
                 )
-            ids[b] = _fit_context(row_ids, member, b, self.config)
-            self.rows[b].usage.prompt_tokens[member.name] = len(ids[b])
-        return ids
+            )
+        ids = []
+        for member, i in zip(self.members, self.member_index):
+            member_ids = []
+            for row, item in zip(rows, new):
+                text, special = item.prompts[i]
+                row_ids = fit_context(
+                    member.tokenizer(text, add_special_tokens=special).input_ids,
+                    text,
+                    member,
+                    row.index,
+                    row.config,
+                )
+                row.usage.prompt_tokens[member.name] = len(row_ids)
+                member_ids.append(row_ids)
+            ids.append(member_ids)
+        return Prepared(rows=rows, ids=ids, resume=[item.resume for item in new])
 
-    def _resume(self, b: int, ids: list[int]) -> None:
-        """Row b continues after main-member ids it already generated."""
-        row, texts = self.rows[b], self.main_member.vocab.texts
+    def join(self, prepared: Prepared) -> None:
+        """Prefill the prepared rows and add them to the running batch."""
+        if not prepared.rows:
+            return
+        fresh = [
+            MemberBatch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
+            for i, (m, ids) in enumerate(zip(self.members, prepared.ids))
+        ]
+        try:
+            for b, ids in enumerate(prepared.resume):
+                if ids:
+                    self._resume(fresh, prepared.rows[b], b, list(ids))
+            self._forward(fresh, prepared.rows)
+        except BaseException:
+            for batch in fresh:
+                batch.free()
+            raise
+        for batch, new in zip(self.batches, fresh):
+            batch.merge(new)
+        self.rows.extend(prepared.rows)
+
+    def _resume(self, fresh: list[MemberBatch], row: Row, b: int, ids: list[int]) -> None:
+        """Row b of the fresh batches continues after main-member ids it generated."""
+        texts = self.main_member.vocab.texts
         for token in ids:
-            self.batches[self.main].append(b, token)
+            fresh[self.main].append(b, token)
             row.text.add(texts[token] or b"")
         row.text.delta()  # already handed out: not streamed again
         row.generated = len(ids)
-        for i, batch in enumerate(self.batches):
+        for i, batch in enumerate(fresh):
             if i != self.main:
                 batch.sync_text(b, row.text.text)
 
-    def step(self) -> list[StreamEvent]:
-        """Choose every row's next token; the events it makes final."""
+    # --- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Row, StreamEvent]]:
+        """Choose every row's next token; the events that makes final, by row. Finished
+        rows leave the batch.
+        """
         t0 = time.perf_counter()
-        cfg, rows = self.config, self.rows
-        # fuse the next-token distributions into the main vocabulary.
+        rows = self.rows
+        # fuse the next-token distributions into the main vocabulary, row by row settings.
         logits = [batch.require_logits() for batch in self.batches]  # per member (B, V_i)
-        fused = logits[self.main] if self.identity else self.fuser.fuse(logits)  # (B, V)
-        # choose each row's token; no end token before min_new_tokens.
-        early = torch.tensor([r.generated < cfg.min_new_tokens for r in rows])
-        fused = suppress_end_tokens(fused, self.eos, early)
-        tokens = self.sampler(fused, [r.generator for r in rows])
+        fused = self._fuse(logits)  # (B, V_main)
+        # choose each row's token; no end token before its min_new_tokens.
+        early = torch.tensor([r.generated < r.config.min_new_tokens for r in rows])
+        eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long)
+        fused = suppress_end_tokens(fused, eos, early)
+        tokens = self._choose(fused)
         if self.hooks.on_step is not None:
             self.hooks.on_step(StepRecord(logits, tokens, [r.index for r in rows]))
         finished = self._append(tokens)
         self._sync(finished)
-        self.other_seconds += time.perf_counter() - t0
-        # hand out what is final, and finish rows.
-        events: list[StreamEvent] = []
+        spent = time.perf_counter() - t0
+        for row in rows:
+            row.usage.fusion_seconds += spent
+        # hand out what is final, finish rows, and let the finished ones go.
+        events: list[tuple[Row, StreamEvent]] = []
         for b, row in enumerate(rows):
             if b in finished:
-                events.extend(self._finish(b, finished[b]))
+                events.extend((row, e) for e in self._finish(b, finished[b]))
             elif delta := row.text.delta():
-                events.append(StreamEvent(delta=delta, index=row.index))
-        self.rows = [row for b, row in enumerate(rows) if b not in finished]
-        self._keep = [b for b in range(len(rows)) if b not in finished]
+                events.append((row, StreamEvent(delta=delta, index=row.index)))
+        self._keep([b for b in range(len(rows)) if b not in finished])
         return events
+
+    def _fuse(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """Fused (B, V_main) logits, each row through its own fuser (rows sharing one are
+        fused together).
+        """
+        main_logits = logits[self.main]
+        if len(self.members) == 1:
+            return main_logits.float()
+        groups: dict[int, list[int]] = {}
+        for b, row in enumerate(self.rows):
+            groups.setdefault(id(row.fuser), []).append(b)
+        if len(groups) == 1:
+            return self.rows[0].fuser.fuse(logits)
+        fused = torch.empty(main_logits.shape, dtype=torch.float32)
+        for rows in groups.values():
+            index = torch.tensor(rows)
+            fused[index] = self.rows[rows[0]].fuser.fuse([x[index] for x in logits])
+        return fused
+
+    def _choose(self, fused: torch.Tensor) -> list[int]:
+        """Each row's token, rows with the same sampling settings sampled together."""
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for b, row in enumerate(self.rows):
+            cfg = row.config
+            groups.setdefault((cfg.temperature, cfg.top_k, cfg.top_p), []).append(b)
+        tokens = [0] * len(self.rows)
+        for (temperature, top_k, top_p), rows in groups.items():
+            sampler = Sampler(temperature, top_k, top_p)
+            part = fused if len(groups) == 1 else fused[torch.tensor(rows)]
+            chosen = sampler(part, [self.rows[b].generator for b in rows])
+            for b, token in zip(rows, chosen):
+                tokens[b] = token
+        return tokens
 
     def _append(self, tokens: list[int]) -> dict[int, str]:
         """Append each row's token to the main member and its text; {batch row: reason}
@@ -234,7 +322,7 @@ class BatchDecoder:
             row.text.add(texts[token] or b"")
             if row.text.stopped:
                 finished[b] = "stop"
-            elif row.generated >= self.config.max_new_tokens:
+            elif row.generated >= row.config.max_new_tokens:
                 finished[b] = "length"
         return finished
 
@@ -251,14 +339,6 @@ class BatchDecoder:
                 if not batch.fits(b):
                     finished[b] = "length"
 
-    def advance(self) -> None:
-        """Drop finished rows and feed every member the positions its cache lacks."""
-        t0 = time.perf_counter()
-        for batch in self.batches:
-            batch.keep_rows(self._keep)
-        self.other_seconds += time.perf_counter() - t0
-        self._forward_all()
-
     def _finish(self, b: int, reason: str) -> Iterator[StreamEvent]:
         row = self.rows[b]
         if reason != "stop":
@@ -269,24 +349,49 @@ class BatchDecoder:
             yield StreamEvent(delta=delta, index=row.index)
         usage = row.usage
         for batch in self.batches:
-            name = batch.member.name
-            usage.fed_positions[name] = batch.rows[b].fed_positions
-            usage.forward_seconds[name] = batch.forward_seconds
-        usage.fusion_seconds = self.other_seconds
-        usage.total_seconds = time.perf_counter() - self.start
+            usage.fed_positions[batch.member.name] = batch.rows[b].fed_positions
+        usage.total_seconds = time.perf_counter() - row.start
         token_ids = list(self.batches[self.main].rows[b].generated_ids)
         yield StreamEvent(index=row.index, finish_reason=reason, usage=usage, token_ids=token_ids)
 
-    def _forward_all(self) -> None:
-        """Feed every member; members on distinct devices run concurrently (torch releases
-        the GIL in its kernels), so a step waits only for the slowest member.
-        """
-        if self.pool is None:
-            for batch in self.batches:
-                batch.forward()
+    # --- rows out, forwards -------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Feed every member the positions its cache lacks, for every running row."""
+        self._forward(self.batches, self.rows)
+
+    def remove(self, leaving: Sequence[Row]) -> None:
+        """Drop rows without finishing them (their reader left); frees their cache rows."""
+        gone = {id(row) for row in leaving}
+        self._keep([b for b, row in enumerate(self.rows) if id(row) not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
             return
-        for future in [self.pool.submit(batch.forward) for batch in self.batches]:
-            future.result()
+        self.rows = [self.rows[b] for b in keep]
+        for batch in self.batches:
+            if keep:
+                batch.keep_rows(keep)
+            else:
+                batch.free()
+
+    def _forward(self, batches: list[MemberBatch], rows: list[Row]) -> None:
+        """Feed every member; members on distinct devices run concurrently (torch releases
+        the GIL in its kernels), so a step waits only for the slowest member. Each row is
+        charged the forward time of the passes it took part in.
+        """
+        before = [batch.forward_seconds for batch in batches]
+        if self.pool is None:
+            for batch in batches:
+                batch.forward()
+        else:
+            for future in [self.pool.submit(batch.forward) for batch in batches]:
+                future.result()
+        for batch, start in zip(batches, before):
+            spent = batch.forward_seconds - start
+            for row in rows:
+                seconds = row.usage.forward_seconds
+                seconds[batch.member.name] = seconds.get(batch.member.name, 0.0) + spent
 
     def close(self) -> None:
         """Free every member's cache and the worker threads."""
@@ -301,35 +406,3 @@ def _generator(seed: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return gen
-
-
-def _fit_context(ids: list[int], member: Member, row: int, config: GenerationConfig) -> list[int]:
-    """A row's prompt ids for one member, checked against (or cut to) its context window.
-
-    `truncation="error"`: a prompt that fills the window raises `ConfigError`. `"left"`:
-    the oldest ids are dropped so that prompt + `max_new_tokens` fits; a leading BOS token
-    is kept, since models trained with one behave badly without it.
-    """
-    window = member.context_window
-    if window is None:
-        return ids
-    if config.truncation == "error":
-        if len(ids) >= window:
-            raise ConfigError(
-                f"Prompt {row} is {len(ids)} tokens long in member {member.name!r}, whose "
-                f"context holds {window}; shorten the prompt, or pass truncation='left' to "
-                "drop its oldest tokens."
-            )
-        return ids
-    room = window - config.max_new_tokens
-    if len(ids) <= room:
-        return ids
-    bos = member.tokenizer.bos_token_id
-    head = ids[:1] if bos is not None and ids[0] == bos else []
-    if room <= len(head):
-        raise ConfigError(
-            f"max_new_tokens={config.max_new_tokens} leaves no room for prompt {row} in "
-            f"member {member.name!r}, whose context holds {window}; lower max_new_tokens "
-            f"below {window - len(head)}."
-        )
-    return head + ids[len(ids) - (room - len(head)) :]

@@ -229,6 +229,32 @@ class MemberBatch:
         if self.cache.get_seq_length() > 0:
             self.cache.batch_select_indices(index.to(self.member.device))
 
+    def merge(self, other: MemberBatch) -> None:
+        """Append the rows of `other` (same member, prefilled) after this batch's rows.
+
+        The shorter of the two caches is left-padded with masked slots, which no row
+        attends to and which hold no position (position ids count valid slots only), so
+        every row computes what it would alone.
+        """
+        if not self.rows:
+            self.rows, self.cache, self.valid = other.rows, other.cache, other.valid
+            self.logits = other.logits
+            other.free()  # its state lives on here; the object itself is done
+            return
+        width = max(self.valid.shape[1], other.valid.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+            )
+        self.valid = torch.cat(
+            [_left_pad_mask(self.valid, width), _left_pad_mask(other.valid, width)]
+        )
+        self.rows = self.rows + other.rows
+        if self.logits is not None and other.logits is not None:
+            self.logits = torch.cat([self.logits, other.logits])
+        other.free()
+
     def free(self) -> None:
         """Drop the KV cache and the rows."""
         self.cache = DynamicCache()
@@ -266,6 +292,23 @@ class MemberBatch:
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = length
         self.valid = valid
+
+
+def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
+    """States (B, H, T, D) -> (B, H, width, D), zeros on the left."""
+    missing = width - states.shape[2]
+    if missing == 0:
+        return states
+    pad = states.new_zeros(states.shape[0], states.shape[1], missing, states.shape[3])
+    return torch.cat([pad, states], dim=2)
+
+
+def _left_pad_mask(valid: torch.Tensor, width: int) -> torch.Tensor:
+    """Mask (B, T) -> (B, width), False on the left."""
+    missing = width - valid.shape[1]
+    if missing == 0:
+        return valid
+    return torch.cat([valid.new_zeros(valid.shape[0], missing), valid], dim=1)
 
 
 def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -250,7 +250,7 @@ def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(
         first = next(e for e in stream if e.delta)
         stream.close()
     assert first.delta
-    assert sorted(created) == ["tiny-gemma", "tiny-llama"]  # both members' caches freed
+    assert set(created) == {"tiny-gemma", "tiny-llama"}  # both members' caches freed
     after = tiny_ensemble.generate(BATCH_PROMPTS[:2], max_new_tokens=12)
     fresh = [tiny_ensemble.generate(p, max_new_tokens=12) for p in BATCH_PROMPTS[:2]]
     assert [r.token_ids for r in after] == [r.token_ids for r in fresh]

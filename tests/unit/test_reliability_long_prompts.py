@@ -57,7 +57,7 @@ def test_a_prompt_filling_the_smallest_window_is_refused_naming_that_member(smal
         r"shorten the prompt, or pass truncation='left'",
     ):
         small.generate(prompt, max_new_tokens=4)
-    assert not small._lock.locked()
+    assert small.queue_state() == {"running_rows": 0, "waiting_requests": 0}
     assert small.generate("x " * 5, max_new_tokens=4).finish_reason == "length"
 
 

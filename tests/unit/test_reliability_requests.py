@@ -16,7 +16,7 @@ N = 8
 def _refused(ens, prompt, match, **settings):
     with pytest.raises(ConfigError, match=match):
         ens.generate(prompt, max_new_tokens=N, **settings)
-    assert not ens._lock.locked()
+    assert ens.queue_state() == {"running_rows": 0, "waiting_requests": 0}
 
 
 # ------------------------------------------------------------------ prompts
@@ -126,7 +126,7 @@ def test_special_token_text_is_read_as_each_members_own_tokens(tiny_ensemble):
 def test_bad_settings(tiny_ensemble, settings, match):
     with pytest.raises(ConfigError, match=match):
         tiny_ensemble.generate("Hi", **settings)
-    assert not tiny_ensemble._lock.locked()
+    assert tiny_ensemble.queue_state() == {"running_rows": 0, "waiting_requests": 0}
 
 
 def test_bad_batch_size(tiny_ensemble):

@@ -1,0 +1,314 @@
+"""Continuous batching: one worker thread owns the members, and requests from any thread
+or task share its forward passes.
+
+Steps of the worker loop (`Scheduler._work`):
+
+1. Wait until a request waits or rows run.
+2. Drop the rows of requests whose reader left or whose timeout passed (the latter get a
+   `RequestTimeoutError`).
+3. Admit waiting rows, oldest request first, up to `max_batch_size` running rows and each
+   request's own `batch_size`: they are tokenised (a bad request fails alone), prefilled
+   together and join the running batch.
+4. One decoding step for every running row; hand each request its events.
+5. Feed the members the new positions (the next step's logits).
+
+All rows of a batch share one main member and one set of members run (all of them, or
+the main member alone for rows whose fusion is the identity). A request whose batch key
+differs waits until the running batch has drained, then the oldest waiting request's key
+is served. Rows with different fusion settings but the same key (say eta 0.15 and 0.3)
+share the batch: each row is fused with its own settings.
+
+A member whose forward pass fails (`MemberError`) fails every request running in the
+batch; their caches are freed and the next requests are served.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..config import SchedulerConfig
+from ..errors import ConfigError, QueueFullError, RequestTimeoutError
+from ..members import Member
+from ..outputs import StreamEvent
+from .loop import BatchDecoder, NewRow, Row
+
+Sink = Callable[[str, object], None]
+"""Receives ("event", StreamEvent)s, then ("done", None) or ("error", exception), and last
+("released", None) once none of the request's rows is in the batch any more (its cache
+rows are freed). Called from the worker thread."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One call's rows, where its events go, and its limits."""
+
+    rows: list[NewRow]  # every row of the request, in prompt order
+    main: int
+    run_helpers: bool
+    sink: Sink
+    batch_size: int | None = None  # most rows of this request running at once
+    deadline: float | None = None  # time.monotonic() past which it fails
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    admitted: int = 0  # rows that joined the batch so far
+    running: int = 0  # rows in the batch now
+    finished: int = 0  # rows done
+    failed: bool = False
+    released: bool = False
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        """Requests with the same key can share a batch."""
+        return (self.main, self.run_helpers)
+
+    def fail(self, error: BaseException) -> None:
+        """Hand the reader an error, once."""
+        if not self.failed:
+            self.failed = True
+            self.sink("error", error)
+
+    def release(self) -> None:
+        """Tell the reader, once, that no row of this request runs any more."""
+        if not self.released:
+            self.released = True
+            self.sink("released", None)
+
+
+class Scheduler:
+    """The queue and the worker thread of one set of loaded members."""
+
+    def __init__(self, members: Sequence[Member], config: SchedulerConfig) -> None:
+        self.members = list(members)
+        self.config = config
+        self._cond = threading.Condition()
+        self._waiting: list[Request] = []  # requests with rows not admitted yet
+        self._decoder: BatchDecoder | None = None
+        self._key: tuple[int, bool] | None = None  # the running batch's key
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises `QueueFullError` at once when the queue is full."""
+        with self._cond:
+            if self._closed:
+                raise ConfigError("this ensemble was closed; make a new one.")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (max_queue="
+                    f"{self.config.max_queue}); retry later, or raise "
+                    "SchedulerConfig.max_queue."
+                )
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="deepen-scheduler", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Let the worker notice a cancelled request now (it also checks every step)."""
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the worker after its current step; running requests fail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batch now."""
+        decoder = self._decoder
+        return len(decoder.rows) if decoder is not None else 0
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests with rows still waiting to start."""
+        with self._cond:
+            return len(self._waiting)
+
+    # --- the worker ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            # 1. wait for work.
+            with self._cond:
+                while not self._closed and not self._waiting and not self.running_rows:
+                    self._cond.wait()
+                if self._closed:
+                    self._shut_down()
+                    return
+            # 2. drop rows whose reader left or whose time is up.
+            self._drop_leaving()
+            # 3. admit waiting rows.
+            self._admit()
+            decoder = self._decoder
+            if decoder is None or not decoder.rows:
+                continue
+            try:
+                # 4. one step for every running row.
+                for row, event in decoder.step():
+                    self._deliver(row, event)
+                # 5. the next step's logits.
+                if decoder.rows:
+                    decoder.advance()
+            except BaseException as exc:  # a member failed, or a bug: fail the batch
+                self._fail_batch(exc)
+
+    def _drop_leaving(self) -> None:
+        now = time.monotonic()
+        gone: list[Request] = []
+        with self._cond:
+            for request in list(self._waiting):
+                if request.cancelled.is_set() or _expired(request, now):
+                    self._waiting.remove(request)
+                    gone.append(request)
+        decoder = self._decoder
+        leaving = []
+        if decoder is not None:
+            for row in decoder.rows:
+                request = _owner(row)
+                if request.cancelled.is_set() or request.failed or _expired(request, now):
+                    leaving.append(row)
+                    request.running -= 1
+                    gone.append(request)
+            if leaving:
+                decoder.remove(leaving)  # frees their cache rows before the reader hears
+        for request in {id(r): r for r in gone}.values():
+            if not request.cancelled.is_set():
+                request.fail(_timeout(request))
+            self._release_if_out(request)
+
+    def _release_if_out(self, request: Request) -> None:
+        with self._cond:
+            waiting = request in self._waiting
+        if request.running <= 0 and not waiting:
+            request.release()
+
+    def _admit(self) -> None:
+        """Admit waiting rows into the running batch (see the module docstring)."""
+        chosen: list[tuple[Request, list[NewRow]]] = []
+        with self._cond:
+            if not self._waiting:
+                return
+            if self._decoder is None or not self._decoder.rows:
+                self._decoder_for(self._waiting[0])
+            decoder = self._decoder
+            assert decoder is not None
+            room = self.config.max_batch_size - len(decoder.rows)
+            for request in list(self._waiting):
+                if room <= 0:
+                    break
+                if request.key != self._key:
+                    continue
+                cap = len(request.rows) if request.batch_size is None else request.batch_size
+                take = min(room, cap - request.running, len(request.rows) - request.admitted)
+                if take <= 0:
+                    continue
+                rows = request.rows[request.admitted : request.admitted + take]
+                request.admitted += take
+                request.running += take
+                room -= take
+                chosen.append((request, rows))
+                if request.admitted == len(request.rows):
+                    self._waiting.remove(request)
+        self._join(chosen)
+
+    def _join(self, chosen: list[tuple[Request, list[NewRow]]]) -> None:
+        decoder = self._decoder
+        if decoder is None or not chosen:
+            return
+        prepared = []
+        for request, rows in chosen:
+            try:
+                prepared.append((request, decoder.prepare(rows)))
+            except BaseException as exc:  # a bad prompt fails its own request only
+                request.running -= len(rows)
+                self._abandon(request, exc)
+                self._release_if_out(request)
+        if not prepared:
+            return
+        merged = prepared[0][1]
+        for _, more in prepared[1:]:
+            merged.rows.extend(more.rows)
+            for ids, more_ids in zip(merged.ids, more.ids):
+                ids.extend(more_ids)
+            merged.resume.extend(more.resume)
+        try:
+            decoder.join(merged)
+        except BaseException as exc:  # a member failed at the prefill: these rows fail
+            for request, part in prepared:
+                request.running -= len(part.rows)
+                self._abandon(request, exc)
+                self._release_if_out(request)
+
+    def _deliver(self, row: Row, event: StreamEvent) -> None:
+        request = _owner(row)
+        if request.failed or request.cancelled.is_set():
+            return
+        request.sink("event", event)
+        if event.finish_reason is not None:
+            request.running -= 1
+            request.finished += 1
+            if request.finished == len(request.rows):
+                request.sink("done", None)
+                request.release()
+
+    def _abandon(self, request: Request, error: BaseException) -> None:
+        """Fail a request and forget its waiting rows (its running rows leave next step)."""
+        with self._cond:
+            if request in self._waiting:
+                self._waiting.remove(request)
+        request.fail(error)
+
+    def _fail_batch(self, error: BaseException) -> None:
+        decoder, self._decoder = self._decoder, None
+        if decoder is None:
+            return
+        requests = {id(_owner(r)): _owner(r) for r in decoder.rows}.values()
+        decoder.close()  # caches freed before any reader hears of the failure
+        for request in requests:
+            request.running = 0
+            self._abandon(request, error)
+            self._release_if_out(request)
+
+    def _decoder_for(self, request: Request) -> None:
+        if self._decoder is not None and self._key == request.key:
+            return
+        if self._decoder is not None:
+            self._decoder.close()
+        self._decoder = BatchDecoder(self.members, request.main, request.run_helpers)
+        self._key = request.key
+
+    def _shut_down(self) -> None:
+        error = ConfigError("the ensemble was closed while this request was waiting or running.")
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            request.fail(error)
+            if request.running <= 0:
+                request.release()
+        self._fail_batch(error)
+
+
+def _owner(row: Row) -> Request:
+    owner = row.owner
+    assert isinstance(owner, Request)
+    return owner
+
+
+def _expired(request: Request, now: float) -> bool:
+    return request.deadline is not None and now > request.deadline
+
+
+def _timeout(request: Request) -> RequestTimeoutError:
+    timeout = request.rows[0].config.timeout if request.rows else None
+    return RequestTimeoutError(
+        f"the request ran past its timeout of {timeout} s (waiting included) and was "
+        "stopped; raise GenerationConfig.timeout, or send fewer or shorter requests at once."
+    )

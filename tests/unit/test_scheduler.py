@@ -1,0 +1,179 @@
+"""Continuous batching on tiny members: rows joining a running batch at different steps,
+concurrent requests sharing forward passes, per-row settings, queue and timeout limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from deepen_engine import (
+    ConfigError,
+    Ensemble,
+    GenerationConfig,
+    MemberSpec,
+    QueueFullError,
+    RequestTimeoutError,
+    SchedulerConfig,
+)
+from deepen_engine.decoding.loop import BatchDecoder, NewRow
+
+PROMPTS = [
+    "The capital of France is",
+    "Q: What is 12 + 7?\nA:",
+    "def add(a, b):",
+    "Once upon a time there was",
+    "Berlin is the capital of",
+    "The quick brown fox",
+]
+
+
+def _alone(ens, prompt, **settings):
+    return ens.generate(prompt, **settings).token_ids
+
+
+def test_rows_joining_at_different_steps_equal_each_alone(tiny_ensemble):
+    """Drive a BatchDecoder by hand: rows join after 0, 2 and 5 steps and leave when done."""
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
+    fuser = tiny_ensemble.fuser
+    decoder = BatchDecoder(tiny_ensemble.members, fuser.main)
+    joins = {0: [0, 1], 2: [2], 5: [3, 4]}  # step -> prompts joining before it
+    ids: dict[int, list[int]] = {}
+    try:
+        for step in range(40):
+            if step in joins:
+                new = [
+                    NewRow(prompts=[(PROMPTS[p], True)] * 2, config=config, fuser=fuser, index=p)
+                    for p in joins[step]
+                ]
+                decoder.join(decoder.prepare(new))
+            if not decoder.rows:
+                break
+            for _, event in decoder.step():
+                if event.finish_reason is not None:
+                    ids[event.index] = event.token_ids
+            if decoder.rows:
+                decoder.advance()
+    finally:
+        decoder.close()
+    assert sorted(ids) == [0, 1, 2, 3, 4]
+    for p, got in ids.items():
+        assert got == _alone(tiny_ensemble, PROMPTS[p], max_new_tokens=12, min_new_tokens=12)
+
+
+def test_concurrent_requests_share_steps_and_equal_their_solo_outputs(tiny_ensemble, monkeypatch):
+    expected = {p: _alone(tiny_ensemble, p, max_new_tokens=10) for p in PROMPTS}
+    widths: list[int] = []
+    step = BatchDecoder.step
+
+    def recording_step(self):
+        widths.append(len(self.rows))
+        return step(self)
+
+    monkeypatch.setattr(BatchDecoder, "step", recording_step)
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        futures = {p: pool.submit(tiny_ensemble.generate, p, max_new_tokens=10) for p in PROMPTS}
+        got = {p: f.result().token_ids for p, f in futures.items()}
+    assert got == expected
+    assert max(widths) > 1  # requests really shared forward passes
+
+
+def test_different_fusion_settings_share_a_batch_row_by_row(tiny_ensemble):
+    views = [tiny_ensemble.with_fusion(eta=eta) for eta in (0.15, 0.6, 2.0)]
+    expected = [_alone(v, PROMPTS[0], max_new_tokens=10) for v in views]
+    assert len({tuple(e) for e in expected}) > 1  # the settings do change the output here
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(v.generate, PROMPTS[0], max_new_tokens=10) for v in views]
+        assert [f.result().token_ids for f in futures] == expected
+
+
+def test_requests_with_other_main_members_or_identity_fusion_wait_their_turn(tiny_ensemble):
+    views = [
+        tiny_ensemble,
+        tiny_ensemble.with_fusion(main=1),
+        tiny_ensemble.with_fusion(eta=0),
+        tiny_ensemble.with_fusion(main=1, eta=0),
+    ]
+    expected = [_alone(v, PROMPTS[1], max_new_tokens=8) for v in views]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(v.generate, PROMPTS[1], max_new_tokens=8) for v in views]
+        assert [f.result().token_ids for f in futures] == expected
+
+
+def test_sampled_seeded_rows_do_not_depend_on_their_neighbours(tiny_ensemble):
+    settings = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    expected = _alone(tiny_ensemble, PROMPTS[2], **settings)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        others = [pool.submit(tiny_ensemble.generate, p, max_new_tokens=10) for p in PROMPTS[:3]]
+        mine = pool.submit(tiny_ensemble.generate, PROMPTS[2], **settings)
+        assert mine.result().token_ids == expected
+        [f.result() for f in others]
+
+
+@pytest.fixture
+def small_queue(tiny_pair):
+    members = [MemberSpec(source=tiny_pair[0], name="l"), MemberSpec(source=tiny_pair[1], name="g")]
+    limits = SchedulerConfig(max_batch_size=1, max_queue=1)
+    ens = Ensemble(members, min_anchors=50, scheduler=limits)
+    yield ens
+    ens.close()
+
+
+def test_a_full_queue_refuses_at_once_and_the_rest_is_served(small_queue):
+    ens = small_queue
+    running = ens.stream(PROMPTS[0], max_new_tokens=200, min_new_tokens=200)
+    next(running)  # one row runs (max_batch_size 1)
+    waiting = ens.stream(PROMPTS[1], max_new_tokens=4)
+    started = threading.Event()
+
+    def read_waiting():
+        started.set()
+        return list(waiting)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read_waiting)
+        started.wait()
+        deadline = time.monotonic() + 5
+        while ens.queue_state()["waiting_requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = time.monotonic()
+        with pytest.raises(QueueFullError, match=r"max_queue=1\); retry later"):
+            ens.generate(PROMPTS[2], max_new_tokens=4)
+        assert time.monotonic() - start < 1.0  # at once, not after a wait
+        running.close()  # frees the running row: the waiting request now runs
+        events = future.result(timeout=30)
+    assert events[-1].token_ids == _alone(ens, PROMPTS[1], max_new_tokens=4)
+
+
+def test_a_request_past_its_timeout_fails_and_leaves_the_batch(small_queue):
+    ens = small_queue
+    with pytest.raises(RequestTimeoutError, match="timeout of 0.05 s"):
+        ens.generate(PROMPTS[0], max_new_tokens=1000, min_new_tokens=1000, timeout=0.05)
+    assert ens.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert ens.generate(PROMPTS[1], max_new_tokens=4).token_ids == _alone(
+        ens, PROMPTS[1], max_new_tokens=4
+    )
+    with pytest.raises(ConfigError, match="timeout"):
+        ens.generate(PROMPTS[1], timeout=0)
+
+
+def test_a_bad_prompt_fails_alone_while_others_run(tiny_ensemble):
+    long_prompt = "the river runs " * 400  # past the tiny members' 1024 positions
+    expected = _alone(tiny_ensemble, PROMPTS[0], max_new_tokens=10)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        good = pool.submit(tiny_ensemble.generate, PROMPTS[0], max_new_tokens=10)
+        bad = pool.submit(tiny_ensemble.generate, long_prompt, max_new_tokens=10)
+        with pytest.raises(ConfigError, match="truncation='left'"):
+            bad.result()
+        assert good.result().token_ids == expected
+
+
+def test_a_closed_ensemble_refuses_new_requests(tiny_pair):
+    members = [MemberSpec(source=tiny_pair[0], name="l"), MemberSpec(source=tiny_pair[1], name="g")]
+    ens = Ensemble(members, min_anchors=50)
+    ens.generate(PROMPTS[0], max_new_tokens=2)
+    ens.close()
+    with pytest.raises(ConfigError, match="closed"):
+        ens.generate(PROMPTS[0], max_new_tokens=2)
