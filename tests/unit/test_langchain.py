@@ -26,16 +26,15 @@ from langchain_core.tools import tool  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from deepen_engine import Ensemble, MemberSpec, StreamEvent  # noqa: E402
-from deepen_engine.decoding import Usage  # noqa: E402
+from deepen_engine import Ensemble, MemberSpec, StreamEvent, Usage  # noqa: E402
 from deepen_integrations.langchain import (  # noqa: E402
     ChatDeepEn,
     DeepEnLLM,
-    _ChunkBuilder,
-    _ToolMode,
     parse_tool_calls,
     to_engine_messages,
 )
+from deepen_integrations.langchain.chat_models import _ChunkBuilder  # noqa: E402
+from deepen_integrations.langchain.tools import ToolMode  # noqa: E402
 
 PROMPT = "The capital of France is"
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
@@ -314,7 +313,7 @@ def test_bad_settings_raise_at_construction(cls, kwargs, field, monkeypatch):
     def no_load(*a, **k):  # validation must not load models
         raise AssertionError("models were loaded")
 
-    monkeypatch.setattr("deepen_integrations.langchain.Ensemble.__init__", no_load)
+    monkeypatch.setattr(Ensemble, "__init__", no_load)
     with pytest.raises(ValueError, match=field):
         cls(**kwargs)
 
@@ -560,7 +559,7 @@ def _final(delta: str = "") -> StreamEvent:
 
 
 def test_chunk_builder_tool_mode():
-    mode = _ToolMode([{"type": "function", "function": {"name": "add", "parameters": {}}}], "any")
+    mode = ToolMode([{"type": "function", "function": {"name": "add", "parameters": {}}}], "any")
     builder = _ChunkBuilder("m", "deepen:x", mode)
     assert builder.add(StreamEvent(delta='{"name": "add", ')) == []
     (chunk,) = builder.add(_final('"arguments": {"a": 1}}'))
@@ -677,9 +676,9 @@ class TestChatDeepEnStandard(ChatModelUnitTests):
     """LangChain's standard unit tests, on the tiny ensemble (no real model is loaded)."""
 
     @pytest.fixture(autouse=True)
-    def _tiny(self, tiny_ensemble):
+    def _tiny(self, tiny_ensemble, monkeypatch):
         # chat_model_params is a property (no fixtures): hand it the session's ensemble.
-        _TINY["ensemble"] = tiny_ensemble
+        monkeypatch.setitem(_TINY, "ensemble", tiny_ensemble)
 
     @property
     def chat_model_class(self) -> type[ChatDeepEn]:
