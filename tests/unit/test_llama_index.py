@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
 
-from deepen_engine import ConfigError  # noqa: E402
+from deepen_engine import ConfigError, Ensemble, FusionConfig  # noqa: E402
 from deepen_integrations.llama_index import DeepEnLLM, to_engine_messages  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -239,22 +240,19 @@ class _Collect(BaseEventHandler):
         self.events.append(event)
 
 
-def test_instrumentation_events_fire(llm):
+def test_instrumentation_events_fire(llm, monkeypatch):
     handler = _Collect(events=[])
     dispatcher = get_dispatcher()  # root: events of every module propagate to it
-    dispatcher.add_event_handler(handler)
-    try:
-        llm.complete(PROMPT)
-        list(llm.stream_complete(PROMPT))
-        llm.chat(MESSAGES)
+    monkeypatch.setattr(dispatcher, "event_handlers", [*dispatcher.event_handlers, handler])
+    llm.complete(PROMPT)
+    list(llm.stream_complete(PROMPT))
+    llm.chat(MESSAGES)
 
-        async def run():
-            await llm.acomplete(PROMPT)
-            [r async for r in await llm.astream_chat(MESSAGES)]
+    async def run():
+        await llm.acomplete(PROMPT)
+        [r async for r in await llm.astream_chat(MESSAGES)]
 
-        asyncio.run(run())
-    finally:
-        dispatcher.event_handlers.remove(handler)
+    asyncio.run(run())
     names = [type(e).__name__ for e in handler.events]
     starts = [n for n in names if n.endswith("StartEvent") and n.startswith("LLM")]
     ends = [n for n in names if n.endswith("EndEvent") and n.startswith("LLM")]
@@ -298,32 +296,53 @@ def test_main_and_fusion_settings_apply_to_a_view(tiny_ensemble):
     assert llm.metadata.model_name.endswith("main=tiny-gemma]")
 
 
-def test_default_main_is_the_chat_member_and_construction_is_lazy(monkeypatch):
-    import deepen_integrations.llama_index as mod
+class FakeEnsemble:
+    """Stands in for `Ensemble` when loading the default members: records the load."""
 
-    loaded: list = []
+    loads: list = []
 
-    class FakeEnsemble:
-        def __init__(self, members, **fusion):
-            loaded.append((tuple(members), fusion))
-            self.members = [
-                SimpleNamespace(name="gemma-3-270m", context_window=32768),
-                SimpleNamespace(name="smollm2-135m-instruct", context_window=8192),
-            ]
+    def __init__(self, members, **fusion):
+        self.loads.append((tuple(members), fusion))
+        self.fusion = FusionConfig(**fusion)
+        self.members = [
+            SimpleNamespace(name="gemma-3-270m", context_window=32768),
+            SimpleNamespace(name="smollm2-135m-instruct", context_window=8192),
+        ]
 
-    monkeypatch.setattr(mod, "Ensemble", FakeEnsemble)
+    def default_chat_main(self) -> int:
+        return 1  # SmolLM2-135M-Instruct: Gemma's GGUF has no chat template
+
+    def with_fusion(self, **changes):
+        view = copy.copy(self)
+        view.fusion = FusionConfig(**{**self.fusion.model_dump(), **changes})
+        return view
+
+    @property
+    def main(self):
+        return self.members[self.fusion.main]
+
+
+def test_default_main_is_the_chat_rule_and_construction_is_lazy(monkeypatch):
+    monkeypatch.setattr(FakeEnsemble, "loads", [])
+    monkeypatch.setattr("deepen_integrations._settings.Ensemble", FakeEnsemble)
     llm = DeepEnLLM(eta=0.1)
-    assert not llm.is_loaded and loaded == []
-    assert llm.metadata.model_name.startswith("deepen[gemma-3-270m + smollm2-135m-instruct")
-    assert len(loaded) == 1  # metadata's context window needed the members
-    assert llm.metadata.context_window == 8192 - 256  # smallest window - max_new_tokens
-    assert len(loaded) == 1  # cached on the instance
-    assert loaded[0] == (
-        ("gemma-3-270m", "smollm2-135m-instruct"),
-        {"main": 1, "eta": 0.1},
-    )  # main = SmolLM2-135M-Instruct, the chat-tuned member
-    assert DeepEnLLM(main=0)._fusion_overrides() == {"main": 0}
-    assert DeepEnLLM(models=["a", "b"])._fusion_overrides() == {"main": 0}
+    assert not llm.is_loaded and FakeEnsemble.loads == []
+    assert llm.metadata.model_name == (
+        "deepen[gemma-3-270m + smollm2-135m-instruct; main=smollm2-135m-instruct]"
+    )
+    assert len(FakeEnsemble.loads) == 1  # metadata's context window needed the members
+    assert llm.metadata.context_window == 8192 - 128  # smallest window - max_new_tokens
+    assert len(FakeEnsemble.loads) == 1  # cached on the instance
+    # the fusion settings given are passed at load time; main comes from the chat rule
+    assert FakeEnsemble.loads[0] == (("gemma-3-270m", "smollm2-135m-instruct"), {"eta": 0.1})
+    assert (llm.ensemble.fusion.main, llm.ensemble.fusion.eta) == (1, 0.1)
+    explicit = DeepEnLLM(main=0, context_window=100)
+    assert explicit.metadata.model_name.endswith("main=gemma-3-270m]")  # not loaded
+    assert explicit.ensemble.fusion.main == 0
+    assert FakeEnsemble.loads[-1][1] == {"main": 0}
+    auto = DeepEnLLM(context_window=100)
+    assert auto.metadata.model_name.endswith("main=auto]")  # the rule needs the members
+    assert len(FakeEnsemble.loads) == 2
 
 
 @pytest.mark.parametrize(
@@ -353,12 +372,10 @@ def test_default_main_is_the_chat_member_and_construction_is_lazy(monkeypatch):
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_field(settings, field, monkeypatch):
-    import deepen_integrations.llama_index as mod
-
     def no_loading(*args, **kwargs):
         raise AssertionError("construction must not load models")
 
-    monkeypatch.setattr(mod, "Ensemble", no_loading)
+    monkeypatch.setattr(Ensemble, "__init__", no_loading)
     with pytest.raises(ValueError, match=field):
         DeepEnLLM(**settings)
 
