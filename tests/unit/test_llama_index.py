@@ -408,3 +408,76 @@ def test_async_stream_closed_early_frees_the_engine(llm):
     first, after = asyncio.run(run())
     assert first.delta
     assert after.text == expected
+
+
+# ---------------------------------------------------------------- per-call settings
+
+
+def test_per_call_fusion_settings(llm, tiny_ensemble):
+    fused = tiny_ensemble.generate(PROMPT, max_new_tokens=N)
+    alone = tiny_ensemble.with_fusion(eta=0).generate(PROMPT, max_new_tokens=N)
+    assert llm.complete(PROMPT, eta=0).text == alone.text
+    main1 = tiny_ensemble.with_fusion(main=1).generate(PROMPT, max_new_tokens=N)
+    assert main1.text != fused.text  # the override must show
+    response = llm.complete(PROMPT, main=1)
+    assert response.text == main1.text
+    assert response.raw["main_member"] == "tiny-gemma"
+    assert response.raw["usage"]["prompt_tokens"] == main1.usage.prompt_tokens["tiny-gemma"]
+    assert llm.complete(PROMPT).text == fused.text  # the instance's settings are unchanged
+    assert llm.ensemble is tiny_ensemble
+
+
+def test_per_call_fusion_settings_in_chat_streams_and_async(llm, tiny_ensemble):
+    view = tiny_ensemble.with_fusion(main=1, eta=0)
+    expected_chat = view.generate(to_engine_messages(MESSAGES), max_new_tokens=N).text
+    expected = view.generate(PROMPT, max_new_tokens=N).text
+    settings = {"main": 1, "eta": 0}
+    assert llm.chat(MESSAGES, **settings).message.content == expected_chat
+    assert "".join(r.delta for r in llm.stream_chat(MESSAGES, **settings)) == expected_chat
+    assert "".join(r.delta for r in llm.stream_complete(PROMPT, **settings)) == expected
+
+    async def run():
+        a = await llm.acomplete(PROMPT, **settings)
+        s = [r async for r in await llm.astream_chat(MESSAGES, **settings)]
+        return a.text, s[-1].message.content
+
+    assert asyncio.run(run()) == (expected, expected_chat)
+
+
+def test_per_call_views_are_cached(tiny_ensemble, monkeypatch):
+    llm = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=2)
+    made = []
+    original = Ensemble.with_fusion
+
+    def spy(self, **changes):
+        made.append(changes)
+        return original(self, **changes)
+
+    monkeypatch.setattr(Ensemble, "with_fusion", spy)
+    llm.complete(PROMPT, eta=0)
+    llm.complete(PROMPT, eta=0)
+    llm.chat(MESSAGES, eta=0)
+    llm.complete(PROMPT)
+    assert made == [{"eta": 0}]
+
+
+def test_bad_per_call_fusion_settings_raise(llm):
+    with pytest.raises(ValueError, match="main"):
+        llm.complete(PROMPT, main=7)
+    with pytest.raises(ValueError, match="eta"):
+        llm.chat(MESSAGES, eta=-1)
+
+
+def test_other_call_keywords_are_ignored(llm):
+    assert llm.complete(PROMPT, tools=[], something_else=1).text == llm.complete(PROMPT).text
+
+
+def test_call_stop_adds_to_the_fields(tiny_ensemble):
+    text = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=N).complete(PROMPT).text
+    early, late = text[1:3], text[5:8]
+    assert early and late and text.index(early) < text.index(late)
+    with_field = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=N, stop=[early])
+    assert with_field.complete(PROMPT).text == text[: text.index(early)]
+    assert with_field.complete(PROMPT, stop=[late]).text == text[: text.index(early)]
+    late_field = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=N, stop=[late])
+    assert late_field.complete(PROMPT, stop=early).text == text[: text.index(early)]
