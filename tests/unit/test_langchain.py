@@ -662,9 +662,29 @@ def test_agent_runs_on_tiny_models(tiny_ensemble):
         """Add two integers."""
         return a + b
 
-    agent = create_agent(ChatDeepEn(ensemble=tiny_ensemble, max_tokens=8), tools=[add])
+    chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=8)
+    agent = create_agent(chat, tools=[add])
     result = agent.invoke({"messages": [{"role": "user", "content": "What is 2 + 3?"}]})
-    assert isinstance(result["messages"][-1], AIMessage)
+    messages = result["messages"]
+    assert isinstance(messages[0], HumanMessage) and len(messages) >= 2
+    # every model turn is exactly what the model gives for the conversation so far (with
+    # the tool bound), and every tool turn answers a call of the turn before
+    bound = chat.bind_tools([add])
+    for i, message in enumerate(messages[1:], start=1):
+        if isinstance(message, ToolMessage):
+            calls = messages[i - 1].tool_calls if isinstance(messages[i - 1], AIMessage) else []
+            assert message.tool_call_id in [c["id"] for c in calls]
+            continue
+        assert isinstance(message, AIMessage)
+        direct = bound.invoke(messages[:i])
+        assert message.content == direct.content
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+            (c["name"], c["args"]) for c in direct.tool_calls
+        ]
+        assert message.usage_metadata == direct.usage_metadata
+    # the loop ends on a reply without tool calls, which the tiny models did write
+    assert not messages[-1].tool_calls
+    assert messages[-1].usage_metadata["output_tokens"] > 0
 
 
 # ---------------------------------------------------------------- langchain_tests
