@@ -30,11 +30,11 @@ from deepen_engine import Ensemble, MemberSpec, StreamEvent, Usage  # noqa: E402
 from deepen_integrations.langchain import (  # noqa: E402
     ChatDeepEn,
     DeepEnLLM,
-    _ChunkBuilder,
-    _ToolMode,
     parse_tool_calls,
     to_engine_messages,
 )
+from deepen_integrations.langchain.chat_models import _ChunkBuilder  # noqa: E402
+from deepen_integrations.langchain.tools import ToolMode  # noqa: E402
 
 PROMPT = "The capital of France is"
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
@@ -313,7 +313,7 @@ def test_bad_settings_raise_at_construction(cls, kwargs, field, monkeypatch):
     def no_load(*a, **k):  # validation must not load models
         raise AssertionError("models were loaded")
 
-    monkeypatch.setattr("deepen_integrations.langchain.Ensemble.__init__", no_load)
+    monkeypatch.setattr(Ensemble, "__init__", no_load)
     with pytest.raises(ValueError, match=field):
         cls(**kwargs)
 
@@ -559,7 +559,7 @@ def _final(delta: str = "") -> StreamEvent:
 
 
 def test_chunk_builder_tool_mode():
-    mode = _ToolMode([{"type": "function", "function": {"name": "add", "parameters": {}}}], "any")
+    mode = ToolMode([{"type": "function", "function": {"name": "add", "parameters": {}}}], "any")
     builder = _ChunkBuilder("m", "deepen:x", mode)
     assert builder.add(StreamEvent(delta='{"name": "add", ')) == []
     (chunk,) = builder.add(_final('"arguments": {"a": 1}}'))
@@ -662,9 +662,29 @@ def test_agent_runs_on_tiny_models(tiny_ensemble):
         """Add two integers."""
         return a + b
 
-    agent = create_agent(ChatDeepEn(ensemble=tiny_ensemble, max_tokens=8), tools=[add])
+    chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=8)
+    agent = create_agent(chat, tools=[add])
     result = agent.invoke({"messages": [{"role": "user", "content": "What is 2 + 3?"}]})
-    assert isinstance(result["messages"][-1], AIMessage)
+    messages = result["messages"]
+    assert isinstance(messages[0], HumanMessage) and len(messages) >= 2
+    # every model turn is exactly what the model gives for the conversation so far (with
+    # the tool bound), and every tool turn answers a call of the turn before
+    bound = chat.bind_tools([add])
+    for i, message in enumerate(messages[1:], start=1):
+        if isinstance(message, ToolMessage):
+            calls = messages[i - 1].tool_calls if isinstance(messages[i - 1], AIMessage) else []
+            assert message.tool_call_id in [c["id"] for c in calls]
+            continue
+        assert isinstance(message, AIMessage)
+        direct = bound.invoke(messages[:i])
+        assert message.content == direct.content
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+            (c["name"], c["args"]) for c in direct.tool_calls
+        ]
+        assert message.usage_metadata == direct.usage_metadata
+    # the loop ends on a reply without tool calls, which the tiny models did write
+    assert not messages[-1].tool_calls
+    assert messages[-1].usage_metadata["output_tokens"] > 0
 
 
 # ---------------------------------------------------------------- langchain_tests
@@ -676,9 +696,9 @@ class TestChatDeepEnStandard(ChatModelUnitTests):
     """LangChain's standard unit tests, on the tiny ensemble (no real model is loaded)."""
 
     @pytest.fixture(autouse=True)
-    def _tiny(self, tiny_ensemble):
+    def _tiny(self, tiny_ensemble, monkeypatch):
         # chat_model_params is a property (no fixtures): hand it the session's ensemble.
-        _TINY["ensemble"] = tiny_ensemble
+        monkeypatch.setitem(_TINY, "ensemble", tiny_ensemble)
 
     @property
     def chat_model_class(self) -> type[ChatDeepEn]:

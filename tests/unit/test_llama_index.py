@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
 
-from deepen_engine import ConfigError  # noqa: E402
+from deepen_engine import ConfigError, Ensemble, FusionConfig  # noqa: E402
 from deepen_integrations.llama_index import DeepEnLLM, to_engine_messages  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -239,22 +240,19 @@ class _Collect(BaseEventHandler):
         self.events.append(event)
 
 
-def test_instrumentation_events_fire(llm):
+def test_instrumentation_events_fire(llm, monkeypatch):
     handler = _Collect(events=[])
     dispatcher = get_dispatcher()  # root: events of every module propagate to it
-    dispatcher.add_event_handler(handler)
-    try:
-        llm.complete(PROMPT)
-        list(llm.stream_complete(PROMPT))
-        llm.chat(MESSAGES)
+    monkeypatch.setattr(dispatcher, "event_handlers", [*dispatcher.event_handlers, handler])
+    llm.complete(PROMPT)
+    list(llm.stream_complete(PROMPT))
+    llm.chat(MESSAGES)
 
-        async def run():
-            await llm.acomplete(PROMPT)
-            [r async for r in await llm.astream_chat(MESSAGES)]
+    async def run():
+        await llm.acomplete(PROMPT)
+        [r async for r in await llm.astream_chat(MESSAGES)]
 
-        asyncio.run(run())
-    finally:
-        dispatcher.event_handlers.remove(handler)
+    asyncio.run(run())
     names = [type(e).__name__ for e in handler.events]
     starts = [n for n in names if n.endswith("StartEvent") and n.startswith("LLM")]
     ends = [n for n in names if n.endswith("EndEvent") and n.startswith("LLM")]
@@ -298,32 +296,53 @@ def test_main_and_fusion_settings_apply_to_a_view(tiny_ensemble):
     assert llm.metadata.model_name.endswith("main=tiny-gemma]")
 
 
-def test_default_main_is_the_chat_member_and_construction_is_lazy(monkeypatch):
-    import deepen_integrations.llama_index as mod
+class FakeEnsemble:
+    """Stands in for `Ensemble` when loading the default members: records the load."""
 
-    loaded: list = []
+    loads: list = []
 
-    class FakeEnsemble:
-        def __init__(self, members, **fusion):
-            loaded.append((tuple(members), fusion))
-            self.members = [
-                SimpleNamespace(name="gemma-3-270m", context_window=32768),
-                SimpleNamespace(name="smollm2-135m-instruct", context_window=8192),
-            ]
+    def __init__(self, members, **fusion):
+        self.loads.append((tuple(members), fusion))
+        self.fusion = FusionConfig(**fusion)
+        self.members = [
+            SimpleNamespace(name="gemma-3-270m", context_window=32768),
+            SimpleNamespace(name="smollm2-135m-instruct", context_window=8192),
+        ]
 
-    monkeypatch.setattr(mod, "Ensemble", FakeEnsemble)
+    def default_chat_main(self) -> int:
+        return 1  # SmolLM2-135M-Instruct: Gemma's GGUF has no chat template
+
+    def with_fusion(self, **changes):
+        view = copy.copy(self)
+        view.fusion = FusionConfig(**{**self.fusion.model_dump(), **changes})
+        return view
+
+    @property
+    def main(self):
+        return self.members[self.fusion.main]
+
+
+def test_default_main_is_the_chat_rule_and_construction_is_lazy(monkeypatch):
+    monkeypatch.setattr(FakeEnsemble, "loads", [])
+    monkeypatch.setattr("deepen_integrations._settings.Ensemble", FakeEnsemble)
     llm = DeepEnLLM(eta=0.1)
-    assert not llm.is_loaded and loaded == []
-    assert llm.metadata.model_name.startswith("deepen[gemma-3-270m + smollm2-135m-instruct")
-    assert len(loaded) == 1  # metadata's context window needed the members
-    assert llm.metadata.context_window == 8192 - 256  # smallest window - max_new_tokens
-    assert len(loaded) == 1  # cached on the instance
-    assert loaded[0] == (
-        ("gemma-3-270m", "smollm2-135m-instruct"),
-        {"main": 1, "eta": 0.1},
-    )  # main = SmolLM2-135M-Instruct, the chat-tuned member
-    assert DeepEnLLM(main=0)._fusion_overrides() == {"main": 0}
-    assert DeepEnLLM(models=["a", "b"])._fusion_overrides() == {"main": 0}
+    assert not llm.is_loaded and FakeEnsemble.loads == []
+    assert llm.metadata.model_name == (
+        "deepen[gemma-3-270m + smollm2-135m-instruct; main=smollm2-135m-instruct]"
+    )
+    assert len(FakeEnsemble.loads) == 1  # metadata's context window needed the members
+    assert llm.metadata.context_window == 8192 - 128  # smallest window - max_new_tokens
+    assert len(FakeEnsemble.loads) == 1  # cached on the instance
+    # the fusion settings given are passed at load time; main comes from the chat rule
+    assert FakeEnsemble.loads[0] == (("gemma-3-270m", "smollm2-135m-instruct"), {"eta": 0.1})
+    assert (llm.ensemble.fusion.main, llm.ensemble.fusion.eta) == (1, 0.1)
+    explicit = DeepEnLLM(main=0, context_window=100)
+    assert explicit.metadata.model_name.endswith("main=gemma-3-270m]")  # not loaded
+    assert explicit.ensemble.fusion.main == 0
+    assert FakeEnsemble.loads[-1][1] == {"main": 0}
+    auto = DeepEnLLM(context_window=100)
+    assert auto.metadata.model_name.endswith("main=auto]")  # the rule needs the members
+    assert len(FakeEnsemble.loads) == 2
 
 
 @pytest.mark.parametrize(
@@ -353,12 +372,10 @@ def test_default_main_is_the_chat_member_and_construction_is_lazy(monkeypatch):
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_field(settings, field, monkeypatch):
-    import deepen_integrations.llama_index as mod
-
     def no_loading(*args, **kwargs):
         raise AssertionError("construction must not load models")
 
-    monkeypatch.setattr(mod, "Ensemble", no_loading)
+    monkeypatch.setattr(Ensemble, "__init__", no_loading)
     with pytest.raises(ValueError, match=field):
         DeepEnLLM(**settings)
 
@@ -391,3 +408,76 @@ def test_async_stream_closed_early_frees_the_engine(llm):
     first, after = asyncio.run(run())
     assert first.delta
     assert after.text == expected
+
+
+# ---------------------------------------------------------------- per-call settings
+
+
+def test_per_call_fusion_settings(llm, tiny_ensemble):
+    fused = tiny_ensemble.generate(PROMPT, max_new_tokens=N)
+    alone = tiny_ensemble.with_fusion(eta=0).generate(PROMPT, max_new_tokens=N)
+    assert llm.complete(PROMPT, eta=0).text == alone.text
+    main1 = tiny_ensemble.with_fusion(main=1).generate(PROMPT, max_new_tokens=N)
+    assert main1.text != fused.text  # the override must show
+    response = llm.complete(PROMPT, main=1)
+    assert response.text == main1.text
+    assert response.raw["main_member"] == "tiny-gemma"
+    assert response.raw["usage"]["prompt_tokens"] == main1.usage.prompt_tokens["tiny-gemma"]
+    assert llm.complete(PROMPT).text == fused.text  # the instance's settings are unchanged
+    assert llm.ensemble is tiny_ensemble
+
+
+def test_per_call_fusion_settings_in_chat_streams_and_async(llm, tiny_ensemble):
+    view = tiny_ensemble.with_fusion(main=1, eta=0)
+    expected_chat = view.generate(to_engine_messages(MESSAGES), max_new_tokens=N).text
+    expected = view.generate(PROMPT, max_new_tokens=N).text
+    settings = {"main": 1, "eta": 0}
+    assert llm.chat(MESSAGES, **settings).message.content == expected_chat
+    assert "".join(r.delta for r in llm.stream_chat(MESSAGES, **settings)) == expected_chat
+    assert "".join(r.delta for r in llm.stream_complete(PROMPT, **settings)) == expected
+
+    async def run():
+        a = await llm.acomplete(PROMPT, **settings)
+        s = [r async for r in await llm.astream_chat(MESSAGES, **settings)]
+        return a.text, s[-1].message.content
+
+    assert asyncio.run(run()) == (expected, expected_chat)
+
+
+def test_per_call_views_are_cached(tiny_ensemble, monkeypatch):
+    llm = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=2)
+    made = []
+    original = Ensemble.with_fusion
+
+    def spy(self, **changes):
+        made.append(changes)
+        return original(self, **changes)
+
+    monkeypatch.setattr(Ensemble, "with_fusion", spy)
+    llm.complete(PROMPT, eta=0)
+    llm.complete(PROMPT, eta=0)
+    llm.chat(MESSAGES, eta=0)
+    llm.complete(PROMPT)
+    assert made == [{"eta": 0}]
+
+
+def test_bad_per_call_fusion_settings_raise(llm):
+    with pytest.raises(ValueError, match="main"):
+        llm.complete(PROMPT, main=7)
+    with pytest.raises(ValueError, match="eta"):
+        llm.chat(MESSAGES, eta=-1)
+
+
+def test_other_call_keywords_are_ignored(llm):
+    assert llm.complete(PROMPT, tools=[], something_else=1).text == llm.complete(PROMPT).text
+
+
+def test_call_stop_adds_to_the_fields(tiny_ensemble):
+    text = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=N).complete(PROMPT).text
+    early, late = text[1:3], text[5:8]
+    assert early and late and text.index(early) < text.index(late)
+    with_field = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=N, stop=[early])
+    assert with_field.complete(PROMPT).text == text[: text.index(early)]
+    assert with_field.complete(PROMPT, stop=[late]).text == text[: text.index(early)]
+    late_field = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=N, stop=[late])
+    assert late_field.complete(PROMPT, stop=early).text == text[: text.index(early)]

@@ -1,0 +1,197 @@
+"""The settings every adapter takes (`deepen_integrations._settings`): the same fields and
+defaults in LangChain's `DeepEnLLM`/`ChatDeepEn` and LlamaIndex's `DeepEnLLM`, the same
+checks (the engine's), and the same main-member rule for the chat adapters."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("llama_index.core")
+
+from langchain_core.messages import HumanMessage  # noqa: E402
+from llama_index.core.base.llms.types import ChatMessage, MessageRole  # noqa: E402
+
+from deepen_engine import (  # noqa: E402
+    ConfigError,
+    Ensemble,
+    FusionConfig,
+    GenerationConfig,
+    MemberSpec,
+)
+from deepen_integrations._settings import DeepEnSettings  # noqa: E402
+from deepen_integrations.langchain import ChatDeepEn, DeepEnLLM  # noqa: E402
+from deepen_integrations.llama_index import DeepEnLLM as LlamaIndexLLM  # noqa: E402
+
+ADAPTERS = [DeepEnLLM, ChatDeepEn, LlamaIndexLLM]
+PROMPT = "The capital of France is"
+QUESTION = "What is the capital of France?"
+N = 10
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("settings must be checked without loading models")
+
+    monkeypatch.setattr(Ensemble, "__init__", refuse)
+
+
+@pytest.fixture(scope="module")
+def template_second(tiny_pair) -> Ensemble:
+    """tiny-gemma (no chat template) first, tiny-llama (ChatML) second: the chat rule
+    picks member 1 while the ensemble's own main is 0."""
+    return Ensemble(
+        [
+            MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
+            MemberSpec(source=tiny_pair[0], name="tiny-llama"),
+        ],
+        min_anchors=50,
+    )
+
+
+# ---------------------------------------------------------------- fields and defaults
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_every_adapter_has_the_shared_fields_with_their_docs(cls):
+    for name, field in DeepEnSettings.model_fields.items():
+        assert cls.model_fields[name].default == field.default, name
+        assert field.description, f"{name} has no docstring"
+
+
+def test_same_defaults_in_both_adapters(no_loading):
+    made = [cls() for cls in ADAPTERS]
+    engine = GenerationConfig()
+    for name in DeepEnSettings.model_fields:
+        values = {repr(getattr(m, name)) for m in made}
+        assert len(values) == 1, f"{name} differs: {values}"
+    for m in made:
+        assert m.max_new_tokens == engine.max_new_tokens == 128
+        assert m.min_new_tokens == engine.min_new_tokens
+        assert (m.temperature, m.top_p, m.top_k, m.seed, m.truncation) == (
+            engine.temperature,
+            engine.top_p,
+            engine.top_k,
+            engine.seed,
+            engine.truncation,
+        )
+        assert m.member_names == ["gemma-3-270m", "smollm2-135m-instruct"]
+        assert not m.is_loaded
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_max_tokens_is_an_alias_everywhere(cls, no_loading):
+    assert cls(max_tokens=7).max_new_tokens == cls(max_new_tokens=7).max_new_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"models": []}, "models"),
+        ({"main": 2}, "main"),
+        ({"main": -1}, "main"),
+        ({"weights": [1.0]}, "weights"),
+        ({"weights": [1.0, float("nan")]}, "weights"),
+        ({"tau": 0}, "tau"),
+        ({"fusion_top_k": 0}, "fusion_top_k"),
+        ({"candidates": 0}, "candidates"),
+        ({"eta": -1}, "eta"),
+        ({"steps": -1}, "steps"),
+        ({"min_anchors": 0}, "min_anchors"),
+        ({"fusion_kwargs": {"weight_decay": -1}}, "weight_decay"),
+        ({"fusion_kwargs": {"eta": 0}}, "eta"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"min_new_tokens": 200}, "min_new_tokens"),  # more than max_new_tokens (128)
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"truncation": "right"}, "truncation"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": "abc"}, "seed"),
+        ({"ensemble": "not an ensemble"}, "ensemble"),
+    ],
+)
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_a_bad_value_raises_naming_the_field(cls, settings, field, no_loading):
+    with pytest.raises(ConfigError, match=field) as info:
+        cls(**settings)
+    assert cls.__name__ in str(info.value)
+
+
+def test_the_engine_decides_what_is_valid(no_loading):
+    # values at the engine's limits pass in both adapters: no stricter copy of the checks
+    edge = {"eta": 0.0, "steps": 0, "top_p": 1.0, "top_k": 0, "min_new_tokens": 128}
+    FusionConfig(eta=0.0, steps=0)
+    GenerationConfig(top_p=1.0, top_k=0, min_new_tokens=128)
+    for cls in ADAPTERS:
+        cls(**edge)
+    assert LlamaIndexLLM(min_new_tokens=200, max_new_tokens=300).min_new_tokens == 200
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_a_shared_ensemble_is_checked_at_construction(cls, tiny_ensemble):
+    with pytest.raises(ConfigError, match="min_anchors"):
+        cls(ensemble=tiny_ensemble, min_anchors=10**9)
+    with pytest.raises(ConfigError, match="models or ensemble"):
+        cls(ensemble=tiny_ensemble, models=["gemma-3-270m"])
+
+
+def test_min_new_tokens_reaches_the_engine(tiny_ensemble):
+    expected = tiny_ensemble.generate(PROMPT, max_new_tokens=N, min_new_tokens=N).text
+    assert DeepEnLLM(ensemble=tiny_ensemble, max_tokens=N, min_new_tokens=N).invoke(PROMPT) == (
+        expected
+    )
+    llama_index = LlamaIndexLLM(ensemble=tiny_ensemble, max_new_tokens=N)
+    assert llama_index.complete(PROMPT, min_new_tokens=N).text == expected
+
+
+# ---------------------------------------------------------------- the main-member rule
+
+
+def test_chat_adapters_use_the_engines_chat_rule(template_second):
+    ens = template_second
+    assert (ens.fusion.main, ens.default_chat_main()) == (0, 1)
+    chat_main = ens.with_fusion(main=1)
+    conversation = [{"role": "user", "content": QUESTION}]
+    expected_chat = chat_main.generate(conversation, max_new_tokens=N).text
+    langchain = ChatDeepEn(ensemble=ens, max_tokens=N).invoke([HumanMessage(QUESTION)])
+    assert langchain.content == expected_chat
+    llama_index = LlamaIndexLLM(ensemble=ens, max_new_tokens=N)
+    question = [ChatMessage(role=MessageRole.USER, content=QUESTION)]
+    assert llama_index.chat(question).message.content == expected_chat
+    # LlamaIndex's DeepEnLLM is a chat model: completion uses the same main member
+    completion = llama_index.complete(PROMPT)
+    assert completion.text == chat_main.generate(PROMPT, max_new_tokens=N).text
+    assert completion.raw["main_member"] == "tiny-llama"
+    assert llama_index.metadata.model_name.endswith("main=tiny-llama]")
+    # LangChain's text-completion DeepEnLLM keeps the ensemble's main
+    text = DeepEnLLM(ensemble=ens, max_tokens=N).invoke(PROMPT)
+    assert text == ens.generate(PROMPT, max_new_tokens=N).text
+
+
+@pytest.mark.parametrize("cls", [ChatDeepEn, LlamaIndexLLM])
+def test_the_rule_is_asked_of_the_engine(cls, template_second, monkeypatch):
+    asked = []
+
+    def rule() -> int:
+        asked.append(True)
+        return 0
+
+    monkeypatch.setattr(template_second, "default_chat_main", rule)
+    adapter = cls(ensemble=template_second, max_tokens=N)
+    assert asked and adapter.ensemble.fusion.main == 0
+    assert cls(ensemble=template_second, main=1).ensemble.fusion.main == 1  # explicit wins
+
+
+def test_loaded_models_use_the_rule_too(tiny_pair):
+    models = [
+        MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
+        MemberSpec(source=tiny_pair[0], name="tiny-llama"),
+    ]
+    for cls in (ChatDeepEn, LlamaIndexLLM):
+        adapter = cls(models=models, min_anchors=50)
+        assert not adapter.is_loaded
+        assert adapter.ensemble.main.name == "tiny-llama"
+    assert DeepEnLLM(models=models, min_anchors=50).ensemble.main.name == "tiny-gemma"
