@@ -116,6 +116,15 @@ class FusionConfig(_Settings):
             raise ValueError("weights must not all be zero")
         return value
 
+    def check_members(self, n_members: int) -> None:
+        """Raise `ConfigError` when `main` or `weights` do not fit `n_members` members."""
+        if self.main >= n_members:
+            raise ConfigError(
+                f"FusionConfig.main={self.main} is out of range for {n_members} members; "
+                f"give an index from 0 to {n_members - 1}."
+            )
+        self.normalised_weights(n_members)
+
     def normalised_weights(self, n_members: int) -> list[float]:
         """The weights for `n_members` members, summing to 1."""
         if self.weights is None:

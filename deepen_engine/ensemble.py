@@ -69,8 +69,7 @@ class Ensemble:
         base = fusion or FusionConfig()
         self.fusion = FusionConfig(**{**base.model_dump(), **fusion_overrides})
         specs = [as_spec(m) for m in members]
-        _check_main(self.fusion, len(specs))
-        self.fusion.normalised_weights(len(specs))  # raises on a wrong count
+        self.fusion.check_members(len(specs))
         _check_distinct(specs)  # before loading: a mistake should cost no load time
         self.members: list[Member] = [load_member(s) for s in specs]
         # one worker thread owns the members; views from with_fusion share it
@@ -92,8 +91,7 @@ class Ensemble:
         E.g. `ens.with_fusion(main=1)` or `ens.with_fusion(eta=0)` (the main member alone).
         """
         fusion = FusionConfig(**{**self.fusion.model_dump(), **changes})
-        _check_main(fusion, len(self.members))
-        fusion.normalised_weights(len(self.members))
+        fusion.check_members(len(self.members))
         if fusion.min_anchors > len(self.anchors or []) and len(self.members) > 1:
             raise ConfigError(
                 f"FusionConfig.min_anchors={fusion.min_anchors} exceeds the "
@@ -386,14 +384,6 @@ def _prompt_list(prompt: Any) -> list[Prompt]:
                 f"at position {i}."
             )
     return out
-
-
-def _check_main(fusion: FusionConfig, n_members: int) -> None:
-    if fusion.main >= n_members:
-        raise ConfigError(
-            f"FusionConfig.main={fusion.main} is out of range for {n_members} members; "
-            f"give an index from 0 to {n_members - 1}."
-        )
 
 
 def _check_distinct(specs: Sequence[MemberSpec]) -> None:

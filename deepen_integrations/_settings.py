@@ -28,7 +28,7 @@ import json
 import threading
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar, cast
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -45,9 +45,8 @@ from deepen_engine import (
 
 __all__ = ["CallSettings", "DeepEnSettings", "engine_astream", "engine_stream", "token_counts"]
 
-# The adapters' generation defaults are the engine's (model_validate: mypy reads the
-# engine's positional Field defaults as required arguments).
-_DEFAULTS = GenerationConfig.model_validate({})
+# The adapters' generation defaults are the engine's.
+_DEFAULTS = GenerationConfig()
 
 # Adapter field -> FusionConfig field. All are read at load time (or applied to a given
 # ensemble); those in CALL_FUSION may also change per call.
@@ -321,16 +320,14 @@ def engine_stream(
     view: Ensemble, prompt: Any, config: GenerationConfig, batch_size: int | None = None
 ) -> Generator[StreamEvent, None, None]:
     """`view.stream(...)`, typed as the closable generator it is."""
-    events = view.stream(prompt, config, batch_size=batch_size)
-    return cast(Generator[StreamEvent, None, None], events)  # engine returns a generator
+    return view.stream(prompt, config, batch_size=batch_size)
 
 
 def engine_astream(
     view: Ensemble, prompt: Any, config: GenerationConfig, batch_size: int | None = None
 ) -> AsyncGenerator[StreamEvent, None]:
     """`view.astream(...)`, typed as the closable async generator it is."""
-    events = view.astream(prompt, config, batch_size=batch_size)
-    return cast(AsyncGenerator[StreamEvent, None], events)  # engine returns a generator
+    return view.astream(prompt, config, batch_size=batch_size)
 
 
 # --- checks: the engine's config models decide; these only name the adapter's field ---------
@@ -375,15 +372,10 @@ def _checked(
 
 def _check_members(owner: str, fusion: FusionConfig, n: int) -> None:
     """Settings that depend on the number of members (known before loading)."""
-    if fusion.main >= n:
-        raise ConfigError(
-            f"{owner}.main={fusion.main} is out of range for {n} members; give an index "
-            f"from 0 to {n - 1}."
-        )
     try:
-        fusion.normalised_weights(n)
+        fusion.check_members(n)
     except ConfigError as exc:
-        raise ConfigError(f"{owner}.weights: {exc}") from None
+        raise ConfigError(f"{owner}: {exc}") from None
 
 
 def _explain(owner: str, exc: ValidationError) -> str:
