@@ -7,9 +7,7 @@ print(ens.generate("The capital of France is", max_new_tokens=8).text)
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import queue
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any, overload
@@ -21,6 +19,7 @@ from .config import FusionConfig, GenerationConfig, SchedulerConfig
 from .decoding.chat import check_messages, render
 from .decoding.loop import NewRow
 from .decoding.prompts import MemberPrompt
+from .decoding.readers import aread, read
 from .decoding.scheduler import Request, Scheduler, Sink
 from .errors import ConfigError
 from .fusion import Fuser
@@ -34,8 +33,6 @@ from .members import (
     source_key,
 )
 from .outputs import GenerationResult, StreamEvent, collect
-
-_RELEASE_WAIT = 60.0  # seconds a closed stream waits for its rows to leave the batch
 
 Conversation = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
 Prompt = str | Conversation  # a text, or a chat conversation
@@ -141,38 +138,9 @@ class Ensemble:
         and frees their cache rows before `close()` returns.
         """
         rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return self._read(rows, cfg, size)
+        return read(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
 
-    def _read(
-        self, rows: list[list[MemberPrompt]], cfg: GenerationConfig, size: int | None
-    ) -> Generator[StreamEvent, None, None]:
-        inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        request = self._submit(rows, cfg, size, lambda kind, item: inbox.put((kind, item)))
-        released = False
-        try:
-            while True:
-                kind, item = inbox.get()
-                if kind == "released":
-                    released = True
-                elif kind == "error":
-                    raise item
-                elif kind == "done":
-                    return
-                else:
-                    yield item
-        finally:
-            request.cancelled.set()
-            self._scheduler.wake()
-            # the rows leave at the worker's next step boundary: wait for it, so the
-            # caches are freed when close() returns
-            while not released:
-                try:
-                    kind, _ = inbox.get(timeout=_RELEASE_WAIT)
-                except queue.Empty:
-                    break
-                released = kind == "released"
-
-    async def astream(
+    def astream(
         self,
         prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
@@ -187,37 +155,7 @@ class Ensemble:
         rows after the current step; a request still waiting to start never starts.
         """
         rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        def post(kind: str, item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, (kind, item))
-            except RuntimeError:  # the loop has closed: nobody is reading any more
-                request.cancelled.set()
-
-        request = self._submit(rows, cfg, size, post)
-        released = False
-        try:
-            while True:
-                kind, item = await inbox.get()
-                if kind == "released":
-                    released = True
-                elif kind == "error":
-                    raise item
-                elif kind == "done":
-                    return
-                else:
-                    yield item
-        finally:
-            request.cancelled.set()
-            self._scheduler.wake()
-            while not released:
-                try:
-                    kind, _ = await asyncio.wait_for(inbox.get(), _RELEASE_WAIT)
-                except (asyncio.TimeoutError, asyncio.CancelledError):
-                    break
-                released = kind == "released"
+        return aread(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
 
     def _submit(
         self,
