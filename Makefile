@@ -38,7 +38,7 @@ test-unit: setup
 	$(PY) -m pytest -m "not integration"
 
 lint: setup
-	$(VENV)/bin/ruff check deepen_engine deepen_integrations tests cookbook
+	$(VENV)/bin/ruff check deepen_engine deepen_integrations tests cookbook scripts
 	$(VENV)/bin/mypy
 
 clean:

@@ -8,7 +8,7 @@ that names the field, the value and the valid range.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -178,6 +178,20 @@ class GenerationConfig(_Settings):
     prompt tokens (a leading BOS token is kept) so that prompt + `max_new_tokens` fits its
     window. Either way a row ends with `"length"` once any member's window is full."""
 
+    json_schema: dict[str, Any] | None = None
+    """Constrain the output to JSON that validates against this JSON schema (a dict).
+    `{"type": "object"}`: any JSON object. The output is laid out as Python's
+    `json.dumps` does (`", "` and `": "`, no other whitespace). `None`: no constraint. Needs the
+    `constraints` extra (llguidance); see decoding/constraints.py."""
+
+    regex: str | None = None
+    """Constrain the output to match this regular expression (Rust `regex` syntax), whole.
+    `None`: no constraint."""
+
+    grammar: str | None = None
+    """Constrain the output to this context-free grammar, in llguidance's Lark syntax
+    (`start: ...`; `%json {schema}` embeds a JSON schema). `None`: no constraint."""
+
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:
         if self.min_new_tokens > self.max_new_tokens:
@@ -187,12 +201,37 @@ class GenerationConfig(_Settings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_constraint(self) -> GenerationConfig:
+        given = [f for f in CONSTRAINT_FIELDS if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one of json_schema, regex and grammar; got {', '.join(given)}"
+            )
+        if given:
+            from .decoding.constraints import check_constraint  # imports llguidance
+
+            check_constraint(given[0], getattr(self, given[0]))
+        return self
+
+    @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """`(field, value)` of the output constraint set, or None."""
+        for f in CONSTRAINT_FIELDS:
+            if getattr(self, f) is not None:
+                return f, getattr(self, f)
+        return None
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: list[str]) -> list[str]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
         return value
+
+
+CONSTRAINT_FIELDS = ("json_schema", "regex", "grammar")
+"""The `GenerationConfig` fields that constrain the output (at most one may be set)."""
 
 
 class SchedulerConfig(_Settings):

@@ -10,12 +10,14 @@ the members' forward passes; they can join and leave between steps. Its phases:
 2. `join`: prefill the new rows (one forward per member for all of them) and merge them
    into the running batches.
 3. `step`: fuse the members' next-token logits into the main member's vocabulary (each
-   row with its own fuser); choose each row's token (its own sampling settings and random
+   row with its own fuser); mask what each constrained row's grammar forbids
+   (`constraints.py`); choose each row's token (its own sampling settings and random
    stream; end tokens masked before `min_new_tokens`), where the main member's end tokens
-   end a row; append it to the main member's ids and its bytes to the row's text, cut at
-   stop strings; sync every helper to the new texts (a row that no longer fits some
-   member's context window ends with `"length"`); return each row's text that is now
-   final and a final event for each finished row, and drop the finished rows.
+   end a row, and so does a grammar that can take nothing more; append it to the main
+   member's ids and its bytes to the row's text, cut at stop strings; sync every helper
+   to the new texts (a row that no longer fits some member's context window ends with
+   `"length"`); return each row's text that is now final and a final event for each
+   finished row, and drop the finished rows.
 4. `advance`: feed each member only its new positions, all rows in one forward pass
    (members on distinct devices concurrently).
 5. `remove` drops rows whose reader left; `close` frees every cache.
@@ -31,80 +33,25 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from ..config import GenerationConfig
 from ..fusion import Fuser
 from ..members import Member
-from ..outputs import StreamEvent, Usage
+from ..outputs import StreamEvent
+from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt, fit_context
+from .rows import DecodeHooks as DecodeHooks
+from .rows import NewRow as NewRow
+from .rows import Prepared as Prepared
+from .rows import Row as Row
+from .rows import StepRecord as StepRecord
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
-
-
-@dataclass
-class StepRecord:
-    """What one step saw, for `DecodeHooks.on_step`."""
-
-    logits: list[torch.Tensor]
-    """Per member run (B, V_i) next-token logits (only the main member's when the batch
-    runs it alone)."""
-    tokens: list[int]
-    """The token chosen for each batch row."""
-    rows: list[int]
-    """The prompt position (`Row.index`) of each batch row."""
-
-
-@dataclass
-class DecodeHooks:
-    """Variations of the loop for measuring it; the defaults are plain decoding."""
-
-    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = MemberBatch
-    """Builds each helper member's batch from its rows' prompt ids."""
-    on_step: Callable[[StepRecord], None] | None = None
-    """Called at each step once the tokens are chosen, before they are appended."""
-
-
-@dataclass
-class NewRow:
-    """A row asked for: its prompt for every member of the ensemble and its settings."""
-
-    prompts: Sequence[MemberPrompt]  # one per ensemble member, in member order
-    config: GenerationConfig
-    fuser: Fuser
-    index: int = 0  # position of the prompt in its request
-    owner: object = None  # who asked (the scheduler's request); events are routed by it
-    resume: Sequence[int] = ()  # main-member ids already generated (not streamed again)
-    seed: int | None = None  # None: the config's seed, else a fresh random one
-
-
-@dataclass
-class Row:
-    """A running row."""
-
-    index: int
-    config: GenerationConfig
-    fuser: Fuser
-    owner: object
-    text: TextAssembler
-    generator: torch.Generator  # the row's own random stream
-    usage: Usage = field(default_factory=Usage)
-    generated: int = 0  # tokens chosen so far (resumed ids included)
-    start: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Prepared:
-    """New rows tokenised and checked for every member run: ready to join."""
-
-    rows: list[Row]
-    ids: list[list[list[int]]]  # [member run][row] prompt ids
-    resume: list[Sequence[int]]
 
 
 def decode(
@@ -188,6 +135,7 @@ class BatchDecoder:
                     owner=item.owner,
                     text=TextAssembler(item.config.stop),
                     generator=_generator(seed),
+                    constraint=self._constraint(item),
                 )
             )
         ids = []
@@ -206,6 +154,13 @@ class BatchDecoder:
                 member_ids.append(row_ids)
             ids.append(member_ids)
         return Prepared(rows=rows, ids=ids, resume=[item.resume for item in new])
+
+    def _constraint(self, item: NewRow) -> RowConstraint | None:
+        """The new row's grammar state over the main member's vocabulary, if constrained."""
+        spec = item.constraint or spec_from_config(item.config)
+        if spec is None:
+            return None
+        return RowConstraint(spec, constraint_vocab(self.main_member))
 
     def join(self, prepared: Prepared) -> None:
         """Prefill the prepared rows and add them to the running batch."""
@@ -251,6 +206,8 @@ class BatchDecoder:
         # fuse the next-token distributions into the main vocabulary, row by row settings.
         logits = [batch.require_logits() for batch in self.batches]  # per member (B, V_i)
         fused = self._fuse(logits)  # (B, V_main)
+        # constrained rows: what their grammar forbids (end tokens included) at -inf.
+        fused = apply_masks(fused, [r.constraint for r in rows])
         # choose each row's token; no end token before its min_new_tokens.
         early = torch.tensor([r.generated < r.config.min_new_tokens for r in rows])
         eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long)
@@ -320,8 +277,12 @@ class BatchDecoder:
                 continue
             main_batch.append(b, token)
             row.text.add(texts[token] or b"")
+            if row.constraint is not None:
+                row.constraint.advance(token)
             if row.text.stopped:
                 finished[b] = "stop"
+            elif row.constraint is not None and row.constraint.finished:
+                finished[b] = "eos"  # the structure is complete: only an end token could follow
             elif row.generated >= row.config.max_new_tokens:
                 finished[b] = "length"
         return finished

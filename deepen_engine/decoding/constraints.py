@@ -1,0 +1,215 @@
+"""Output constraints: a JSON schema, a regular expression or a grammar turned into a mask
+over the main member's vocabulary at every step (grammar-constrained decoding).
+
+The grammar library is llguidance (the `constraints` extra), imported only when a
+constraint is used. docs/constraints.md records why (measured against xgrammar).
+
+How a constrained row decodes (`BatchDecoder.step` calls these in order):
+
+1. `ConstraintSpec`: what a row asks for, as llguidance's grammar text (from
+   `GenerationConfig.json_schema` / `regex` / `grammar`, or from the tools of a chat
+   request, decoding/tools.py). Checked when the config is made: a grammar the library
+   refuses raises `ConfigError` naming the field.
+2. `RowConstraint(spec, vocab)`: one matcher per row, built when the row joins the batch
+   and dropped with it. `vocab` is the main member's `ConstraintVocab`, built once per
+   member: llguidance's tokenizer, and the ids whose bytes llguidance and the engine agree
+   on (an id they disagree on is never allowed, so the grammar always sees the text the
+   row really gets).
+3. `apply_masks(fused, rows)`: the fused (B, V) logits with every token the row's grammar
+   forbids at -inf, after fusion and before sampling (greedy and sampled alike). The main
+   member's end tokens are allowed only where the grammar accepts its input as complete.
+4. `RowConstraint.advance(token)` with each chosen token; `finished` is true once the
+   grammar can take nothing more, and the row ends there (`"eos"`). A row that reaches
+   `max_new_tokens` first ends with `"length"`, its structure incomplete.
+
+Helpers are not constrained: they follow the main member's text, as always.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..config import GenerationConfig
+from ..errors import ConfigError
+from ..members import Member
+
+INSTALL_HINT = "pip install 'deepen[constraints]' (or: pip install llguidance)"
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""llguidance's JSON options: the layout of Python's `json.dumps` (`", "` and `": "`, no
+other whitespace), so a model cannot wander into endless spaces and newlines inside a
+structure."""
+
+# (256, 8) bool: the bits of each byte, least significant first (llguidance's bit order).
+_BYTE_BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).bool()
+
+
+def llguidance() -> ModuleType:
+    """The llguidance module; `ConfigError` with the install command when it is missing."""
+    try:
+        import llguidance as lib
+        import llguidance.hf  # noqa: F401  (from_tokenizer)
+    except ImportError:
+        raise ConfigError(
+            "Output constraints (json_schema, regex, grammar, tools) need the llguidance "
+            f"package; install it with: {INSTALL_HINT}."
+        ) from None
+    return lib
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """A row's constraint as llguidance grammar text, and where it came from."""
+
+    grammar: str
+    """llguidance's grammar (a JSON string: `LLMatcher.grammar_from_*`)."""
+    source: str
+    """What set it, for messages: `json_schema`, `regex`, `grammar` or `tools`."""
+
+
+def grammar_text(field: str, value: Any) -> str:
+    """The llguidance grammar of a `GenerationConfig` constraint field."""
+    matcher = llguidance().LLMatcher
+    if field == "json_schema":
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"json_schema must be a JSON schema as a dict, got {type(value).__name__}."
+            )
+        return str(matcher.grammar_from_json_schema(json.dumps(value), overrides=JSON_OPTIONS))
+    if field == "regex":
+        return str(matcher.grammar_from_regex(value))
+    return str(matcher.grammar_from_lark(value))
+
+
+def check_constraint(field: str, value: Any) -> ConstraintSpec:
+    """The spec of a constraint field; `ValueError` naming the field when llguidance
+    cannot compile it (raised from `GenerationConfig`'s check, so it becomes a
+    `ConfigError`).
+    """
+    try:
+        grammar = grammar_text(field, value)
+    except ValueError as exc:  # not JSON-serialisable, or refused by llguidance
+        raise ValueError(f"{field} cannot be used as a constraint: {exc}") from None
+    error = llguidance().LLMatcher.validate_grammar(grammar, None)
+    if error:
+        raise ValueError(
+            f"{field} cannot be compiled by the grammar library (llguidance): "
+            f"{' '.join(error.split())}; fix the {field} or drop it"
+        )
+    return ConstraintSpec(grammar=grammar, source=field)
+
+
+def spec_from_config(config: GenerationConfig) -> ConstraintSpec | None:
+    """The spec of the config's constraint field, or None when none is set."""
+    given = config.constraint
+    if given is None:
+        return None
+    try:
+        return check_constraint(*given)
+    except ValueError as exc:  # checked when the config was made; here only if changed
+        raise ConfigError(f"GenerationConfig.{exc}") from None
+
+
+@dataclass
+class ConstraintVocab:
+    """A member's vocabulary as llguidance sees it, built once per member."""
+
+    tokenizer: Any
+    """llguidance's `LLTokenizer` (its EOS tokens: the member's end tokens)."""
+    agreed: torch.Tensor
+    """(V,) bool: ids allowed at all: llguidance's bytes for the id equal the engine's, or
+    the id is an end token."""
+
+    @property
+    def size(self) -> int:
+        """Mask width: the member's logits width."""
+        return int(self.agreed.shape[0])
+
+
+_VOCABS: weakref.WeakKeyDictionary[Any, ConstraintVocab] = weakref.WeakKeyDictionary()
+
+
+def constraint_vocab(member: Member) -> ConstraintVocab:
+    """The member's `ConstraintVocab` (built on first use: about 0.5 s for a 49k
+    vocabulary, 5 s for Gemma-3's 262k; cached for the member's lifetime).
+    """
+    cached = _VOCABS.get(member.model)
+    if cached is not None:
+        return cached
+    lib = llguidance()
+    size = len(member.vocab)
+    eos = sorted(member.eos_ids)
+    tokenizer = lib.hf.from_tokenizer(member.tokenizer, n_vocab=size, eos_token=eos or None)
+    agreed = torch.zeros(size, dtype=torch.bool)
+    for idx, text in enumerate(member.vocab.texts):
+        if text is not None and tokenizer.decode_bytes([idx]) == text:
+            agreed[idx] = True
+    agreed[eos] = True
+    vocab = ConstraintVocab(tokenizer=tokenizer, agreed=agreed)
+    _VOCABS[member.model] = vocab
+    return vocab
+
+
+class RowConstraint:
+    """One row's grammar state: a matcher advanced by every token the row chooses."""
+
+    def __init__(self, spec: ConstraintSpec, vocab: ConstraintVocab) -> None:
+        lib = llguidance()
+        self.spec = spec
+        self.vocab = vocab
+        self.matcher = lib.LLMatcher(vocab.tokenizer, spec.grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ConfigError(
+                f"{spec.source} cannot be compiled for this vocabulary: "
+                f"{self.matcher.get_error()}"
+            )
+
+    @property
+    def finished(self) -> bool:
+        """The grammar can take nothing more (only an end token could follow)."""
+        return bool(self.matcher.is_stopped())
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into row `row` of a (B, ceil(V/32)) int32 mask."""
+        target = bitmask[row]
+        self.matcher.unsafe_compute_mask_ptr(
+            target.data_ptr(), target.numel() * target.element_size()
+        )
+
+    def advance(self, token: int) -> None:
+        """Feed the chosen token; a token outside the mask is a bug, not a user error."""
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(
+                f"internal error: the grammar refused token {token} it had allowed "
+                f"({self.matcher.get_error()})"
+            )
+
+
+def apply_masks(fused: torch.Tensor, constraints: list[RowConstraint | None]) -> torch.Tensor:
+    """Fused (B, V) logits with the tokens each row's grammar forbids at -inf (rows
+    without a constraint unchanged).
+    """
+    rows = [b for b, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return fused
+    width = fused.shape[1]
+    words = (width + 31) // 32
+    bitmask = torch.zeros((len(rows), words), dtype=torch.int32)  # (R, W)
+    for r, b in enumerate(rows):
+        constraint = constraints[b]
+        assert constraint is not None
+        constraint.fill(bitmask, r)
+    allowed = _BYTE_BITS[bitmask.view(torch.uint8).long()].view(len(rows), -1)[:, :width]
+    out = fused.clone()
+    for r, b in enumerate(rows):
+        constraint = constraints[b]
+        assert constraint is not None
+        keep = allowed[r] & constraint.vocab.agreed[:width]  # (V,)
+        out[b] = out[b].masked_fill(~keep, float("-inf"))
+    return out
