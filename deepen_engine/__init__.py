@@ -23,7 +23,7 @@ from .members import (
     display_name,
     load_member,
 )
-from .outputs import GenerationResult, StreamEvent, Usage
+from .outputs import GenerationResult, StreamEvent, ToolCall, Usage
 
 __all__ = [
     "DEFAULT_MEMBERS",
@@ -43,6 +43,7 @@ __all__ = [
     "RequestTimeoutError",
     "SchedulerConfig",
     "StreamEvent",
+    "ToolCall",
     "Usage",
     "cache_dir",
     "display_name",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
@@ -17,10 +18,12 @@ import torch
 from .alignment.vocabulary import Anchors, find_anchors
 from .config import FusionConfig, GenerationConfig, SchedulerConfig
 from .decoding.chat import check_messages, render
-from .decoding.loop import NewRow
+from .decoding.constraints import ConstraintSpec
 from .decoding.prompts import MemberPrompt
 from .decoding.readers import aread, read
+from .decoding.rows import NewRow
 from .decoding.scheduler import Request, Scheduler, Sink
+from .decoding.tools import CallForm, ToolSet, atool_events, tool_events
 from .errors import ConfigError
 from .fusion import Fuser
 from .members import (
@@ -34,8 +37,20 @@ from .members import (
 )
 from .outputs import GenerationResult, StreamEvent, collect
 
-Conversation = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
+Conversation = list[dict[str, Any]]  # chat messages: [{"role": ..., "content": ...}, ...]
 Prompt = str | Conversation  # a text, or a chat conversation
+
+
+@dataclass
+class _Call:
+    """One checked request: each row's member prompts and what decodes them."""
+
+    rows: list[list[MemberPrompt]]
+    config: GenerationConfig
+    batch_size: int | None
+    tools: ToolSet | None = None  # the request's tools (None: none, or tool_choice "none")
+    form: CallForm = field(default_factory=CallForm)  # how the main member writes a call
+    constraint: ConstraintSpec | None = None  # the tools' grammar, if constrained
 
 
 class Ensemble:
@@ -124,6 +139,9 @@ class Ensemble:
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        tool_constraint: bool = True,
         **overrides: Any,
     ) -> Generator[StreamEvent, None, None]:
         """Yield text deltas as they become final, and one final event per prompt.
@@ -136,9 +154,21 @@ class Ensemble:
         `SchedulerConfig`); each row gives exactly the text it gives alone (greedy, or
         sampled with a seed). Closing the stream removes its rows after the current step
         and frees their cache rows before `close()` returns.
+
+        Tools (chat prompts only): `tools` is a list of OpenAI function specs
+        (`{"type": "function", "function": {"name", "description", "parameters"}}`),
+        `tool_choice` is `"auto"` (default: text or a call), `"required"` (a call),
+        `"none"` (no tools) or a tool's name (a call of that tool). The main member's
+        decoding is constrained so a call always parses and its arguments match the tool's
+        schema (`tool_constraint=False` decodes freely and only parses: for measuring).
+        A reply that calls a tool ends with `finish_reason="tool_calls"` and
+        `StreamEvent.tool_calls`; its text is not streamed. See decoding/tools.py.
         """
-        rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return read(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
+        call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
+        events = read(self._scheduler, lambda sink: self._submit(call, sink, tool_constraint))
+        if call.tools is None:
+            return events
+        return tool_events(events, call.tools, call.form)
 
     def astream(
         self,
@@ -146,6 +176,9 @@ class Ensemble:
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        tool_constraint: bool = True,
         **overrides: Any,
     ) -> AsyncGenerator[StreamEvent, None]:
         """`stream` for asyncio: decoding runs in the ensemble's worker thread, the event
@@ -154,28 +187,27 @@ class Ensemble:
         Closing the iterator or cancelling the task that reads it removes the request's
         rows after the current step; a request still waiting to start never starts.
         """
-        rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return aread(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
+        call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
+        events = aread(self._scheduler, lambda sink: self._submit(call, sink, tool_constraint))
+        if call.tools is None:
+            return events
+        return atool_events(events, call.tools, call.form)
 
-    def _submit(
-        self,
-        rows: list[list[MemberPrompt]],
-        cfg: GenerationConfig,
-        size: int | None,
-        sink: Sink,
-    ) -> Request:
+    def _submit(self, call: _Call, sink: Sink, tool_constraint: bool = True) -> Request:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
+        cfg = call.config
         request = Request(
             rows=[],
             main=self.fusion.main,
             run_helpers=not self.fuser.is_identity,
             sink=sink,
-            batch_size=size,
+            batch_size=call.batch_size,
             deadline=None if cfg.timeout is None else time.monotonic() + cfg.timeout,
         )
+        constraint = call.constraint if tool_constraint else None
         request.rows = [
-            NewRow(prompts=p, config=cfg, fuser=self.fuser, index=i, owner=request)
-            for i, p in enumerate(rows)
+            NewRow(p, cfg, self.fuser, index=i, owner=request, constraint=constraint)
+            for i, p in enumerate(call.rows)
         ]
         self._scheduler.submit(request)
         return request
@@ -220,7 +252,8 @@ class Ensemble:
         **overrides: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """`generate` for asyncio (see `astream`)."""
-        events = [e async for e in self.astream(prompt, config, batch_size=batch_size, **overrides)]
+        stream = self.astream(prompt, config, batch_size=batch_size, **overrides)
+        events = [e async for e in stream]
         results = collect(iter(events), len(_prompt_list(prompt)))
         return results[0] if _is_single(prompt) else results
 
@@ -230,24 +263,46 @@ class Ensemble:
         config: GenerationConfig | None,
         batch_size: int | None,
         overrides: dict[str, Any],
-    ) -> tuple[list[list[MemberPrompt]], GenerationConfig, int | None]:
-        """Check a request and render its prompts: (rows, config, batch size)."""
+        tools: Any = None,
+        tool_choice: Any = None,
+    ) -> _Call:
+        """Check a request and render its prompts."""
         cfg = _generation_config(config, overrides)
         prompts = _prompt_list(prompt)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        return [self._member_prompts(p) for p in prompts], cfg, batch_size
+        toolset = ToolSet.build(tools, tool_choice)
+        if toolset is None:
+            return _Call([self._member_prompts(p) for p in prompts], cfg, batch_size)
+        if any(isinstance(p, str) for p in prompts):
+            raise ConfigError("tools need chat prompts (lists of messages), not plain text.")
+        if cfg.constraint is not None:
+            raise ConfigError(
+                f"give tools or GenerationConfig.{cfg.constraint[0]}, not both: the tools "
+                "already constrain the reply."
+            )
+        main = self.main
+        form = CallForm.for_template(main.chat_template or main.tokenizer.chat_template)
+        rows = [self._member_prompts(p, toolset) for p in prompts]
+        return _Call(rows, cfg, batch_size, toolset, form, toolset.constraint(form))
 
-    def render(self, messages: list[dict[str, str]]) -> list[str]:
-        """Each member's prompt text for a chat conversation (see decoding/chat.py)."""
+    def render(
+        self, messages: Conversation, tools: Any = None, tool_choice: Any = None
+    ) -> list[str]:
+        """Each member's prompt text for a chat conversation, with the tools described as
+        `stream` would (see decoding/chat.py).
+        """
+        return self._render(messages, ToolSet.build(tools, tool_choice))
+
+    def _render(self, messages: Conversation, tools: ToolSet | None) -> list[str]:
         messages = check_messages(messages)
-        return [render(m.tokenizer, messages, m.chat_template) for m in self.members]
+        return [render(m.tokenizer, messages, m.chat_template, tools) for m in self.members]
 
-    def _member_prompts(self, prompt: Prompt) -> list[MemberPrompt]:
+    def _member_prompts(self, prompt: Prompt, tools: ToolSet | None = None) -> list[MemberPrompt]:
         if isinstance(prompt, str):
             return [(prompt, True) for _ in self.members]
         # Rendered chat prompts already hold their special tokens (BOS, turn markers).
-        return [(text, False) for text in self.render(prompt)]
+        return [(text, False) for text in self._render(prompt, tools)]
 
     @overload
     def generate(

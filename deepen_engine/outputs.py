@@ -1,11 +1,30 @@
 """What generation hands back: `StreamEvent`s as text is decided, `GenerationResult`s when
-rows finish, and each row's `Usage`.
+rows finish, each row's `Usage`, and the `ToolCall`s of a reply that calls tools.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ToolCall:
+    """One tool call of a reply (chat requests with `tools`)."""
+
+    id: str
+    """A fresh id, `call_<24 hex digits>`, for the tool result to refer to."""
+    name: str
+    """The tool's name, one of the request's tools."""
+    arguments: dict[str, Any]
+    """The arguments, parsed (with a constraint they validate against the tool's schema)."""
+
+    @property
+    def arguments_json(self) -> str:
+        """The arguments as a JSON string (OpenAI's `function.arguments`)."""
+        return json.dumps(self.arguments, ensure_ascii=False)
 
 
 @dataclass
@@ -45,10 +64,13 @@ class StreamEvent:
     index: int = 0
     """The row (position of the prompt in the request)."""
     finish_reason: str | None = None
-    """`"eos"`, `"length"` or `"stop"` on the row's final event, else None."""
+    """`"eos"`, `"length"`, `"stop"` or `"tool_calls"` on the row's final event, else None."""
     usage: Usage | None = None
     token_ids: list[int] | None = None
     """The main member's generated ids, on the final event."""
+    tool_calls: list[ToolCall] | None = None
+    """The reply's tool calls, on the final event of a reply that calls tools (its
+    finish_reason is then `"tool_calls"`); None otherwise."""
 
 
 @dataclass
@@ -56,9 +78,14 @@ class GenerationResult:
     """A finished row."""
 
     text: str
+    """The reply's text (empty for a reply that is a tool call)."""
     finish_reason: str
+    """`"eos"`, `"length"` (`max_new_tokens` reached: a constrained structure may be
+    incomplete), `"stop"` (a stop string) or `"tool_calls"`."""
     token_ids: list[int]
     usage: Usage
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """Parsed tool calls (chat requests with `tools`); empty for a text reply."""
 
 
 def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult]:
@@ -74,6 +101,7 @@ def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult
                 finish_reason=event.finish_reason,
                 token_ids=event.token_ids,
                 usage=event.usage,
+                tool_calls=list(event.tool_calls or []),
             )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

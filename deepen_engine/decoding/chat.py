@@ -8,23 +8,42 @@ generated text. A member whose tokenizer has no template uses, in order:
    ships no template): `<start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`,
    a system message prepended to the first user turn, as Gemma's own template does;
 3. a plain-text transcript: `System: ...\\n\\nUser: ...\\n\\nAssistant:`.
+
+Tools (decoding/tools.py): a template that uses `tools` gets them (and the conversation's
+tool calls and `tool` messages as they are); for any other, the tools are described in
+the system turn (`ToolSet.instruction`), an assistant's tool calls are written as the JSON
+objects it would reply with, and a tool result becomes a user turn
+`Tool <name> returned: <content>`. A conversation that ends with an assistant message is
+continued: the reply extends that message (an assistant prefix), its turn is not closed.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 
-ROLES = ("system", "user", "assistant")
+if TYPE_CHECKING:  # tools.py imports the grammar layer; chat only needs its type
+    from .tools import ToolSet
+
+ROLES = ("system", "user", "assistant", "tool")
 
 # Special tokens that end an assistant turn, in the chat formats we know.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|eom_id|>")
 
+Message = dict[str, Any]
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Validate one conversation: a non-empty list of {"role", "content"} dicts."""
+
+def check_messages(messages: Any) -> list[Message]:
+    """Validate one conversation: a non-empty list of OpenAI-style message dicts.
+
+    `{"role": "system" | "user", "content": str}`; `{"role": "assistant", "content": str
+    or None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}`
+    (arguments a dict or a JSON string); `{"role": "tool", "content": str, "tool_call_id":
+    ..., "name": ...}`. Returned normalised: content a str, arguments a dict.
+    """
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ConfigError(
             "messages must be a non-empty list of {'role': ..., 'content': ...} dicts."
@@ -36,25 +55,123 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ConfigError(f"messages[{i}] has role {role!r}; use one of {list(ROLES)}.")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise ConfigError(f"messages[{i}] needs a 'content' string, got {content!r}.")
-        out.append({"role": role, "content": content})
+        item: Message = {"role": role, "content": content}
+        if calls:
+            item["tool_calls"] = [_check_call(i, j, c) for j, c in enumerate(calls)]
+        if role == "tool":
+            item["tool_call_id"] = message.get("tool_call_id")
+            item["name"] = message.get("name")
+        out.append(item)
     return out
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None) -> str:
-    """The member's prompt text for `messages`, ending where the assistant's reply starts."""
+def _check_call(i: int, j: int, call: Any) -> Message:
+    """messages[i].tool_calls[j] as `{"id", "type": "function", "function": {"name",
+    "arguments": dict}}`.
+    """
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise ConfigError(
+            f"messages[{i}].tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
+            f"'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}."
+        )
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise ConfigError(
+                f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {arguments!r}."
+            ) from None
+    if not isinstance(arguments, dict):
+        raise ConfigError(
+            f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object, got "
+            f"{arguments!r}."
+        )
+    return {
+        "id": call.get("id") or f"call_{j}",
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    }
+
+
+def render(
+    tokenizer: Any,
+    messages: list[Message],
+    template: str | None = None,
+    tools: ToolSet | None = None,
+) -> str:
+    """The member's prompt text for `messages`, ending where the assistant's reply starts
+    (inside the last message when it is the assistant's).
+    """
     own = template or getattr(tokenizer, "chat_template", None)
+    go_on = messages[-1]["role"] == "assistant"
+    if own and "tools" in own:  # the template takes tools, tool calls and tool results
+        return str(
+            tokenizer.apply_chat_template(
+                messages,
+                tools=tools.template_tools() if tools is not None else None,
+                chat_template=own,
+                tokenize=False,
+                add_generation_prompt=not go_on,
+                continue_final_message=go_on,
+            )
+        )
+    plain = plain_messages(messages)
+    if tools is not None:
+        plain = with_system(plain, tools.instruction())
     if own:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=own, tokenize=False, add_generation_prompt=True
+        return str(
+            tokenizer.apply_chat_template(
+                plain,
+                chat_template=own,
+                tokenize=False,
+                add_generation_prompt=not go_on,
+                continue_final_message=go_on,
+            )
         )
     if "<start_of_turn>" in tokenizer.get_vocab():
-        return _gemma_turns(tokenizer, messages)
-    return _transcript(messages)
+        return _gemma_turns(tokenizer, plain, go_on)
+    return _transcript(plain, go_on)
 
 
-def _gemma_turns(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
+    """The conversation for a template without tools: an assistant's tool calls as the JSON
+    objects it replies with, tool results as user turns `Tool <name> returned: <content>`.
+    """
+    names: dict[str, str] = {}  # tool call id -> tool name
+    out = []
+    for m in messages:
+        content = m["content"]
+        if m["role"] == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id") or "") or "tool"
+            out.append({"role": "user", "content": f"Tool {name} returned: {content}"})
+            continue
+        calls = []
+        for call in m.get("tool_calls") or []:
+            names[call["id"]] = call["function"]["name"]
+            fn = call["function"]
+            calls.append(json.dumps({"name": fn["name"], "arguments": fn["arguments"]}))
+        text = "\n".join([content, *calls]) if content else "\n".join(calls)
+        out.append({"role": m["role"], "content": text})
+    return out
+
+
+def with_system(conversation: list[dict[str, str]], instruction: str) -> list[dict[str, str]]:
+    """The conversation with `instruction` appended to its first system turn (or as one)."""
+    if conversation and conversation[0]["role"] == "system":
+        first = conversation[0]["content"]
+        merged = f"{first}\n\n{instruction}" if first else instruction
+        return [{"role": "system", "content": merged}, *conversation[1:]]
+    return [{"role": "system", "content": instruction}, *conversation]
+
+
+def _gemma_turns(tokenizer: Any, messages: list[dict[str, str]], go_on: bool) -> str:
     system = [m["content"] for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
     parts = [tokenizer.bos_token or ""]
@@ -63,11 +180,16 @@ def _gemma_turns(tokenizer: Any, messages: list[dict[str, str]]) -> str:
         if i == 0 and system:
             content = "\n\n".join(system) + "\n\n" + content
         role = "model" if m["role"] == "assistant" else "user"
+        if go_on and i == len(turns) - 1:
+            parts.append(f"<start_of_turn>{role}\n{content}")  # continued: left open
+            return "".join(parts)
         parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
     parts.append("<start_of_turn>model\n")
     return "".join(parts)
 
 
-def _transcript(messages: list[dict[str, str]]) -> str:
+def _transcript(messages: list[dict[str, str]], go_on: bool) -> str:
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    if go_on:
+        return "\n\n".join(lines)
     return "\n\n".join(lines) + "\n\nAssistant:"

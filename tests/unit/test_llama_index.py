@@ -81,14 +81,14 @@ def test_chat_renders_each_members_template(llm, tiny_ensemble, monkeypatch):
         "System: You are brief.\n\nUser: What is the capital of Italy?\n\nAssistant:"
     )  # the tiny Gemma tokenizer has no template: the engine's transcript
     seen: list[list[str]] = []
-    real_render = type(tiny_ensemble).render
+    real_render = type(tiny_ensemble)._render
 
-    def spy(self, messages):
-        out = real_render(self, messages)
+    def spy(self, messages, tools=None):
+        out = real_render(self, messages, tools)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(type(tiny_ensemble), "render", spy)
+    monkeypatch.setattr(type(tiny_ensemble), "_render", spy)
     response = llm.chat(MESSAGES)
     assert seen == [rendered]
     assert response.message.role == MessageRole.ASSISTANT
