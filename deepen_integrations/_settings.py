@@ -13,7 +13,8 @@ Data flow::
     one call: keyword overrides (`max_tokens=8`, `eta=0`, `stop=[...]`) split into
       -> fusion: a cheap `with_fusion` view of the loaded (or given) ensemble, cached per
          setting; `main=None` on a chat adapter is `Ensemble.default_chat_main()`
-      -> generation: a `GenerationConfig` (stop strings: the field's, then the call's)
+      -> generation: a `GenerationConfig` (stop strings: the field's, then the call's;
+         a call may add an output constraint: `json_schema`, `regex`, `grammar`)
       -> keywords that are no setting come back in `CallSettings.unknown`; each adapter
          decides (LangChain raises, LlamaIndex ignores what LlamaIndex passes along)
 
@@ -43,7 +44,14 @@ from deepen_engine import (
     display_name,
 )
 
-__all__ = ["CallSettings", "DeepEnSettings", "engine_astream", "engine_stream", "token_counts"]
+__all__ = [
+    "CALL_GENERATION",
+    "CallSettings",
+    "DeepEnSettings",
+    "engine_astream",
+    "engine_stream",
+    "token_counts",
+]
 
 # The adapters' generation defaults are the engine's.
 _DEFAULTS = GenerationConfig()
@@ -72,6 +80,9 @@ GENERATION_FIELDS = (
     "truncation",
     "stop",
 )
+# GenerationConfig fields a call may set that are no adapter field: the output constraint
+# (structured output binds them, e.g. `chat.bind(json_schema={...})`).
+CALL_GENERATION = ("json_schema", "regex", "grammar")
 _ALIASES = {"max_tokens": "max_new_tokens"}  # call keywords that name a field differently
 
 _Config = TypeVar("_Config", FusionConfig, GenerationConfig)
@@ -289,8 +300,9 @@ class DeepEnSettings(BaseModel):
         calls = {_ALIASES.get(k, k): v for k, v in overrides.items()}
         generation = {k: getattr(self, k) for k in GENERATION_FIELDS}
         generation.update({k: v for k, v in calls.items() if k in GENERATION_FIELDS})
+        generation.update({k: v for k, v in calls.items() if k in CALL_GENERATION})
         generation["stop"] = merge_stop(self.stop, calls.get("stop"))
-        known = (*GENERATION_FIELDS, *CALL_FUSION)
+        known = (*GENERATION_FIELDS, *CALL_GENERATION, *CALL_FUSION)
         unknown = tuple(k for k in overrides if _ALIASES.get(k, k) not in known)
         return CallSettings(self._view(calls), GenerationConfig(**generation), unknown)
 
@@ -317,17 +329,27 @@ def token_counts(usage: Usage | None, main_name: str) -> dict[str, int]:
 
 
 def engine_stream(
-    view: Ensemble, prompt: Any, config: GenerationConfig, batch_size: int | None = None
+    view: Ensemble,
+    prompt: Any,
+    config: GenerationConfig,
+    batch_size: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: Any = None,
 ) -> Generator[StreamEvent, None, None]:
     """`view.stream(...)`, typed as the closable generator it is."""
-    return view.stream(prompt, config, batch_size=batch_size)
+    return view.stream(prompt, config, batch_size=batch_size, tools=tools, tool_choice=tool_choice)
 
 
 def engine_astream(
-    view: Ensemble, prompt: Any, config: GenerationConfig, batch_size: int | None = None
+    view: Ensemble,
+    prompt: Any,
+    config: GenerationConfig,
+    batch_size: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: Any = None,
 ) -> AsyncGenerator[StreamEvent, None]:
     """`view.astream(...)`, typed as the closable async generator it is."""
-    return view.astream(prompt, config, batch_size=batch_size)
+    return view.astream(prompt, config, batch_size=batch_size, tools=tools, tool_choice=tool_choice)
 
 
 # --- checks: the engine's config models decide; these only name the adapter's field ---------

@@ -2,8 +2,9 @@
 
 - `DeepEnLLM` (`llms.py`, a `BaseLLM`): text in, text out; `batch` is one engine batch.
 - `ChatDeepEn` (`chat_models.py`, a `BaseChatModel`): messages in, an `AIMessage` out,
-  with tool calling (`tools.py`: `TOOL_INSTRUCTION`, `parse_tool_calls`) and structured
-  output; messages reach the engine through `_messages.to_engine_messages`.
+  with tool calling and structured output on the engine's constraints (`tools.py`; the
+  engine describes tools and parses calls: deepen_engine/decoding/tools.py); messages
+  reach the engine through `_messages.to_engine_messages`.
 
 Both take the settings every deepen adapter takes (`deepen_integrations._settings`), plus
 `batch_size` (and `streaming` for chat), through `_base.DeepEnBase`. Data flow of one call::
@@ -25,6 +26,5 @@ between wrappers, build it once and pass `ensemble=`::
 from ._messages import to_engine_messages
 from .chat_models import ChatDeepEn
 from .llms import DeepEnLLM
-from .tools import TOOL_INSTRUCTION, parse_tool_calls
 
-__all__ = ["TOOL_INSTRUCTION", "ChatDeepEn", "DeepEnLLM", "parse_tool_calls", "to_engine_messages"]
+__all__ = ["ChatDeepEn", "DeepEnLLM", "to_engine_messages"]

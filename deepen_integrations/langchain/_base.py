@@ -27,6 +27,7 @@ from deepen_engine import ConfigError, Ensemble, StreamEvent, Usage
 
 from .._settings import (
     CALL_FUSION,
+    CALL_GENERATION,
     FUSION_FIELDS,
     GENERATION_FIELDS,
     CallSettings,
@@ -47,7 +48,7 @@ __all__ = [
 PROVIDER = "deepen"
 
 # Call keywords LangChain passes along that are no setting: tracing hints start with "ls_";
-# tools are handled by ChatDeepEn; `model` names the model in tracing.
+# tools are handled by ChatDeepEn (passed to the engine); `model` names the model in tracing.
 _PASSED_ALONG = frozenset({"tools", "tool_choice", "model"})
 
 # An unknown setting raises. Each class sets it again: pydantic merges the bases' configs
@@ -95,7 +96,9 @@ class DeepEnBase(DeepEnSettings):
     def _refuse_unknown(self, call: CallSettings) -> CallSettings:
         unknown = [k for k in call.unknown if not k.startswith("ls_") and k not in _PASSED_ALONG]
         if unknown:
-            known = sorted({*CALL_FUSION, *GENERATION_FIELDS, "max_tokens", "batch_size"})
+            known = sorted(
+                {*CALL_FUSION, *GENERATION_FIELDS, *CALL_GENERATION, "max_tokens", "batch_size"}
+            )
             raise ConfigError(
                 f"{type(self).__name__} got an unknown call setting {unknown[0]!r}; use one "
                 f"of {known}."

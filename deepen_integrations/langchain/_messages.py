@@ -3,17 +3,17 @@
 Data flow::
 
     [SystemMessage, HumanMessage, AIMessage (maybe with tool_calls), ToolMessage, ...]
-      -> to_engine_messages: [{"role": "system" | "user" | "assistant", "content": str}]
-         (AI tool calls written as the JSON objects `TOOL_INSTRUCTION` asks for; tool
-         results as user turns "Tool <name> returned: <content>")
-      -> with_system: the tool instruction merged into the first system turn
+      -> to_engine_messages: OpenAI-style dicts, {"role": "system" | "user" | "assistant"
+         | "tool", "content": str}; an AI message's tool calls as "tool_calls", a tool
+         result with its "tool_call_id" and the tool's "name"
       -> Ensemble.stream, where each member renders the conversation with its own template
+         (tool calls and results through the template, or as text: decoding/chat.py)
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -25,7 +25,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-__all__ = ["to_engine_messages", "with_system"]
+__all__ = ["to_engine_messages"]
 
 # ChatMessage roles -> the engine's roles (anything else is a user turn).
 _CHAT_ROLES = {
@@ -36,17 +36,17 @@ _CHAT_ROLES = {
 }
 
 
-def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as the engine's chat conversation ({"role", "content"} dicts).
+def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as the engine's chat conversation (OpenAI-style dicts).
 
-    Only the text of message content is kept. AI tool calls are written as the JSON objects
-    `TOOL_INSTRUCTION` asks for; tool results become user turns `Tool <name> returned:
-    <content>`.
+    Only the text of message content is kept. An AI message's tool calls become
+    `"tool_calls"` (`{"id", "type": "function", "function": {"name", "arguments"}}`); a
+    tool result is a `"tool"` message with its call's id and the tool's name.
 
     Raises:
         ValueError: a message of a kind the engine cannot take (e.g. a RemoveMessage).
     """
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}  # tool call id -> tool name, for the results
     for i, message in enumerate(messages):
         text = message.text if isinstance(message.text, str) else str(message.text)
@@ -55,11 +55,11 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
         elif isinstance(message, HumanMessage):
             out.append({"role": "user", "content": text})
         elif isinstance(message, AIMessage):
-            out.append({"role": "assistant", "content": _ai_content(message, text, call_names)})
+            out.append(_ai_message(message, text, call_names))
         elif isinstance(message, (ToolMessage, FunctionMessage)):
-            call_id = getattr(message, "tool_call_id", "")
+            call_id = getattr(message, "tool_call_id", "") or ""
             name = message.name or call_names.get(call_id) or "tool"
-            out.append({"role": "user", "content": f"Tool {name} returned: {text}"})
+            out.append({"role": "tool", "content": text, "tool_call_id": call_id, "name": name})
         elif isinstance(message, ChatMessage):
             out.append({"role": _CHAT_ROLES.get(message.role, "user"), "content": text})
         else:
@@ -70,19 +70,15 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     return out
 
 
-def _ai_content(message: AIMessage, text: str, call_names: dict[str, str]) -> str:
-    """An AI turn: its text, then one JSON object per tool call (recorded in call_names)."""
+def _ai_message(message: AIMessage, text: str, call_names: dict[str, str]) -> dict[str, Any]:
+    """An AI turn with its tool calls (recorded in call_names for the results)."""
+    out: dict[str, Any] = {"role": "assistant", "content": text}
     calls = []
-    for call in message.tool_calls:
-        call_names[call.get("id") or ""] = call["name"]
-        calls.append(json.dumps({"name": call["name"], "arguments": call["args"]}))
-    return "\n".join([text, *calls]) if text else "\n".join(calls)
-
-
-def with_system(conversation: list[dict[str, str]], instruction: str) -> list[dict[str, str]]:
-    """The conversation with `instruction` appended to its first system turn (or as one)."""
-    if conversation and conversation[0]["role"] == "system":
-        first = conversation[0]["content"]
-        merged = f"{first}\n\n{instruction}" if first else instruction
-        return [{"role": "system", "content": merged}, *conversation[1:]]
-    return [{"role": "system", "content": instruction}, *conversation]
+    for j, call in enumerate(message.tool_calls):
+        call_id = call.get("id") or f"call_{j}"
+        call_names[call_id] = call["name"]
+        function = {"name": call["name"], "arguments": call["args"]}
+        calls.append({"id": call_id, "type": "function", "function": function})
+    if calls:
+        out["tool_calls"] = calls
+    return out

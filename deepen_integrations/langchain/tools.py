@@ -1,57 +1,61 @@
-"""Tool calling for `ChatDeepEn`: the members have no native tool calling, so tools are
-described in a system instruction and the reply is parsed.
+"""Tool calling and structured output for `ChatDeepEn`, on the engine's constraints.
 
 Data flow::
 
     bind_tools(tools, tool_choice)
-      -> convert_to_openai_tool for each tool; normalise_tool_choice -> "auto" | "any" |
-         "none" | a tool name
-    one call with tools bound (and tool_choice != "none")
-      -> ToolMode(tools, choice).instruction(): `TOOL_INSTRUCTION` (one JSON schema a line,
-         and what the choice asks for), merged into the conversation's system turn
-      -> the engine's reply, held back while streaming
-      -> ToolMode.parse(reply) = parse_tool_calls: content, `tool_calls`, and
-         `invalid_tool_calls` (malformed JSON, unknown tool; never an exception)
-      -> ToolMode.chunks: the calls as `tool_call_chunks` of the one AIMessageChunk
+      -> convert_to_openai_tool for each tool; engine_tool_choice: LangChain's values
+         ("auto", "any", "required", "none", a name, True, a dict) as the engine's
+         ("auto", "required", "none", a name)
+    one call -> Ensemble.stream(conversation, tools=..., tool_choice=...): the engine
+         describes the tools to each member (its template, or a system instruction),
+         constrains the main member so a call always parses, and parses it
+      -> the final event's `tool_calls` -> `call_chunks`: `tool_call_chunks` with an index
+
+    with_structured_output(schema, method)
+      "json_schema" (default): the call is bound to GenerationConfig.json_schema = the
+          schema; the reply is JSON valid against it, parsed by `structured_parser`
+      "function_calling": the schema as a tool, forced (tool_choice = its name); the
+          call's arguments are parsed
+      "json_mode": GenerationConfig.json_schema = {"type": "object"} (any JSON object)
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
-from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
-
-__all__ = ["TOOL_INSTRUCTION", "ToolMode", "normalise_tool_choice", "parse_tool_calls"]
-
-TOOL_INSTRUCTION = (
-    "Tools (JSON schemas):\n{tools}\n\n"
-    'To call a tool, reply with only a JSON object {{"name": "<tool name>", '
-    '"arguments": {{...}}}} and nothing else. {choice}'
+from langchain_core.messages import ToolCallChunk
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
 )
-"""The system instruction that describes bound tools (`{tools}`: one JSON object per line,
-`{"name", "description", "parameters"}`; `{choice}`: what `tool_choice` asks for). It is
-appended to the conversation's first system message, or is the first message if there is
-none."""
+from langchain_core.output_parsers.base import OutputParserLike
+from langchain_core.utils.function_calling import convert_to_json_schema
+from pydantic import BaseModel
 
-_CHOICE_TEXT = {
-    "auto": "If no tool is needed, answer the user directly in plain text.",
-    "any": "You must call one of the tools.",
-}
+from deepen_engine import ToolCall
 
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+__all__ = [
+    "STRUCTURED_METHODS",
+    "call_chunks",
+    "engine_tool_choice",
+    "structured_parser",
+    "structured_schema",
+]
+
+STRUCTURED_METHODS = ("json_schema", "function_calling", "json_mode")
 
 
-def normalise_tool_choice(choice: Any, names: list[str]) -> str:
-    """`tool_choice` as "auto", "any", "none" or a tool name.
+def engine_tool_choice(choice: Any, names: list[str]) -> str:
+    """LangChain's `tool_choice` as the engine's: "auto", "required", "none" or a name.
 
-    `None`, `"auto"` and `False` are "auto"; `"any"`, `"required"` and `True` are "any" (with
-    one tool bound, `True` names it); a dict `{"type": "function", "function": {"name": ...}}`
-    or `{"name": ...}` is that name.
+    `None`, `"auto"` and `False` are "auto"; `"any"`, `"required"` and `True` are
+    "required" (with one tool bound, `True` names it); a dict
+    `{"type": "function", "function": {"name": ...}}` or `{"name": ...}` is that name.
 
     Raises:
         ValueError: a choice naming no bound tool, or of another type.
@@ -59,7 +63,7 @@ def normalise_tool_choice(choice: Any, names: list[str]) -> str:
     if choice is None or choice == "auto" or choice is False:
         return "auto"
     if choice in ("any", "required") or choice is True:
-        return names[0] if (choice is True and len(names) == 1) else "any"
+        return names[0] if (choice is True and len(names) == 1) else "required"
     if choice == "none":
         return "none"
     if isinstance(choice, dict):
@@ -74,85 +78,40 @@ def normalise_tool_choice(choice: Any, names: list[str]) -> str:
     raise ValueError(f"tool_choice must be a str, dict, bool or None, got {choice!r}")
 
 
-class ToolMode:
-    """The tools bound to one call (OpenAI tool dicts) and what `tool_choice` asks for."""
-
-    def __init__(self, tools: Sequence[dict[str, Any]], choice: str | None) -> None:
-        self.tools = [t.get("function", t) for t in tools]
-        self.names = [t["name"] for t in self.tools]
-        self.choice = choice or "auto"
-        self.forced = self.choice != "auto"
-
-    def instruction(self) -> str:
-        """The system instruction describing the tools (`TOOL_INSTRUCTION`)."""
-        lines = [
-            json.dumps(
-                {
-                    "name": t["name"],
-                    "description": t.get("description", ""),
-                    "parameters": t.get("parameters", {}),
-                }
-            )
-            for t in self.tools
-        ]
-        choice = _CHOICE_TEXT.get(self.choice) or f"You must call the tool {self.choice}."
-        return TOOL_INSTRUCTION.format(tools="\n".join(lines), choice=choice)
-
-    def parse(self, reply: str) -> tuple[str, list[ToolCallChunk], list[InvalidToolCall]]:
-        """A whole reply as (content, tool call chunks, invalid tool calls)."""
-        content, calls, invalid = parse_tool_calls(reply, self.names, self.forced)
-        chunks = [
-            tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-            for i, c in enumerate(calls)
-        ]
-        return content, chunks, invalid
-
-
-def parse_tool_calls(
-    text: str, names: Sequence[str], forced: bool = False
-) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    """Parse a reply into (content, tool_calls, invalid_tool_calls); never raises.
-
-    A reply is a tool call when it is (optionally in a ``` fence) a JSON object, or, when
-    `forced`, when it contains one anywhere. `{"name": ..., "arguments": {...}}` is the
-    asked-for form (`"args"`/`"parameters"` are accepted for `"arguments"`, and a JSON
-    string of arguments is decoded). An object without `"name"` is taken as the arguments
-    when exactly one tool is bound. Malformed JSON, an unknown tool name or arguments that
-    are not an object give an invalid tool call with the reason in `error`. Text before
-    the object stays in `content`.
+def call_chunks(calls: Sequence[ToolCall]) -> list[ToolCallChunk]:
+    """The engine's parsed calls as LangChain `tool_call_chunks` (arguments as JSON, with an
+    index, as LangChain merges streamed calls by index).
     """
-    stripped = _FENCE.sub("", text.strip()).strip()
-    start = 0 if stripped.startswith("{") else (stripped.find("{") if forced else -1)
-    if start < 0:
-        return text, [], []
-    prefix, body = stripped[:start].strip(), stripped[start:]
-    call_id = f"call_{uuid.uuid4().hex[:24]}"
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(body)
-    except json.JSONDecodeError as exc:
-        error = f"The reply is not valid JSON: {exc}"
-        return prefix, [], [invalid_tool_call(args=body, id=call_id, error=error)]
-    if not isinstance(obj, dict):
-        return text, [], []
-    if "name" not in obj and len(names) == 1:
-        obj = {"name": names[0], "arguments": obj}
-    name, args = obj.get("name"), _arguments(obj)
-    if not isinstance(name, str) or name not in names:
-        error = f"{name!r} is not one of the tools {list(names)}"
-    elif not isinstance(args, dict):
-        error = f"the arguments must be a JSON object, got {args!r}"
-    else:
-        return prefix, [tool_call(name=name, args=args, id=call_id)], []
-    name = name if isinstance(name, str) else None
-    return prefix, [], [invalid_tool_call(name=name, args=json.dumps(obj), id=call_id, error=error)]
+    return [
+        tool_call_chunk(name=c.name, args=json.dumps(c.arguments), id=c.id, index=i)
+        for i, c in enumerate(calls)
+    ]
 
 
-def _arguments(obj: dict[str, Any]) -> Any:
-    """A call object's arguments (`arguments`, `args` or `parameters`; a JSON string decoded)."""
-    args = obj.get("arguments", obj.get("args", obj.get("parameters", {})))
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except json.JSONDecodeError:
-            return args
-    return args
+def structured_schema(schema: Any, method: str) -> dict[str, Any]:
+    """The JSON schema the reply is constrained to for `method` ("json_schema",
+    "json_mode"); ValueError for an unknown method or a missing schema.
+    """
+    if method not in STRUCTURED_METHODS:
+        raise ValueError(f"method must be one of {list(STRUCTURED_METHODS)}, got {method!r}")
+    if method == "json_mode":
+        return {"type": "object"}
+    if schema is None:
+        raise ValueError(f"with_structured_output(method={method!r}) needs a schema")
+    return dict(convert_to_json_schema(schema))
+
+
+def structured_parser(
+    schema: Any, method: str, tool_name: str | None
+) -> OutputParserLike[Any]:
+    """The parser of a structured reply: a pydantic class gives its instances, any other
+    schema a dict; with "function_calling" the forced call's arguments are parsed.
+    """
+    is_model = isinstance(schema, type) and issubclass(schema, BaseModel)
+    if method == "function_calling":
+        if is_model:
+            return PydanticToolsParser(tools=[schema], first_tool_only=True)
+        return JsonOutputKeyToolsParser(key_name=str(tool_name), first_tool_only=True)
+    if is_model:
+        return PydanticOutputParser(pydantic_object=schema)
+    return JsonOutputParser()

@@ -1,6 +1,7 @@
 """Unit tier of the LangChain adapter: the tiny random ensemble from conftest (passed as
-`ensemble=`), and a scripted engine for the tool-calling paths whose content tiny random
-models cannot produce.
+`ensemble=`): tool calls and structured output on the engine's constraints parse and
+validate even on random weights; a scripted engine for an agent loop whose content tiny
+random models cannot produce.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -26,15 +27,15 @@ from langchain_core.tools import tool  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from deepen_engine import Ensemble, MemberSpec, StreamEvent, Usage  # noqa: E402
-from deepen_integrations.langchain import (  # noqa: E402
-    ChatDeepEn,
-    DeepEnLLM,
-    parse_tool_calls,
-    to_engine_messages,
-)
+from pydantic import Field  # noqa: E402
+
+from deepen_engine import Ensemble, MemberSpec, StreamEvent, ToolCall, Usage  # noqa: E402
+from deepen_integrations.langchain import ChatDeepEn, DeepEnLLM, to_engine_messages  # noqa: E402
 from deepen_integrations.langchain.chat_models import _ChunkBuilder  # noqa: E402
-from deepen_integrations.langchain.tools import ToolMode  # noqa: E402
+from deepen_integrations.langchain.tools import engine_tool_choice  # noqa: E402
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
 
 PROMPT = "The capital of France is"
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
@@ -466,11 +467,12 @@ def test_message_mapping():
     ]
     from langchain_core.messages import convert_to_messages
 
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
     assert to_engine_messages(convert_to_messages(messages)) == [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": '{"name": "add", "arguments": {"a": 1}}'},
-        {"role": "user", "content": "Tool add returned: 2"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "add"},
         {"role": "assistant", "content": "done"},
         {"role": "user", "content": "block text"},
     ]
@@ -479,105 +481,124 @@ def test_message_mapping():
 # ---------------------------------------------------------------- tools
 
 
-def test_parse_tool_calls():
+class Person(BaseModel):
+    """A person."""
+
+    name: str = Field(max_length=6)
+    age: int = Field(ge=0, le=150)
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@tool
+def lookup(city: str = Field(max_length=8), unit: Literal["C", "F"] = "C") -> str:
+    """Look up the weather in a city."""
+    return f"18 {unit} in {city}"
+
+
+def test_engine_tool_choice():
     names = ["add", "mul"]
-    content, calls, invalid = parse_tool_calls('{"name": "add", "arguments": {"a": 1}}', names)
-    assert (content, invalid) == ("", [])
-    assert [(c["name"], c["args"]) for c in calls] == [("add", {"a": 1})]
-    assert calls[0]["id"].startswith("call_")
-    # fenced, "parameters", and string arguments
-    _, calls, _ = parse_tool_calls(
-        '```json\n{"name": "mul", "parameters": "{\\"b\\": 2}"}\n```', names
-    )
-    assert [(c["name"], c["args"]) for c in calls] == [("mul", {"b": 2})]
-    # plain text stays text unless a call is forced
-    assert parse_tool_calls("Paris.", names) == ("Paris.", [], [])
-    text = 'Sure: {"name": "add", "arguments": {}}'
-    assert parse_tool_calls(text, names)[1] == []
-    content, calls, _ = parse_tool_calls(text, names, forced=True)
-    assert content == "Sure:" and calls[0]["name"] == "add"
-    # malformed JSON, unknown tool, bad arguments: invalid calls, never an exception
-    _, calls, invalid = parse_tool_calls('{"name": "add", "arguments": {"a": ', names)
-    assert calls == [] and invalid[0]["error"].startswith("The reply is not valid JSON")
-    _, _, invalid = parse_tool_calls('{"name": "div", "arguments": {}}', names)
-    assert invalid[0]["name"] == "div" and "not one of the tools" in invalid[0]["error"]
-    _, _, invalid = parse_tool_calls('{"name": "add", "arguments": [1]}', names)
-    assert "JSON object" in invalid[0]["error"]
-    # a bare arguments object with a single tool bound
-    _, calls, _ = parse_tool_calls('{"a": 1, "b": 2}', ["add"])
-    assert calls[0]["name"] == "add" and calls[0]["args"] == {"a": 1, "b": 2}
+    assert [engine_tool_choice(c, names) for c in (None, "auto", False)] == ["auto"] * 3
+    assert [engine_tool_choice(c, names) for c in ("any", "required", True)] == ["required"] * 3
+    assert engine_tool_choice(True, ["add"]) == "add"
+    assert engine_tool_choice("none", names) == "none"
+    assert engine_tool_choice({"type": "function", "function": {"name": "mul"}}, names) == "mul"
+    with pytest.raises(ValueError, match="not one of the bound tools"):
+        engine_tool_choice("div", names)
 
 
-def test_tool_instruction_is_rendered(chat):
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
+def test_bound_tools_reach_the_engine(chat, tiny_ensemble):
     bound = chat.bind_tools([add], tool_choice="any")
-    kwargs = bound.kwargs
-    _, _, conversation, mode = chat._prepare(lc_messages(), None, dict(kwargs))
-    assert mode is not None and mode.forced
-    system = conversation[0]
-    assert system["role"] == "system"
-    assert system["content"].startswith("You are brief.\n\nTools (JSON schemas):\n")
-    assert (
-        '"name": "add"' in system["content"]
-        and '"description": "Add two integers."' in (system["content"])
-    )
-    assert "You must call one of the tools." in system["content"]
-    assert conversation[1:] == CONVERSATION[1:]
-    _, _, conversation, _ = chat._prepare(
-        [HumanMessage("hi")], None, {**kwargs, "tool_choice": "add"}
-    )
-    assert conversation[0]["role"] == "system"
-    assert conversation[0]["content"].endswith("You must call the tool add.")
-    _, _, conversation, mode = chat._prepare(
-        [HumanMessage("hi")], None, {**kwargs, "tool_choice": "none"}
-    )
-    assert mode is None and conversation == [{"role": "user", "content": "hi"}]
+    call = chat._prepare(lc_messages(), None, dict(bound.kwargs))
+    assert call.tool_choice == "required"
+    assert call.tools is not None and call.tools[0]["function"]["name"] == "add"
+    rendered = tiny_ensemble.render(call.conversation, call.tools, call.tool_choice)
+    assert rendered[0].startswith("<|im_start|>system\nYou are brief.\n\nYou can call these")
+    assert '"name": "add"' in rendered[0] and "You must call one of the tools." in rendered[0]
+    none = chat._prepare([HumanMessage("hi")], None, {**bound.kwargs, "tool_choice": "none"})
+    assert none.tools is None and none.conversation == [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="tool_choice"):
         chat.bind_tools([add], tool_choice="nope")
 
 
-def test_tool_call_real_tiny_model_never_raises(chat):
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
+@pytest.mark.parametrize("choice", ["any", "lookup", True])
+def test_forced_tool_calls_parse_on_random_weights(tiny_ensemble, choice):
+    chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=120, temperature=1.0, seed=3)
+    tools = [lookup] if choice is True else [add, lookup]
+    message = chat.bind_tools(tools, tool_choice=choice).invoke("What is 2 + 3?")
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    assert message.content == "" and not message.invalid_tool_calls
+    (call,) = message.tool_calls
+    tool_ = {"add": add, "lookup": lookup}[call["name"]]
+    jsonschema.validate(call["args"], tool_.tool_call_schema.model_json_schema())
+    # streamed: the same call, as tool_call_chunks with an index
+    chunks = list(chat.bind_tools(tools, tool_choice=choice).stream("What is 2 + 3?"))
+    (chunk,) = [c for c in chunks if c.tool_call_chunks]
+    assert chunk.tool_call_chunks[0]["index"] == 0
+    assert json.loads(chunk.tool_call_chunks[0]["args"]) == call["args"]
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(call["name"], call["args"])]
 
-    message = chat.bind_tools([add], tool_choice="any").invoke("add 2 and 3")
-    assert isinstance(message, AIMessage)
-    assert message.usage_metadata["output_tokens"] > 0
-    chunks = list(chat.bind_tools([add]).stream("add 2 and 3"))
-    assert len(chunks) == 1 and chunks[0].chunk_position == "last"
 
-
-def _final(delta: str = "") -> StreamEvent:
+def test_chunk_builder_tool_calls():
+    builder = _ChunkBuilder("m", "deepen:x")
     usage = Usage(completion_tokens=5, prompt_tokens={"m": 7})
-    return StreamEvent(delta=delta, finish_reason="eos", usage=usage, token_ids=[1])
-
-
-def test_chunk_builder_tool_mode():
-    mode = ToolMode([{"type": "function", "function": {"name": "add", "parameters": {}}}], "any")
-    builder = _ChunkBuilder("m", "deepen:x", mode)
-    assert builder.add(StreamEvent(delta='{"name": "add", ')) == []
-    (chunk,) = builder.add(_final('"arguments": {"a": 1}}'))
+    call = ToolCall(id="call_1", name="add", arguments={"a": 1})
+    event = StreamEvent(finish_reason="tool_calls", usage=usage, token_ids=[1], tool_calls=[call])
+    (chunk,) = builder.add(event)
     message = chunk.message
     assert message.content == ""
-    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("add", {"a": 1})]
+    assert [(c["name"], c["args"], c["id"]) for c in message.tool_calls] == [
+        ("add", {"a": 1}, "call_1")
+    ]
     assert message.usage_metadata == {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}
-    builder = _ChunkBuilder("m", "deepen:x", mode)
-    (chunk,) = builder.add(_final('{"name": "add", "arguments": {"a": '))
-    assert chunk.message.tool_calls == []
-    assert chunk.message.invalid_tool_calls[0]["error"].startswith("The reply is not valid JSON")
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+@pytest.mark.parametrize("kind", ["pydantic", "dict"])
+def test_structured_output_always_parses(tiny_ensemble, method, kind):
+    schema = Person if kind == "pydantic" else Person.model_json_schema()
+    chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=120)
+    for seed in range(3):
+        structured = chat.with_structured_output(schema, method=method)
+        result = structured.invoke("Ada is 36.", temperature=1.0, seed=seed)
+        if kind == "pydantic":
+            assert isinstance(result, Person)
+        else:
+            jsonschema.validate(result, Person.model_json_schema())
+    raw = chat.with_structured_output(schema, method=method, include_raw=True).invoke("Ada")
+    assert raw["parsing_error"] is None and raw["parsed"] is not None
+    assert isinstance(raw["raw"], AIMessage)
+
+
+def test_json_mode_gives_an_object(tiny_ensemble):
+    chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=60)
+    result = chat.with_structured_output(None, method="json_mode").invoke("Ada is 36.")
+    assert isinstance(result, dict)
+    with pytest.raises(ValueError, match="method must be one of"):
+        chat.with_structured_output(Person, method="xml")
+
+
+def test_structured_output_cut_short_is_a_parsing_error(tiny_ensemble):
+    chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=3)
+    out = chat.with_structured_output(Person, include_raw=True).invoke("Ada is 36.")
+    assert out["parsed"] is None and out["parsing_error"] is not None
+    assert out["raw"].response_metadata["finish_reason"] == "length"
 
 
 class ScriptedEnsemble(Ensemble):
-    """The tiny ensemble's members with scripted replies: for tool-calling flows whose
-    content tiny random models cannot produce. Records the conversations it gets."""
+    """The tiny ensemble's members with scripted replies (text, or a tool call): for an
+    agent loop whose content tiny random models cannot produce. Records the conversation,
+    tools and tool choice of each request."""
 
-    def __init__(self, base: Ensemble, replies: list[str]) -> None:  # no loading
+    def __init__(self, base: Ensemble, replies: list[str | ToolCall]) -> None:  # no loading
         self.members = base.members
         self.fusion = base.fusion
         self.replies = list(replies)
@@ -586,54 +607,35 @@ class ScriptedEnsemble(Ensemble):
     def with_fusion(self, **changes: Any) -> Ensemble:
         return self
 
-    def stream(self, prompt, config=None, *, batch_size=None, **overrides) -> Iterator[StreamEvent]:
-        self.seen.append(prompt)
+    def stream(
+        self, prompt, config=None, *, batch_size=None, tools=None, tool_choice=None, **overrides
+    ) -> Iterator[StreamEvent]:
+        self.seen.append((prompt, tools, tool_choice))
         reply = self.replies.pop(0)
-        pieces = [reply[i : i + 5] for i in range(0, len(reply), 5)]
+        usage = Usage(completion_tokens=3, prompt_tokens={"tiny-llama": 3})
 
         def events():
-            for piece in pieces:
-                yield StreamEvent(delta=piece)
-            usage = Usage(completion_tokens=len(pieces), prompt_tokens={"tiny-llama": 3})
+            if isinstance(reply, ToolCall):
+                yield StreamEvent(
+                    finish_reason="tool_calls", usage=usage, token_ids=[], tool_calls=[reply]
+                )
+                return
+            for i in range(0, len(reply), 5):
+                yield StreamEvent(delta=reply[i : i + 5])
             yield StreamEvent(finish_reason="eos", usage=usage, token_ids=[])
 
         return events()
 
     async def astream(self, prompt, config=None, *, batch_size=None, **overrides):
-        for event in self.stream(prompt, config):
+        for event in self.stream(prompt, config, **overrides):
             yield event
-
-
-def test_with_structured_output_scripted(tiny_ensemble):
-    class Person(BaseModel):
-        """A person."""
-
-        name: str
-        age: int
-
-    scripted = ScriptedEnsemble(
-        tiny_ensemble, ['{"name": "Person", "arguments": {"name": "Ada", "age": 36}}', "{oops"]
-    )
-    structured = ChatDeepEn(ensemble=scripted).with_structured_output(Person)
-    assert structured.invoke("Ada is 36.") == Person(name="Ada", age=36)
-    system = scripted.seen[0][0]
-    assert system["role"] == "system" and '"name": "Person"' in system["content"]
-    raw = ChatDeepEn(ensemble=scripted).with_structured_output(Person, include_raw=True)
-    out = raw.invoke("Ada is 36.")
-    assert out["parsed"] is None and out["raw"].invalid_tool_calls
 
 
 def test_agent_scripted(tiny_ensemble):
     from langchain.agents import create_agent
 
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
-    scripted = ScriptedEnsemble(
-        tiny_ensemble, ['{"name": "add", "arguments": {"a": 2, "b": 3}}', "The sum is 5."]
-    )
+    call = ToolCall(id="call_7", name="add", arguments={"a": 2, "b": 3})
+    scripted = ScriptedEnsemble(tiny_ensemble, [call, "The sum is 5."])
     agent = create_agent(ChatDeepEn(ensemble=scripted), tools=[add])
     result = agent.invoke({"messages": [{"role": "user", "content": "What is 2 + 3?"}]})
     messages = result["messages"]
@@ -643,24 +645,24 @@ def test_agent_scripted(tiny_ensemble):
         "ToolMessage",
         "AIMessage",
     ]
-    assert messages[2].content == "5"
+    assert messages[1].tool_calls[0]["id"] == "call_7"
+    assert messages[2].content == "5" and messages[2].tool_call_id == "call_7"
     assert messages[-1].content == "The sum is 5."
-    # the second request shows the call and its result to the members
-    second = scripted.seen[1]
+    # the engine got the tools, and the second request shows the call and its result
+    first, tools, choice = scripted.seen[0]
+    assert [t["function"]["name"] for t in tools] == ["add"] and choice == "auto"
+    second = scripted.seen[1][0]
+    function = {"name": "add", "arguments": {"a": 2, "b": 3}}
     assert second[-2] == {
         "role": "assistant",
-        "content": '{"name": "add", "arguments": {"a": 2, "b": 3}}',
+        "content": "",
+        "tool_calls": [{"id": "call_7", "type": "function", "function": function}],
     }
-    assert second[-1] == {"role": "user", "content": "Tool add returned: 5"}
+    assert second[-1] == {"role": "tool", "content": "5", "tool_call_id": "call_7", "name": "add"}
 
 
 def test_agent_runs_on_tiny_models(tiny_ensemble):
     from langchain.agents import create_agent
-
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
 
     chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=8)
     agent = create_agent(chat, tools=[add])
@@ -712,9 +714,3 @@ class TestChatDeepEnStandard(ChatModelUnitTests):
     def standard_chat_model_params(self) -> dict:
         # No `timeout`, `max_retries` or `api_key`: local models, and unknown settings raise.
         return {"temperature": 0, "max_tokens": 100, "stop": []}
-
-
-def test_tool_call_json_is_what_the_instruction_asks_for():
-    # the example object in the instruction parses as a call of the named tool
-    call = json.dumps({"name": "add", "arguments": {"a": 1}})
-    assert parse_tool_calls(call, ["add"])[1][0]["args"] == {"a": 1}
