@@ -4,7 +4,8 @@ call and holds no decoding logic of its own.
 - `deepen_integrations.langchain` (a package): `DeepEnLLM` (BaseLLM, `llms.py`) and
   `ChatDeepEn` (BaseChatModel, `chat_models.py`, with `tools.py`); needs the `langchain`
   extra.
-- `deepen_integrations.llama_index`: `DeepEnLLM` (CustomLLM); needs the `llama-index` extra.
+- `deepen_integrations.llama_index`: `DeepEnLLM` (FunctionCallingLLM); needs the
+  `llama-index` extra.
 - `deepen_integrations._settings`: the settings both take, defined once (`DeepEnSettings`):
   checked by the engine's `FusionConfig`/`GenerationConfig`, the same defaults, per-call
   overrides of generation and fusion settings (cached `Ensemble.with_fusion` views), and

@@ -108,13 +108,13 @@ def test_roles_map_onto_engine_roles():
         ChatMessage(role=MessageRole.DEVELOPER, content="d"),
         ChatMessage(role=MessageRole.USER, content="u"),
         ChatMessage(role=MessageRole.MODEL, content="m"),
-        ChatMessage(role=MessageRole.TOOL, content="t"),
+        ChatMessage(role=MessageRole.TOOL, content="t", additional_kwargs={"tool_call_id": "c"}),
     ]
     assert to_engine_messages(messages) == [
         {"role": "system", "content": "d"},
         {"role": "user", "content": "u"},
         {"role": "assistant", "content": "m"},
-        {"role": "user", "content": "t"},
+        {"role": "tool", "content": "t", "tool_call_id": "c", "name": None},
     ]
 
 

@@ -1,4 +1,4 @@
-"""LlamaIndex adapter: `DeepEnLLM`, a `CustomLLM` backed by a deepen `Ensemble`.
+"""LlamaIndex adapter: `DeepEnLLM`, a `FunctionCallingLLM` backed by a deepen `Ensemble`.
 
 Data flow (one request)::
 
@@ -9,8 +9,12 @@ Data flow (one request)::
     DeepEnLLM (settings shared with the LangChain adapter: `_settings.DeepEnSettings`)
       |  settings -> a `with_fusion` view of the ensemble (cached per fusion setting; main
       |      member: `main`, else `Ensemble.default_chat_main()`) and a GenerationConfig
-      |  ChatMessage list -> [{"role", "content"}, ...]  (roles mapped onto
-      |      system / user / assistant; each member renders it with its OWN chat template)
+      |  ChatMessage list -> [{"role", "content"}, ...]  (`_messages.to_engine_messages`:
+      |      roles mapped onto system / user / assistant / tool, tool calls kept; each
+      |      member renders it with its OWN chat template)
+      |  tools (chat_with_tools, FunctionAgent): OpenAI function specs and tool_choice to
+      |      the engine, which constrains the reply so a call always parses
+      |  structured_predict: GenerationConfig.json_schema = the output class's schema
       |  first use only: Ensemble(models, **fusion settings), cached on the instance
       v
     Ensemble.generate / stream / agenerate / astream   (engine lock: one request at a time)
@@ -18,6 +22,7 @@ Data flow (one request)::
       v
     CompletionResponse / ChatResponse
          text     = the answer so far (cumulative), delta = the new piece (streams)
+         message  = for chat, with each tool call as a ToolCallBlock (final response)
          raw      = {"usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
                      "finish_reason", "token_ids", "main_member"}   (final response)
 
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import aclosing, closing
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -56,30 +61,24 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 
-from deepen_engine import ConfigError, Ensemble, GenerationResult, StreamEvent
+from deepen_engine import Ensemble, GenerationResult, StreamEvent
 
-from ._settings import DeepEnSettings, engine_astream, engine_stream, token_counts
+from .._settings import CallSettings, DeepEnSettings, engine_astream, engine_stream, token_counts
+from ._messages import response_message, to_engine_messages, tool_selections
+from ._structured import StructuredPredict
 
-__all__ = ["DeepEnLLM", "to_engine_messages"]
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = ["DeepEnLLM"]
 
 _R = TypeVar("_R", CompletionResponse, ChatResponse)
 
-# LlamaIndex roles -> the engine's three roles.
-_ROLES = {
-    MessageRole.SYSTEM: "system",
-    MessageRole.DEVELOPER: "system",
-    MessageRole.USER: "user",
-    MessageRole.ASSISTANT: "assistant",
-    MessageRole.CHATBOT: "assistant",
-    MessageRole.MODEL: "assistant",
-    MessageRole.TOOL: "user",
-    MessageRole.FUNCTION: "user",
-}
 
-
-class DeepEnLLM(DeepEnSettings, CustomLLM):
+class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
     """A LlamaIndex LLM generating with a deepen token-level ensemble of local models.
 
     Settings: those of every deepen adapter (`models` or `ensemble=`, `main`, the fusion
@@ -100,8 +99,16 @@ class DeepEnLLM(DeepEnSettings, CustomLLM):
 
     Chat: `chat` / `stream_chat` pass the conversation to the engine, which renders it
     with each member's own chat template (LlamaIndex's generic `messages_to_prompt` is
-    not used). Roles map onto system / user / assistant (`developer` -> system;
-    `chatbot`, `model` -> assistant; `tool`, `function` -> user).
+    not used). Roles map onto system / user / assistant / tool (`developer` -> system;
+    `chatbot`, `model` -> assistant; `function` -> tool).
+
+    Tools: a `FunctionCallingLLM` (`chat_with_tools`, `predict_and_call`,
+    `get_tool_calls_from_response` and their async and streaming versions), so
+    `FunctionAgent` and `AgentWorkflow` run on it. The engine describes the tools to each
+    member and constrains the main member so a call always parses and its arguments match
+    the tool's schema (docs/constraints.md); `tool_required=True` forces a call. One call
+    per reply. `structured_predict` / `as_structured_llm` constrain the reply to the output
+    class's JSON schema.
 
     Per call: every generation setting and the fusion settings (`main`, `weights`, `tau`,
     `fusion_top_k`, `candidates`, `eta`, `steps`) are keyword overrides, e.g.
@@ -146,7 +153,7 @@ class DeepEnLLM(DeepEnSettings, CustomLLM):
             context_window=window,
             num_output=self.max_new_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=f"deepen[{' + '.join(names)}; main={main}]",
         )
 
@@ -205,24 +212,33 @@ class DeepEnLLM(DeepEnSettings, CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """Answer a conversation; each member renders it with its own chat template."""
-        call = self._call_settings(kwargs)
-        result = call.view.generate(to_engine_messages(messages), call.config)
-        return _chat_response(_completion(call.view, result))
+        """Answer a conversation; each member renders it with its own chat template.
+
+        `tools` (OpenAI function specs) and `tool_choice` are passed to the engine (as
+        `chat_with_tools` does); a call's settings (`max_new_tokens=`, `eta=`,
+        `json_schema=`, ...) apply to this call.
+        """
+        events = self._chat_events(self._call_settings(kwargs), messages, kwargs)
+        return _last(_responses(events[0], events[1], _chat_response))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        """Stream `chat`: responses with the cumulative message and the new `delta`."""
-        call = self._call_settings(kwargs)
-        events = engine_stream(call.view, to_engine_messages(messages), call.config)
-        return _responses(call.view, events, _chat_response)
+        """Stream `chat`: responses with the cumulative message and the new `delta`; the
+        last one carries the tool calls, if any.
+        """
+        view, events = self._chat_events(self._call_settings(kwargs), messages, kwargs)
+        return _responses(view, events, _chat_response)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """`chat` for asyncio: decoding runs in a worker thread."""
         call = await self._acall_settings(kwargs)
-        result = await call.view.agenerate(to_engine_messages(messages), call.config)
-        return _chat_response(_completion(call.view, result))
+        view, events = self._achat_events(call, messages, kwargs)
+        last = None
+        async for response in _aresponses(view, events, _chat_response):
+            last = response
+        assert last is not None  # the engine always ends with a final event
+        return last
 
     @llm_chat_callback()
     async def astream_chat(
@@ -230,22 +246,70 @@ class DeepEnLLM(DeepEnSettings, CustomLLM):
     ) -> ChatResponseAsyncGen:
         """`stream_chat` for asyncio: decoding runs in a worker thread."""
         call = await self._acall_settings(kwargs)
-        events = engine_astream(call.view, to_engine_messages(messages), call.config)
-        return _aresponses(call.view, events, _chat_response)
+        view, events = self._achat_events(call, messages, kwargs)
+        return _aresponses(view, events, _chat_response)
 
+    def _chat_events(
+        self, call: CallSettings, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> tuple[Ensemble, Generator[StreamEvent, None, None]]:
+        tools, choice = kwargs.get("tools"), kwargs.get("tool_choice")
+        conversation = to_engine_messages(messages)
+        return call.view, engine_stream(call.view, conversation, call.config, None, tools, choice)
 
-def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """LlamaIndex messages as the engine's `[{"role", "content"}, ...]` conversation.
+    def _achat_events(
+        self, call: CallSettings, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> tuple[Ensemble, AsyncGenerator[StreamEvent, None]]:
+        tools, choice = kwargs.get("tools"), kwargs.get("tool_choice")
+        conversation = to_engine_messages(messages)
+        return call.view, engine_astream(call.view, conversation, call.config, None, tools, choice)
 
-    Only text content is kept (other blocks, e.g. images, are dropped).
-    """
-    out = []
-    for i, message in enumerate(messages):
-        role = _ROLES.get(MessageRole(message.role))
-        if role is None:
-            raise ConfigError(f"messages[{i}] has role {message.role!r}, which deepen cannot map.")
-        out.append({"role": role, "content": message.content or ""})
-    return out
+    # ----------------------------------------------------------------- tools
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`chat` arguments for `chat_with_tools`: the messages, the tools as OpenAI
+        function specs, and tool_choice (`tool_required=True`: "required"). One call per
+        reply, whatever `allow_parallel_tool_calls` says.
+        """
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        specs = [t.metadata.to_openai_tool(skip_length_check=True) for t in tools]
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        return {
+            "messages": messages,
+            "tools": specs or None,
+            "tool_choice": tool_choice if specs else None,
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The reply's tool calls (ToolCallBlocks) as ToolSelections.
+
+        Raises:
+            ValueError: no tool call, when `error_on_no_tool_call`.
+        """
+        selections = tool_selections(response.message)
+        if not selections and error_on_no_tool_call:
+            raise ValueError(
+                "Expected at least one tool call, got none: the reply is text "
+                f"({response.message.content!r}); pass tool_required=True to force a call."
+            )
+        return selections
 
 
 # ----------------------------------------------------------------- responses
@@ -259,6 +323,7 @@ def _raw(view: Ensemble, event: StreamEvent | GenerationResult) -> dict[str, Any
         "token_ids": event.token_ids,
         "main_member": view.main.name,
         "deepen_usage": event.usage,
+        "tool_calls": list(event.tool_calls or []),
     }
 
 
@@ -309,8 +374,16 @@ def _same(response: CompletionResponse) -> CompletionResponse:
 
 
 def _chat_response(response: CompletionResponse) -> ChatResponse:
+    calls = (response.raw or {}).get("tool_calls") or []
     return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
-        delta=response.delta,
-        raw=response.raw,
+        message=response_message(response.text, calls), delta=response.delta, raw=response.raw
     )
+
+
+def _last(responses: Generator[_R, None, None]) -> _R:
+    """The last of a response stream (the whole answer, with usage and tool calls)."""
+    last = None
+    for response in responses:
+        last = response
+    assert last is not None  # the engine always ends with a final event
+    return last
