@@ -25,9 +25,10 @@ from langchain_core.messages import (  # noqa: E402
 )
 from langchain_core.tools import tool  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
-
-from pydantic import Field  # noqa: E402
+from pydantic import (
+    BaseModel,  # noqa: E402
+    Field,  # noqa: E402
+)
 
 from deepen_engine import Ensemble, MemberSpec, StreamEvent, ToolCall, Usage  # noqa: E402
 from deepen_integrations.langchain import ChatDeepEn, DeepEnLLM, to_engine_messages  # noqa: E402
