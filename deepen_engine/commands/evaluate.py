@@ -3,6 +3,7 @@
     deepen eval --n 150 --seed 0                 # uniform weights, Gemma-3 main
     deepen eval --main 1 --weights adaptive      # DeePEn-Adapt weights from the dev set
     deepen eval --sweep-eta 0.05 0.15 0.5 --sweep-steps 5 10 --sweep-main 0 1   # dev set
+    deepen eval --task tools --n 60 --seed 0     # tool calls (eval_tools.py)
 
 Prints a table (or `--json`), writes every answer to `--output` (JSONL), shows a progress
 bar on stderr. The task, scoring and the adaptive formula are in eval_task.py.
@@ -34,6 +35,7 @@ from .eval_task import (
     score,
     split_questions,
 )
+from .eval_tools import run_tools_eval
 from .options import fusion_options, fusion_settings, member_options, member_specs
 from .plotting import plot_sweep
 
@@ -42,8 +44,15 @@ def add_parser(sub: Any) -> None:
     """Register `deepen eval`."""
     ev = sub.add_parser(
         "eval",
-        parents=[member_options(), fusion_options(weights=False)],
-        help="capital-city QA: each member alone vs the ensemble",
+        parents=[member_options(), fusion_options(main_default=None, weights=False)],
+        help="capital-city QA or tool calls: each member alone vs the ensemble",
+    )
+    ev.add_argument(
+        "--task",
+        choices=["capitals", "tools"],
+        default="capitals",
+        help="capitals: few-shot capital-city QA (default); tools: tool calls with and "
+        "without the grammar constraint (eval_tools.py; main: the chat rule unless --main)",
     )
     ev.add_argument(
         "--weights",
@@ -122,6 +131,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by the parsed `deepen eval` arguments."""
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}.")
+    if args.task == "tools":
+        return run_tools_eval(args, Ensemble(member_specs(args), **fusion_settings(args)))
     weights = _weights(args.weights)
     split = split_questions(load_questions(), args.seed, args.shots, args.dev_size)
     test = split.test[: args.n]
@@ -203,7 +214,7 @@ def _check_sweep(args: argparse.Namespace, n_members: int) -> tuple[list[int], l
     steps = args.sweep_steps or [args.steps]
     if any(s < 0 for s in steps):
         raise ConfigError(f"--sweep-steps values must be >= 0, got {steps}.")
-    mains = args.sweep_main or [args.main]
+    mains = args.sweep_main or [args.main or 0]
     bad = [m for m in mains if not 0 <= m < n_members]
     if bad:
         raise ConfigError(
