@@ -3,6 +3,7 @@ comes to the full computation.
 
     deepen bench                                  # the default members
     deepen bench --json --plot bench.png          # every figure as JSON, and a plot
+    deepen bench --constraint-only --json         # what a JSON-schema constraint costs
 
 Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
 
@@ -20,6 +21,9 @@ Sections (each a key of the JSON output; docs/benchmarks.md describes every fiel
   caches at the largest run, and the relative-space tensors.
 - `fidelity`: on fixed prompts, the share of steps where the fast path (top-k) picks the
   same token as the full-vocabulary reference fusion (fusion/reference.py).
+- `constraint` (only when asked: `--constraint`, or `--constraint-only` for it alone): ms
+  per token with a JSON-schema constraint against the same run without one, per main
+  member (bench_constraint.py).
 
 Every run uses `min_new_tokens`, so all rows generate exactly the asked number of tokens.
 Timings on a shared CPU vary by 10-30% from run to run: compare figures from one run.
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..ensemble import Ensemble
 from ..errors import ConfigError
+from .bench_constraint import constraint_cost
 from .bench_sections import PROMPTS, WINDOW, fidelity, length_curve, memory, speed
 from .bench_timing import rss_mb
 from .options import fusion_options, fusion_settings, member_options, member_specs
@@ -76,6 +81,23 @@ def add_parser(sub: Any) -> None:
         help="reference fusion: probability of a member's rarest non-anchor tokens it may "
         "leave out (1e-4; 0 = every token, minutes per step for a 262k vocabulary)",
     )
+    bench.add_argument(
+        "--constraint",
+        action="store_true",
+        help="also measure ms/token with a JSON-schema constraint against without",
+    )
+    bench.add_argument(
+        "--constraint-only", action="store_true", help="measure only the constraint's cost"
+    )
+    bench.add_argument(
+        "--constraint-mains",
+        type=int,
+        nargs="+",
+        help="constraint section: main members to mask for (default: every member)",
+    )
+    bench.add_argument(
+        "--constraint-repeats", type=int, default=5, help="constraint section: run pairs (5)"
+    )
     bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
     bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     bench.set_defaults(run=run)
@@ -88,7 +110,13 @@ def run(args: argparse.Namespace) -> int:
     ens = Ensemble(member_specs(args), **fusion_settings(args))
     if len(ens.members) < 2:
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    if args.constraint_only:
+        figures = _constraint_section(ens, args)
+        print(json.dumps(figures) if args.json else _constraint_table(figures))
+        return 0
     figures = _measure(ens, args, rss_start)
+    if args.constraint:
+        figures.update(_constraint_section(ens, args))
     if args.plot:
         plot_bench(figures, args.plot)
         figures["plot"] = args.plot
@@ -113,6 +141,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
     if not 0 <= args.leftout_mass < 1:
         raise ConfigError(f"--leftout-mass must be in [0, 1), got {args.leftout_mass}.")
+    if args.constraint_repeats < 1:
+        raise ConfigError(f"--constraint-repeats must be >= 1, got {args.constraint_repeats}.")
 
 
 def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[str, Any]:
@@ -156,6 +186,34 @@ def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[
     return figures
 
 
+def _constraint_section(ens: Ensemble, args: argparse.Namespace) -> dict[str, Any]:
+    """The constraint section, with a progress bar on stderr."""
+    mains = args.constraint_mains or list(range(len(ens.members)))
+    if any(not 0 <= m < len(ens.members) for m in mains):
+        raise ConfigError(f"--constraint-mains {mains} out of range for {len(ens.members)}.")
+    total = len(mains) * args.constraint_repeats
+    with tqdm(total=total, desc="deepen bench constraint", file=sys.stderr) as bar:
+
+        def tick() -> None:
+            bar.update(1)
+
+        section = constraint_cost(ens, mains, args.new_tokens, args.constraint_repeats, tick)
+    return {"members": [m.name for m in ens.members], "constraint": section}
+
+
+def _constraint_table(f: dict[str, Any]) -> str:
+    c = f["constraint"]
+    lines = [f"ms per token, {c['new_tokens']} new tokens, batch 1 (medians)"]
+    lines.append(f"{'main':24}{'vocab':>8}{'free':>8}{'json_schema':>13}{'overhead':>10}{'mask':>8}")
+    for r in c["rows"]:
+        lines.append(
+            f"{r['main']:24}{r['vocab']:>8}{r['free_ms_per_token']:>8.1f}"
+            f"{r['constrained_ms_per_token']:>13.1f}{r['overhead']:>10.1%}"
+            f"{r['mask_ms_per_token']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
 def _print_table(f: dict[str, Any]) -> None:
     print(f"members {' + '.join(f['members'])} (main {f['main']}), {f['dtype']} on {f['device']}")
     print("\nms per decoding step (one token per row)")
@@ -187,5 +245,7 @@ def _print_table(f: dict[str, Any]) -> None:
             f"fidelity: fast path = reference on {fid['agreeing_steps']}/{fid['steps']} steps "
             f"({fid['agreement']:.1%}); left-out mass <= {fid['leftout_mass_bound']}"
         )
+    if "constraint" in f:
+        print("\n" + _constraint_table(f))
     if "plot" in f:
         print(f"plot: {f['plot']}")

@@ -119,3 +119,22 @@ def test_kv_cache_size_from_the_model_config(tiny_ensemble):
 def test_bench_bad_flags(tiny_folders, capsys, flags, message):
     assert main(["bench", *member_args(tiny_folders), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_constraint_section(tiny_folders, capsys):
+    pytest.importorskip("llguidance")
+    flags = ["--constraint-only", "--new-tokens", "6", "--constraint-repeats", "2", "--json"]
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    rows = figures["constraint"]["rows"]
+    assert [r["main"] for r in rows] == figures["members"]  # every member as main
+    for r in rows:  # the overhead is the ratio of the two medians (rounded to 0.1 ms here)
+        ratio = r["constrained_ms_per_token"] / r["free_ms_per_token"] - 1
+        assert abs(r["overhead"] - ratio) < 0.1
+        assert r["mask_ms_per_token"] > 0 and r["runs_each"] == 2
+    one = ["--constraint-only", "--new-tokens", "4", "--constraint-repeats", "1"]
+    assert main(["bench", *member_args(tiny_folders), *one, "--constraint-mains", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "json_schema" in table and "overhead" in table
+    assert main(["bench", *member_args(tiny_folders), *one, "--constraint-mains", "5"]) == 2
+    assert "--constraint-mains [5] out of range" in capsys.readouterr().err
