@@ -11,9 +11,9 @@ generated text. A member whose tokenizer has no template uses, in order:
 
 Tools (decoding/tools.py): a template that uses `tools` gets them (and the conversation's
 tool calls and `tool` messages as they are); for any other, the tools are described in
-the system turn (`ToolSet.instruction`), an assistant's tool calls are written as the JSON
-objects it would reply with, and a tool result becomes a user turn
-`Tool <name> returned: <content>`. A conversation that ends with an assistant message is
+the system turn (`ToolSet.instruction`) and a tool result becomes a user turn
+`(The tool <name> was called with <arguments> and returned: <content>)` (see
+`plain_messages`). A conversation that ends with an assistant message is
 continued: the reply extends that message (an assistant prefix), its turn is not closed.
 """
 
@@ -141,24 +141,35 @@ def render(
 
 
 def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
-    """The conversation for a template without tools: an assistant's tool calls as the JSON
-    objects it replies with, tool results as user turns `Tool <name> returned: <content>`.
+    """The conversation for a template without tools: each tool result becomes a user turn
+    `(The tool <name> was called with <arguments> and returned: <content>)`, and the call
+    it answers leaves the assistant's turn (an assistant turn left empty is dropped); a
+    call without a result stays in its turn as the JSON object the assistant replies with.
+
+    (Small models shown their own earlier call as an assistant turn tend to repeat it
+    instead of answering from the result; stated in the user's turn, they answer.)
     """
-    names: dict[str, str] = {}  # tool call id -> tool name
+    answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
+    calls: dict[str, dict[str, Any]] = {}  # tool call id -> its function, until answered
     out = []
     for m in messages:
         content = m["content"]
         if m["role"] == "tool":
-            name = m.get("name") or names.get(m.get("tool_call_id") or "") or "tool"
-            out.append({"role": "user", "content": f"Tool {name} returned: {content}"})
+            call = calls.get(m.get("tool_call_id") or "")
+            name = m.get("name") or (call["name"] if call else "tool")
+            args = f" was called with {json.dumps(call['arguments'])} and" if call else ""
+            out.append({"role": "user", "content": f"(The tool {name}{args} returned: {content})"})
             continue
-        calls = []
-        for call in m.get("tool_calls") or []:
-            names[call["id"]] = call["function"]["name"]
-            fn = call["function"]
-            calls.append(json.dumps({"name": fn["name"], "arguments": fn["arguments"]}))
-        text = "\n".join([content, *calls]) if content else "\n".join(calls)
-        out.append({"role": m["role"], "content": text})
+        shown = []
+        for c in m.get("tool_calls") or []:
+            if c["id"] in answered:
+                calls[c["id"]] = c["function"]
+            else:
+                fn = c["function"]
+                shown.append(json.dumps({"name": fn["name"], "arguments": fn["arguments"]}))
+        text = "\n".join([content, *shown]) if content else "\n".join(shown)
+        if text or not m.get("tool_calls"):
+            out.append({"role": m["role"], "content": text})
     return out
 
 

@@ -201,9 +201,13 @@ def test_template_with_tools_gets_them_and_hermes_calls(tiny_pair, bpe_tokenizer
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
         "</tool_call><tool>18 C<assistant>"
     )
-    # the other member has no template: instruction, calls as JSON, results as user turns
-    assert '\n\nAssistant: {"name": "get_weather", "arguments": {"city": "Paris"}}' in other
-    assert other.endswith("\n\nUser: Tool get_weather returned: 18 C\n\nAssistant:")
+    # the other member has no template: the instruction, and the answered call stated with
+    # its result in a user turn (no assistant turn repeating the call)
+    assert other.startswith("System: " + ToolSet.build(TOOLS).instruction())
+    assert other.endswith(
+        "\n\nUser: What is the weather in Paris?\n\nUser: (The tool get_weather was called "
+        'with {"city": "Paris"} and returned: 18 C)\n\nAssistant:'
+    )
     result = ens.generate(ASK, tools=TOOLS, tool_choice="get_weather", max_new_tokens=120)
     assert result.finish_reason == "tool_calls"
     text = "".join(ens.members[0].vocab.texts[i].decode() for i in result.token_ids)
@@ -255,6 +259,25 @@ def test_tools_need_chat_and_no_other_constraint(tiny_ensemble):
         tiny_ensemble.generate("Weather?", tools=TOOLS, max_new_tokens=2)
     with pytest.raises(ConfigError, match="give tools or GenerationConfig.regex, not both"):
         tiny_ensemble.generate(ASK, tools=TOOLS, regex="a", max_new_tokens=2)
+
+
+def test_plain_history_of_calls():
+    from deepen_engine.decoding.chat import plain_messages
+
+    call = {"id": "a", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    other = {**call, "id": "b"}
+    messages = check_messages(
+        [
+            *ASK,
+            {"role": "assistant", "content": "Let me add.", "tool_calls": [call, other]},
+            {"role": "tool", "tool_call_id": "a", "content": "1"},
+        ]
+    )
+    assert plain_messages(messages)[1:] == [
+        # the unanswered call "b" stays in the assistant's turn, the answered one moves
+        {"role": "assistant", "content": 'Let me add.\n{"name": "add", "arguments": {"a": 1}}'},
+        {"role": "user", "content": '(The tool add was called with {"a": 1} and returned: 1)'},
+    ]
 
 
 @pytest.mark.parametrize(
