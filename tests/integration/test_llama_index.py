@@ -75,6 +75,8 @@ def test_streams_and_async_agree_with_chat(llm):
         ("llama_index_rag.py", ["Dunmarrow", "Streaming:"]),
         ("llama_index_agent.py", ["tool call: shipping_price", "42"]),
         ("llama_index_chat_engine.py", ["moss tea", "Brandvik"]),
+        ("llama_index_function_agent.py", ["tool call: shipping_price", "OK"]),
+        ("structured_extraction.py", ["LangChain:  Person(", "LlamaIndex: Person(", "OK"]),
     ],
 )
 def test_cookbook_script(script, expected):

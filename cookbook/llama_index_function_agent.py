@@ -1,0 +1,67 @@
+"""A LlamaIndex `FunctionAgent` on DeepEnLLM with one function tool, on the default members:
+it calls the tool and answers from the tool's result.
+
+Run: `HF_HUB_OFFLINE=1 python cookbook/llama_index_function_agent.py`.
+
+`DeepEnLLM` is a `FunctionCallingLLM`: the engine constrains the main member's decoding, so
+a tool call always parses and its arguments match the tool's schema (docs/constraints.md).
+The small default members seldom choose to call a tool by themselves, so the agent asks
+for one on its first turn (`initial_tool_choice`, LlamaIndex's own setting); after the
+tool's result the model answers in text. The answer (a made-up price) exists only in the
+tool's result.
+"""
+
+# ruff: noqa: T201  (a script: it prints its results)
+from __future__ import annotations
+
+import asyncio
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from llama_index.core.agent.workflow import FunctionAgent, ToolCall, ToolCallResult  # noqa: E402
+from llama_index.core.tools import FunctionTool  # noqa: E402
+
+from deepen_integrations.llama_index import DeepEnLLM  # noqa: E402
+
+QUESTION = "How much does it cost to ship a parcel to Varnholt?"
+
+
+def shipping_price(destination: str) -> str:
+    """Return the price of shipping one parcel to the destination."""
+    return f"Shipping one parcel to {destination} costs 42 silver coins."
+
+
+async def run() -> tuple[list[str], str]:
+    """Run the agent once: the tool calls it made and its answer."""
+    agent = FunctionAgent(
+        tools=[FunctionTool.from_defaults(shipping_price)],
+        llm=DeepEnLLM(max_new_tokens=48),
+        initial_tool_choice="shipping_price",
+        timeout=900,
+    )
+    handler = agent.run(user_msg=QUESTION)
+    calls = []
+    async for event in handler.stream_events():
+        if isinstance(event, ToolCall) and not isinstance(event, ToolCallResult):
+            calls.append(f"{event.tool_name}({event.tool_kwargs})")
+            print(f"tool call: {calls[-1]}")
+        elif isinstance(event, ToolCallResult):
+            print(f"tool result: {event.tool_output.content}")
+    response = await handler
+    return calls, str(response)
+
+
+def main() -> None:
+    """Run the example and print the answer."""
+    calls, answer = asyncio.run(run())
+    print(f"Q: {QUESTION}")
+    print(f"A: {answer.strip()}")
+    assert calls, "the agent did not call its tool"
+    print(f"the answer uses the result: {'42' in answer}")
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()
