@@ -189,6 +189,8 @@ class BatchDecoder:
         for token in ids:
             fresh[self.main].append(b, token)
             row.text.add(texts[token] or b"")
+            if row.constraint is not None:  # the grammar resumes where the row was
+                row.constraint.advance(token)
         row.text.delta()  # already handed out: not streamed again
         row.generated = len(ids)
         for i, batch in enumerate(fresh):

@@ -224,3 +224,19 @@ def test_missing_library_says_how_to_install(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'deepen\[constraints\]'"):
         GenerationConfig(json_schema={"type": "object"})
     GenerationConfig()  # no constraint: no import
+
+
+def test_resumed_row_continues_its_grammar(tiny_ensemble):
+    from deepen_engine.decoding.loop import decode
+    from deepen_engine.outputs import collect
+
+    config = GenerationConfig(max_new_tokens=30, regex="[a-z]{2,6} [0-9]{1,3}")
+    whole = tiny_ensemble.generate("Q:", config)
+    prompts = [[("Q:", True)] * len(tiny_ensemble.members)]
+    events = decode(
+        tiny_ensemble.members, tiny_ensemble.fuser, prompts, config, resume=[whole.token_ids[:2]]
+    )
+    (resumed,) = collect(events, 1)
+    assert resumed.token_ids == whole.token_ids  # the resumed ids count in token_ids
+    assert resumed.finish_reason == whole.finish_reason == "eos"
+    assert re.fullmatch("[a-z]{2,6} [0-9]{1,3}", whole.text)
