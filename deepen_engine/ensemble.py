@@ -337,7 +337,10 @@ class Ensemble:
         A prompt is a text or a chat conversation; see `stream`.
 
         Settings as a `GenerationConfig` or as keywords (`max_new_tokens=`, `stop=`,
-        `temperature=`, `top_p=`, `top_k=`, `seed=`).
+        `temperature=`, `top_p=`, `top_k=`, `seed=`, and an output constraint:
+        `json_schema=`, `regex=` or `grammar=`). Chat prompts also take `tools=`,
+        `tool_choice=` and `tool_constraint=` (see `stream`); a result that calls a tool
+        has `tool_calls` and `finish_reason == "tool_calls"`.
         """
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
         results = collect(events, len(_prompt_list(prompt)))
