@@ -1,5 +1,6 @@
 """A LlamaIndex `FunctionAgent` on DeepEnLLM with one function tool, on the default members:
-it calls the tool and answers from the tool's result.
+it calls the tool (the call always parses) and answers once the tool's result is in the
+conversation.
 
 Run: `HF_HUB_OFFLINE=1 python cookbook/llama_index_function_agent.py`.
 
@@ -7,8 +8,9 @@ Run: `HF_HUB_OFFLINE=1 python cookbook/llama_index_function_agent.py`.
 a tool call always parses and its arguments match the tool's schema (docs/constraints.md).
 The small default members seldom choose to call a tool by themselves, so the agent asks
 for one on its first turn (`initial_tool_choice`, LlamaIndex's own setting); after the
-tool's result the model answers in text. The answer (a made-up price) exists only in the
-tool's result.
+tool's result the model answers in text. The price (made up) exists only in the tool's
+result; the script prints whether the answer repeats it (content the small members often
+get wrong).
 """
 
 # ruff: noqa: T201  (a script: it prints its results)
@@ -26,6 +28,7 @@ from llama_index.core.tools import FunctionTool  # noqa: E402
 from deepen_integrations.llama_index import DeepEnLLM  # noqa: E402
 
 QUESTION = "How much does it cost to ship a parcel to Varnholt?"
+DESCRIPTION = "Return the price of shipping one parcel to a destination (a place name)."
 
 
 def shipping_price(destination: str) -> str:
@@ -36,7 +39,9 @@ def shipping_price(destination: str) -> str:
 async def run() -> tuple[list[str], str]:
     """Run the agent once: the tool calls it made and its answer."""
     agent = FunctionAgent(
-        tools=[FunctionTool.from_defaults(shipping_price)],
+        # An explicit description: LlamaIndex's default one starts with the Python signature
+        # ("shipping_price(destination: str) -> str"), which small models copy as arguments.
+        tools=[FunctionTool.from_defaults(shipping_price, description=DESCRIPTION)],
         llm=DeepEnLLM(max_new_tokens=48),
         initial_tool_choice="shipping_price",
         timeout=900,
@@ -59,7 +64,7 @@ def main() -> None:
     print(f"Q: {QUESTION}")
     print(f"A: {answer.strip()}")
     assert calls, "the agent did not call its tool"
-    print(f"the answer uses the result: {'42' in answer}")
+    print(f"the answer uses the result: {'42' in answer}")  # content: the members' to get right
     print("OK")
 
 
