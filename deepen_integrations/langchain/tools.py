@@ -13,7 +13,8 @@ Data flow::
 
     with_structured_output(schema, method)
       "json_schema" (default): the call is bound to GenerationConfig.json_schema = the
-          schema; the reply is JSON valid against it, parsed by `structured_parser`
+          schema (closed: no other properties); the reply is JSON valid against it, parsed
+          by `structured_parser`
       "function_calling": the schema as a tool, forced (tool_choice = its name); the
           call's arguments are parsed
       "json_mode": GenerationConfig.json_schema = {"type": "object"} (any JSON object)
@@ -38,6 +39,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel
 
 from deepen_engine import ToolCall
+from deepen_engine.decoding.tools import closed
 
 __all__ = [
     "STRUCTURED_METHODS",
@@ -90,7 +92,9 @@ def call_chunks(calls: Sequence[ToolCall]) -> list[ToolCallChunk]:
 
 def structured_schema(schema: Any, method: str) -> dict[str, Any]:
     """The JSON schema the reply is constrained to for `method` ("json_schema",
-    "json_mode"); ValueError for an unknown method or a missing schema.
+    "json_mode"); ValueError for an unknown method or a missing schema. Objects that list
+    their properties get `additionalProperties: false` (as tool arguments do): the reply
+    holds the schema's fields and no others.
     """
     if method not in STRUCTURED_METHODS:
         raise ValueError(f"method must be one of {list(STRUCTURED_METHODS)}, got {method!r}")
@@ -98,7 +102,7 @@ def structured_schema(schema: Any, method: str) -> dict[str, Any]:
         return {"type": "object"}
     if schema is None:
         raise ValueError(f"with_structured_output(method={method!r}) needs a schema")
-    return dict(convert_to_json_schema(schema))
+    return dict(closed(convert_to_json_schema(schema)))
 
 
 def structured_parser(

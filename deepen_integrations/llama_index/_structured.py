@@ -6,8 +6,8 @@ Data flow::
     structured_predict(Output, prompt, **prompt_args)
       -> the prompt's messages, after a system message asking for JSON of the schema
          (`STRUCTURED_INSTRUCTION`)
-      -> chat(messages, json_schema=Output.model_json_schema()): the reply is JSON valid
-         against the schema (docs/constraints.md)
+      -> chat(messages, json_schema=Output.model_json_schema(), closed: no other
+         properties): the reply is JSON valid against the schema (docs/constraints.md)
       -> Output.model_validate_json(reply)
 """
 
@@ -24,6 +24,8 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel
+
+from deepen_engine.decoding.tools import closed
 
 __all__ = ["STRUCTURED_INSTRUCTION", "StructuredPredict"]
 
@@ -91,7 +93,7 @@ def _request(
     output_cls: type[BaseModel], prompt: BasePromptTemplate, prompt_args: dict[str, Any]
 ) -> tuple[list[ChatMessage], dict[str, Any]]:
     """The chat messages (instruction first) and the JSON schema of one prediction."""
-    schema = output_cls.model_json_schema()
+    schema = closed(output_cls.model_json_schema())  # the class's fields and no others
     instruction = STRUCTURED_INSTRUCTION.format(schema=json.dumps(schema))
     messages = [
         ChatMessage(role=MessageRole.SYSTEM, content=instruction),

@@ -715,3 +715,11 @@ class TestChatDeepEnStandard(ChatModelUnitTests):
     def standard_chat_model_params(self) -> dict:
         # No `timeout`, `max_retries` or `api_key`: local models, and unknown settings raise.
         return {"temperature": 0, "max_tokens": 100, "stop": []}
+
+
+def test_structured_schema_is_closed(chat):
+    bound = chat.with_structured_output(Person).first  # the model bound to the constraint
+    schema = bound.kwargs["json_schema"]
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == {"name", "age"}
+    assert bound.kwargs["ls_structured_output_format"]["schema"] is Person

@@ -180,3 +180,12 @@ def test_as_structured_llm(llm):
     response = structured.chat([ChatMessage(role=MessageRole.USER, content="Ada, a pilot")])
     assert isinstance(response.raw, Person)
     assert Person.model_validate_json(response.message.content) == response.raw
+
+
+def test_structured_request_is_closed_and_described():
+    from deepen_integrations.llama_index._structured import STRUCTURED_INSTRUCTION, _request
+
+    messages, schema = _request(Person, PromptTemplate("Describe {who}."), {"who": "Ada"})
+    assert schema["additionalProperties"] is False
+    assert messages[0].content.startswith(STRUCTURED_INSTRUCTION.split("{schema}")[0])
+    assert messages[-1].content == "Describe Ada."
