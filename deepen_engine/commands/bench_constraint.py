@@ -16,7 +16,9 @@ exactly n tokens each, interleaved so the machine's noise hits all alike:
 
 `json_schema / free - 1` also carries the effect of writing other text: the helpers re-read
 JSON text differently (`helper_positions_per_token`: positions each helper feeds per
-generated token, from `Usage.fed_positions`). `mask_ms` is the mask work alone (computing
+generated token, from `Usage.fed_positions`), and where each kind's last run spent its
+time (`forward_ms_per_token`: the members' forward passes; `fusion_ms_per_token`: fusion,
+masks, sampling and sync, from `Usage`). `mask_ms` is the mask work alone (computing
 one row's mask with llguidance, unpacking it and masking the fused logits, advancing the
 matcher; median over the steps of one JSON walk).
 """
@@ -89,6 +91,14 @@ def _one_main(view: Ensemble, n: int, repeats: int, tick: Callable[[], None]) ->
         "helper_positions_per_token": {
             k: round(sum(r.usage.fed_positions[h] for h in helpers) / n, 2)
             for k, r in results.items()
+        },
+        # the last run of each kind: where its time went (member forwards, the rest)
+        "forward_ms_per_token": {
+            k: round(sum(r.usage.forward_seconds.values()) / n * 1e3, 1)
+            for k, r in results.items()
+        },
+        "fusion_ms_per_token": {
+            k: round(r.usage.fusion_seconds / n * 1e3, 1) for k, r in results.items()
         },
         "mask_ms_per_token": round(mask_ms(view, n), 3),
         "runs_each": repeats,

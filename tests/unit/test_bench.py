@@ -134,7 +134,9 @@ def test_bench_constraint_section(tiny_folders, capsys):
             assert abs(r[f"overhead_{kind}"] - ratio) < 0.1
         # random weights pick special tokens the any-text grammar refuses: no same tokens here
         assert isinstance(r["same_tokens"], bool)
-        assert set(r["helper_positions_per_token"]) == {"json_schema", "free", "any_text"}
+        kinds = {"json_schema", "free", "any_text"}
+        assert set(r["helper_positions_per_token"]) == set(r["fusion_ms_per_token"]) == kinds
+        assert all(v > 0 for v in r["forward_ms_per_token"].values())
         assert r["mask_ms_per_token"] > 0 and r["runs_each"] == 2
     one = ["--constraint-only", "--new-tokens", "4", "--constraint-repeats", "1"]
     assert main(["bench", *member_args(tiny_folders), *one, "--constraint-mains", "1"]) == 0
