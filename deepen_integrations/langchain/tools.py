@@ -36,7 +36,7 @@ from langchain_core.output_parsers import (
 )
 from langchain_core.output_parsers.base import OutputParserLike
 from langchain_core.utils.function_calling import convert_to_json_schema
-from pydantic import BaseModel
+from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from deepen_engine import ToolCall
 from deepen_engine.decoding.tools import closed
@@ -111,7 +111,7 @@ def structured_parser(
     """The parser of a structured reply: a pydantic class gives its instances, any other
     schema a dict; with "function_calling" the forced call's arguments are parsed.
     """
-    is_model = isinstance(schema, type) and issubclass(schema, BaseModel)
+    is_model = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic 2 or 1
     if method == "function_calling":
         if is_model:
             return PydanticToolsParser(tools=[schema], first_tool_only=True)

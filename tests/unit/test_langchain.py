@@ -723,3 +723,22 @@ def test_structured_schema_is_closed(chat):
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == {"name", "age"}
     assert bound.kwargs["ls_structured_output_format"]["schema"] is Person
+
+
+def test_pydantic_v1_schemas_parse_to_instances():
+    import warnings
+
+    from langchain_core.output_parsers import PydanticOutputParser
+
+    from deepen_integrations.langchain.tools import structured_parser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pydantic.v1 import BaseModel as BaseModelV1
+
+        class JokeV1(BaseModelV1):
+            setup: str
+
+    parser = structured_parser(JokeV1, "json_schema", None)
+    assert isinstance(parser, PydanticOutputParser)
+    assert parser.invoke('{"setup": "x"}') == JokeV1(setup="x")
