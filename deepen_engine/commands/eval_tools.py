@@ -11,7 +11,9 @@ The task (all fixed by the seed, generated here: no hand-written answers):
   computed from the same values; a share of requests needs no tool (small talk, a poem);
   shuffled with the seed;
 - each system answers every request through `Ensemble.generate(messages, tools=TOOLS,
-  tool_choice="auto")`, greedy, `MAX_NEW_TOKENS` tokens: constrained (the engine's grammar),
+  tool_choice=...)` (`--tool-choice`: `auto`, the default, or `required`: a call is
+  asked for, so a request needing no tool cannot be right), greedy, `MAX_NEW_TOKENS`
+  tokens: constrained (the engine's grammar),
   and unconstrained (`tool_constraint=False`: the same prompt, free decoding, the reply
   parsed leniently: the first JSON object in it, code fences allowed);
 - scores, each with a 95% Wilson interval:
@@ -284,6 +286,7 @@ def score_tools(
     constrained: bool,
     batch_size: int,
     progress: Callable[[int], object] | None = None,
+    tool_choice: str = "auto",
 ) -> ToolScore:
     """Ask every request of one system in one mode, in batches."""
     result = ToolScore(system=system)
@@ -292,7 +295,7 @@ def score_tools(
         replies = view.generate(
             [[{"role": "user", "content": r.message}] for r in chunk],
             tools=TOOLS,
-            tool_choice="auto",
+            tool_choice=tool_choice,
             tool_constraint=constrained,
             max_new_tokens=MAX_NEW_TOKENS,
         )
@@ -303,7 +306,9 @@ def score_tools(
     return result
 
 
-def run_tools(ens: Ensemble, n: int, seed: int, batch_size: int, bar: Any) -> list[ToolScore]:
+def run_tools(
+    ens: Ensemble, n: int, seed: int, batch_size: int, bar: Any, tool_choice: str = "auto"
+) -> list[ToolScore]:
     """Every member alone and the ensemble `ens` (its main as given), constrained and
     unconstrained, on `n` requests of the seed.
     """
@@ -314,7 +319,9 @@ def run_tools(ens: Ensemble, n: int, seed: int, batch_size: int, bar: Any) -> li
     for name, view in systems:
         for constrained in (True, False):
             label = f"{name}, {'constrained' if constrained else 'unconstrained'}"
-            scores.append(score_tools(label, view, requests, constrained, batch_size, bar.update))
+            scores.append(
+                score_tools(label, view, requests, constrained, batch_size, bar.update, tool_choice)
+            )
     return scores
 
 
@@ -324,14 +331,14 @@ def run_tools_eval(args: argparse.Namespace, ens: Ensemble) -> int:
         ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
     n_runs = 2 * (len(ens.members) + 1) * args.n
     with tqdm(total=n_runs, desc="deepen eval tools", file=sys.stderr) as bar:
-        scores = run_tools(ens, args.n, args.seed, args.batch_size, bar)
+        scores = run_tools(ens, args.n, args.seed, args.batch_size, bar, args.tool_choice)
     output = Path(args.output)
     with output.open("w", encoding="utf-8") as f:
         for s in scores:
             for record in s.records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     summary = {
-        "task": "tool calls (generated requests, tool_choice auto)",
+        "task": f"tool calls (generated requests, tool_choice {args.tool_choice})",
         "seed": args.seed,
         "requests": args.n,
         "needing_a_tool": scores[0].needing,
@@ -347,8 +354,8 @@ def run_tools_eval(args: argparse.Namespace, ens: Ensemble) -> int:
         print(json.dumps(summary))
         return 0
     print(
-        f"tool calls, seed {args.seed}, {args.n} requests ({summary['needing_a_tool']} need a "
-        f"tool), tools {', '.join(summary['tools'])}"
+        f"tool calls (tool_choice {args.tool_choice}), seed {args.seed}, {args.n} requests "
+        f"({summary['needing_a_tool']} need a tool), tools {', '.join(summary['tools'])}"
     )
     print(f"{'system':56}{'valid call':>22}{'right tool':>22}{'exact args':>22}")
     for row in summary["results"]:

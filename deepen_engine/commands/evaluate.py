@@ -59,6 +59,12 @@ def add_parser(sub: Any) -> None:
         nargs="+",
         help="one weight per member, or 'adaptive' (weights from dev accuracy, DeePEn-Adapt)",
     )
+    ev.add_argument(
+        "--tool-choice",
+        choices=["auto", "required"],
+        default="auto",
+        help="tools task: auto (the model may answer in text; default) or required",
+    )
     ev.add_argument("--n", type=int, default=150, help="test questions (default 150)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the question split (default 0)")
     ev.add_argument("--shots", type=int, default=4, help="few-shot examples (default 4)")

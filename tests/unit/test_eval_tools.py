@@ -106,3 +106,20 @@ def test_eval_tools_command_on_tiny_members(long_folders, tmp_path, capsys):
             schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
             if record["call"][0] in schema and record["finish_reason"] == "tool_calls":
                 assert record["valid"]  # a constrained call always validates
+
+
+def test_eval_tools_required_calls_always_validate(long_folders, tmp_path, capsys):
+    out = tmp_path / "tools.jsonl"
+    args = ["--task", "tools", "--tool-choice", "required", "--n", "5", "--json"]
+    assert main(["eval", *member_args(long_folders), *args, "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task"].endswith("tool_choice required)")
+    for row in summary["results"]:
+        if row["system"].endswith(", constrained"):
+            valid, needing = row["valid_call"]["count"]
+            records = [json.loads(line) for line in out.read_text().splitlines()]
+            cut = sum(
+                r["system"] == row["system"] and r["expected_tool"] is not None
+                and r["finish_reason"] == "length" for r in records
+            )
+            assert valid == needing - cut  # every call that ended is valid
