@@ -71,6 +71,7 @@ GENERATION_FIELDS = (
     "seed",
     "truncation",
     "stop",
+    "timeout",
 )
 _ALIASES = {"max_tokens": "max_new_tokens"}  # call keywords that name a field differently
 
@@ -183,6 +184,11 @@ class DeepEnSettings(BaseModel):
     stop: list[str] | None = None
     """Strings that end generation; the text is cut exactly before the first one. A call's
     `stop` adds to these. Default `None`: none."""
+
+    timeout: float | None = _DEFAULTS.timeout
+    """Seconds a call may take, waiting for other requests included; past it the call
+    raises `RequestTimeoutError` (a `TimeoutError`) and its rows leave the batch. Default
+    `None`: no limit."""
 
     _loaded: Ensemble | None = PrivateAttr(default=None)  # the loaded `models`
     _views: dict[str, tuple[Ensemble, Ensemble]] = PrivateAttr(default_factory=dict)
