@@ -167,6 +167,11 @@ class GenerationConfig(_Settings):
     """Seed of each row's random stream: the same seed gives the same text for the same
     prompt, whatever the batch. `None`: a fresh random seed per row."""
 
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Report each generated token's log-probability under the fused distribution (the
+    distribution the token is chosen from, before temperature, top-k and top-p), with this
+    many most likely alternatives per token (`0`: the chosen token only). `None`: off."""
+
     timeout: float | None = Field(None, gt=0)
     """Seconds a request may take from the moment it is made, waiting in the queue
     included; past it the request fails with `RequestTimeoutError` at the next step and

@@ -17,9 +17,9 @@ import torch
 from .alignment.vocabulary import Anchors, find_anchors
 from .config import FusionConfig, GenerationConfig, SchedulerConfig
 from .decoding.chat import check_messages, render
-from .decoding.loop import NewRow
 from .decoding.prompts import MemberPrompt
 from .decoding.readers import aread, read
+from .decoding.rows import NewRow
 from .decoding.scheduler import Request, Scheduler, Sink
 from .errors import ConfigError
 from .fusion import Fuser

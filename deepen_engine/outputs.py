@@ -38,6 +38,24 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the fused distribution (see
+    `GenerationConfig.logprobs`).
+    """
+
+    token: str
+    """The token's text (its bytes decoded; an incomplete character shows as U+FFFD)."""
+    id: int
+    """The token's id in the main member's vocabulary."""
+    logprob: float
+    bytes: list[int]
+    """The token's UTF-8 bytes."""
+    top: list[TokenLogprob] = field(default_factory=list)
+    """The most likely tokens at this step, best first (`GenerationConfig.logprobs` of
+    them); empty for the entries of this list themselves."""
+
+
+@dataclass
 class StreamEvent:
     """One streamed piece of row `index`: a text delta, or its final event."""
 
@@ -49,6 +67,10 @@ class StreamEvent:
     usage: Usage | None = None
     token_ids: list[int] | None = None
     """The main member's generated ids, on the final event."""
+    logprobs: list[TokenLogprob] | None = None
+    """With `GenerationConfig.logprobs` set: the tokens chosen since the row's previous
+    event (text can lag its tokens: incomplete characters and stop-string prefixes are
+    held back). An end-of-sequence token is not listed."""
 
 
 @dataclass
@@ -59,14 +81,19 @@ class GenerationResult:
     finish_reason: str
     token_ids: list[int]
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    """Every generated token's log-probability, with `GenerationConfig.logprobs` set."""
 
 
 def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult]:
     """Aggregate a stream of `n_rows` rows into one result per row, in row order."""
     parts: list[list[str]] = [[] for _ in range(n_rows)]
+    logprobs: list[list[TokenLogprob] | None] = [None] * n_rows
     results: list[GenerationResult | None] = [None] * n_rows
     for event in events:
         parts[event.index].append(event.delta)
+        if event.logprobs is not None:
+            logprobs[event.index] = (logprobs[event.index] or []) + event.logprobs
         if event.finish_reason is not None:
             assert event.usage is not None and event.token_ids is not None
             results[event.index] = GenerationResult(
@@ -74,6 +101,7 @@ def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult
                 finish_reason=event.finish_reason,
                 token_ids=event.token_ids,
                 usage=event.usage,
+                logprobs=logprobs[event.index],
             )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

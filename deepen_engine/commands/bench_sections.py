@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..decoding.loop import StepRecord
+from ..decoding.rows import StepRecord
 from ..ensemble import Ensemble
 from ..fusion.reference import ReferenceFuser
 from .bench_timing import (

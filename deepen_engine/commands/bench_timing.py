@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ..config import GenerationConfig
-from ..decoding.loop import DecodeHooks, StepRecord, decode
+from ..decoding.loop import decode
 from ..decoding.member_batch import MemberBatch
+from ..decoding.rows import DecodeHooks, StepRecord
 from ..ensemble import Ensemble
 from ..members import Member
 

@@ -31,80 +31,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from ..config import GenerationConfig
 from ..fusion import Fuser
 from ..members import Member
-from ..outputs import StreamEvent, Usage
+from ..outputs import StreamEvent
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt, fit_context
+from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
-
-
-@dataclass
-class StepRecord:
-    """What one step saw, for `DecodeHooks.on_step`."""
-
-    logits: list[torch.Tensor]
-    """Per member run (B, V_i) next-token logits (only the main member's when the batch
-    runs it alone)."""
-    tokens: list[int]
-    """The token chosen for each batch row."""
-    rows: list[int]
-    """The prompt position (`Row.index`) of each batch row."""
-
-
-@dataclass
-class DecodeHooks:
-    """Variations of the loop for measuring it; the defaults are plain decoding."""
-
-    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = MemberBatch
-    """Builds each helper member's batch from its rows' prompt ids."""
-    on_step: Callable[[StepRecord], None] | None = None
-    """Called at each step once the tokens are chosen, before they are appended."""
-
-
-@dataclass
-class NewRow:
-    """A row asked for: its prompt for every member of the ensemble and its settings."""
-
-    prompts: Sequence[MemberPrompt]  # one per ensemble member, in member order
-    config: GenerationConfig
-    fuser: Fuser
-    index: int = 0  # position of the prompt in its request
-    owner: object = None  # who asked (the scheduler's request); events are routed by it
-    resume: Sequence[int] = ()  # main-member ids already generated (not streamed again)
-    seed: int | None = None  # None: the config's seed, else a fresh random one
-
-
-@dataclass
-class Row:
-    """A running row."""
-
-    index: int
-    config: GenerationConfig
-    fuser: Fuser
-    owner: object
-    text: TextAssembler
-    generator: torch.Generator  # the row's own random stream
-    usage: Usage = field(default_factory=Usage)
-    generated: int = 0  # tokens chosen so far (resumed ids included)
-    start: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Prepared:
-    """New rows tokenised and checked for every member run: ready to join."""
-
-    rows: list[Row]
-    ids: list[list[list[int]]]  # [member run][row] prompt ids
-    resume: list[Sequence[int]]
 
 
 def decode(
@@ -187,7 +127,7 @@ class BatchDecoder:
                     fuser=item.fuser,
                     owner=item.owner,
                     text=TextAssembler(item.config.stop),
-                    generator=_generator(seed),
+                    generator=row_generator(seed),
                 )
             )
         ids = []
@@ -256,6 +196,7 @@ class BatchDecoder:
         eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long)
         fused = suppress_end_tokens(fused, eos, early)
         tokens = self._choose(fused)
+        self._note_logprobs(fused, tokens)
         if self.hooks.on_step is not None:
             self.hooks.on_step(StepRecord(logits, tokens, [r.index for r in rows]))
         finished = self._append(tokens)
@@ -269,7 +210,8 @@ class BatchDecoder:
             if b in finished:
                 events.extend((row, e) for e in self._finish(b, finished[b]))
             elif delta := row.text.delta():
-                events.append((row, StreamEvent(delta=delta, index=row.index)))
+                event = StreamEvent(delta=delta, index=row.index, logprobs=row.take_logprobs())
+                events.append((row, event))
         self._keep([b for b in range(len(rows)) if b not in finished])
         return events
 
@@ -305,6 +247,26 @@ class BatchDecoder:
             for b, token in zip(rows, chosen):
                 tokens[b] = token
         return tokens
+
+    def _note_logprobs(self, fused: torch.Tensor, tokens: list[int]) -> None:
+        """Note the chosen tokens' log-probabilities for the rows that ask for them."""
+        asking = [b for b, row in enumerate(self.rows) if row.config.logprobs is not None]
+        if not asking:
+            return
+        logp = torch.log_softmax(fused[torch.tensor(asking)].float(), dim=-1)  # (b, V)
+        texts = self.main_member.vocab.texts
+        for logp_b, b in zip(logp, asking):
+            row, token = self.rows[b], tokens[b]
+            if token in self.main_member.eos_ids:
+                continue  # an end token is not text: not listed
+            top_k = row.config.logprobs or 0
+            top = logp_b.topk(top_k) if top_k else None
+            alternatives = (
+                [token_logprob(texts, int(i), float(v)) for v, i in zip(*top)] if top else []
+            )
+            entry = token_logprob(texts, token, float(logp_b[token]))
+            entry.top = alternatives
+            row.logprobs.append(entry)
 
     def _append(self, tokens: list[int]) -> dict[int, str]:
         """Append each row's token to the main member and its text; {batch row: reason}
@@ -346,13 +308,19 @@ class BatchDecoder:
             if row.text.stopped:
                 reason = "stop"
         if delta := row.text.delta(final=True):
-            yield StreamEvent(delta=delta, index=row.index)
+            yield StreamEvent(delta=delta, index=row.index, logprobs=row.take_logprobs())
         usage = row.usage
         for batch in self.batches:
             usage.fed_positions[batch.member.name] = batch.rows[b].fed_positions
         usage.total_seconds = time.perf_counter() - row.start
         token_ids = list(self.batches[self.main].rows[b].generated_ids)
-        yield StreamEvent(index=row.index, finish_reason=reason, usage=usage, token_ids=token_ids)
+        yield StreamEvent(
+            index=row.index,
+            finish_reason=reason,
+            usage=usage,
+            token_ids=token_ids,
+            logprobs=row.take_logprobs(),
+        )
 
     # --- rows out, forwards -------------------------------------------------------------
 
@@ -400,9 +368,3 @@ class BatchDecoder:
         for batch in self.batches:
             batch.free()
         self.rows = []
-
-
-def _generator(seed: int) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    return gen

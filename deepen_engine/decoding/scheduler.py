@@ -33,7 +33,8 @@ from ..config import SchedulerConfig
 from ..errors import ConfigError, QueueFullError, RequestTimeoutError
 from ..members import Member
 from ..outputs import StreamEvent
-from .loop import BatchDecoder, NewRow, Row
+from .loop import BatchDecoder
+from .rows import NewRow, Row
 
 Sink = Callable[[str, object], None]
 """Receives ("event", StreamEvent)s, then ("done", None) or ("error", exception), and last

@@ -18,7 +18,8 @@ from deepen_engine import (
     RequestTimeoutError,
     SchedulerConfig,
 )
-from deepen_engine.decoding.loop import BatchDecoder, NewRow
+from deepen_engine.decoding.loop import BatchDecoder
+from deepen_engine.decoding.rows import NewRow
 
 PROMPTS = [
     "The capital of France is",

@@ -1,0 +1,103 @@
+"""The rows of the decoding loop: what is asked for (`NewRow`), what runs (`Row`), new rows
+ready to join (`Prepared`), and the loop's hooks for measuring it (`DecodeHooks`,
+`StepRecord`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import GenerationConfig
+from ..fusion import Fuser
+from ..members import Member
+from ..outputs import TokenLogprob, Usage
+from .member_batch import MemberBatch
+from .prompts import MemberPrompt
+from .text import TextAssembler
+
+
+@dataclass
+class StepRecord:
+    """What one step saw, for `DecodeHooks.on_step`."""
+
+    logits: list[torch.Tensor]
+    """Per member run (B, V_i) next-token logits (only the main member's when the batch
+    runs it alone)."""
+    tokens: list[int]
+    """The token chosen for each batch row."""
+    rows: list[int]
+    """The prompt position (`Row.index`) of each batch row."""
+
+
+@dataclass
+class DecodeHooks:
+    """Variations of the loop for measuring it; the defaults are plain decoding."""
+
+    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = MemberBatch
+    """Builds each helper member's batch from its rows' prompt ids."""
+    on_step: Callable[[StepRecord], None] | None = None
+    """Called at each step once the tokens are chosen, before they are appended."""
+
+
+@dataclass
+class NewRow:
+    """A row asked for: its prompt for every member of the ensemble and its settings."""
+
+    prompts: Sequence[MemberPrompt]  # one per ensemble member, in member order
+    config: GenerationConfig
+    fuser: Fuser
+    index: int = 0  # position of the prompt in its request
+    owner: object = None  # who asked (the scheduler's request); events are routed by it
+    resume: Sequence[int] = ()  # main-member ids already generated (not streamed again)
+    seed: int | None = None  # None: the config's seed, else a fresh random one
+
+
+@dataclass
+class Row:
+    """A running row."""
+
+    index: int
+    config: GenerationConfig
+    fuser: Fuser
+    owner: object
+    text: TextAssembler
+    generator: torch.Generator  # the row's own random stream
+    usage: Usage = field(default_factory=Usage)
+    generated: int = 0  # tokens chosen so far (resumed ids included)
+    start: float = field(default_factory=time.perf_counter)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not handed out yet
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The log-probabilities noted since the last event (None when not asked for)."""
+        if self.config.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
+
+
+@dataclass
+class Prepared:
+    """New rows tokenised and checked for every member run: ready to join."""
+
+    rows: list[Row]
+    ids: list[list[list[int]]]  # [member run][row] prompt ids
+    resume: list[Sequence[int]]
+
+
+def token_logprob(texts: Sequence[bytes | None], token: int, value: float) -> TokenLogprob:
+    """A token's log-probability entry, its text from the vocabulary's bytes."""
+    data = texts[token] or b""
+    return TokenLogprob(
+        token=data.decode("utf-8", errors="replace"), id=token, logprob=value, bytes=list(data)
+    )
+
+
+def row_generator(seed: int) -> torch.Generator:
+    """A row's own random stream."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
