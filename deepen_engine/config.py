@@ -210,5 +210,5 @@ class SchedulerConfig(_Settings):
     max_batch_size: int = Field(32, ge=1)
     """Most rows decoded together; more wait in the queue until rows finish."""
 
-    max_queue: int = Field(256, ge=0)
+    max_queue: int = Field(256, ge=1)
     """Most requests waiting to start; one more raises `QueueFullError` at once."""

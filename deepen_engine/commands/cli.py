@@ -5,6 +5,7 @@
     deepen members --json
     deepen eval --n 150 --seed 0
     deepen bench --json --plot bench.png
+    deepen serve --port 8000
 
 Text goes to stdout; progress bars and notes go to stderr. Options shared by several
 commands come from `options.py`, their defaults from the engine's settings.
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import DeepenError
-from . import bench, describe, evaluate, generate
+from . import bench, describe, evaluate, generate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench, describe):
+    for module in (generate, evaluate, bench, describe, serve):
         module.add_parser(sub)
     return parser
 
