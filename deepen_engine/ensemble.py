@@ -184,6 +184,11 @@ class Ensemble:
         """Stop the worker thread; requests still running fail. Views share it."""
         self._scheduler.close()
 
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        """The limits of the scheduler shared by this ensemble and its views."""
+        return self._scheduler.config
+
     def queue_state(self) -> dict[str, int]:
         """Rows decoding now and requests waiting to start (shared by all views)."""
         return {

@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..config import SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
 from .bench_sections import PROMPTS, WINDOW, fidelity, length_curve, memory, speed
+from .bench_serving import print_serving, serving
 from .bench_timing import rss_mb
 from .options import fusion_options, fusion_settings, member_options, member_specs
 from .plotting import plot_bench
@@ -76,6 +78,29 @@ def add_parser(sub: Any) -> None:
         help="reference fusion: probability of a member's rarest non-anchor tokens it may "
         "leave out (1e-4; 0 = every token, minutes per step for a 262k vocabulary)",
     )
+    bench.add_argument(
+        "--serving",
+        action="store_true",
+        help="run the serving benchmark instead: concurrent requests through the scheduler "
+        "against one at a time (see --concurrency)",
+    )
+    bench.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8, 32],
+        help="--serving: requests per run (1 8 32)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--serving-tokens", type=int, nargs=2, default=[8, 24], metavar=("MIN", "MAX"),
+        help="--serving: new tokens per request, drawn from MIN..MAX (8 24)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--arrival-rate", type=float, default=4.0,
+        help="--serving: mean arrivals per second, a Poisson process (4)",
+    )  # fmt: skip
+    bench.add_argument("--seed", type=int, default=0, help="--serving: workload seed (0)")
+    bench.add_argument(
+        "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
+        help="--serving: most rows decoded together (32)",
+    )  # fmt: skip
     bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
     bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     bench.set_defaults(run=run)
@@ -85,9 +110,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by the parsed `deepen bench` arguments."""
     _check_flags(args)
     rss_start = rss_mb()
-    ens = Ensemble(member_specs(args), **fusion_settings(args))
+    limits = SchedulerConfig(max_batch_size=args.max_batch_size)
+    ens = Ensemble(member_specs(args), scheduler=limits, **fusion_settings(args))
     if len(ens.members) < 2:
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    if args.serving:
+        return _serving(ens, args)
     figures = _measure(ens, args, rss_start)
     if args.plot:
         plot_bench(figures, args.plot)
@@ -99,8 +127,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _header(ens: Ensemble) -> dict[str, Any]:
+    """What was measured: members, settings, device."""
+    return {
+        "members": [m.name for m in ens.members],
+        "main": ens.main.name,
+        "fusion": {"eta": ens.fusion.eta, "steps": ens.fusion.steps, "top_k": ens.fusion.top_k},
+        "device": str(ens.main.device),
+        "dtype": str(ens.main.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "load_seconds": {m.name: round(m.load_seconds, 2) for m in ens.members},
+        "align_seconds": round(ens.align_seconds, 2),
+    }
+
+
+def _serving(ens: Ensemble, args: argparse.Namespace) -> int:
+    figures = _header(ens)
+    with tqdm(total=len(args.concurrency), desc="deepen bench --serving", file=sys.stderr) as bar:
+        figures["serving"] = serving(
+            ens,
+            args.concurrency,
+            (args.serving_tokens[0], args.serving_tokens[1]),
+            args.arrival_rate,
+            args.seed,
+            lambda: bar.update(1),
+        )
+    if args.json:
+        print(json.dumps(figures, ensure_ascii=False))
+    else:
+        print_serving(figures)
+    return 0
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse bad flags before any model loads."""
+    if any(n < 1 for n in args.concurrency):
+        raise ConfigError(f"--concurrency values must be >= 1, got {args.concurrency}.")
+    low, high = args.serving_tokens
+    if not 1 <= low <= high:
+        raise ConfigError(
+            f"--serving-tokens must be MIN MAX with 1 <= MIN <= MAX, got {low} {high}."
+        )
+    if args.arrival_rate <= 0:
+        raise ConfigError(f"--arrival-rate must be > 0, got {args.arrival_rate}.")
     if args.new_tokens < 1:
         raise ConfigError(f"--new-tokens must be >= 1, got {args.new_tokens}.")
     if args.long_tokens < 2 * WINDOW:
@@ -118,16 +187,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[str, Any]:
     """Every section's figures, with a progress bar on stderr."""
     n_ticks = len(args.batch_sizes) * (len(ens.members) + 1) + 3 + args.fidelity_prompts
-    figures: dict[str, Any] = {
-        "members": [m.name for m in ens.members],
-        "main": ens.main.name,
-        "fusion": {"eta": ens.fusion.eta, "steps": ens.fusion.steps, "top_k": ens.fusion.top_k},
-        "device": str(ens.main.device),
-        "dtype": str(ens.main.dtype).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(),
-        "load_seconds": {m.name: round(m.load_seconds, 2) for m in ens.members},
-        "align_seconds": round(ens.align_seconds, 2),
-    }
+    figures = _header(ens)
     seconds: dict[str, float] = {}
     figures["section_seconds"] = seconds
     with tqdm(total=n_ticks, desc="deepen bench", file=sys.stderr) as bar:

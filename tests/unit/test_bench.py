@@ -119,3 +119,31 @@ def test_kv_cache_size_from_the_model_config(tiny_ensemble):
 def test_bench_bad_flags(tiny_folders, capsys, flags, message):
     assert main(["bench", *member_args(tiny_folders), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_serving_runs_both_modes_on_one_workload(tiny_folders, capsys):
+    flags = ["--serving", "--concurrency", "1", "3", "--serving-tokens", "2", "5",
+             "--arrival-rate", "50", "--seed", "1", "--json"]  # fmt: skip
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    serving = figures["serving"]
+    assert [r["concurrency"] for r in serving["rows"]] == [1, 3]
+    for row in serving["rows"]:
+        batched, serial = row["batched"], row["one_at_a_time"]
+        assert batched["completed"] == serial["completed"] == row["concurrency"]  # none lost
+        assert batched["output_tokens"] == serial["output_tokens"]  # the same workload
+        assert 2 * row["concurrency"] <= batched["output_tokens"] <= 5 * row["concurrency"]
+        assert row["speedup_tokens_per_second"] == pytest.approx(
+            batched["tokens_per_second"] / serial["tokens_per_second"], abs=0.01
+        )
+        assert batched["ttft_ms_p50"] <= batched["ttft_ms_p95"]
+
+
+def test_serving_workload_is_fixed_by_the_seed():
+    from deepen_engine.commands.bench_serving import workload
+
+    first = workload(20, (8, 24), 4.0, seed=3)
+    assert first == workload(20, (8, 24), 4.0, seed=3)
+    assert first != workload(20, (8, 24), 4.0, seed=4)
+    assert [j.arrival for j in first] == sorted(j.arrival for j in first)
+    assert all(8 <= j.tokens <= 24 for j in first)
