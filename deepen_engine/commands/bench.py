@@ -98,6 +98,10 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     bench.add_argument("--seed", type=int, default=0, help="--serving: workload seed (0)")
     bench.add_argument(
+        "--repeat", type=int, default=1,
+        help="--serving: interleaved repeats of both runs; figures are medians (1)",
+    )  # fmt: skip
+    bench.add_argument(
         "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
         help="--serving: most rows decoded together (32)",
     )  # fmt: skip
@@ -151,6 +155,7 @@ def _serving(ens: Ensemble, args: argparse.Namespace) -> int:
             args.arrival_rate,
             args.seed,
             lambda: bar.update(1),
+            repeat=args.repeat,
         )
     if args.json:
         print(json.dumps(figures, ensure_ascii=False))
@@ -168,6 +173,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--serving-tokens must be MIN MAX with 1 <= MIN <= MAX, got {low} {high}."
         )
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat must be >= 1, got {args.repeat}.")
     if args.arrival_rate <= 0:
         raise ConfigError(f"--arrival-rate must be > 0, got {args.arrival_rate}.")
     if args.new_tokens < 1:

@@ -4,7 +4,8 @@ batching) and one at a time, on the same workload in the same run.
 The workload (fixed by `--seed`): N requests with prompts of mixed length and outputs of
 mixed length (each exactly L tokens, L drawn from `--serving-tokens MIN MAX`), arriving at
 random times (a Poisson process of `--arrival-rate` requests per second). Each load is run
-twice on the same ensemble:
+twice on the same ensemble (`--repeat R` runs both R times, interleaved, and reports
+medians):
 
 - `batched`: every request is sent when it arrives; the scheduler lets waiting rows join
   the running batch between steps;
@@ -132,23 +133,32 @@ def serving(
     rate: float,
     seed: int,
     tick: Any = None,
+    repeat: int = 1,
 ) -> dict[str, Any]:
-    """Both runs for each N in `concurrency` (batched first, then one at a time)."""
+    """Both runs for each N in `concurrency`, `repeat` times interleaved (batched, one at a
+    time, batched, ...); each figure is the median over the repeats, and the speed-up the
+    median of the repeats' own speed-ups.
+    """
     ens.generate(_PROMPTS[0], max_new_tokens=4)  # warm: the first request pays cold costs
     rows = []
     for n in concurrency:
         jobs = workload(n, tokens, rate, seed)
         started = time.perf_counter()
-        batched = asyncio.run(_run(ens, jobs, one_at_a_time=False))
-        serial = asyncio.run(_run(ens, jobs, one_at_a_time=True))
+        runs: dict[str, list[dict[str, Any]]] = {"batched": [], "one_at_a_time": []}
+        for _ in range(repeat):
+            runs["batched"].append(asyncio.run(_run(ens, jobs, one_at_a_time=False)))
+            runs["one_at_a_time"].append(asyncio.run(_run(ens, jobs, one_at_a_time=True)))
+        speedups = [
+            b["tokens_per_second"] / s["tokens_per_second"]
+            for b, s in zip(runs["batched"], runs["one_at_a_time"])
+        ]
         rows.append(
             {
                 "concurrency": n,
-                "batched": batched,
-                "one_at_a_time": serial,
-                "speedup_tokens_per_second": round(
-                    batched["tokens_per_second"] / serial["tokens_per_second"], 2
-                ),
+                "batched": _median_run(runs["batched"]),
+                "one_at_a_time": _median_run(runs["one_at_a_time"]),
+                "speedup_tokens_per_second": round(statistics.median(speedups), 2),
+                "speedups": [round(x, 2) for x in speedups],
                 "section_seconds": round(time.perf_counter() - started, 1),
             }
         )
@@ -159,8 +169,19 @@ def serving(
         "output_tokens": list(tokens),
         "seed": seed,
         "max_batch_size": ens.scheduler_config.max_batch_size,
+        "repeat": repeat,
         "rows": rows,
     }
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over repeated runs of one workload."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            out[key] = round(statistics.median(r[key] for r in runs), 2)
+    out["completed"] = min(r["completed"] for r in runs)  # a request lost in any run shows
+    return out
 
 
 def print_serving(figures: dict[str, Any]) -> None:
@@ -169,7 +190,7 @@ def print_serving(figures: dict[str, Any]) -> None:
     print(
         f"serving: {s['output_tokens'][0]}-{s['output_tokens'][1]} new tokens per request, "
         f"{s['arrival_rate_per_second']} arrivals/s, seed {s['seed']}, "
-        f"max batch {s['max_batch_size']}"
+        f"max batch {s['max_batch_size']}, median of {s['repeat']} interleaved runs"
     )
     print(
         f"{'N':>4} {'mode':<14} {'done':>5} {'tok/s':>8} {'TTFT p50':>9} {'p95':>8} "
@@ -183,4 +204,7 @@ def print_serving(figures: dict[str, Any]) -> None:
                 f"{r['tokens_per_second']:>8.1f} {r['ttft_ms_p50']:>9.0f} {r['ttft_ms_p95']:>8.0f} "
                 f"{r['tpot_ms_p50']:>9.0f} {r['tpot_ms_p95']:>8.0f}"
             )
-        print(f"{'':>4} speed-up {row['speedup_tokens_per_second']}x tokens/s")
+        print(
+            f"{'':>4} speed-up {row['speedup_tokens_per_second']}x tokens/s "
+            f"(per run: {row['speedups']})"
+        )
