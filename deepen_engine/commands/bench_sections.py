@@ -11,6 +11,8 @@ import torch
 
 from ..decoding.loop import StepRecord
 from ..ensemble import Ensemble
+from ..fusion import DeepenFuser
+from ..fusion.deepen import kept_non_anchors
 from ..fusion.reference import ReferenceFuser
 from .bench_timing import (
     ensemble_run,
@@ -155,7 +157,8 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
         for m in ens.members
     }
     caches = {m.name: kv_cache_mb(m, batch, positions) for m in ens.members}
-    relative = sum(s.memory_bytes() for s in ens.fuser.spaces) / 2**20
+    spaces = ens.fuser.spaces if isinstance(ens.fuser, DeepenFuser) else []
+    relative = sum(s.memory_bytes() for s in spaces) / 2**20
     accounted = sum(weights.values()) + sum(caches.values()) + relative
     peak = peak_rss_mb()
     return {
@@ -174,14 +177,19 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
 def fidelity(
     ens: Ensemble, prompts: Sequence[str], n: int, leftout_mass: float, tick: Callable[[], None]
 ) -> dict[str, Any]:
-    """Share of steps where the fast path's token equals the reference fusion's token."""
-    reference = ReferenceFuser(ens.fuser, leftout_mass=leftout_mass)
+    """Share of steps where the fast path's token equals the reference fusion's token.
+
+    Only DeePEn has a fast path to check: the union methods compute their formula whole.
+    """
+    fuser = ens.fuser
+    if not isinstance(fuser, DeepenFuser) or not prompts:
+        return {"method": fuser.method, "prompts": 0, "steps": 0, "disagreements": []}
+    reference = ReferenceFuser(fuser, leftout_mass=leftout_mass)
     main = ens.main
     steps = agree = 0
     worst_leftout = [0.0] * len(ens.members)
     rows_used = [0] * len(ens.members)
     fast_leftout: list[list[float]] = [[] for _ in ens.members]
-    k = ens.fusion.top_k
     disagreements = []
     for p, prompt in enumerate(prompts):
 
@@ -205,7 +213,7 @@ def fidelity(
             for i, (left, used) in enumerate(zip(ref.leftout_mass, ref.rows_used)):
                 worst_leftout[i] = max(worst_leftout[i], left)
                 rows_used[i] = max(rows_used[i], used)
-                fast_leftout[i].append(_top_k_leftout(logits[i], ens.fuser.has_text[i], k))
+                fast_leftout[i].append(_fast_path_leftout(logits[i], fuser, i))
 
         timed_decode(ens, prompt, n, on_step=check)
         tick()
@@ -214,7 +222,9 @@ def fidelity(
         "steps": steps,
         "agreeing_steps": agree,
         "agreement": round(agree / steps, 4) if steps else None,
+        "method": fuser.method,
         "top_k": ens.fusion.top_k,
+        "top_mass": ens.fusion.top_mass,
         "candidates": ens.fusion.candidates,
         "leftout_mass_bound": leftout_mass,
         "max_leftout_mass": {m.name: worst_leftout[i] for i, m in enumerate(ens.members)},
@@ -230,11 +240,15 @@ def fidelity(
     }
 
 
-def _top_k_leftout(logits: torch.Tensor, has_text: torch.Tensor, k: int) -> float:
-    """Probability (of tokens with text) outside the fast path's top-k tokens."""
-    probs = torch.where(has_text, torch.softmax(logits.float(), dim=-1), 0.0)
-    top = probs[logits.topk(min(k, logits.numel())).indices].sum()
-    return float(1 - top / probs.sum())
+def _fast_path_leftout(logits: torch.Tensor, fuser: DeepenFuser, i: int) -> float:
+    """Probability (of member i's tokens with text) the fast path leaves out: non-anchor
+    tokens past its mass bound or its cap (`kept_non_anchors`).
+    """
+    probs = torch.where(fuser.has_text[i], torch.softmax(logits.float(), dim=-1), 0.0)
+    is_anchor = fuser.spaces[i].token_to_anchor >= 0
+    cfg = fuser.config
+    _, _, leftout = kept_non_anchors(probs[None], is_anchor, cfg.top_k, cfg.top_mass)
+    return float(leftout[0] / probs.sum())
 
 
 # --- plot and command -----------------------------------------------------------------

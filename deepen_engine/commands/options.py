@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from ..config import FusionConfig, GenerationConfig
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 
+METHODS = ("deepen", "union", "unite")  # FusionConfig.method's values
+
 
 def _help(model: type[BaseModel], field: str, extra: str = "") -> str:
     """The field's first sentence, then its default: `Learning rate ... (default: 0.15)`."""
@@ -78,10 +80,12 @@ def member_options() -> argparse.ArgumentParser:
 
 
 def fusion_options(
-    *, main_default: int | None = 0, weights: bool = True
+    *, main_default: int | None = 0, weights: bool = True, methods: bool = False
 ) -> argparse.ArgumentParser:
     """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
-    main member (the chat rule); `weights=False` leaves `--weights` to the command.
+    main member (the chat rule); `weights=False` leaves `--weights` to the command;
+    `methods=True` lets `--method` take several methods (or `all`), for the command to
+    compare.
     """
     parser = argparse.ArgumentParser(add_help=False)
     extra = "; default: for chat prompts the first member with a chat template, else 0"
@@ -96,11 +100,26 @@ def fusion_options(
     )
     if weights:
         _option(parser, FusionConfig, "weights", type=float, nargs="+", metavar="W")
+    if methods:
+        parser.add_argument(
+            "--method",
+            nargs="+",
+            choices=[*METHODS, "all"],
+            default=None,
+            help="fusion methods to compare, each on the same questions, or all "
+            "(default: deepen)",
+        )
+    else:
+        _option(parser, FusionConfig, "method", choices=list(METHODS))
+    _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
+    _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
     _option(parser, FusionConfig, "steps", type=int)
     _option(parser, FusionConfig, "tau", type=float)
     _option(parser, FusionConfig, "top_k", "--fusion-top-k", dest="fusion_top_k", type=int)
+    _option(parser, FusionConfig, "top_mass", type=float)
     _option(parser, FusionConfig, "candidates", type=int)
+    _option(parser, FusionConfig, "unite_top_k", type=int)
     _option(parser, FusionConfig, "min_anchors", type=int)
     return parser
 
@@ -130,6 +149,10 @@ def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
 def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
     out: dict[str, Any] = {
+        "gate": args.gate,
+        "gate_threshold": args.gate_threshold,
+        "top_mass": args.top_mass,
+        "unite_top_k": args.unite_top_k,
         "eta": args.eta,
         "steps": args.steps,
         "tau": args.tau,
@@ -137,6 +160,8 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
         "candidates": args.candidates,
         "min_anchors": args.min_anchors,
     }
+    if isinstance(args.method, str):  # a command comparing methods passes a list
+        out["method"] = args.method
     if args.main is not None:
         out["main"] = args.main
     weights = getattr(args, "weights", None)

@@ -1,8 +1,8 @@
-"""DeePEn fusion over the full vocabularies, to check the top-k fast path (deepen.py).
+"""DeePEn fusion over the full vocabularies, to check the fast path (deepen.py).
 
-The fast path keeps each member's top-k tokens and searches the main member's top tokens
-plus those the others propose. `ReferenceFuser` follows the same formulas with every token
-that has text:
+The fast path keeps each member's anchor tokens and its most probable non-anchor tokens
+(by mass, with a cap), and searches the main member's top tokens plus those the others
+propose. `ReferenceFuser` follows the same formulas with every token that has text:
 
 1. Each member's relative distribution `r_i = sum_v p_i(v) rel_i(v)` over its whole
    vocabulary: anchor tokens land on their anchor (one-hot rows, as in the fast path),
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .deepen import Fuser
+from .deepen import DeepenFuser
 from .search import Q_FLOOR, adamw_search
 
 
@@ -42,7 +42,7 @@ class ReferenceStep:
 
 
 class ReferenceFuser:
-    """Full-vocabulary DeePEn fusion with the settings of a fast-path `Fuser`.
+    """Full-vocabulary DeePEn fusion with the settings of a fast-path `DeepenFuser`.
 
     Args:
         fuser: the fast path to mirror (members' relative spaces, weights, settings).
@@ -51,7 +51,14 @@ class ReferenceFuser:
         row_cache: non-anchor rows kept between steps per member (each is |A| floats).
     """
 
-    def __init__(self, fuser: Fuser, leftout_mass: float = 1e-4, row_cache: int = 8192) -> None:
+    def __init__(
+        self, fuser: DeepenFuser, leftout_mass: float = 1e-4, row_cache: int = 8192
+    ) -> None:
+        if not isinstance(fuser, DeepenFuser):
+            raise TypeError(
+                f"ReferenceFuser checks DeePEn's fast path; got a {type(fuser).__name__} "
+                f"(method {fuser.method!r}), whose fusion has no approximation to check."
+            )
         if leftout_mass < 0 or leftout_mass >= 1:
             raise ValueError(f"leftout_mass must be in [0, 1), got {leftout_mass}.")
         self.fuser = fuser
