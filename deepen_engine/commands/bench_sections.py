@@ -55,9 +55,12 @@ def speed(
     first run is reported on its own as `cold_run`.
     """
     largest = _prompts(max(batch_sizes))
+    before = _row_counts(ens)
     cold = ensemble_run(ens, largest, n)
+    cold_rows = {k: v - before[k] for k, v in _row_counts(ens).items()}
     tick()
     rows = []
+    warm_ms = 0.0  # set at the largest batch size, the cold run's
     for size in batch_sizes:
         prompts = _prompts(size)
         alone = {}
@@ -68,6 +71,8 @@ def speed(
         tick()
         total = sum(alone.values())
         ms = run["seconds"] * 1000 / n
+        if size == len(largest):
+            warm_ms = ms  # the same prompts as the cold run
         rows.append(
             {
                 "batch_size": size,
@@ -82,15 +87,64 @@ def speed(
                 "ensemble_tokens_per_second": round(run["tokens"] / run["seconds"], 2),
             }
         )
+    cold_ms = cold["seconds"] * 1000 / n
     return {
         "cold_run": {
             "batch_size": len(largest),
-            "ensemble_ms": round(cold["seconds"] * 1000 / n, 2),
+            "ensemble_ms": round(cold_ms, 2),
             "fusion_only_ms": round(cold["fusion_seconds"] * 1000 / n, 2),
             "fusion_only_share": round(cold["fusion_seconds"] / cold["seconds"], 4),
+            "cold_over_warm": round(cold_ms / warm_ms, 3),
+            **cold_rows,
         },
         "rows": rows,
     }
+
+
+def _row_counts(ens: Ensemble) -> dict[str, int]:
+    """Relative rows of non-anchor tokens computed so far, and read from the disk cache."""
+    spaces = ens.fuser.spaces if isinstance(ens.fuser, DeepenFuser) else []
+    return {
+        "rows_computed": sum(s.rows_computed for s in spaces),
+        "rows_from_disk": sum(s.store.loaded for s in spaces if s.store is not None),
+    }
+
+
+def gate_check(
+    ens: Ensemble, prompts: Sequence[str], n: int, tick: Callable[[], None]
+) -> dict[str, Any]:
+    """For every method, greedy runs with the gate off, `agree` and `confident`: how often
+    the gate skips fusion, the fusion time it saves, and whether the text stays the same.
+    """
+    out = []
+    for method in ("deepen", "union", "unite"):
+        runs = {}
+        for gate in ("off", "agree", "confident"):
+            view = ens.with_fusion(method=method, gate=gate)
+            results = view.generate(list(prompts), max_new_tokens=n, min_new_tokens=n)
+            stats = view.fuser.stats
+            runs[gate] = (stats, [r.token_ids for r in results])
+            tick()
+        off_stats, off_ids = runs["off"]
+        for gate, (stats, ids) in runs.items():
+            out.append(
+                {
+                    "method": method,
+                    "gate": gate,
+                    "threshold": ens.fusion.gate_threshold if gate == "confident" else None,
+                    "row_steps": stats.rows,
+                    "gated_share": round(stats.gated / stats.rows, 4) if stats.rows else None,
+                    "fuse_ms_per_row_step": round(stats.seconds * 1000 / stats.rows, 3)
+                    if stats.rows
+                    else None,
+                    "fuse_seconds_saved_share": round(1 - stats.seconds / off_stats.seconds, 4)
+                    if off_stats.seconds
+                    else None,
+                    "rows_same_tokens_as_off": sum(a == b for a, b in zip(ids, off_ids)),
+                    "rows": len(ids),
+                }
+            )
+    return {"prompts": len(prompts), "new_tokens": n, "runs": out}
 
 
 def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict[str, Any]:
@@ -153,8 +207,7 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
     """Peak resident memory against what the ensemble must hold."""
     batch, positions = largest
     weights = {
-        m.name: tensor_mb(list(m.model.parameters()) + list(m.model.buffers()))
-        for m in ens.members
+        m.name: tensor_mb(list(m.model.parameters()) + list(m.model.buffers())) for m in ens.members
     }
     caches = {m.name: kv_cache_mb(m, batch, positions) for m in ens.members}
     spaces = ens.fuser.spaces if isinstance(ens.fuser, DeepenFuser) else []

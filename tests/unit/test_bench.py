@@ -23,7 +23,13 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
     names = figures["members"]
     assert len(names) == 2 and figures["main"] == names[0]
 
-    assert figures["speed"]["cold_run"]["batch_size"] == 2
+    cold = figures["speed"]["cold_run"]
+    assert cold["batch_size"] == 2
+    warm = next(r for r in figures["speed"]["rows"] if r["batch_size"] == 2)
+    assert cold["cold_over_warm"] == pytest.approx(
+        cold["ensemble_ms"] / warm["ensemble_ms"], rel=0.01
+    )
+    assert cold["rows_computed"] + cold["rows_from_disk"] > 0
     rows = figures["speed"]["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     for r in rows:
@@ -120,3 +126,18 @@ def test_kv_cache_size_from_the_model_config(tiny_ensemble):
 def test_bench_bad_flags(tiny_folders, capsys, flags, message):
     assert main(["bench", *member_args(tiny_folders), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_gate_check(tiny_folders, capsys):
+    flags = [*SMALL, "--fidelity-prompts", "0", "--gate-check", "--gate-tokens", "3", "--json"]
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    gate = json.loads(capsys.readouterr().out)["gate"]
+    assert gate["prompts"] == 8 and gate["new_tokens"] == 3
+    runs = {(g["method"], g["gate"]): g for g in gate["runs"]}
+    assert len(runs) == 9
+    for method in ("deepen", "union", "unite"):
+        off = runs[(method, "off")]
+        assert off["gated_share"] == 0.0 and off["rows_same_tokens_as_off"] == off["rows"] == 8
+        assert off["row_steps"] == 8 * 3  # every row asks for fusion at every step
+        for g in ("agree", "confident"):
+            assert 0.0 <= runs[(method, g)]["gated_share"] <= 1.0
