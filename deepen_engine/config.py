@@ -113,6 +113,11 @@ class FusionConfig(_Settings):
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
+    weighting: Literal["fixed", "confidence"] = "fixed"
+    """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
+    per row and step, each member's weight times its top probability, renormalised, so a
+    sure member outweighs an unsure one (every method)."""
+
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the inverse search (reference: 0.01)."""
 

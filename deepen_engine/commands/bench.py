@@ -133,7 +133,9 @@ def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[
         "main": ens.main.name,
         "fusion": {
             k: getattr(ens.fusion, k)
-            for k in ("method", "gate", "eta", "steps", "top_k", "top_mass", "unite_top_k")
+            for k in (
+                "method", "weighting", "gate", "eta", "steps", "top_k", "top_mass", "unite_top_k"
+            )
         },
         "device": str(ens.main.device),
         "dtype": str(ens.main.dtype).removeprefix("torch."),

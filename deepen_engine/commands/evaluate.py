@@ -167,7 +167,10 @@ def run_eval(args: argparse.Namespace) -> int:
         "members": [m.name for m in ens.members],
         "main": ens.main.name,
         "methods": methods,
-        "fusion": {k: getattr(ens.fusion, k) for k in ("eta", "steps", "gate", "unite_top_k")},
+        "fusion": {
+            k: getattr(ens.fusion, k)
+            for k in ("eta", "steps", "top_k", "top_mass", "unite_top_k", "weighting", "gate")
+        },
         "weight_mode": _weight_mode(weights),
         "tasks": reports,
         "outputs": str(output),

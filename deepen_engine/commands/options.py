@@ -111,6 +111,7 @@ def fusion_options(
         )
     else:
         _option(parser, FusionConfig, "method", choices=list(METHODS))
+    _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
     _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
     _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
@@ -149,6 +150,7 @@ def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
 def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
     out: dict[str, Any] = {
+        "weighting": args.weighting,
         "gate": args.gate,
         "gate_threshold": args.gate_threshold,
         "top_mass": args.top_mass,

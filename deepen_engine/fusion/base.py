@@ -10,7 +10,8 @@ per-step gate, and the registry that picks a method's class from `FusionConfig.m
    most probable token ends the text; `"confident"` when the main member's top probability
    reaches `gate_threshold` (GaC's thresholded ensemble). Skipped rows keep the main
    member's logits.
-3. The other rows go through the method's `_fuse_rows`: fused (B', V_main) logits.
+3. The other rows go through the method's `_fuse_rows`: fused (B', V_main) logits, with
+   each row's member weights from `row_weights` (`FusionConfig.weighting`).
 
 A method is a subclass registered with `@register("name")` that implements `from_context`
 (build from the ensemble's shared `FusionContext`) and `_fuse_rows`; `FusionConfig.method`
@@ -161,6 +162,20 @@ class Fuser:
         ends = [torch.isin(t, self.end_ids[i]) for i, t in enumerate(tops)]
         same = (anchor[0] >= 0) & torch.stack([a == anchor[0] for a in anchor]).all(0)
         return same | torch.stack(ends).all(0)
+
+    def row_weights(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, N) member weights of each row, summing to 1: the fixed weights, or with
+        `weighting="confidence"` each times the member's top probability, renormalised.
+        """
+        batch = logits[self.main].shape[0]
+        fixed = self.weights[None, :].expand(batch, -1)  # (B, N)
+        if self.config.weighting == "fixed":
+            return fixed
+        top = torch.stack(
+            [(x.float().max(-1).values - x.float().logsumexp(-1)).exp() for x in logits], -1
+        )  # (B, N) each member's top probability
+        scaled = fixed * top
+        return scaled / scaled.sum(-1, keepdim=True).clamp(min=1e-30)
 
     def _fuse_rows(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """The method's fused (B, V_main) logits for rows the gate let through."""

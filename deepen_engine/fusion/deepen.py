@@ -8,7 +8,8 @@ Pipeline of `DeepenFuser._fuse_rows`, for a batch of rows:
    scatter, no cost); non-anchor tokens, whose rows cost a softmax over the anchors each,
    enter in order of probability until those left out hold at most `1 - top_mass` of the
    probability, at most `top_k` of them (`kept_non_anchors`). Special tokens never enter.
-2. Aggregate `r = sum_i w_i r_i` (weights renormalised over members that kept any mass).
+2. Aggregate `r = sum_i w_i r_i` (`Fuser.row_weights`, renormalised over members that
+   kept any mass).
 3. Candidates: the main member's top `candidates` tokens, plus its tokens for every anchor
    among another member's top `candidates` tokens, so a helper can lift a token the main
    member ranks low.
@@ -97,12 +98,14 @@ class DeepenFuser(Fuser):
         proposals: list[torch.Tensor] = []  # per member (B, C) anchor index or -1
         r = torch.zeros(batch, len(self.anchors))  # (B, A)
         weight_sum = torch.zeros(batch, 1)  # (B, 1)
+        weights = self.row_weights(logits)  # (B, N)
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
             probs = torch.softmax(member_logits.float(), dim=-1)  # (B, V_i)
             probs = torch.where(self.has_text[i], probs, 0.0)
             r_i = self._relative(probs, space)  # (B, A), rows sum to 1 or 0
-            r += self.weights[i] * r_i
-            weight_sum += self.weights[i] * (r_i.sum(-1, keepdim=True) > 0).float()
+            w = weights[:, i : i + 1]  # (B, 1)
+            r += w * r_i
+            weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float()
             c = min(cfg.candidates, probs.shape[-1])
             top_p, top_ids = probs.topk(c, dim=-1)  # (B, C) proposals: anchors among them
             proposals.append(torch.where(top_p > 0, space.token_to_anchor[top_ids], -1))

@@ -75,6 +75,7 @@ class ReferenceFuser:
         # 1. every member's relative distribution over the anchors.
         r = torch.zeros(num_anchors)
         weight_sum = 0.0
+        weights = fuser.row_weights([x.float()[None, :] for x in logits])[0]  # (N,)
         leftout: list[float] = []
         used: list[int] = []
         main_rest: torch.Tensor | None = None  # the main member's non-anchor ids that entered
@@ -90,8 +91,8 @@ class ReferenceFuser:
             r_i += probs[rest_ids] @ rows
             mass = float(r_i.sum())
             if mass > 0:
-                r += float(fuser.weights[i]) * (r_i / mass)
-                weight_sum += float(fuser.weights[i])
+                r += float(weights[i]) * (r_i / mass)
+                weight_sum += float(weights[i])
             leftout.append(left)
             used.append(int(rest_ids.numel()))
             if i == main:

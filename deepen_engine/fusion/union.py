@@ -10,8 +10,9 @@ over the union of their vocabularies, tokens matched by their exact text.
    member's longest token that starts that text: the main member writes that piece now and
    the members go on from the new text (GaC instead hands the whole text to every member;
    one step writes one main-member token here).
-3. `P(t) = sum_i w_i sum_{v -> t} p_i(v)` over the main member's tokens t; the fused logits
-   are `log P` (tokens no member maps to: see `outside_union`).
+3. `P(t) = sum_i w_i sum_{v -> t} p_i(v)` over the main member's tokens t (`w_i`: each
+   row's weights, `Fuser.row_weights`); the fused logits are `log P` (tokens no member
+   maps to: see `outside_union`).
 
 The members' probabilities are added whole, so the rule is symmetric in the members: the
 main member only decides which vocabulary writes the text.
@@ -46,9 +47,10 @@ class UnionFuser(Fuser):
         """Fused (B, V_main) float32 logits; logits: per member (B, V_i)."""
         main_logits = logits[self.main].float()
         total = torch.zeros_like(main_logits)  # (B, V_main) P(t)
+        weights = self.row_weights(logits)  # (B, N)
         for i, member_logits in enumerate(logits):
-            weight = float(self.weights[i])
-            if weight == 0:
+            weight = weights[:, i : i + 1]  # (B, 1)
+            if not bool((weight > 0).any()):
                 continue
             # 1. p_i over the tokens that enter, renormalised.
             to_main = self.to_main[i]  # (V_i,)

@@ -58,9 +58,10 @@ class UniteFuser(Fuser):
             scores = torch.where(self.entered[i], lp, float("-inf"))
             tops.append(scores.topk(min(self.config.unite_top_k, lp.shape[-1]), dim=-1))
         total = torch.zeros_like(main_logits)  # (B, V_main)
+        weights = self.row_weights(logits)  # (B, N)
         for b in range(main_logits.shape[0]):
             row_tops = [(t.values[b], t.indices[b]) for t in tops]
-            self._fuse_row(b, [x[b] for x in logp], row_tops, total)
+            self._fuse_row(b, [x[b] for x in logp], row_tops, weights[b].tolist(), total)
         return torch.where(total > 0, total.clamp(min=1e-45).log(), outside_union(main_logits))
 
     def _fuse_row(
@@ -68,6 +69,7 @@ class UniteFuser(Fuser):
         b: int,
         logp: list[torch.Tensor],  # per member (V_i,) log-probabilities of row b
         tops: list[tuple[torch.Tensor, torch.Tensor]],  # per member (k,) values and ids
+        weights: list[float],  # per member: its weight in row b
         total: torch.Tensor,  # (B, V_main) written in row b
     ) -> None:
         # 1. candidates, each with the member and token it came from.
@@ -85,7 +87,7 @@ class UniteFuser(Fuser):
             tokens = self._member_tokens(i, candidates, tops[i][1].tolist())
             if i == self.main:
                 main_tokens = [t for t, _ in tokens]
-            weight = float(self.weights[i])
+            weight = weights[i]
             if weight == 0:
                 continue
             # 3. member i's probabilities over the candidates, weighted.

@@ -254,3 +254,37 @@ def test_bad_method_settings_raise_naming_the_field(tiny_ensemble, field, value)
 
     with pytest.raises(ConfigError, match=rf"FusionConfig\.{field}"):
         tiny_ensemble.with_fusion(**{field: value})
+
+
+def _confidence_weights(logits_row, fixed):
+    """Each member's fixed weight times its top probability, renormalised (plainly)."""
+    tops = [float(torch.softmax(x.double(), -1).max()) for x in logits_row]
+    scaled = [w * t for w, t in zip(fixed, tops)]
+    return [x / sum(scaled) for x in scaled]
+
+
+@pytest.mark.parametrize("method", ["union", "unite"])
+def test_confidence_weighting_matches_plain_reference(tiny_ensemble, method):
+    view = tiny_ensemble.with_fusion(method=method, weighting="confidence", weights=[0.6, 0.4])
+    logits = _next_logits(view, PROMPTS)
+    logits[1][0] = logits[1][0] * 8  # row 0: a sure helper
+    fused = view.fuser.fuse(logits)
+    for b in range(len(PROMPTS)):
+        row = [x[b] for x in logits]
+        w = _confidence_weights(row, [0.6, 0.4])
+        if method == "union":
+            expected = _union_reference(view, row, w, 0)
+        else:
+            expected = _unite_reference(view, row, w, 0, 10)
+        _check_against(fused[b], expected, logits[0][b])
+    fixed = tiny_ensemble.with_fusion(method=method, weights=[0.6, 0.4]).fuser.fuse(logits)
+    assert not torch.allclose(fused[0], fixed[0])
+
+
+def test_confidence_weighting_batched_equals_alone_for_deepen(tiny_ensemble):
+    view = tiny_ensemble.with_fusion(weighting="confidence")
+    logits = _next_logits(view, PROMPTS)
+    batched = view.fuser.fuse(logits)
+    for b in range(len(PROMPTS)):
+        alone = view.fuser.fuse([x[b : b + 1] for x in logits])
+        torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-5, rtol=0)
