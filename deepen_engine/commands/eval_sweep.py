@@ -1,10 +1,10 @@
 """`deepen eval` sweep mode: settings scored on the dev sets only (settings are chosen on
 dev, never on test).
 
-The grid: every `--sweep-main` x `--sweep-method` (default: the `--method` given); for
-DeePEn also every `--sweep-steps` x `--sweep-eta` (eta 0 or 0 steps is the main member
-alone). Every setting answers the dev questions of every `--task`. Writes
-`<sweep-output>.json`, `.md` (one row per setting, one column per task) and `.png`
+The grid: every `--sweep-main` x `--sweep-method` (default: the `--method` given) x
+`--weighting` (default: fixed); for DeePEn also every `--sweep-steps` x `--sweep-eta` (eta
+0 or 0 steps is the main member alone). Every setting answers the dev questions of every
+`--task`. Writes `<sweep-output>.json`, `.md` (one row per setting, one column per task) and `.png`
 (dev accuracy by setting, one bar per task; members alone first).
 """
 
@@ -24,7 +24,7 @@ from .eval_task import Score, Split, Task, adaptive_weights, score
 from .evaluate import answerer, members_alone, methods_named, write_records
 from .plotting import plot_method_sweep
 
-Setting = tuple[str, int, int | None, float | None]  # method, main, steps, eta
+Setting = tuple[str, str, int, int | None, float | None]  # method, weighting, main, steps, eta
 
 
 def _grid(args: argparse.Namespace, n_members: int) -> list[Setting]:
@@ -44,21 +44,24 @@ def _grid(args: argparse.Namespace, n_members: int) -> list[Setting]:
     if not args.dev_size:
         raise ConfigError("the sweep scores on the dev set: give --dev-size >= 1.")
     methods = args.sweep_method or methods_named(args.method)
+    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
     grid: list[Setting] = []
     for main in mains:
         for method in methods:
-            if method != "deepen":
-                grid.append((method, main, None, None))
-                continue
-            grid.extend(("deepen", main, steps, eta) for steps in steps_list for eta in etas)
+            for w in weightings:
+                if method != "deepen":
+                    grid.append((method, w, main, None, None))
+                    continue
+                grid.extend(("deepen", w, main, st, eta) for st in steps_list for eta in etas)
     return grid
 
 
 def _label(setting: Setting, names: list[str]) -> str:
-    method, main, steps, eta = setting
+    method, weighting, main, steps, eta = setting
+    name = method if weighting == "fixed" else f"{method}+{weighting}"
     if method != "deepen":
-        return f"{method} main={names[main]}"
-    return f"deepen main={names[main]} steps={steps} eta={eta:g}"
+        return f"{name} main={names[main]}"
+    return f"{name} main={names[main]} steps={steps} eta={eta:g}"
 
 
 def run_sweep(
@@ -71,7 +74,7 @@ def run_sweep(
     """Dev accuracy of every setting of the grid on every task."""
     names = [m.name for m in ens.members]
     grid = _grid(args, len(names))
-    identity = [s for s in grid if s[0] == "deepen" and (s[2] == 0 or s[3] == 0)]
+    identity = [s for s in grid if s[0] == "deepen" and (s[3] == 0 or s[4] == 0)]
     total = sum(len(splits[t.name].dev) for t in tasks) * (len(names) + len(grid) - len(identity))
     rows: list[dict[str, Any]] = []
     alone_rows: list[dict[str, Any]] = []
@@ -89,10 +92,10 @@ def run_sweep(
                 result = _score_setting(view, task, split, setting, alone, names, bar, args)
                 if result not in alone:
                     records.append(result)
-                method, main, steps, eta = setting
+                method, weighting, main, steps, eta = setting
                 rows.append(
-                    {"task": task.name, "method": method, "main": names[main], "steps": steps,
-                     "eta": eta, **result.summary()}
+                    {"task": task.name, "method": method, "weighting": weighting,
+                     "main": names[main], "steps": steps, "eta": eta, **result.summary()}
                 )  # fmt: skip
     sweep = {
         "seed": args.seed,
@@ -131,10 +134,10 @@ def _score_setting(
     bar: Any,
     args: argparse.Namespace,
 ) -> Score:
-    method, main, steps, eta = setting
+    method, weighting, main, steps, eta = setting
     if method == "deepen" and (steps == 0 or eta == 0):
         return alone[main]  # the main member alone, exactly
-    changes: dict[str, Any] = {"method": method, "main": main}
+    changes: dict[str, Any] = {"method": method, "weighting": weighting, "main": main}
     if method == "deepen":
         changes.update(steps=steps, eta=eta)
     answer = answerer(view.with_fusion(**changes), task, args.batch_size)
@@ -156,7 +159,8 @@ def sweep_table(sweep: dict[str, Any]) -> str:
     for r in sweep["members_alone"]:
         cell[(f"{r['system']} alone", r["task"])] = r
     for r in sweep["rows"]:
-        setting = (r["method"], sweep["members"].index(r["main"]), r["steps"], r["eta"])
+        main = sweep["members"].index(r["main"])
+        setting = (r["method"], r["weighting"], main, r["steps"], r["eta"])
         cell[(_label(setting, sweep["members"]), r["task"])] = r
     for system in dict.fromkeys(s for s, _ in cell):
         cells = []

@@ -129,34 +129,49 @@ def methods_named(raw: list[str] | None) -> list[str]:
     return list(METHODS) if "all" in raw else list(dict.fromkeys(raw))
 
 
+def systems_named(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(method, weighting) of every ensemble to score: each `--method` with each
+    `--weighting` (default: fixed).
+    """
+    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
+    return [(m, w) for m in methods_named(args.method) for w in weightings]
+
+
+def system_label(method: str, weighting: str, main: str) -> str:
+    """`union (main gemma-3-270m)`; `union+confidence (...)` with confidence weighting."""
+    suffix = "" if weighting == "fixed" else f"+{weighting}"
+    return f"{method}{suffix} (main {main})"
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by the parsed `deepen eval` arguments."""
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}.")
     weights = _weights(args.weights)
     tasks = tasks_named(args.task)
-    methods = methods_named(args.method)
+    systems = systems_named(args)
     splits = {
         t.name: split_questions(t.load(), args.seed, args.shots, args.dev_size) for t in tasks
     }
     ens = Ensemble(
         member_specs(args),
         **fusion_settings(args),
-        method=methods[0],
+        method=systems[0][0],
+        weighting=systems[0][1],
         weights=weights if isinstance(weights, list) else None,
     )
     if args.sweep_eta or args.sweep_method:
         from .eval_sweep import run_sweep
 
         return run_sweep(args, ens, tasks, splits, weights)
-    per_task = len(ens.members) + len(methods)
+    per_task = len(ens.members) + len(systems)
     n_runs = sum(min(args.n, len(splits[t.name].test)) * per_task for t in tasks)
     if weights == "adaptive":
         n_runs += sum(len(ens.members) * len(splits[t.name].dev) for t in tasks)
     reports, records = [], []
     with tqdm(total=n_runs, desc="deepen eval", file=sys.stderr) as bar:
         for task in tasks:
-            report, scores = _run_task(ens, task, splits[task.name], methods, weights, bar, args)
+            report, scores = _run_task(ens, task, splits[task.name], systems, weights, bar, args)
             reports.append(report)
             records.extend(scores)
     output = Path(args.output)
@@ -166,7 +181,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "shots": args.shots,
         "members": [m.name for m in ens.members],
         "main": ens.main.name,
-        "methods": methods,
+        "methods": list(dict.fromkeys(m for m, _ in systems)),
+        "weightings": list(dict.fromkeys(w for _, w in systems)),
         "fusion": {
             k: getattr(ens.fusion, k)
             for k in ("eta", "steps", "top_k", "top_mass", "unite_top_k", "weighting", "gate")
@@ -187,7 +203,7 @@ def _run_task(
     ens: Ensemble,
     task: Task,
     split: Split,
-    methods: list[str],
+    systems: list[tuple[str, str]],
     weights: list[float] | str | None,
     bar: Any,
     args: argparse.Namespace,
@@ -204,9 +220,9 @@ def _run_task(
     best = max(alone, key=lambda s: s.accuracy)  # the first of equals: member order
     fused: list[Score] = []
     comparisons = []
-    for method in methods:
-        method_view = view.with_fusion(method=method)
-        label = f"{method} (main {view.main.name})"
+    for method, weighting in systems:
+        method_view = view.with_fusion(method=method, weighting=weighting)
+        label = system_label(method, weighting, view.main.name)
         answer = answerer(method_view, task, args.batch_size)
         result = score(task, label, answer, split.shots, test, bar.update, args.batch_size)
         fused.append(result)
@@ -215,6 +231,7 @@ def _run_task(
             {
                 "system": label,
                 "method": method,
+                "weighting": weighting,
                 "minus_best_member": round(result.accuracy - best.accuracy, 4),
                 "mcnemar_vs_best_member": mcnemar(_correct(result), _correct(best)),
                 "gated_share": round(stats.gated / stats.rows, 4) if stats.rows else None,

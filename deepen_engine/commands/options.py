@@ -111,7 +111,17 @@ def fusion_options(
         )
     else:
         _option(parser, FusionConfig, "method", choices=list(METHODS))
-    _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
+    if methods:
+        parser.add_argument(
+            "--weighting",
+            nargs="+",
+            choices=["fixed", "confidence"],
+            default=None,
+            help="how the weights apply per step (FusionConfig.weighting); several: each "
+            "method with each (default: fixed)",
+        )
+    else:
+        _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
     _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
     _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
@@ -150,7 +160,6 @@ def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
 def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
     out: dict[str, Any] = {
-        "weighting": args.weighting,
         "gate": args.gate,
         "gate_threshold": args.gate_threshold,
         "top_mass": args.top_mass,
@@ -162,8 +171,9 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
         "candidates": args.candidates,
         "min_anchors": args.min_anchors,
     }
-    if isinstance(args.method, str):  # a command comparing methods passes a list
-        out["method"] = args.method
+    for key in ("method", "weighting"):  # a command comparing several passes a list
+        if isinstance(getattr(args, key), str):
+            out[key] = getattr(args, key)
     if args.main is not None:
         out["main"] = args.main
     weights = getattr(args, "weights", None)

@@ -54,7 +54,8 @@ def plot_method_sweep(sweep: dict[str, Any], path: str) -> None:
     for r in sweep["members_alone"]:
         systems.setdefault(f"{r['system']} alone", {})[r["task"]] = r["accuracy"]
     for r in sweep["rows"]:
-        label = f"{r['method']} main={r['main']}"
+        name = r["method"] if r["weighting"] == "fixed" else f"{r['method']}+{r['weighting']}"
+        label = f"{name} main={r['main']}"
         if r["method"] == "deepen":
             label += f" steps={r['steps']} eta={r['eta']:g}"
         systems.setdefault(label, {})[r["task"]] = r["accuracy"]

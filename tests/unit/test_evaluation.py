@@ -258,3 +258,23 @@ def test_sweep_rejects_bad_values(tiny_folders, capsys):
     assert "--sweep-main [2] out of range for 2 members; give 0 to 1." in capsys.readouterr().err
     assert main(["eval", *member_args(tiny_folders), "--sweep-eta", "-1"]) == 2
     assert "--sweep-eta values must be >= 0, got [-1.0]." in capsys.readouterr().err
+
+
+def test_eval_and_sweep_with_each_weighting(tiny_folders, tmp_path, capsys):
+    names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
+    base = ["eval", *member_args(tiny_folders), "--dev-size", "2", "--batch-size", "4"]
+    base += ["--method", "union", "--weighting", "fixed", "confidence"]
+    base += ["--output", str(tmp_path / "a.jsonl"), "--json"]
+    assert main([*base, "--n", "3"]) == 0
+    (task,) = json.loads(capsys.readouterr().out)["tasks"]
+    systems = [r["system"] for r in task["results"]]
+    assert systems == [*names, f"union (main {names[0]})", f"union+confidence (main {names[0]})"]
+    assert [c["weighting"] for c in task["comparisons"]] == ["fixed", "confidence"]
+    sweep_args = ["--sweep-method", "unite", "--sweep-output", str(tmp_path / "s")]
+    assert main([*base, *sweep_args]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["weighting"]) for r in sweep["rows"]] == [
+        ("unite", "fixed"),
+        ("unite", "confidence"),
+    ]
+    assert f"| unite+confidence main={names[0]} |" in (tmp_path / "s.md").read_text()
