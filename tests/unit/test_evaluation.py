@@ -1,4 +1,4 @@
-"""`deepen eval`: the tasks (capitals, regions, arithmetic), scoring, intervals, the paired
+"""`deepen eval`: the tasks (capitals, countries, arithmetic), scoring, intervals, the paired
 test, adaptive weights, the split, and runs of the command on tiny members."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from deepen_engine.commands.eval_task import (
 from deepen_engine.commands.eval_tasks import (
     ARITHMETIC,
     CAPITALS,
-    REGION,
+    COUNTRIES,
     first_integer_matches,
     load_arithmetic,
     load_capitals,
-    load_regions,
+    load_countries,
     tasks_named,
 )
 from tests.conftest import member_args
@@ -88,18 +88,19 @@ def test_questions_come_from_countryinfo():
     assert [q.subject for q in questions] == sorted(q.subject for q in questions)
 
 
-def test_region_task():
-    questions = load_regions()
+def test_countries_task():
+    questions = load_countries()
     assert len(questions) > 200
-    assert Question("France", ("Europe",)) in questions
-    assert Question("Peru", ("Americas",)) in questions
-    assert {q.answer for q in questions} == {"Africa", "Americas", "Asia", "Europe", "Oceania"}
-    assert REGION.prompt([Question("Japan", ("Asia",))], Question("Peru", ("Americas",))) == (
-        "Q: In which region of the world is Japan: Africa, Americas, Asia, Europe or "
-        "Oceania?\nA: Asia\n\n"
-        "Q: In which region of the world is Peru: Africa, Americas, Asia, Europe or Oceania?\nA:"
+    by_capital = {q.subject: q for q in questions}
+    assert by_capital["Paris"].answers[:2] == ("France", "French Republic")
+    assert "FR" not in by_capital["Paris"].answers  # codes of two letters do not count
+    assert "Kingston" not in by_capital  # the capital of more than one country
+    assert COUNTRIES.prompt([by_capital["Lima"]], by_capital["Paris"]) == (
+        "Q: Which country has the capital Lima?\nA: Peru\n\n"
+        "Q: Which country has the capital Paris?\nA:"
     )
-    assert REGION.check(" europe", ("Europe",)) and not REGION.check(" Asia", ("Europe",))
+    assert COUNTRIES.check(" French Republic", by_capital["Paris"].answers)
+    assert not COUNTRIES.check(" Belgium", by_capital["Paris"].answers)
 
 
 def test_arithmetic_task_is_fixed_and_right():
@@ -118,7 +119,7 @@ def test_arithmetic_task_is_fixed_and_right():
 
 def test_tasks_by_name():
     assert tasks_named(None) == [CAPITALS]
-    assert [t.name for t in tasks_named(["all"])] == ["capitals", "regions", "arithmetic"]
+    assert [t.name for t in tasks_named(["all"])] == ["capitals", "countries", "arithmetic"]
     with pytest.raises(ConfigError, match="'trivia' is not a task"):
         tasks_named(["trivia"])
 
@@ -170,7 +171,7 @@ def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
     assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
-    assert [t["task"] for t in summary["tasks"]] == ["capitals", "regions", "arithmetic"]
+    assert [t["task"] for t in summary["tasks"]] == ["capitals", "countries", "arithmetic"]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     for task in summary["tasks"]:
         systems = [r["system"] for r in task["results"]]
@@ -199,7 +200,7 @@ def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
     # the table prints every task and system
     assert main(["eval", *member_args(tiny_folders), *args]) == 0
     table = capsys.readouterr().out
-    assert "| system | capitals (4) | regions (4) | arithmetic (4) |" in table
+    assert "| system | capitals (4) | countries (4) | arithmetic (4) |" in table
     assert table.count("\n| unite (main") == 1
 
 
