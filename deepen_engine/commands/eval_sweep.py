@@ -35,6 +35,8 @@ def _grid(args: argparse.Namespace, n_members: int) -> list[Setting]:
     steps_list = args.sweep_steps or [args.steps]
     if any(s < 0 for s in steps_list):
         raise ConfigError(f"--sweep-steps values must be >= 0, got {steps_list}.")
+    if args.main == "auto" and not args.sweep_main:
+        raise ConfigError("the sweep compares main members: give --sweep-main, not --main auto.")
     mains = args.sweep_main or [args.main]
     bad = [m for m in mains if not 0 <= m < n_members]
     if bad:

@@ -166,7 +166,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_sweep(args, ens, tasks, splits, weights)
     per_task = len(ens.members) + len(systems)
     n_runs = sum(min(args.n, len(splits[t.name].test)) * per_task for t in tasks)
-    if weights == "adaptive":
+    if weights == "adaptive" or args.main == "auto":
         n_runs += sum(len(ens.members) * len(splits[t.name].dev) for t in tasks)
     reports, records = [], []
     with tqdm(total=n_runs, desc="deepen eval", file=sys.stderr) as bar:
@@ -180,7 +180,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "shots": args.shots,
         "members": [m.name for m in ens.members],
-        "main": ens.main.name,
+        "main": "auto" if args.main == "auto" else ens.main.name,
         "methods": list(dict.fromkeys(m for m, _ in systems)),
         "weightings": list(dict.fromkeys(w for _, w in systems)),
         "fusion": {
@@ -212,10 +212,14 @@ def _run_task(
     test = split.test[: args.n]
     dev_scores: list[Score] = []
     view = ens
-    if weights == "adaptive":
+    if weights == "adaptive" or args.main == "auto":
         dev = split.dev
         dev_scores = members_alone(ens, task, split.shots, dev, bar, args.batch_size, " (dev)")
-        view = ens.with_fusion(weights=adaptive_weights([s.accuracy for s in dev_scores]))
+        dev_accuracy = [s.accuracy for s in dev_scores]
+        if weights == "adaptive":
+            view = view.with_fusion(weights=adaptive_weights(dev_accuracy))
+        if args.main == "auto":  # the best member alone on dev leads (the first of equals)
+            view = view.with_fusion(main=dev_accuracy.index(max(dev_accuracy)))
     alone = members_alone(ens, task, split.shots, test, bar, args.batch_size)
     best = max(alone, key=lambda s: s.accuracy)  # the first of equals: member order
     fused: list[Score] = []
@@ -241,6 +245,7 @@ def _run_task(
         "task": task.name,
         "title": task.title,
         "test_questions": len(test),
+        "main": view.main.name,
         "weights": [round(w, 4) for w in view.fusion.normalised_weights(len(ens.members))],
         "dev": [s.summary() for s in dev_scores],
         "results": [s.summary() for s in alone + fused],

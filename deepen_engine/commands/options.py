@@ -84,19 +84,23 @@ def fusion_options(
 ) -> argparse.ArgumentParser:
     """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
     main member (the chat rule); `weights=False` leaves `--weights` to the command;
-    `methods=True` lets `--method` take several methods (or `all`), for the command to
-    compare.
+    `methods=True` lets `--method` take several methods (or `all`) and `--weighting`
+    several weightings, for the command to compare, and `--main` take `auto`.
     """
     parser = argparse.ArgumentParser(add_help=False)
     extra = "; default: for chat prompts the first member with a chat template, else 0"
+    main_help = None if main_default is not None else f"index of the main member ({extra[2:]})"
+    if methods:
+        main_help = "index of the main member, or auto: on each task the best member alone on "
+        main_help += "the dev set (default: 0)"
     _option(
         parser,
         FusionConfig,
         "main",
-        type=int,
+        type=_main_index if methods else int,
         metavar="INDEX",
         default=main_default,
-        help=None if main_default is not None else "index of the main member" + f" ({extra[2:]})",
+        help=main_help,
     )
     if weights:
         _option(parser, FusionConfig, "weights", type=float, nargs="+", metavar="W")
@@ -133,6 +137,16 @@ def fusion_options(
     _option(parser, FusionConfig, "unite_top_k", type=int)
     _option(parser, FusionConfig, "min_anchors", type=int)
     return parser
+
+
+def _main_index(text: str) -> int | str:
+    """`--main` of a comparing command: a member index, or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a member index or auto, got {text!r}") from None
 
 
 def generation_options() -> argparse.ArgumentParser:
@@ -174,7 +188,7 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("method", "weighting"):  # a command comparing several passes a list
         if isinstance(getattr(args, key), str):
             out[key] = getattr(args, key)
-    if args.main is not None:
+    if isinstance(args.main, int):  # None: the command's rule; "auto": the command's choice
         out["main"] = args.main
     weights = getattr(args, "weights", None)
     if isinstance(weights, list) and all(isinstance(w, float) for w in weights):

@@ -279,3 +279,19 @@ def test_eval_and_sweep_with_each_weighting(tiny_folders, tmp_path, capsys):
         ("unite", "confidence"),
     ]
     assert f"| unite+confidence main={names[0]} |" in (tmp_path / "s.md").read_text()
+
+
+def test_eval_main_auto_leads_with_the_best_member_on_dev(tiny_folders, tmp_path, capsys):
+    args = ["--n", "3", "--dev-size", "4", "--batch-size", "4", "--task", "capitals"]
+    args += ["--main", "auto", "--method", "union", "--output", str(tmp_path / "a.jsonl")]
+    assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["main"] == "auto"
+    (task,) = summary["tasks"]
+    dev = [d["accuracy"] for d in task["dev"]]
+    best = summary["members"][dev.index(max(dev))]
+    assert task["main"] == best
+    assert task["results"][-1]["system"] == f"union (main {best})"
+    with pytest.raises(SystemExit):  # argparse refuses it
+        main(["eval", *member_args(tiny_folders), "--main", "first"])
+    assert "give a member index or auto, got 'first'" in capsys.readouterr().err
