@@ -283,7 +283,9 @@ def results_table(summary: dict[str, Any]) -> str:
             c = next((c for c in t["comparisons"] if c["system"] == system), None)
             if c is not None:
                 test = c["mcnemar_vs_best_member"]
-                text += f" ({c['minus_best_member'] * 100:+.1f}, p={test['p_value']:.2f})"
+                p = test["p_value"]
+                shown = "p<0.01" if p < 0.01 else f"p={p:.2f}"
+                text += f" ({c['minus_best_member'] * 100:+.1f}, {shown})"
             cells.append(text)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
