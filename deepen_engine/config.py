@@ -133,7 +133,7 @@ class FusionConfig(_Settings):
     row_cache_size: int = Field(4096, ge=0)
     """Relative rows of non-anchor tokens kept per member after first use (LRU)."""
 
-    disk_cache_rows: int = Field(16384, ge=0)
+    disk_cache_rows: int = Field(8192, ge=0)
     """Relative rows of non-anchor tokens kept on disk per member and anchor set (under
     `$DEEPEN_CACHE/relative-rows`), so a new process reads them instead of computing
     them. `0`: no disk cache."""

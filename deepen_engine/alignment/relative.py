@@ -88,7 +88,9 @@ class RelativeSpace:
             rows = self.exact_rows(torch.tensor(missing, dtype=torch.long))
             self.rows_computed += len(missing)
             for t, row in zip(missing, rows):
-                self._cache[t] = row
+                # a copy: a view would keep the whole (n, A) block alive while any of its
+                # rows stays cached (the reference computes thousands of rows per step)
+                self._cache[t] = row.clone()
             if self.store is not None:
                 self.store.add(missing, rows)
         out = []

@@ -88,25 +88,29 @@ class RowStore:
         if not self.folder.is_dir():
             return
         for path in sorted(self.folder.glob("rows-*.pt")):
-            try:
-                shard = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-            except Exception:  # a damaged or foreign file: treat as not there
-                self.refused += 1
-                continue
-            ids, rows = shard.get("ids"), shard.get("rows")
-            good = (
-                shard.get("key") == self.key
-                and isinstance(rows, torch.Tensor)
-                and isinstance(ids, torch.Tensor)
-                and rows.dtype == torch.float32
-                and rows.dim() == 2
-                and rows.shape == (ids.numel(), self.num_anchors)
-            )
-            if not good:
-                self.refused += 1
-                continue
-            for j, token in enumerate(ids.tolist()):
-                self._index.setdefault(token, rows[j])
+            self._index_shard(path)
+
+    def _index_shard(self, path: Path) -> None:
+        """Index one shard's rows (memory-mapped), or count it refused."""
+        try:
+            shard = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except Exception:  # a damaged or foreign file: treat as not there
+            self.refused += 1
+            return
+        ids, rows = shard.get("ids"), shard.get("rows")
+        good = (
+            shard.get("key") == self.key
+            and isinstance(rows, torch.Tensor)
+            and isinstance(ids, torch.Tensor)
+            and rows.dtype == torch.float32
+            and rows.dim() == 2
+            and rows.shape == (ids.numel(), self.num_anchors)
+        )
+        if not good:
+            self.refused += 1
+            return
+        for j, token in enumerate(ids.tolist()):
+            self._index.setdefault(token, rows[j])
 
     def get(self, token_ids: list[int]) -> dict[int, torch.Tensor]:
         """The stored rows among `token_ids`: {token id: (A,) float32 row}."""
@@ -153,9 +157,10 @@ class RowStore:
                 stacklevel=2,
             )
             return
-        for token, row in zip(ids, shard["rows"]):
-            self._index[token] = row
         self._pending.clear()
+        # index the rows from the file (memory-mapped), so memory does not grow with the
+        # rows written; a row read back is the row computed, bit for bit
+        self._index_shard(self.folder / name)
 
 
 @atexit.register
