@@ -58,18 +58,44 @@ def _explain(owner: str, exc: ValidationError) -> str:
 
 
 class FusionConfig(_Settings):
-    """How the members' next-token distributions are fused (DeePEn, arXiv 2404.12715).
+    """How the members' next-token distributions are fused.
 
-    The defaults are the reference implementation's settings.
+    `method` chooses the rule: DeePEn (arXiv 2404.12715, the default), GaC's union of the
+    vocabularies (arXiv 2406.12585) or UniTE's union of the top-k tokens (arXiv
+    2410.03777); docs/design.md gives each formula. The DeePEn defaults are its reference
+    implementation's settings.
     """
+
+    method: Literal["deepen", "union", "unite"] = "deepen"
+    """Fusion rule. `"deepen"`: relative space + inverse search (uses tau, top_k, top_mass,
+    candidates, eta, steps); `"union"` (GaC): the members' whole distributions averaged
+    over the union of their vocabularies by token text; `"unite"` (UniTE): the union of
+    each member's `unite_top_k` tokens, each member scoring every candidate."""
 
     tau: float = Field(100.0, gt=0)
     """Temperature of the relative representation `softmax(tau * cos(E[v], E[anchors]))`.
     At 100 a token that is itself an anchor puts all its mass on that anchor."""
 
     top_k: int = Field(64, ge=1)
-    """Tokens taken from each member's distribution to build its relative distribution
-    (the rest of the mass is dropped and the kept mass renormalised)."""
+    """DeePEn fast path: most non-anchor tokens taken from each member's distribution (each
+    costs a relative row); tokens that are anchors always enter, at no cost."""
+
+    top_mass: float = Field(0.999, gt=0, le=1)
+    """DeePEn fast path: non-anchor tokens enter in order of probability until those left
+    out hold at most `1 - top_mass` of the member's probability (or `top_k` entered). The
+    mass left out is dropped and the rest renormalised."""
+
+    unite_top_k: int = Field(10, ge=1)
+    """UniTE: tokens each member contributes to the candidate union (the paper's k = 10)."""
+
+    gate: Literal["off", "agree", "confident"] = "off"
+    """Per-step gate that skips fusion for a row (the main member's logits are used
+    unchanged). `"agree"`: every member's most probable token has the same text (or all end
+    the text); `"confident"`: the main member's top probability is at least
+    `gate_threshold` (GaC's thresholded ensemble). `"off"`: fuse every step."""
+
+    gate_threshold: float = Field(0.9, gt=0, le=1)
+    """Top probability of the main member from which `gate="confident"` skips fusion."""
 
     candidates: int = Field(64, ge=1)
     """Size of the main member's own top set searched by the inverse transformation; the
@@ -87,6 +113,11 @@ class FusionConfig(_Settings):
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
+    weighting: Literal["fixed", "confidence"] = "fixed"
+    """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
+    per row and step, each member's weight times its top probability, renormalised, so a
+    sure member outweighs an unsure one (every method)."""
+
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the inverse search (reference: 0.01)."""
 
@@ -101,6 +132,11 @@ class FusionConfig(_Settings):
 
     row_cache_size: int = Field(4096, ge=0)
     """Relative rows of non-anchor tokens kept per member after first use (LRU)."""
+
+    disk_cache_rows: int = Field(8192, ge=0)
+    """Relative rows of non-anchor tokens kept on disk per member and anchor set (under
+    `$DEEPEN_CACHE/relative-rows`), so a new process reads them instead of computing
+    them. `0`: no disk cache."""
 
     @field_validator("weights")
     @classmethod

@@ -51,6 +51,8 @@ _DEFAULTS = GenerationConfig()
 # Adapter field -> FusionConfig field. All are read at load time (or applied to a given
 # ensemble); those in CALL_FUSION may also change per call.
 FUSION_FIELDS = {
+    "method": "method",
+    "gate": "gate",
     "main": "main",
     "weights": "weights",
     "tau": "tau",
@@ -60,7 +62,9 @@ FUSION_FIELDS = {
     "steps": "steps",
     "min_anchors": "min_anchors",
 }
-CALL_FUSION = ("main", "weights", "tau", "fusion_top_k", "candidates", "eta", "steps")
+CALL_FUSION = (
+    "method", "gate", "main", "weights", "tau", "fusion_top_k", "candidates", "eta", "steps"
+)
 # Adapter fields that are GenerationConfig fields of the same name (all change per call).
 GENERATION_FIELDS = (
     "max_new_tokens",
@@ -118,6 +122,15 @@ class DeepEnSettings(BaseModel):
     """`ensemble=`: a ready `Ensemble` to use instead of loading `models`; share one between
     wrappers (the engine serialises requests on it). The fusion settings given here apply
     to a cheap view of it (`Ensemble.with_fusion`); the given ensemble is unchanged."""
+
+    method: Literal["deepen", "union", "unite"] | None = None
+    """Fusion rule (`FusionConfig.method`): `"deepen"` (the default), `"union"` (GaC: the
+    distributions averaged over the union vocabulary) or `"unite"` (UniTE: the union of
+    each member's top-k tokens). `None`: the ensemble's."""
+
+    gate: Literal["off", "agree", "confident"] | None = None
+    """Per-step gate that skips fusion (`FusionConfig.gate`, default `"off"`). `None`: the
+    ensemble's."""
 
     main: int | None = None
     """Index of the member whose vocabulary the answer is written in. `None`: for chat

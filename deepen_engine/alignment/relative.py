@@ -7,7 +7,9 @@ tokens that carry probability, and kept in a small LRU cache.
 Tokens whose text is an anchor get a one-hot row on that anchor. At tau = 100 their exact
 row already puts all its mass there (the cosine with itself is 1, with any other anchor far
 below), and for byte-fallback duplicates the shared text is the better match anyway.
-`exact_rows` computes the formula literally, for verification.
+`exact_rows` computes the formula literally, for verification. With a `RowStore`
+(alignment/row_store.py), rows missing from the LRU cache are read from disk before they
+are computed, and computed rows are written there for the next process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import copy
 from collections import OrderedDict
 
 import torch
+
+from .row_store import RowStore
 
 
 class RelativeSpace:
@@ -29,6 +33,7 @@ class RelativeSpace:
         tau: float,
         cache_size: int = 4096,
         chunk: int = 256,
+        store: RowStore | None = None,
     ) -> None:
         self.tau = tau
         self.token_to_anchor = token_to_anchor
@@ -41,6 +46,7 @@ class RelativeSpace:
         self._cache_size = cache_size
         self._chunk = chunk
         self.rows_computed = 0  # non-anchor rows computed so far (cache misses)
+        self.store = store  # rows on disk (None: none)
 
     def with_row_cache(self, cache_size: int) -> RelativeSpace:
         """The same space with its own, empty row cache of `cache_size` rows (the unit
@@ -51,6 +57,7 @@ class RelativeSpace:
         twin._cache = OrderedDict()
         twin._cache_size = cache_size
         twin.rows_computed = 0
+        twin.store = None  # the twin's work never reaches the disk
         return twin
 
     def memory_bytes(self) -> int:
@@ -73,11 +80,19 @@ class RelativeSpace:
     def non_anchor_rows(self, token_ids: list[int]) -> torch.Tensor:
         """(n, A) rows of tokens that are not anchors, through the LRU cache."""
         missing = [t for t in dict.fromkeys(token_ids) if t not in self._cache]
+        if missing and self.store is not None:
+            stored = self.store.get(missing)
+            self._cache.update(stored)
+            missing = [t for t in missing if t not in stored]
         if missing:
             rows = self.exact_rows(torch.tensor(missing, dtype=torch.long))
             self.rows_computed += len(missing)
             for t, row in zip(missing, rows):
-                self._cache[t] = row
+                # a copy: a view would keep the whole (n, A) block alive while any of its
+                # rows stays cached (the reference computes thousands of rows per step)
+                self._cache[t] = row.clone()
+            if self.store is not None:
+                self.store.add(missing, rows)
         out = []
         for t in token_ids:
             self._cache.move_to_end(t)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..config import SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
-from .bench_sections import PROMPTS, WINDOW, fidelity, length_curve, memory, speed
+from .bench_sections import PROMPTS, WINDOW, fidelity, gate_check, length_curve, memory, speed
 from .bench_serving import print_serving, serving
 from .bench_timing import rss_mb
 from .options import fusion_options, fusion_settings, member_options, member_specs
@@ -105,6 +105,15 @@ def add_parser(sub: Any) -> None:
         "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
         help="--serving: most rows decoded together (32)",
     )  # fmt: skip
+    bench.add_argument(
+        "--gate-check",
+        action="store_true",
+        help="also run every method with each gate (off, agree, confident) on the 8 prompts: "
+        "how often it skips fusion, the time saved, the text kept (a few minutes)",
+    )
+    bench.add_argument(
+        "--gate-tokens", type=int, default=32, help="tokens per prompt of --gate-check (32)"
+    )
     bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
     bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     bench.set_defaults(run=run)
@@ -136,7 +145,12 @@ def _header(ens: Ensemble) -> dict[str, Any]:
     return {
         "members": [m.name for m in ens.members],
         "main": ens.main.name,
-        "fusion": {"eta": ens.fusion.eta, "steps": ens.fusion.steps, "top_k": ens.fusion.top_k},
+        "fusion": {
+            k: getattr(ens.fusion, k)
+            for k in (
+                "method", "weighting", "gate", "eta", "steps", "top_k", "top_mass", "unite_top_k"
+            )
+        },
         "device": str(ens.main.device),
         "dtype": str(ens.main.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
@@ -194,10 +208,12 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[str, Any]:
     """Every section's figures, with a progress bar on stderr."""
     n_ticks = len(args.batch_sizes) * (len(ens.members) + 1) + 3 + args.fidelity_prompts
+    n_ticks += 9 if args.gate_check else 0
     figures = _header(ens)
     seconds: dict[str, float] = {}
     figures["section_seconds"] = seconds
     with tqdm(total=n_ticks, desc="deepen bench", file=sys.stderr) as bar:
+
         def tick() -> None:
             bar.update(1)
 
@@ -220,6 +236,10 @@ def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[
             ens, PROMPTS[: args.fidelity_prompts], args.fidelity_tokens, args.leftout_mass, tick
         )
         seconds["fidelity"] = round(time.perf_counter() - start, 1)
+        if args.gate_check:
+            start = time.perf_counter()
+            figures["gate"] = gate_check(ens, PROMPTS, args.gate_tokens, tick)
+            seconds["gate"] = round(time.perf_counter() - start, 1)
     return figures
 
 
@@ -253,6 +273,17 @@ def _print_table(f: dict[str, Any]) -> None:
         print(
             f"fidelity: fast path = reference on {fid['agreeing_steps']}/{fid['steps']} steps "
             f"({fid['agreement']:.1%}); left-out mass <= {fid['leftout_mass_bound']}"
+        )
+    cold = f["speed"]["cold_run"]
+    print(
+        f"first request of the process: {cold['cold_over_warm']:.2f}x a warm one "
+        f"({cold['rows_computed']} relative rows computed, {cold['rows_from_disk']} from disk)"
+    )
+    for g in f.get("gate", {}).get("runs", []):
+        print(
+            f"gate {g['method']:>6} {g['gate']:>9}: skipped {g['gated_share']:.1%} of "
+            f"row-steps, fusion time saved {g['fuse_seconds_saved_share']:.1%}, "
+            f"{g['rows_same_tokens_as_off']}/{g['rows']} rows as without the gate"
         )
     if "plot" in f:
         print(f"plot: {f['plot']}")

@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from ..config import FusionConfig, GenerationConfig
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 
+METHODS = ("deepen", "union", "unite")  # FusionConfig.method's values
+
 
 def _help(model: type[BaseModel], field: str, extra: str = "") -> str:
     """The field's first sentence, then its default: `Learning rate ... (default: 0.15)`."""
@@ -78,31 +80,73 @@ def member_options() -> argparse.ArgumentParser:
 
 
 def fusion_options(
-    *, main_default: int | None = 0, weights: bool = True
+    *, main_default: int | None = 0, weights: bool = True, methods: bool = False
 ) -> argparse.ArgumentParser:
     """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
-    main member (the chat rule); `weights=False` leaves `--weights` to the command.
+    main member (the chat rule); `weights=False` leaves `--weights` to the command;
+    `methods=True` lets `--method` take several methods (or `all`) and `--weighting`
+    several weightings, for the command to compare, and `--main` take `auto`.
     """
     parser = argparse.ArgumentParser(add_help=False)
     extra = "; default: for chat prompts the first member with a chat template, else 0"
+    main_help = None if main_default is not None else f"index of the main member ({extra[2:]})"
+    if methods:
+        main_help = "index of the main member, or auto: on each task the best member alone on "
+        main_help += "the dev set (default: 0)"
     _option(
         parser,
         FusionConfig,
         "main",
-        type=int,
+        type=_main_index if methods else int,
         metavar="INDEX",
         default=main_default,
-        help=None if main_default is not None else "index of the main member" + f" ({extra[2:]})",
+        help=main_help,
     )
     if weights:
         _option(parser, FusionConfig, "weights", type=float, nargs="+", metavar="W")
+    if methods:
+        parser.add_argument(
+            "--method",
+            nargs="+",
+            choices=[*METHODS, "all"],
+            default=None,
+            help="fusion methods to compare, each on the same questions, or all "
+            "(default: deepen)",
+        )
+    else:
+        _option(parser, FusionConfig, "method", choices=list(METHODS))
+    if methods:
+        parser.add_argument(
+            "--weighting",
+            nargs="+",
+            choices=["fixed", "confidence"],
+            default=None,
+            help="how the weights apply per step (FusionConfig.weighting); several: each "
+            "method with each (default: fixed)",
+        )
+    else:
+        _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
+    _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
+    _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
     _option(parser, FusionConfig, "steps", type=int)
     _option(parser, FusionConfig, "tau", type=float)
     _option(parser, FusionConfig, "top_k", "--fusion-top-k", dest="fusion_top_k", type=int)
+    _option(parser, FusionConfig, "top_mass", type=float)
     _option(parser, FusionConfig, "candidates", type=int)
+    _option(parser, FusionConfig, "unite_top_k", type=int)
     _option(parser, FusionConfig, "min_anchors", type=int)
     return parser
+
+
+def _main_index(text: str) -> int | str:
+    """`--main` of a comparing command: a member index, or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a member index or auto, got {text!r}") from None
 
 
 def generation_options() -> argparse.ArgumentParser:
@@ -130,6 +174,10 @@ def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
 def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
     out: dict[str, Any] = {
+        "gate": args.gate,
+        "gate_threshold": args.gate_threshold,
+        "top_mass": args.top_mass,
+        "unite_top_k": args.unite_top_k,
         "eta": args.eta,
         "steps": args.steps,
         "tau": args.tau,
@@ -137,7 +185,10 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
         "candidates": args.candidates,
         "min_anchors": args.min_anchors,
     }
-    if args.main is not None:
+    for key in ("method", "weighting"):  # a command comparing several passes a list
+        if isinstance(getattr(args, key), str):
+            out[key] = getattr(args, key)
+    if isinstance(args.main, int):  # None: the command's rule; "auto": the command's choice
         out["main"] = args.main
     weights = getattr(args, "weights", None)
     if isinstance(weights, list) and all(isinstance(w, float) for w in weights):

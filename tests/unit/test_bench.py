@@ -24,7 +24,13 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
     names = figures["members"]
     assert len(names) == 2 and figures["main"] == names[0]
 
-    assert figures["speed"]["cold_run"]["batch_size"] == 2
+    cold = figures["speed"]["cold_run"]
+    assert cold["batch_size"] == 2
+    warm = next(r for r in figures["speed"]["rows"] if r["batch_size"] == 2)
+    assert cold["cold_over_warm"] == pytest.approx(
+        cold["ensemble_ms"] / warm["ensemble_ms"], rel=0.01
+    )
+    assert cold["rows_computed"] + cold["rows_from_disk"] > 0
     rows = figures["speed"]["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     for r in rows:
@@ -52,7 +58,8 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
 
     fidelity = figures["fidelity"]
     assert fidelity["prompts"] == 2 and 2 <= fidelity["steps"] <= 6
-    assert fidelity["agreement"] == pytest.approx(fidelity["agreeing_steps"] / fidelity["steps"])
+    share = fidelity["agreeing_steps"] / fidelity["steps"]
+    assert fidelity["agreement"] == pytest.approx(share, abs=1e-4)  # rounded to 4 places
     assert all(0 <= m <= 1e-4 for m in fidelity["max_leftout_mass"].values())
     for name in names:
         fast = fidelity["fast_path_leftout_mass"][name]
@@ -73,7 +80,7 @@ def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
     from deepen_engine.commands.bench import fidelity
 
     biggest = max(len(m.vocab) for m in tiny_ensemble.members)
-    full = tiny_ensemble.with_fusion(top_k=biggest, candidates=biggest)
+    full = tiny_ensemble.with_fusion(top_k=biggest, top_mass=1.0, candidates=biggest)
     result = fidelity(full, ["The capital of France is", "def add(a, b):"], 4, 0.0, lambda: None)
     assert result["steps"] >= 2
     assert result["agreement"] == 1.0 and result["disagreements"] == []
@@ -149,3 +156,18 @@ def test_serving_workload_is_fixed_by_the_seed():
     assert first != workload(20, (8, 24), 4.0, seed=4)
     assert [j.arrival for j in first] == sorted(j.arrival for j in first)
     assert all(8 <= j.tokens <= 24 for j in first)
+
+
+def test_bench_gate_check(tiny_folders, capsys):
+    flags = [*SMALL, "--fidelity-prompts", "0", "--gate-check", "--gate-tokens", "3", "--json"]
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    gate = json.loads(capsys.readouterr().out)["gate"]
+    assert gate["prompts"] == 8 and gate["new_tokens"] == 3
+    runs = {(g["method"], g["gate"]): g for g in gate["runs"]}
+    assert len(runs) == 9
+    for method in ("deepen", "union", "unite"):
+        off = runs[(method, "off")]
+        assert off["gated_share"] == 0.0 and off["rows_same_tokens_as_off"] == off["rows"] == 8
+        assert off["row_steps"] == 8 * 3  # every row asks for fusion at every step
+        for g in ("agree", "confident"):
+            assert 0.0 <= runs[(method, g)]["gated_share"] <= 1.0
