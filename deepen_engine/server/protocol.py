@@ -11,8 +11,9 @@ Accepted and mapped: `max_completion_tokens` / `max_tokens`, `stop`, `temperatur
 `top_p`, `seed`, `n` (1 only), `stream`, `stream_options.include_usage`, `logprobs` and
 `top_logprobs` (chat) or `logprobs` (completions, an integer). Ignored: `model` (any name
 is served by the one ensemble), `user`, `metadata`, `store`, `service_tier`,
-`parallel_tool_calls`. Extra fields: the fusion settings `main`, `weights`, `eta`,
-`steps`, `tau`, `fusion_top_k`, `candidates`, and `top_k`, `min_tokens`, `truncation`,
+`parallel_tool_calls`. Extra fields: the fusion settings `method`, `main`, `weights`,
+`weighting`, `eta`, `steps`, `tau`, `fusion_top_k`, `top_mass`, `candidates`,
+`unite_top_k`, `gate`, `gate_threshold`, and `top_k`, `min_tokens`, `truncation`,
 `timeout`. Refused with a 400 saying so: features deepen does not have (`n` > 1,
 penalties, `logit_bias`, `echo`, `suffix`, `best_of` > 1, token-id prompts, non-text
 message parts).
@@ -26,13 +27,19 @@ from typing import Any
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FUSION_FIELDS = {
+    "method": "method",
     "main": "main",
     "weights": "weights",
+    "weighting": "weighting",
     "eta": "eta",
     "steps": "steps",
     "tau": "tau",
     "fusion_top_k": "top_k",
+    "top_mass": "top_mass",
     "candidates": "candidates",
+    "unite_top_k": "unite_top_k",
+    "gate": "gate",
+    "gate_threshold": "gate_threshold",
 }
 _GENERATION_EXTRAS = {
     "top_k": "top_k",

@@ -101,6 +101,11 @@ def test_sampling_settings_seed_and_extra_fusion_fields(client, tiny_ensemble):
     alone = client.completions.create(
         model="m", prompt=PROMPT, max_tokens=10, extra_body={"eta": 0}
     )
+    union = client.completions.create(
+        model="m", prompt=PROMPT, max_tokens=10, extra_body={"method": "union"}
+    )
+    expected_union = tiny_ensemble.with_fusion(method="union").generate(PROMPT, max_new_tokens=10)
+    assert union.choices[0].text == expected_union.text
     main_alone = tiny_ensemble.with_fusion(eta=0).generate(PROMPT, max_new_tokens=10).text
     assert alone.choices[0].text == main_alone
 
@@ -167,6 +172,7 @@ BAD_BODIES = [
         "stream=true",
     ),
     ("chat", {"messages": MESSAGES, "eta": -1}, "eta", "FusionConfig.eta"),
+    ("chat", {"messages": MESSAGES, "method": "vote"}, "method", "'deepen', 'union' or 'unite'"),
     ("chat", {"messages": MESSAGES, "main": 7}, "main", "out of range for 2 members"),
     ("chat", {"messages": MESSAGES, "weights": [1, 2, 3]}, "weights", "3 values for 2 members"),
     ("chat", {"messages": MESSAGES, "truncation": "right"}, "truncation", "'error' or 'left'"),
