@@ -82,7 +82,9 @@ class RelativeSpace:
         missing = [t for t in dict.fromkeys(token_ids) if t not in self._cache]
         if missing and self.store is not None:
             stored = self.store.get(missing)
-            self._cache.update(stored)
+            # copies in RAM: the store's rows are memory-mapped, and a page the system
+            # dropped would be read from disk again at every step that uses the row
+            self._cache.update({t: row.clone() for t, row in stored.items()})
             missing = [t for t in missing if t not in stored]
         if missing:
             rows = self.exact_rows(torch.tensor(missing, dtype=torch.long))
