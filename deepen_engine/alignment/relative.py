@@ -10,6 +10,10 @@ below), and for byte-fallback duplicates the shared text is the better match any
 `exact_rows` computes the formula literally, for verification. With a `RowStore`
 (alignment/row_store.py), rows missing from the LRU cache are read from disk before they
 are computed, and computed rows are written there for the next process.
+
+The LRU cache is one contiguous (slots, A) buffer that grows up to `cache_size` slots, so
+the rows of a step are gathered with a single `index_select` (stacking hundreds of
+separate row tensors cost far more on a busy CPU).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class RelativeSpace:
         # (A, d) unit anchor embeddings: the only copy we keep (~A*d floats).
         anchors = embeddings.detach()[anchor_token_ids].float()
         self._anchor_units = torch.nn.functional.normalize(anchors, dim=-1)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[int, int] = OrderedDict()  # token -> slot, LRU first
+        self._buffer = torch.empty(0, self.num_anchors)  # (slots, A) cached rows
         self._cache_size = cache_size
         self._chunk = chunk
         self.rows_computed = 0  # non-anchor rows computed so far (cache misses)
@@ -55,6 +60,7 @@ class RelativeSpace:
         """
         twin = copy.copy(self)
         twin._cache = OrderedDict()
+        twin._buffer = torch.empty(0, self.num_anchors)
         twin._cache_size = cache_size
         twin.rows_computed = 0
         twin.store = None  # the twin's work never reaches the disk
@@ -62,7 +68,7 @@ class RelativeSpace:
 
     def memory_bytes(self) -> int:
         """Bytes held: the unit anchor embeddings and the cached rows."""
-        rows = sum(row.numel() * row.element_size() for row in self._cache.values())
+        rows = self._buffer.numel() * self._buffer.element_size()
         units = self._anchor_units.numel() * self._anchor_units.element_size()
         return units + rows
 
@@ -79,31 +85,64 @@ class RelativeSpace:
 
     def non_anchor_rows(self, token_ids: list[int]) -> torch.Tensor:
         """(n, A) rows of tokens that are not anchors, through the LRU cache."""
-        missing = [t for t in dict.fromkeys(token_ids) if t not in self._cache]
-        if missing and self.store is not None:
-            stored = self.store.get(missing)
-            # copies in RAM: the store's rows are memory-mapped, and a page the system
-            # dropped would be read from disk again at every step that uses the row
-            self._cache.update({t: row.clone() for t, row in stored.items()})
-            missing = [t for t in missing if t not in stored]
+        unique = list(dict.fromkeys(token_ids))
+        if not unique:
+            return torch.empty(0, self.num_anchors)
+        if len(unique) > self._cache_size:
+            # more rows than the cache holds (the reference fusion): the last ones stay
+            cached = {t: self._buffer[self._cache[t]] for t in unique if t in self._cache}
+            found = {**cached, **self._fetch([t for t in unique if t not in cached])}
+            out = torch.stack([found[t] for t in token_ids])
+            self._remember(unique[len(unique) - self._cache_size :], found)
+            return out
+        self._remember(unique, {})
+        slots = torch.tensor([self._cache[t] for t in token_ids], dtype=torch.long)
+        return self._buffer.index_select(0, slots)
+
+    def _remember(self, tokens: list[int], found: dict[int, torch.Tensor]) -> None:
+        """Make `tokens` (at most `cache_size`) the most recently used cached rows,
+        fetching the missing ones unless `found` has them.
+        """
+        for t in tokens:
+            if t in self._cache:
+                self._cache.move_to_end(t)
+        missing = [t for t in tokens if t not in self._cache]
+        if not missing:
+            return
+        rows = {t: found[t] for t in missing if t in found}
+        rows.update(self._fetch([t for t in missing if t not in rows]))
+        for t in missing:
+            slot = self._free_slot()
+            self._buffer[slot] = rows[t]
+            self._cache[t] = slot
+
+    def _fetch(self, token_ids: list[int]) -> dict[int, torch.Tensor]:
+        """Rows of tokens not in the cache: from the disk store, else computed."""
+        found = self.store.get(token_ids) if self.store is not None else {}
+        missing = [t for t in token_ids if t not in found]
         if missing:
             rows = self.exact_rows(torch.tensor(missing, dtype=torch.long))
             self.rows_computed += len(missing)
-            for t, row in zip(missing, rows):
-                # a copy: a view would keep the whole (n, A) block alive while any of its
-                # rows stays cached (the reference computes thousands of rows per step)
-                self._cache[t] = row.clone()
+            found.update(zip(missing, rows))
             if self.store is not None:
                 self.store.add(missing, rows)
-        out = []
-        for t in token_ids:
-            self._cache.move_to_end(t)
-            out.append(self._cache[t])
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        if not out:
-            return torch.empty(0, self.num_anchors)
-        return torch.stack(out)
+        return found
+
+    def _free_slot(self) -> int:
+        """A slot for a new row: a new one while the buffer may grow, else the least
+        recently used row's (the rows of the current call were moved to the end).
+        """
+        used = len(self._cache)
+        if used < self._buffer.shape[0]:
+            slot = used
+        elif used < self._cache_size:
+            grown = min(self._cache_size, max(64, 2 * self._buffer.shape[0]))
+            buffer = torch.empty(grown, self.num_anchors)
+            buffer[:used] = self._buffer
+            self._buffer, slot = buffer, used
+        else:
+            _, slot = self._cache.popitem(last=False)
+        return slot
 
     def distribution(self, probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Relative distributions `sum_v p(v) rel(v)`, normalised over the anchors.
