@@ -94,6 +94,16 @@ class Fuser:
         self.main_eos_ids = torch.tensor(sorted(main_eos_ids), dtype=torch.long)
         self.members: list[Member] = []  # set by build: what with_config rebuilds from
 
+    def logits_needed(self, member: int) -> int | None:
+        """How many of member `member`'s top logits per row `fuse` reads (with their log
+        normaliser), or None for all of them: a helper's top `top_k`; all of the main
+        member's (its candidates' logits are changed in place and sampled from with the
+        rest). A member in another process sends only these (decoding/step_protocol.py).
+        """
+        if member == self.main or self.is_identity:
+            return None
+        return self.config.top_k
+
     @property
     def is_identity(self) -> bool:
         """Whether fusion returns the main member's logits unchanged."""

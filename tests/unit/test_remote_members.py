@@ -1,0 +1,198 @@
+"""Members behind the step protocol (decoding/remote_batch.py, members/ray_actor.py), with
+an in-process stand-in for Ray: each member's `MemberActor` runs here and every request
+and reply is pickled on the way, as Ray would. Outputs must equal in-process members token
+for token (greedy, batched, sampled, streamed, chat, rows joining a running batch, rows
+with different fusion settings), helpers must send only their top-k, and failures must
+raise `MemberError` naming the member, with the next request served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import threading
+
+import pytest
+
+from deepen_engine import Ensemble, MemberError, MemberSpec
+from deepen_engine.decoding.remote_batch import LinkStats
+from deepen_engine.decoding.step_protocol import StepReply, StepRequest
+from deepen_engine.members import load_member
+from deepen_engine.members.ray_actor import MemberActor
+from deepen_engine.members.ray_backend import RemoteModel
+
+PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
+N = 8
+
+
+class LocalLink:
+    """A `MemberLink` to a `MemberActor` in this process; requests and replies are pickled
+    (what Ray does), and every reply is kept for the test to look at."""
+
+    def __init__(self, actor: MemberActor, name: str) -> None:
+        self.actor = actor
+        self.name = name
+        self.stats = LinkStats()
+        self.replies: list[StepReply] = []
+        self.freed: list[int] = []
+        self.fail_next: BaseException | None = None
+        self.num_parameters = actor.member.num_parameters
+
+    def step(self, request: StepRequest) -> StepReply:
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        request = pickle.loads(pickle.dumps(request))
+        reply = pickle.loads(pickle.dumps(self.actor.step(request)))
+        self.replies.append(reply)
+        return reply
+
+    def free(self, batch: int) -> None:
+        self.freed.append(batch)
+        self.actor.free(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def remote_twin(member):
+    """The coordinator's view of `member` running behind a LocalLink."""
+    link = LocalLink(MemberActor.holding(member), member.name)
+    embeddings = member.model.get_input_embeddings().weight.detach().clone()
+    return dataclasses.replace(
+        member, model=RemoteModel(member.model.config, embeddings), remote=link
+    )
+
+
+def remote_ensemble(tiny_pair, monkeypatch, **fusion) -> Ensemble:
+    """The tiny pair as remote members (same names and settings as `tiny_ensemble`)."""
+    specs = [
+        MemberSpec(source=tiny_pair[0], name="tiny-llama"),
+        MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
+    ]
+    twins = [remote_twin(load_member(s)) for s in specs]
+    monkeypatch.setattr("deepen_engine.ensemble.load_members", lambda _: twins)
+    return Ensemble(specs, min_anchors=50, **fusion)
+
+
+@pytest.fixture
+def remote(tiny_pair, monkeypatch):
+    ens = remote_ensemble(tiny_pair, monkeypatch)
+    yield ens
+    ens.close()
+
+
+def _same(a, b) -> None:
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.text for r in a] == [r.text for r in b]
+    assert [r.finish_reason for r in a] == [r.finish_reason for r in b]
+
+
+@pytest.mark.parametrize("main", [0, 1])
+def test_greedy_batch_equals_in_process(remote, tiny_ensemble, main):
+    mine = remote.with_fusion(main=main).generate(PROMPTS, max_new_tokens=N)
+    theirs = tiny_ensemble.with_fusion(main=main).generate(PROMPTS, max_new_tokens=N)
+    _same(mine, theirs)
+    assert all(len(r.token_ids) == N for r in mine)
+    # the usage's per-member fed positions come back from the actors
+    assert [r.usage.fed_positions for r in mine] == [r.usage.fed_positions for r in theirs]
+
+
+def test_sampled_streamed_and_chat_equal_in_process(remote, tiny_ensemble):
+    kw = dict(max_new_tokens=N, temperature=0.9, top_p=0.95, seed=3)
+    _same(remote.generate(PROMPTS, **kw), tiny_ensemble.generate(PROMPTS, **kw))
+    deltas = [e.delta for e in remote.stream(PROMPTS[0], max_new_tokens=N) if e.delta]
+    assert "".join(deltas) == tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N).text
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert (
+        remote.generate(chat, max_new_tokens=N).text
+        == tiny_ensemble.generate(chat, max_new_tokens=N).text
+    )
+
+
+def test_helpers_send_top_k_and_the_main_member_full_logits(remote):
+    main, helper = (m.remote for m in remote.members)
+    remote.generate(PROMPTS, max_new_tokens=4)
+    vocab = len(remote.members[0].vocab.texts)
+    assert all(r.logits is not None and r.logits.shape[1] == vocab for r in main.replies)
+    assert all(r.logits is None and r.top_ids.shape[1] == 64 for r in helper.replies)
+    # per row and step: 8 bytes per kept token (int32 id, float32 logit) + 4 (normaliser)
+    last = helper.replies[-1]
+    rows = last.top_ids.shape[0]
+    assert last.payload_bytes() == rows * (8 * 64 + 4) + 8 * (rows + 1)
+    assert helper.stats.calls == len(helper.replies) and helper.stats.received_bytes > 0
+    # the narrower fusion setting asks for fewer
+    remote.with_fusion(top_k=8).generate(PROMPTS[0], max_new_tokens=2)
+    assert helper.replies[-1].top_ids.shape[1] == 8
+
+
+def test_rows_joining_and_mixed_fusion_settings_equal_in_process(remote, tiny_ensemble):
+    """Concurrent requests share the batch (rows join a running batch and leave it), with
+    different fusion top-k (helpers send the widest top-k the rows need)."""
+    views = [
+        (remote, tiny_ensemble),
+        (remote.with_fusion(top_k=8), tiny_ensemble.with_fusion(top_k=8)),
+    ]
+    jobs = [(views[i % 2], PROMPTS[i % 3], 4 + 3 * i) for i in range(6)]
+    got: dict[int, object] = {}
+
+    def run(i):
+        (mine, _), prompt, n = jobs[i]
+        got[i] = mine.generate(prompt, max_new_tokens=n)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ((_, theirs), prompt, n) in enumerate(jobs):
+        _same([got[i]], [theirs.generate(prompt, max_new_tokens=n)])
+
+
+def test_closed_stream_frees_the_actor_batches(remote):
+    stream = remote.stream(PROMPTS, max_new_tokens=50)
+    next(stream)
+    stream.close()
+    remote.generate(PROMPTS[0], max_new_tokens=2)  # the worker is past the step
+    for m in remote.members:
+        live = {b: len(batch.rows) for b, batch in m.remote.actor.batches.items()}
+        assert all(rows == 0 for rows in live.values()), live
+
+
+def test_failing_forward_raises_member_error_and_next_request_is_served(remote, tiny_ensemble):
+    helper = remote.members[1]
+    original = helper.model  # the actor's member holds the real model
+    actor_model = helper.remote.actor.member.model
+    calls = {"n": 0}
+    forward = actor_model.forward
+
+    def boom(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device-side assert triggered")
+        return forward(*args, **kwargs)
+
+    actor_model.forward = boom
+    try:
+        with pytest.raises(MemberError, match="tiny-gemma.*device-side assert") as info:
+            remote.generate(PROMPTS, max_new_tokens=N)
+        assert info.value.member == "tiny-gemma"
+    finally:
+        del actor_model.forward
+    assert helper.model is original
+    _same(
+        remote.generate(PROMPTS, max_new_tokens=N),
+        tiny_ensemble.generate(PROMPTS, max_new_tokens=N),
+    )
+
+
+def test_lost_actor_raises_member_error_and_next_request_is_served(remote, tiny_ensemble):
+    link = remote.members[0].remote
+    link.fail_next = MemberError("tiny-llama", "Member 'tiny-llama': its Ray actor died")
+    with pytest.raises(MemberError, match="tiny-llama") as info:
+        remote.generate(PROMPTS[0], max_new_tokens=N)
+    assert info.value.member == "tiny-llama"
+    _same(
+        [remote.generate(PROMPTS[0], max_new_tokens=N)],
+        [tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N)],
+    )
