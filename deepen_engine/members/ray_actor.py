@@ -159,6 +159,10 @@ class MemberActor:
         if gone is not None:
             gone.free()
 
+    def held_rows(self) -> dict[int, int]:
+        """Rows each batch held here holds (what a test checks after a request is gone)."""
+        return {b: len(batch.rows) for b, batch in self.batches.items()}
+
     def pid(self) -> int:
         """The actor's process id (a cheap call: is it up?)."""
         return os.getpid()

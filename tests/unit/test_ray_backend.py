@@ -177,3 +177,27 @@ def test_a_dead_actor_raises_member_error_naming_the_member():
     with pytest.raises(MemberError, match=r"did not come back within load_timeout=900 s") as info:
         link.step(StepRequest([], 0, None))  # restarts exhausted: the wait for it fails
     assert info.value.member == "gemma-3-270m"
+
+
+# ----------------------------------------------------------------------- command line
+
+
+def _parse(*argv):
+    from deepen_engine.commands.cli import build_parser
+
+    return build_parser().parse_args(["generate", "x", *argv])
+
+
+def test_cli_ray_options_become_member_specs():
+    from deepen_engine.commands.options import member_specs
+
+    args = _parse("--ray", "--ray-num-cpus", "0.5", "--step-timeout", "30", "-m", "a", "-m", "b")
+    specs = member_specs(args)
+    assert [(s.source, s.placement, s.num_cpus, s.step_timeout) for s in specs] == [
+        ("a", "ray", 0.5, 30.0),
+        ("b", "ray", 0.5, 30.0),
+    ]
+    assert {s.placement for s in member_specs(args, ray=False)} == {"local"}
+    assert member_specs(_parse())[0].placement == "local"
+    with pytest.raises(ConfigError, match=r"--ray-address, --ray-num-gpus apply to members in Ray"):
+        member_specs(_parse("--ray-address", "h:1", "--ray-num-gpus", "1"))

@@ -155,8 +155,8 @@ def test_closed_stream_frees_the_actor_batches(remote):
     stream.close()
     remote.generate(PROMPTS[0], max_new_tokens=2)  # the worker is past the step
     for m in remote.members:
-        live = {b: len(batch.rows) for b, batch in m.remote.actor.batches.items()}
-        assert all(rows == 0 for rows in live.values()), live
+        held = m.remote.actor.held_rows()
+        assert all(rows == 0 for rows in held.values()), held
 
 
 def test_failing_forward_raises_member_error_and_next_request_is_served(remote, tiny_ensemble):
