@@ -141,9 +141,9 @@ class RemoteMemberBatch(MemberBatch):
             name = self.member.name
             raise MemberError(
                 name,
-                f"Member {name!r} failed in its forward pass in its Ray actor ({reply.error}); "
-                f"the request was abandoned and the ensemble stays usable. Check that {name!r} "
-                "runs on its own (device, dtype, memory).",
+                f"Member {name!r} failed in its Ray actor ({reply.error}); the request was "
+                f"abandoned and the ensemble stays usable. Check that {name!r} runs on its own "
+                "(device, dtype, memory).",
             )
         logits = reply.member_logits(self.vocab_size)
         if isinstance(logits, TopLogits):

@@ -128,7 +128,7 @@ class MemberActor:
             member = self._loaded()
             for op in request.ops:
                 self._apply(member, op)
-            batch = self.batches[request.forward]
+            batch = self._batch(request.forward)
             before = batch.forward_seconds
             batch.forward()
             fed = [r.fed_positions for r in batch.rows]
@@ -145,13 +145,23 @@ class MemberActor:
         if isinstance(op, Open):
             self.batches[op.batch] = MemberBatch(member, op.prompt_ids)
         elif isinstance(op, EditIds):
-            self.batches[op.batch].replace_ids(op.row, op.keep, op.tail)
+            self._batch(op.batch).replace_ids(op.row, op.keep, op.tail)
         elif isinstance(op, KeepRows):
-            self.batches[op.batch].keep_rows(op.rows)
+            self._batch(op.batch).keep_rows(op.rows)
         elif isinstance(op, Merge):
-            self.batches[op.batch].merge(self.batches.pop(op.other))
+            self._batch(op.batch).merge(self._batch(op.other))
+            del self.batches[op.other]
         elif isinstance(op, Free):
             self.free(op.batch)
+
+    def _batch(self, batch: int) -> MemberBatch:
+        """A batch held here; a restarted actor holds none of its predecessor's."""
+        if batch not in self.batches:
+            raise LookupError(
+                f"batch {batch} is not held here: the actor was restarted during the request "
+                "and lost its KV cache"
+            )
+        return self.batches[batch]
 
     def free(self, batch: int) -> None:
         """Drop a batch (nothing happens for one this actor does not hold)."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..decoding.remote_batch import LinkStats
-from ..decoding.step_protocol import StepReply, StepRequest
+from ..decoding.step_protocol import Open, StepReply, StepRequest
 from ..errors import MemberError, MemberLoadError
 from .member import Member, MemberSpec, display_name
 from .ray_actor import MemberActor, MemberInfo
@@ -31,6 +31,7 @@ from .ray_cluster import check_resources, cluster_address, connect
 
 _LOCAL_FIELDS = ("source", "name", "device", "dtype", "chat_template")
 _EMBEDDING_CHUNK_BYTES = 64 * 2**20  # input embeddings come over in pieces this large
+_RESTART_POLL_SECONDS = 0.5  # how often to ask whether a restarting actor is back
 _actor_class: Any = None  # ray.remote(MemberActor), made on first use
 
 
@@ -70,19 +71,36 @@ class RayLink:
         self.info: MemberInfo | None = None
         self.num_parameters = 0
         self._lost = False  # the actor failed: wait for its restart before the next step
+        self._hung = False  # the last call timed out (not worth sending again)
 
     def step(self, request: StepRequest) -> StepReply:
-        """One step in the actor; `MemberError` naming the member if it died or hung."""
+        """One step in the actor; `MemberError` naming the member if it died or hung.
+
+        A request that carries all its batch's state (the prefill of new rows: it opens
+        the batch it runs) is sent again, once, to an actor that died before answering:
+        a restarted actor can run it, so an actor that died between requests costs none.
+        """
         if self._lost:
             self._wait_back()
+        try:
+            return self._call(request)
+        except MemberError:
+            first = request.ops[0] if request.ops else None
+            if not (isinstance(first, Open) and first.batch == request.forward) or self._hung:
+                raise
+            self._wait_back()
+            return self._call(request)
+
+    def _call(self, request: StepRequest) -> StepReply:
         exceptions = self.ray.exceptions
+        self._hung = False
         try:
             reply: StepReply = self.ray.get(
                 self.actor.step.remote(request), timeout=self.step_timeout
             )
             return reply
         except exceptions.GetTimeoutError:
-            self._lost = True
+            self._lost = self._hung = True
             self.ray.kill(self.actor, no_restart=False)  # a stuck actor: Ray starts a new one
             raise MemberError(
                 self.name,
@@ -101,18 +119,29 @@ class RayLink:
             ) from exc
 
     def _wait_back(self) -> None:
-        """Wait for the restarted actor (it loads its model again)."""
+        """Wait for the restarted actor (it loads its model again); while Ray restarts
+        it, calls fail at once as unavailable, so ask again until `load_timeout`.
+        """
         exceptions = self.ray.exceptions
-        try:
-            self.ray.get(self.actor.pid.remote(), timeout=self.load_timeout)
-        except (exceptions.GetTimeoutError, exceptions.RayError) as exc:
-            raise MemberError(
-                self.name,
-                f"Member {self.name!r}: its Ray actor did not come back within load_timeout="
-                f"{self.load_timeout:g} s after it failed ({type(exc).__name__}: {exc}). Ray "
-                f"restarts it at most max_restarts={self.max_restarts} times; make a new "
-                "Ensemble to start it afresh.",
-            ) from None
+        restarting = getattr(exceptions, "ActorUnavailableError", None)
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.ray.get(self.actor.pid.remote(), timeout=max(left, 0.1))
+                break
+            except (exceptions.GetTimeoutError, exceptions.RayError) as exc:
+                if restarting and isinstance(exc, restarting) and left > 0:
+                    time.sleep(_RESTART_POLL_SECONDS)
+                    continue
+                raise MemberError(
+                    self.name,
+                    f"Member {self.name!r}: its Ray actor did not come back within "
+                    f"load_timeout={self.load_timeout:g} s after it failed "
+                    f"({type(exc).__name__}: {exc}). Ray restarts it at most "
+                    f"max_restarts={self.max_restarts} times; make a new Ensemble to start it "
+                    "afresh.",
+                ) from None
         self._lost = False
 
     def free(self, batch: int) -> None:

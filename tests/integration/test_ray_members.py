@@ -144,7 +144,9 @@ def test_killed_actor_fails_the_request_and_the_next_is_served(placed, local):
     stream = placed.stream(PROMPTS[0], max_new_tokens=64)
     next(e for e in stream if e.delta)  # the request is running
     ray.kill(helper.remote.actor, no_restart=False)
-    with pytest.raises(MemberError, match="smollm2-135m-instruct.*Ray actor died") as info:
+    # the step in flight fails (the actor died), or the next reaches the restarted actor,
+    # which no longer holds the request's cache: either way the request fails
+    with pytest.raises(MemberError, match="'smollm2-135m-instruct'.*Ray actor.*restart") as info:
         for _ in stream:
             pass
     assert info.value.member == "smollm2-135m-instruct"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from deepen_engine import ConfigError, Ensemble, MemberError, MemberSpec
-from deepen_engine.decoding.step_protocol import StepReply, StepRequest
+from deepen_engine.decoding.step_protocol import Open, StepReply, StepRequest
 from deepen_engine.members import ray_cluster
 from deepen_engine.members.ray_backend import RayLink
 
@@ -121,6 +121,9 @@ class _Exceptions:
     class ActorDiedError(RayError):
         pass
 
+    class ActorUnavailableError(RayError):
+        pass
+
 
 class _FakeRay:
     """`ray.get` answers from a script: a reply, or an exception to raise."""
@@ -177,6 +180,30 @@ def test_a_dead_actor_raises_member_error_naming_the_member():
     with pytest.raises(MemberError, match=r"did not come back within load_timeout=900 s") as info:
         link.step(StepRequest([], 0, None))  # restarts exhausted: the wait for it fails
     assert info.value.member == "gemma-3-270m"
+
+
+def test_the_next_step_waits_while_ray_restarts_the_actor(monkeypatch):
+    monkeypatch.setattr("deepen_engine.members.ray_backend._RESTART_POLL_SECONDS", 0.0)
+    reply = StepReply()
+    restarting = _Exceptions.ActorUnavailableError("restarting")
+    fake = _FakeRay([_Exceptions.ActorDiedError("gone"), restarting, restarting, 456, reply])
+    link = _link(fake)
+    with pytest.raises(MemberError, match="died during the request"):
+        link.step(StepRequest([], 0, None))
+    assert link.step(StepRequest([], 0, None)) is reply
+    assert fake.answers == []
+
+
+def test_a_prefill_to_an_actor_that_died_idle_is_sent_again():
+    """A request that opens the batch it runs carries all its state: after the restart
+    it runs as if nothing happened."""
+    reply = StepReply()
+    fake = _FakeRay([_Exceptions.ActorDiedError("died while idle"), 456, reply])
+    prefill = StepRequest([Open(batch=5, prompt_ids=[[1, 2]])], 5, 64)
+    assert _link(fake).step(prefill) is reply
+    fake = _FakeRay([_Exceptions.ActorDiedError("died mid-request")])
+    with pytest.raises(MemberError, match="died during the request"):
+        _link(fake).step(StepRequest([], 5, 64))  # a running batch's state is gone
 
 
 # ----------------------------------------------------------------------- command line

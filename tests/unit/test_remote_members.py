@@ -196,3 +196,18 @@ def test_lost_actor_raises_member_error_and_next_request_is_served(remote, tiny_
         [remote.generate(PROMPTS[0], max_new_tokens=N)],
         [tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N)],
     )
+
+
+def test_a_restarted_actor_fails_the_request_it_lost_and_serves_the_next(remote, tiny_ensemble):
+    """Ray restarts a dead actor by rerunning its constructor: the new one holds no batch,
+    so the running request fails (never runs on an empty cache) and the next is served."""
+    link = remote.members[1].remote
+    stream = remote.stream(PROMPTS[0], max_new_tokens=N)
+    next(e for e in stream if e.delta)
+    link.actor = MemberActor.holding(link.actor.member)  # what a restart leaves
+    with pytest.raises(MemberError, match="'tiny-gemma' failed in its Ray actor.*restarted"):
+        list(stream)
+    _same(
+        [remote.generate(PROMPTS[0], max_new_tokens=N)],
+        [tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N)],
+    )
