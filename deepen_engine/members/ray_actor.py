@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,12 @@ class MemberActor:
     def held_rows(self) -> dict[int, int]:
         """Rows each batch held here holds (what a test checks after a request is gone)."""
         return {b: len(batch.rows) for b, batch in self.batches.items()}
+
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used (all threads): the bench compares it
+        with the wall time to see what share of a core the actor got.
+        """
+        return time.process_time()
 
     def pid(self) -> int:
         """The actor's process id (a cheap call: is it up?)."""

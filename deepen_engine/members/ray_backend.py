@@ -151,6 +151,11 @@ class RayLink:
         except Exception:  # noqa: S110 - the actor is gone, and its batches with it
             pass
 
+    def cpu_seconds(self) -> float:
+        """CPU time the actor's process has used so far."""
+        seconds: float = self.ray.get(self.actor.cpu_seconds.remote(), timeout=self.step_timeout)
+        return seconds
+
     def close(self) -> None:
         """Stop the actor for good."""
         try:

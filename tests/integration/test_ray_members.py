@@ -7,7 +7,8 @@ resources asked for is a `ConfigError` before any model loads.
 
 The two command-line tests come first and run in subprocesses, each starting its own local
 Ray (the `deepen` commands' own way); the other tests share one local Ray started here
-with 2 CPUs, shut down at the end of the module.
+with 3 CPUs (2 for the placed pair, 1 for the adapter's member), shut down at the end of
+the module.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_bench_ray_small():
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -168,9 +169,20 @@ def test_stuck_actor_times_out_and_the_next_request_is_served(placed, local):
     )
 
 
+def test_adapter_with_a_member_in_ray_equals_in_process(placed, local):
+    """`DeepEnLLM(models=[...])` with mixed placements: Gemma-3 here, SmolLM2 in an actor."""
+    from deepen_integrations.langchain import DeepEnLLM
+
+    helper = MemberSpec(source="smollm2-135m-instruct", placement="ray", num_cpus=0.5)
+    llm = DeepEnLLM(models=["gemma-3-270m", helper], max_tokens=12)
+    assert llm.invoke(PROMPTS[0]) == local.generate(PROMPTS[0], max_new_tokens=12).text
+
+
 def test_missing_resources_are_a_config_error_before_loading(placed):
     with pytest.raises(ConfigError, match="asks Ray for CPU=64, but no node"):
         Ensemble([MemberSpec(source="gemma-3-270m", placement="ray", num_cpus=64)])
-    # the two actors of `placed` hold both CPUs of this cluster
-    with pytest.raises(ConfigError, match="ask for CPU=1 in all, but the cluster has CPU=0 free"):
-        Ensemble([MemberSpec(source="gemma-3-270m", placement="ray")])
+    # `placed` holds 2 of the cluster's 3 CPUs (and the adapter's member half of the third)
+    with pytest.raises(
+        ConfigError, match=r"ask for CPU=2 in all, but the cluster has CPU=(1|0.5) free"
+    ):
+        Ensemble([MemberSpec(source="gemma-3-270m", placement="ray", num_cpus=2)])
