@@ -64,20 +64,35 @@ def remote_twin(member):
     )
 
 
-def remote_ensemble(tiny_pair, monkeypatch, **fusion) -> Ensemble:
-    """The tiny pair as remote members (same names and settings as `tiny_ensemble`)."""
-    specs = [
+def _specs(tiny_pair):
+    return [
         MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
     ]
+
+
+def remote_ensemble(tiny_pair, **fusion) -> Ensemble:
+    """The tiny pair as remote members (the names and settings of `local`)."""
+    specs = _specs(tiny_pair)
     twins = [remote_twin(load_member(s)) for s in specs]
-    monkeypatch.setattr("deepen_engine.ensemble.load_members", lambda _: twins)
-    return Ensemble(specs, min_anchors=50, **fusion)
+    with pytest.MonkeyPatch.context() as patch:  # only this ensemble gets the twins
+        patch.setattr("deepen_engine.ensemble.load_members", lambda _: twins)
+        return Ensemble(specs, min_anchors=50, **fusion)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_pair) -> Ensemble:
+    """The reference: the same tiny members in this process."""
+    ens = Ensemble(_specs(tiny_pair), min_anchors=50)
+    yield ens
+    ens.close()
 
 
 @pytest.fixture
-def remote(tiny_pair, monkeypatch):
-    ens = remote_ensemble(tiny_pair, monkeypatch)
+def remote(tiny_pair, local):
+    ens = remote_ensemble(tiny_pair)
+    assert all(m.remote is not None for m in ens.members)
+    assert all(m.remote is None for m in local.members)
     yield ens
     ens.close()
 
@@ -89,24 +104,23 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("main", [0, 1])
-def test_greedy_batch_equals_in_process(remote, tiny_ensemble, main):
+def test_greedy_batch_equals_in_process(remote, local, main):
     mine = remote.with_fusion(main=main).generate(PROMPTS, max_new_tokens=N)
-    theirs = tiny_ensemble.with_fusion(main=main).generate(PROMPTS, max_new_tokens=N)
+    theirs = local.with_fusion(main=main).generate(PROMPTS, max_new_tokens=N)
     _same(mine, theirs)
     assert all(len(r.token_ids) == N for r in mine)
     # the usage's per-member fed positions come back from the actors
     assert [r.usage.fed_positions for r in mine] == [r.usage.fed_positions for r in theirs]
 
 
-def test_sampled_streamed_and_chat_equal_in_process(remote, tiny_ensemble):
+def test_sampled_streamed_and_chat_equal_in_process(remote, local):
     kw = dict(max_new_tokens=N, temperature=0.9, top_p=0.95, seed=3)
-    _same(remote.generate(PROMPTS, **kw), tiny_ensemble.generate(PROMPTS, **kw))
+    _same(remote.generate(PROMPTS, **kw), local.generate(PROMPTS, **kw))
     deltas = [e.delta for e in remote.stream(PROMPTS[0], max_new_tokens=N) if e.delta]
-    assert "".join(deltas) == tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N).text
+    assert "".join(deltas) == local.generate(PROMPTS[0], max_new_tokens=N).text
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     assert (
-        remote.generate(chat, max_new_tokens=N).text
-        == tiny_ensemble.generate(chat, max_new_tokens=N).text
+        remote.generate(chat, max_new_tokens=N).text == local.generate(chat, max_new_tokens=N).text
     )
 
 
@@ -126,12 +140,12 @@ def test_helpers_send_top_k_and_the_main_member_full_logits(remote):
     assert helper.replies[-1].top_ids.shape[1] == 8
 
 
-def test_rows_joining_and_mixed_fusion_settings_equal_in_process(remote, tiny_ensemble):
+def test_rows_joining_and_mixed_fusion_settings_equal_in_process(remote, local):
     """Concurrent requests share the batch (rows join a running batch and leave it), with
     different fusion top-k (helpers send the widest top-k the rows need)."""
     views = [
-        (remote, tiny_ensemble),
-        (remote.with_fusion(top_k=8), tiny_ensemble.with_fusion(top_k=8)),
+        (remote, local),
+        (remote.with_fusion(top_k=8), local.with_fusion(top_k=8)),
     ]
     jobs = [(views[i % 2], PROMPTS[i % 3], 4 + 3 * i) for i in range(6)]
     got: dict[int, object] = {}
@@ -159,7 +173,7 @@ def test_closed_stream_frees_the_actor_batches(remote):
         assert all(rows == 0 for rows in held.values()), held
 
 
-def test_failing_forward_raises_member_error_and_next_request_is_served(remote, tiny_ensemble):
+def test_failing_forward_raises_member_error_and_next_request_is_served(remote, local):
     helper = remote.members[1]
     original = helper.model  # the actor's member holds the real model
     actor_model = helper.remote.actor.member.model
@@ -182,11 +196,11 @@ def test_failing_forward_raises_member_error_and_next_request_is_served(remote, 
     assert helper.model is original
     _same(
         remote.generate(PROMPTS, max_new_tokens=N),
-        tiny_ensemble.generate(PROMPTS, max_new_tokens=N),
+        local.generate(PROMPTS, max_new_tokens=N),
     )
 
 
-def test_lost_actor_raises_member_error_and_next_request_is_served(remote, tiny_ensemble):
+def test_lost_actor_raises_member_error_and_next_request_is_served(remote, local):
     link = remote.members[0].remote
     link.fail_next = MemberError("tiny-llama", "Member 'tiny-llama': its Ray actor died")
     with pytest.raises(MemberError, match="tiny-llama") as info:
@@ -194,11 +208,11 @@ def test_lost_actor_raises_member_error_and_next_request_is_served(remote, tiny_
     assert info.value.member == "tiny-llama"
     _same(
         [remote.generate(PROMPTS[0], max_new_tokens=N)],
-        [tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N)],
+        [local.generate(PROMPTS[0], max_new_tokens=N)],
     )
 
 
-def test_a_restarted_actor_fails_the_request_it_lost_and_serves_the_next(remote, tiny_ensemble):
+def test_a_restarted_actor_fails_the_request_it_lost_and_serves_the_next(remote, local):
     """Ray restarts a dead actor by rerunning its constructor: the new one holds no batch,
     so the running request fails (never runs on an empty cache) and the next is served."""
     link = remote.members[1].remote
@@ -209,5 +223,33 @@ def test_a_restarted_actor_fails_the_request_it_lost_and_serves_the_next(remote,
         list(stream)
     _same(
         [remote.generate(PROMPTS[0], max_new_tokens=N)],
-        [tiny_ensemble.generate(PROMPTS[0], max_new_tokens=N)],
+        [local.generate(PROMPTS[0], max_new_tokens=N)],
     )
+
+
+def test_resumed_rows_and_logprobs_equal_in_process(tiny_pair):
+    """Rows that resume after ids already generated (prefilled with them: the edits before
+    the first forward) and log-probabilities from the fused distribution.
+
+    Fresh ensembles given the same calls: relative rows computed together with other rows
+    can differ from rows computed alone in the last bit, so fused logits (not tokens)
+    depend on what a fuser's row cache saw before, in process as well."""
+    from deepen_engine import GenerationConfig
+    from deepen_engine.decoding.loop import decode
+
+    mine, theirs = remote_ensemble(tiny_pair), Ensemble(_specs(tiny_pair), min_anchors=50)
+    first = mine.generate(PROMPTS[1], max_new_tokens=4).token_ids
+    assert first == theirs.generate(PROMPTS[1], max_new_tokens=4).token_ids
+    config = GenerationConfig(max_new_tokens=10)
+
+    def run(ens):
+        events = decode(ens.members, ens.fuser, [[(PROMPTS[1], True)] * 2], config, resume=[first])
+        return [(e.delta, e.token_ids) for e in events]
+
+    assert run(mine) == run(theirs)
+    kw = dict(max_new_tokens=N, logprobs=3)
+    got, expected = mine.generate(PROMPTS, **kw), theirs.generate(PROMPTS, **kw)
+    assert [r.logprobs for r in got] == [r.logprobs for r in expected]
+    assert all(r.logprobs for r in got)
+    mine.close()
+    theirs.close()
