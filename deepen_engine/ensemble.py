@@ -29,7 +29,7 @@ from .members import (
     MemberSpec,
     as_spec,
     display_name,
-    load_member,
+    load_members,
     source_key,
 )
 from .outputs import GenerationResult, StreamEvent, collect
@@ -68,7 +68,7 @@ class Ensemble:
         specs = [as_spec(m) for m in members]
         self.fusion.check_members(len(specs))
         _check_distinct(specs)  # before loading: a mistake should cost no load time
-        self.members: list[Member] = [load_member(s) for s in specs]
+        self.members: list[Member] = load_members(specs)
         # one worker thread owns the members; views from with_fusion share it
         self._scheduler = Scheduler(self.members, scheduler or SchedulerConfig())
         start = time.perf_counter()
@@ -181,8 +181,13 @@ class Ensemble:
         return request
 
     def close(self) -> None:
-        """Stop the worker thread; requests still running fail. Views share it."""
+        """Stop the worker thread (requests still running fail) and the members' Ray
+        actors, if any. Views share both.
+        """
         self._scheduler.close()
+        for member in self.members:
+            if member.remote is not None:
+                member.remote.close()
 
     @property
     def scheduler_config(self) -> SchedulerConfig:

@@ -3,6 +3,7 @@ comes to the full computation.
 
     deepen bench                                  # the default members
     deepen bench --json --plot bench.png          # every figure as JSON, and a plot
+    deepen bench --ray                            # members in Ray actors (bench_ray.py)
 
 Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
 
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 from ..config import SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
+from .bench_ray import print_ray, run_ray
 from .bench_sections import PROMPTS, WINDOW, fidelity, gate_check, length_curve, memory, speed
 from .bench_serving import print_serving, serving
 from .bench_timing import rss_mb
@@ -54,8 +56,9 @@ def add_parser(sub: Any) -> None:
         help="speed, memory and fidelity of the ensemble against its members",
     )
     bench.add_argument(
-        "--new-tokens", type=int, default=64, help="tokens per row in the batch runs (64)"
-    )
+        "--new-tokens", type=int, default=None,
+        help="tokens per row in the batch runs (64; --ray: 32, to finish in about 5 minutes)",
+    )  # fmt: skip
     bench.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (1 4 8)"
     )
@@ -102,6 +105,10 @@ def add_parser(sub: Any) -> None:
         help="--serving: interleaved repeats of both runs; figures are medians (1)",
     )  # fmt: skip
     bench.add_argument(
+        "--rounds", type=int, default=3,
+        help="--ray: interleaved rounds of members alone, in-process and Ray ensembles (3)",
+    )  # fmt: skip
+    bench.add_argument(
         "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
         help="--serving: most rows decoded together (32)",
     )  # fmt: skip
@@ -121,7 +128,16 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by the parsed `deepen bench` arguments."""
+    if args.new_tokens is None:
+        args.new_tokens = 32 if args.ray else 64
     _check_flags(args)
+    if args.ray:
+        figures = run_ray(args)
+        if args.json:
+            print(json.dumps(figures, ensure_ascii=False))
+        else:
+            print_ray(figures)
+        return 0
     rss_start = rss_mb()
     limits = SchedulerConfig(max_batch_size=args.max_batch_size)
     ens = Ensemble(member_specs(args), scheduler=limits, **fusion_settings(args))
@@ -180,6 +196,10 @@ def _serving(ens: Ensemble, args: argparse.Namespace) -> int:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse bad flags before any model loads."""
+    if args.ray and (args.serving or args.plot):
+        raise ConfigError("--ray is a benchmark of its own: leave out --serving and --plot.")
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}.")
     if any(n < 1 for n in args.concurrency):
         raise ConfigError(f"--concurrency values must be >= 1, got {args.concurrency}.")
     low, high = args.serving_tokens

@@ -15,6 +15,7 @@ import torch
 from ..config import GenerationConfig
 from ..decoding.loop import decode
 from ..decoding.member_batch import MemberBatch
+from ..decoding.remote_batch import new_batch
 from ..decoding.rows import DecodeHooks, StepRecord
 from ..ensemble import Ensemble
 from ..members import Member
@@ -113,7 +114,7 @@ def timed_decode(
         if on_step is not None:
             on_step(record)
 
-    hooks = DecodeHooks(helper_batch=ReencodingBatch if reencode else MemberBatch, on_step=watch)
+    hooks = DecodeHooks(helper_batch=ReencodingBatch if reencode else new_batch, on_step=watch)
     total = len(resume) + n
     config = GenerationConfig(max_new_tokens=total, min_new_tokens=min(min_new_tokens, total))
     prompts = [[(prompt, True)] * len(ens.members)]

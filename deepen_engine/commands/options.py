@@ -15,9 +15,17 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..config import FusionConfig, GenerationConfig
+from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 
 METHODS = ("deepen", "union", "unite")  # FusionConfig.method's values
+# --ray-* option -> MemberSpec field (Ray placement settings, given to every member)
+RAY_OPTIONS = {
+    "ray_address": ("address", "ADDR"),
+    "ray_num_cpus": ("num_cpus", "N"),
+    "ray_num_gpus": ("num_gpus", "N"),
+    "step_timeout": ("step_timeout", "SECONDS"),
+}
 
 
 def _help(model: type[BaseModel], field: str, extra: str = "") -> str:
@@ -76,6 +84,17 @@ def member_options() -> argparse.ArgumentParser:
         choices=sorted(DTYPES),
         help="dtype of every member's weights (default: float32)",
     )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="run every member in its own Ray actor (pip install 'deepen[ray]'); members "
+        "forward in parallel, on this machine or a Ray cluster",
+    )
+    for option, (field, metavar) in RAY_OPTIONS.items():
+        flag, kind = "--" + option.replace("_", "-"), str if field == "address" else float
+        _option(
+            parser, MemberSpec, field, flag, dest=option, type=kind, default=None, metavar=metavar
+        )
     return parser
 
 
@@ -165,10 +184,19 @@ def generation_options() -> argparse.ArgumentParser:
     return parser
 
 
-def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
-    """The members named by --model/--models (default: the embedded defaults)."""
+def member_specs(args: argparse.Namespace, ray: bool | None = None) -> list[MemberSpec]:
+    """The members named by --model/--models (default: the embedded defaults), in Ray
+    actors with --ray and the --ray-* settings. `ray` overrides --ray (the bench builds
+    both kinds).
+    """
     sources = args.models or list(DEFAULT_MEMBERS)
-    return [MemberSpec(source=s, device=args.device, dtype=args.dtype) for s in sources]
+    placed = getattr(args, "ray", False) if ray is None else ray
+    given = {f: getattr(args, o) for o, (f, _) in RAY_OPTIONS.items() if getattr(args, o, None)}
+    if given and not placed and ray is None:
+        flags = ", ".join("--" + o.replace("_", "-") for o in RAY_OPTIONS if getattr(args, o))
+        raise ConfigError(f"{flags} apply to members in Ray actors: add --ray.")
+    extra = {"placement": "ray", **given} if placed else {}
+    return [MemberSpec(source=s, device=args.device, dtype=args.dtype, **extra) for s in sources]
 
 
 def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:

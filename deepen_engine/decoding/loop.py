@@ -17,7 +17,7 @@ the members' forward passes; they can join and leave between steps. Its phases:
    member's context window ends with `"length"`); return each row's text that is now
    final and a final event for each finished row, and drop the finished rows.
 4. `advance`: feed each member only its new positions, all rows in one forward pass
-   (members on distinct devices concurrently).
+   (members on distinct devices, or in their own Ray actors, concurrently).
 5. `remove` drops rows whose reader left; `close` frees every cache.
 
 `decode` drives one batch of rows from start to end (a generator: `Ensemble.generate`
@@ -42,6 +42,7 @@ from ..members import Member
 from ..outputs import StreamEvent
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt, fit_context
+from .remote_batch import new_batch
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
@@ -103,10 +104,12 @@ class BatchDecoder:
         self.main_member = self.members[self.main]
         self.rows: list[Row] = []  # the running rows, in batch order
         self.batches = [
-            MemberBatch(m, []) if i == self.main else self.hooks.helper_batch(m, [])
+            new_batch(m, []) if i == self.main else self.hooks.helper_batch(m, [])
             for i, m in enumerate(self.members)
         ]
-        parallel = len({str(m.device) for m in self.members}) == len(self.members) > 1
+        # members in their own processes (Ray actors) each count as a device of their own
+        places = {("ray", m.name) if m.remote else ("device", str(m.device)) for m in self.members}
+        parallel = len(places) == len(self.members) > 1
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
 
     # --- rows in ------------------------------------------------------------------------
@@ -152,7 +155,7 @@ class BatchDecoder:
         if not prepared.rows:
             return
         fresh = [
-            MemberBatch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
+            new_batch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
             for i, (m, ids) in enumerate(zip(self.members, prepared.ids))
         ]
         try:
@@ -344,10 +347,13 @@ class BatchDecoder:
                 batch.free()
 
     def _forward(self, batches: list[MemberBatch], rows: list[Row]) -> None:
-        """Feed every member; members on distinct devices run concurrently (torch releases
-        the GIL in its kernels), so a step waits only for the slowest member. Each row is
-        charged the forward time of the passes it took part in.
+        """Feed every member; members on distinct devices or in Ray actors run concurrently
+        (torch releases the GIL in its kernels; a Ray member's thread only waits), so a
+        step waits only for the slowest member. Each row is charged the forward time of
+        the passes it took part in.
         """
+        for batch, i in zip(batches, self.member_index):
+            batch.logits_needed = _logits_needed(rows, i)  # what a remote member sends
         before = [batch.forward_seconds for batch in batches]
         if self.pool is None:
             for batch in batches:
@@ -368,3 +374,17 @@ class BatchDecoder:
         for batch in self.batches:
             batch.free()
         self.rows = []
+
+
+def _logits_needed(rows: Sequence[Row], member: int) -> int | None:
+    """The widest top-k of member `member`'s logits the rows' fusion reads; None: all of
+    them (a fusion method that does not say reads all).
+    """
+    widest = 0
+    for row in rows:
+        ask = getattr(row.fuser, "logits_needed", None)
+        need = ask(member) if ask is not None else None
+        if need is None:
+            return None
+        widest = max(widest, need)
+    return widest or None

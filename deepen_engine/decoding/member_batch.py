@@ -66,6 +66,10 @@ class MemberBatch:
         self.valid = torch.zeros(len(self.rows), 0, dtype=torch.bool)  # (B, T)
         self.logits: torch.Tensor | None = None  # (B, V) after each row's last id
         self.forward_seconds = 0.0
+        # Top logits per row the loop's fusion reads from this member (None: all of them);
+        # set by the loop before each forward. A batch in another process sends only those
+        # (remote_batch.py); this one keeps the full logits anyway.
+        self.logits_needed: int | None = None
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -112,6 +116,15 @@ class MemberBatch:
         if keep == len(target) and keep < len(r.ids):
             keep -= 1  # a shorter tokenisation: re-feed its last id to get fresh logits
         r.ids = target
+        self._roll_back(row, keep)
+
+    def replace_ids(self, row: int, keep: int, tail: list[int]) -> None:
+        """Make a row's ids its first `keep` ids followed by `tail`, rolling its cache back
+        to `keep`: the edit `append` and `sync_text` make, as a batch in another process
+        receives it (step_protocol.EditIds).
+        """
+        r = self.rows[row]
+        r.ids = r.ids[:keep] + list(tail)
         self._roll_back(row, keep)
 
     def _encode(self, text: str) -> list[int]:

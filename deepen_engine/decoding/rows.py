@@ -17,6 +17,7 @@ from ..members import Member
 from ..outputs import TokenLogprob, Usage
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt
+from .remote_batch import new_batch
 from .text import TextAssembler
 
 
@@ -26,7 +27,7 @@ class StepRecord:
 
     logits: list[torch.Tensor]
     """Per member run (B, V_i) next-token logits (only the main member's when the batch
-    runs it alone)."""
+    runs it alone); a helper in a Ray actor gives its top-k only (`TopLogits`)."""
     tokens: list[int]
     """The token chosen for each batch row."""
     rows: list[int]
@@ -37,7 +38,7 @@ class StepRecord:
 class DecodeHooks:
     """Variations of the loop for measuring it; the defaults are plain decoding."""
 
-    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = MemberBatch
+    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = new_batch
     """Builds each helper member's batch from its rows' prompt ids."""
     on_step: Callable[[StepRecord], None] | None = None
     """Called at each step once the tokens are chosen, before they are appended."""

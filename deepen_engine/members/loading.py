@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,32 @@ from .embedded import EMBEDDED, embedded_gguf
 from .member import DTYPES, Member, MemberSpec, cache_dir, not_found_hint, object_name
 
 
+def load_members(specs: Sequence[MemberSpec]) -> list[Member]:
+    """Load every member, in order. Members placed in Ray actors start first, once the
+    cluster is known to hold them (no model loads before that check), so they load in
+    parallel with each other and with the members loaded here (members/ray_backend.py).
+    """
+    placed = [s for s in specs if s.placement == "ray"]
+    if not placed:
+        return [load_member(s) for s in specs]
+    from .ray_backend import RayMembers  # imports Ray: only when a member asks for it
+
+    started = RayMembers(placed)
+    try:
+        here = {i: load_member(s) for i, s in enumerate(specs) if s.placement != "ray"}
+        remote = iter(started.wait())
+        return [here[i] if i in here else next(remote) for i in range(len(specs))]
+    except BaseException:
+        started.close()
+        raise
+
+
 def load_member(spec: MemberSpec) -> Member:
-    """Load one member; errors name the member and what to do."""
+    """Load one member (in a Ray actor if its spec says so); errors name the member and
+    what to do.
+    """
+    if spec.placement == "ray":
+        return load_members([spec])[0]
     start = time.perf_counter()
     dtype = DTYPES[spec.dtype]
     source = spec.source
