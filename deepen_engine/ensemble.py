@@ -15,7 +15,7 @@ from typing import Any, overload
 import torch
 
 from .alignment.vocabulary import Anchors, find_anchors
-from .config import FusionConfig, GenerationConfig, SchedulerConfig
+from .config import FusionConfig, GenerationConfig, SchedulerConfig, check_text
 from .decoding.chat import check_messages, render
 from .decoding.loop import NewRow
 from .decoding.prompts import MemberPrompt
@@ -221,7 +221,7 @@ class Ensemble:
     ) -> GenerationResult | list[GenerationResult]:
         """`generate` for asyncio (see `astream`)."""
         events = [e async for e in self.astream(prompt, config, batch_size=batch_size, **overrides)]
-        results = collect(iter(events), len(_prompt_list(prompt)))
+        results = collect(iter(events), len(check_prompts(prompt)))
         return results[0] if _is_single(prompt) else results
 
     def _request(
@@ -233,7 +233,7 @@ class Ensemble:
     ) -> tuple[list[list[MemberPrompt]], GenerationConfig, int | None]:
         """Check a request and render its prompts: (rows, config, batch size)."""
         cfg = _generation_config(config, overrides)
-        prompts = _prompt_list(prompt)
+        prompts = check_prompts(prompt)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         return [self._member_prompts(p) for p in prompts], cfg, batch_size
@@ -285,7 +285,7 @@ class Ensemble:
         `temperature=`, `top_p=`, `top_k=`, `seed=`).
         """
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
-        results = collect(events, len(_prompt_list(prompt)))
+        results = collect(events, len(check_prompts(prompt)))
         return results[0] if _is_single(prompt) else results
 
 
@@ -296,7 +296,13 @@ def _is_single(prompt: Any) -> bool:
     )
 
 
-def _prompt_list(prompt: Any) -> list[Prompt]:
+def check_prompts(prompt: Any) -> list[Prompt]:
+    """The prompts of a request as a list, each checked (`ConfigError` naming the first
+    bad one): a non-empty str of valid Unicode text, or a chat conversation.
+
+    Needs no member: callers that load members later (the command line) check first, so
+    a mistake costs no load time.
+    """
     prompts = [prompt] if _is_single(prompt) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ConfigError(
@@ -313,7 +319,7 @@ def _prompt_list(prompt: Any) -> list[Prompt]:
                     f"prompt at position {i} is an empty string; give some text to continue "
                     "(or a chat conversation)."
                 )
-            out.append(p)
+            out.append(check_text(p, f"prompt at position {i}"))
         elif isinstance(p, (list, tuple)):
             out.append(check_messages(p))
         else:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ..errors import DeepenError
 from . import bench, describe, evaluate, generate
+from .options import command_line_words
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except DeepenError as exc:
-        print(f"deepen: error: {exc}", file=sys.stderr)
+        # hints name the flags, not the Python settings (`--truncation left`)
+        print(f"deepen: error: {command_line_words(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from ..ensemble import Ensemble, Prompt
+from ..ensemble import Ensemble
 from ..errors import ConfigError
 from ..outputs import StreamEvent
+from .inputs import read_prompts
 from .options import (
     fusion_options,
     fusion_settings,
@@ -52,8 +52,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate for the prompts named by the arguments and print the results."""
-    prompts = _read_prompts(args)
+    # every request setting is checked before the members load (seconds to minutes)
+    prompts = read_prompts(args)
     config = generation_settings(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}.")
     ens = Ensemble(member_specs(args), **fusion_settings(args))
     if args.main is None and any(not isinstance(p, str) for p in prompts):
         ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
@@ -77,44 +80,6 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(finals[next_to_print], ensure_ascii=False), flush=True)
             next_to_print += 1
     return 0
-
-
-def _read_prompts(args: argparse.Namespace) -> list[Prompt]:
-    if args.prompts_file is not None:
-        if args.prompt is not None:
-            raise ConfigError("give either a prompt or --prompts-file, not both.")
-        return read_jsonl(args.prompts_file)
-    prompt = args.prompt
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            raise ConfigError("give a prompt, pipe one on stdin, or use --prompts-file.")
-        prompt = sys.stdin.read()
-    return [prompt]
-
-
-def read_jsonl(path: str) -> list[Prompt]:
-    """Prompts of a JSONL file: one object per line with `prompt` or `messages`."""
-    prompts: list[Prompt] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"--prompts-file {path!r} cannot be read: {exc}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{n} is not valid JSON: {exc}") from None
-        if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
-            raise ConfigError(
-                f"{path}:{n} must be an object with exactly one of 'prompt' or 'messages'."
-            )
-        prompts.append(item["prompt"] if "prompt" in item else item["messages"])
-    if not prompts:
-        raise ConfigError(f"--prompts-file {path!r} holds no prompts.")
-    return prompts
 
 
 def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:

@@ -62,13 +62,13 @@ def test_errors_exit_2_with_a_message(tiny_folders, tmp_path, capsys):
     assert main(["generate", "--prompts-file", str(bad), *member_args(tiny_folders)]) == 2
     assert "exactly one of 'prompt' or 'messages'" in capsys.readouterr().err
     assert main(["generate", "x", "--top-p", "2", *member_args(tiny_folders)]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 def test_generate_truncation_and_min_new_tokens(tiny_folders, reference, capsys):
     long_prompt = "the river runs " * 400  # past the tiny members' 1024 positions
     assert main(["generate", long_prompt, *member_args(tiny_folders)]) == 2
-    assert "truncation='left'" in capsys.readouterr().err
+    assert "--truncation left" in capsys.readouterr().err
     flags = ["--truncation", "left", "--json", "--max-new-tokens", "5", "--min-new-tokens", "5"]
     code = main(["generate", long_prompt, *flags, *member_args(tiny_folders)])
     assert code == 0
