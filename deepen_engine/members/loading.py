@@ -24,6 +24,7 @@ from ..alignment.vocabulary import CanonicalVocab
 from ..decoding.chat import END_OF_TURN_TOKENS
 from ..errors import MemberLoadError
 from .embedded import EMBEDDED, embedded_gguf
+from .hub import hub_access
 from .member import DTYPES, Member, MemberSpec, cache_dir, not_found_hint, object_name
 
 
@@ -38,13 +39,17 @@ def load_member(spec: MemberSpec) -> Member:
     else:
         name, kind, folder = _resolve(source)
         name = spec.name or name
+        # a hub id: fail in seconds when it can come from neither the cache nor the hub
+        local_only = kind == "hub" and hub_access(folder, not_found_hint(folder))
         try:
-            tokenizer, model = _load_folder_or_hub(folder, name, dtype)
+            tokenizer, model = _load_folder_or_hub(folder, name, dtype, local_only)
         except MemberLoadError as exc:
             if kind != "hub":
                 raise
             # Most often a typo in an embedded name or a path: say what was tried.
-            raise MemberLoadError(f"{not_found_hint(str(source))} {exc}") from exc.__cause__
+            raise MemberLoadError(
+                f"{not_found_hint(folder)} Loading it as a hub id failed: {exc}"
+            ) from exc.__cause__
     model = model.to(spec.device).eval()
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
     _check_round_trip(tokenizer, vocab, name)
@@ -144,15 +149,20 @@ def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
         raise
 
 
-def _load_folder_or_hub(where: str, name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_folder_or_hub(
+    where: str, name: str, dtype: torch.dtype, local_only: bool = False
+) -> tuple[Any, Any]:
+    """Tokenizer and model from a folder or a hub id (`local_only`: the cache alone)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     except Exception as exc:
         raise MemberLoadError(f"Member {name!r}: the tokenizer could not be loaded: {exc}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, local_files_only=local_only
+        )
     except ValueError as exc:
         raise MemberLoadError(
             f"Member {name!r} is not a causal language model transformers can load: {exc}"
