@@ -236,3 +236,8 @@ class SchedulerConfig(_Settings):
 
     max_queue: int = Field(256, ge=0)
     """Most requests waiting to start; one more raises `QueueFullError` at once."""
+
+    prefill_chunk: int = Field(512, ge=0)
+    """Most positions of a prompt fed to a member in one forward pass: a longer prompt is
+    read in chunks, so attention's memory grows with chunk x prompt length, not with the
+    prompt length squared. `0`: the whole prompt in one pass."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from functools import partial
 from typing import Any, overload
 
 import torch
@@ -32,7 +33,7 @@ from .members import (
     load_member,
     source_key,
 )
-from .outputs import GenerationResult, StreamEvent, collect
+from .outputs import GenerationResult, Progress, StreamEvent, collect
 
 Conversation = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
 Prompt = str | Conversation  # a text, or a chat conversation
@@ -124,6 +125,7 @@ class Ensemble:
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
         **overrides: Any,
     ) -> Generator[StreamEvent, None, None]:
         """Yield text deltas as they become final, and one final event per prompt.
@@ -136,9 +138,14 @@ class Ensemble:
         `SchedulerConfig`); each row gives exactly the text it gives alone (greedy, or
         sampled with a seed). Closing the stream removes its rows after the current step
         and frees their cache rows before `close()` returns.
+
+        `progress`, if given, is called in the reading thread with a `Progress` as each
+        member reads the prompts (in chunks of `SchedulerConfig.prefill_chunk` positions)
+        and after each step, for progress bars.
         """
         rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return read(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
+        submit = partial(self._submit, rows, cfg, size, progress=progress is not None)
+        return read(self._scheduler, submit, progress)
 
     def astream(
         self,
@@ -146,6 +153,7 @@ class Ensemble:
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
         **overrides: Any,
     ) -> AsyncGenerator[StreamEvent, None]:
         """`stream` for asyncio: decoding runs in the ensemble's worker thread, the event
@@ -153,9 +161,11 @@ class Ensemble:
 
         Closing the iterator or cancelling the task that reads it removes the request's
         rows after the current step; a request still waiting to start never starts.
+        `progress` as in `stream`, called on the event loop.
         """
         rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return aread(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
+        submit = partial(self._submit, rows, cfg, size, progress=progress is not None)
+        return aread(self._scheduler, submit, progress)
 
     def _submit(
         self,
@@ -163,6 +173,7 @@ class Ensemble:
         cfg: GenerationConfig,
         size: int | None,
         sink: Sink,
+        progress: bool = False,
     ) -> Request:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
         request = Request(
@@ -170,6 +181,7 @@ class Ensemble:
             main=self.fusion.main,
             run_helpers=not self.fuser.is_identity,
             sink=sink,
+            progress=progress,
             batch_size=size,
             deadline=None if cfg.timeout is None else time.monotonic() + cfg.timeout,
         )

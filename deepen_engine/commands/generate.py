@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
+from ..config import SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
 from ..outputs import StreamEvent
+from . import progress
 from .inputs import read_prompts
 from .options import (
     fusion_options,
@@ -22,6 +26,7 @@ from .options import (
     generation_settings,
     member_options,
     member_specs,
+    scheduler_options,
 )
 
 
@@ -29,7 +34,12 @@ def add_parser(sub: Any) -> None:
     """Register `deepen generate`."""
     parser = sub.add_parser(
         "generate",
-        parents=[member_options(), fusion_options(main_default=None), generation_options()],
+        parents=[
+            member_options(),
+            fusion_options(main_default=None),
+            generation_options(),
+            scheduler_options(),
+        ],
         help="generate fused text for a prompt, stdin, or a file of prompts",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
@@ -47,6 +57,13 @@ def add_parser(sub: Any) -> None:
         help="with --json or --prompts-file: print each text delta as a JSON line as it comes",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr while the prompts are read and tokens chosen (default: "
+        "when stderr is a terminal, unless JSON goes to a pipe or file)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -57,29 +74,52 @@ def run(args: argparse.Namespace) -> int:
     config = generation_settings(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    ens = Ensemble(member_specs(args), **fusion_settings(args))
+    scheduler = SchedulerConfig(prefill_chunk=args.prefill_chunk)
+    ens = Ensemble(member_specs(args), scheduler=scheduler, **fusion_settings(args))
     if args.main is None and any(not isinstance(p, str) for p in prompts):
         ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
     plain = not args.json and args.prompts_file is None  # one prompt, text as it comes
-    parts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    bars = progress.Bars(generation=not plain) if progress.wanted(args) else None
+    try:
+        _print_results(ens, ens.stream(prompts, config, batch_size=args.batch_size,
+                                       progress=bars), args, plain, bars)  # fmt: skip
+    finally:
+        if bars is not None:
+            bars.close()
+    return 0
+
+
+def _print_results(
+    ens: Ensemble,
+    events: Iterator[StreamEvent],
+    args: argparse.Namespace,
+    plain: bool,
+    bars: progress.Bars | None,
+) -> None:
+    """Plain text as it comes, or JSON lines: deltas (`--stream`) and results in order."""
+    parts: dict[int, list[str]] = {}
     finals: dict[int, dict[str, Any]] = {}
     next_to_print = 0
-    for event in ens.stream(prompts, config, batch_size=args.batch_size):
+    for event in events:
+        lines: list[str] = []
         if event.finish_reason is None:
-            parts[event.index].append(event.delta)
+            parts.setdefault(event.index, []).append(event.delta)
             if plain:
                 print(event.delta, end="", flush=True)
             elif args.stream:
-                print(json.dumps({"index": event.index, "delta": event.delta}, ensure_ascii=False))
-            continue
-        finals[event.index] = result_json(ens, event, "".join(parts[event.index]))
-        if plain:
-            print()
-            continue
-        while next_to_print in finals:  # results in prompt order
-            print(json.dumps(finals[next_to_print], ensure_ascii=False), flush=True)
-            next_to_print += 1
-    return 0
+                lines.append(json.dumps({"index": event.index, "delta": event.delta},
+                                        ensure_ascii=False))  # fmt: skip
+        elif plain:
+            print(flush=True)
+        else:
+            text = "".join(parts.get(event.index, []))
+            finals[event.index] = result_json(ens, event, text)
+            while next_to_print in finals:  # results in prompt order
+                lines.append(json.dumps(finals[next_to_print], ensure_ascii=False))
+                next_to_print += 1
+        if lines:
+            with bars.printing() if bars is not None else nullcontext():
+                print("\n".join(lines), flush=True)
 
 
 def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:

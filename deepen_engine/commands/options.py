@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import FusionConfig, GenerationConfig
+from ..config import FusionConfig, GenerationConfig, SchedulerConfig
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 from .inputs import stop_strings
 
@@ -80,6 +80,12 @@ def member_options() -> argparse.ArgumentParser:
         choices=sorted(DTYPES),
         help="dtype of every member's weights (default: float32)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own output while loading (transformers' warnings and "
+        "progress bars); by default deepen shows one bar per long step and nothing else",
+    )
     return parser
 
 
@@ -132,6 +138,13 @@ def generation_options() -> argparse.ArgumentParser:
         "newline, tab, carriage return and backslash, as llama.cpp does; --no-escape keeps "
         "them as typed (default: on)",
     )
+    return parser
+
+
+def scheduler_options() -> argparse.ArgumentParser:
+    """How requests share the members (SchedulerConfig): here, how long prompts are read."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _option(parser, SchedulerConfig, "prefill_chunk", type=int, metavar="N")
     return parser
 
 

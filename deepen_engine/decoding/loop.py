@@ -41,7 +41,7 @@ from ..config import GenerationConfig
 from ..fusion import Fuser
 from ..members import Member
 from ..outputs import StreamEvent, Usage
-from .member_batch import MemberBatch
+from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import MemberPrompt, fit_context
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
@@ -68,6 +68,9 @@ class DecodeHooks:
     """Builds each helper member's batch from its rows' prompt ids."""
     on_step: Callable[[StepRecord], None] | None = None
     """Called at each step once the tokens are chosen, before they are appended."""
+    on_prefill: Callable[[Member, Sequence[Row], int, int], None] | None = None
+    """Called as new rows are prefilled, after each chunk: the member, the rows, and the
+    prompt positions that member has fed so far and in all."""
 
 
 @dataclass
@@ -155,8 +158,10 @@ class BatchDecoder:
         main: int,
         run_helpers: bool = True,
         hooks: DecodeHooks | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.hooks = hooks or DecodeHooks()
+        self.prefill_chunk = prefill_chunk  # positions per forward pass in a long prefill
         self.member_index = list(range(len(members))) if run_helpers else [main]
         self.members = [members[i] for i in self.member_index]
         self.main = self.member_index.index(main)  # position among the members run
@@ -219,7 +224,7 @@ class BatchDecoder:
             for b, ids in enumerate(prepared.resume):
                 if ids:
                     self._resume(fresh, prepared.rows[b], b, list(ids))
-            self._forward(fresh, prepared.rows)
+            self._forward(fresh, prepared.rows, self.hooks.on_prefill)
         except BaseException:
             for batch in fresh:
                 batch.free()
@@ -375,17 +380,31 @@ class BatchDecoder:
             else:
                 batch.free()
 
-    def _forward(self, batches: list[MemberBatch], rows: list[Row]) -> None:
+    def _forward(
+        self,
+        batches: list[MemberBatch],
+        rows: list[Row],
+        report: Callable[[Member, Sequence[Row], int, int], None] | None = None,
+    ) -> None:
         """Feed every member; members on distinct devices run concurrently (torch releases
         the GIL in its kernels), so a step waits only for the slowest member. Each row is
-        charged the forward time of the passes it took part in.
+        charged the forward time of the passes it took part in; `report` hears each
+        member's progress (the prefill's `DecodeHooks.on_prefill`).
         """
         before = [batch.forward_seconds for batch in batches]
+
+        def run(batch: MemberBatch) -> None:
+            batch.chunk = self.prefill_chunk
+            if report is None:
+                batch.forward()
+            else:
+                batch.forward(lambda done, total: report(batch.member, rows, done, total))
+
         if self.pool is None:
             for batch in batches:
-                batch.forward()
+                run(batch)
         else:
-            for future in [self.pool.submit(batch.forward) for batch in batches]:
+            for future in [self.pool.submit(run, batch) for batch in batches]:
                 future.result()
         for batch, start in zip(batches, before):
             spent = batch.forward_seconds - start

@@ -26,6 +26,7 @@ from ..errors import MemberLoadError
 from .embedded import EMBEDDED, embedded_gguf
 from .hub import hub_access
 from .member import DTYPES, Member, MemberSpec, cache_dir, not_found_hint, object_name
+from .quiet import quiet_loading
 
 
 def load_member(spec: MemberSpec) -> Member:
@@ -37,19 +38,8 @@ def load_member(spec: MemberSpec) -> Member:
         model, tokenizer = _check_pair(source, spec.name)
         name, kind = spec.name or object_name(model), "object"
     else:
-        name, kind, folder = _resolve(source)
-        name = spec.name or name
-        # a hub id: fail in seconds when it can come from neither the cache nor the hub
-        local_only = kind == "hub" and hub_access(folder, not_found_hint(folder))
-        try:
-            tokenizer, model = _load_folder_or_hub(folder, name, dtype, local_only)
-        except MemberLoadError as exc:
-            if kind != "hub":
-                raise
-            # Most often a typo in an embedded name or a path: say what was tried.
-            raise MemberLoadError(
-                f"{not_found_hint(folder)} Loading it as a hub id failed: {exc}"
-            ) from exc.__cause__
+        with quiet_loading():  # deepen's own bar only (converting a GGUF file)
+            name, kind, tokenizer, model = _load_source(source, spec.name, dtype)
     model = model.to(spec.device).eval()
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
     _check_round_trip(tokenizer, vocab, name)
@@ -67,6 +57,26 @@ def load_member(spec: MemberSpec) -> Member:
         chat_template=spec.chat_template,
     )
     return member
+
+
+def _load_source(
+    source: str | Path, name: str | None, dtype: torch.dtype
+) -> tuple[str, str, Any, Any]:
+    """(name, kind, tokenizer, model) of an embedded name, file, folder or hub id."""
+    default_name, kind, folder = _resolve(source)
+    name = name or default_name
+    # a hub id: fail in seconds when it can come from neither the cache nor the hub
+    local_only = kind == "hub" and hub_access(folder, not_found_hint(folder))
+    try:
+        tokenizer, model = _load_folder_or_hub(folder, name, dtype, local_only)
+    except MemberLoadError as exc:
+        if kind != "hub":
+            raise
+        # Most often a typo in an embedded name or a path: say what was tried.
+        raise MemberLoadError(
+            f"{not_found_hint(folder)} Loading it as a hub id failed: {exc}"
+        ) from exc.__cause__
+    return name, kind, tokenizer, model
 
 
 def _resolve(source: str | Path) -> tuple[str, str, str]:
