@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DeepenError
-from . import bench, describe, evaluate, generate
+from . import bench, demo, describe, evaluate, generate
 from .options import command_line_words
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench, describe):
+    for module in (generate, demo, evaluate, bench, describe):
         module.add_parser(sub)
     return parser
 
