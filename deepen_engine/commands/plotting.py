@@ -49,7 +49,7 @@ def plot_bench(figures: dict[str, Any], path: str) -> None:
 def plot_sweep(sweep: dict[str, Any], path: str) -> None:
     """Dev accuracy against eta: one line per (main member, steps), members alone dashed."""
     plt = _pyplot("--sweep-eta")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.0, 4.0))
     lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for row in sweep["rows"]:
         lines.setdefault((row["main"], row["steps"]), []).append((row["eta"], row["accuracy"]))
@@ -63,19 +63,22 @@ def plot_sweep(sweep: dict[str, Any], path: str) -> None:
         )
     for member in sweep["members_alone"]:
         ax.axhline(member["accuracy"], linestyle="--", linewidth=1, color="grey")
+        # the label sits at the line's right end, clear of the points at small eta
         ax.annotate(
             f"{member['system']} alone",
-            (0, member["accuracy"]),
+            (1, member["accuracy"]),
+            xycoords=("axes fraction", "data"),
             fontsize=7,
             color="grey",
-            xytext=(2, 2),
+            ha="right",
+            xytext=(-2, 2),
             textcoords="offset points",
         )
     ax.set_xlabel("eta (inverse-search rate)")
     ax.set_ylabel(f"dev accuracy ({sweep['dev_questions']} questions)")
     ax.set_title("deepen eval sweep (dev set)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
