@@ -1,4 +1,4 @@
-"""`deepen generate`: fused text for one prompt, stdin, or a JSONL file of prompts.
+"""`deepen generate`: fused text for a prompt, stdin, or a JSONL file of many prompts.
 
 A single prompt without `--json` prints its text as it comes. With `--json` or
 `--prompts-file`, one JSON object per prompt, in prompt order; `--stream` adds a
@@ -41,6 +41,9 @@ def add_parser(sub: Any) -> None:
             scheduler_options(),
         ],
         help="generate fused text for a prompt, stdin, or a file of prompts",
+        description="Fused text for one prompt (an argument, or stdin), or for many: a JSONL "
+        "file of text prompts and chat conversations, decoded in batches. Chat prompts are "
+        "led by the first member with a chat template unless --main says otherwise.",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
     parser.add_argument(

@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,10 @@ def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        with tqdm(total=3, desc=f"Converting {name} from GGUF (first load only)") as bar:
+        with (
+            tqdm(total=3, desc=f"Converting {name} from GGUF (first load only)") as bar,
+            _read_once(gguf),
+        ):
             bar.set_postfix_str("tokenizer")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -157,6 +162,36 @@ def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _read_once(path: Path) -> Iterator[None]:
+    """Inside the block, the GGUF file at `path` is parsed once, however often it is read.
+
+    transformers builds a new `gguf.GGUFReader` for the tokenizer, the config and the
+    weights, and parsing the metadata (a 262k-entry vocabulary for Gemma-3) is most of a
+    conversion's time; a reader is read-only once built, so one is shared. Measured on 2
+    CPU cores: loading Gemma-3-270m's weights from its GGUF took 45 s of CPU with three
+    parses, 13 s with one (the same weights).
+    """
+    import gguf as gguf_package
+
+    original = gguf_package.GGUFReader
+    target = os.path.realpath(path)
+    shared: list[Any] = []
+
+    def reader(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or os.path.realpath(file) != target:
+            return original(file, *args, **kwargs)
+        if not shared:
+            shared.append(original(file))
+        return shared[0]
+
+    setattr(gguf_package, "GGUFReader", reader)  # noqa: B010 - transformers imports it per call
+    try:
+        yield
+    finally:
+        setattr(gguf_package, "GGUFReader", original)  # noqa: B010
 
 
 def _load_folder_or_hub(
