@@ -84,10 +84,11 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by the parsed `deepen bench` arguments."""
     _check_flags(args)
-    rss_start = rss_mb()
-    ens = Ensemble(member_specs(args), **fusion_settings(args))
-    if len(ens.members) < 2:
+    specs = member_specs(args)
+    if len(specs) < 2:  # before loading: a mistake costs no load time
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    rss_start = rss_mb()
+    ens = Ensemble(specs, **fusion_settings(args))
     figures = _measure(ens, args, rss_start)
     if args.plot:
         plot_bench(figures, args.plot)

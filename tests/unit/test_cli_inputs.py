@@ -153,3 +153,11 @@ def test_engine_refuses_text_that_is_not_unicode(tiny_ensemble):
         tiny_ensemble.generate([{"role": "user", "content": bad}], max_new_tokens=2)
     with pytest.raises(ConfigError, match="stop string 0 holds"):
         GenerationConfig(stop=[bad])
+
+
+def test_bench_needs_two_members_before_loading(capsys, monkeypatch):
+    from deepen_engine.commands import bench
+
+    monkeypatch.setattr(bench, "Ensemble", lambda *a, **k: pytest.fail("members were loaded"))
+    assert main(["bench", "-m", "gemma-3-270m"]) == 2
+    assert "give 2 or more" in capsys.readouterr().err
