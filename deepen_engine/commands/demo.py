@@ -122,8 +122,8 @@ def _print_table(questions: list[Question], labels: list[str], answers: list[lis
             for o in outputs
         ]
         rows.append([q.country, q.answer, *marked])
-    totals = [f"{sum(is_correct(o, q.answers) for o, q in zip(a, questions))}/{len(questions)}"
-              for a in answers]  # fmt: skip
+    right = [sum(is_correct(o, q.answers) for o, q in zip(a, questions)) for a in answers]
+    totals = [f"{n}/{len(questions)}" for n in right]
     rows.append(["right", "", *totals])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for i, row in enumerate([header, *rows]):

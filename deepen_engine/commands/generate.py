@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
     plain = not args.json and args.prompts_file is None  # one prompt, text as it comes
     bars = progress.Bars(generation=not plain) if progress.wanted(args) else None
+    events = ens.stream(prompts, config, batch_size=args.batch_size, progress=bars)
     try:
-        _print_results(ens, ens.stream(prompts, config, batch_size=args.batch_size,
-                                       progress=bars), args, plain, bars)  # fmt: skip
+        _print_results(ens, events, args, plain, bars)
     finally:
         if bars is not None:
             bars.close()
@@ -110,8 +110,8 @@ def _print_results(
             if plain:
                 print(event.delta, end="", flush=True)
             elif args.stream:
-                lines.append(json.dumps({"index": event.index, "delta": event.delta},
-                                        ensure_ascii=False))  # fmt: skip
+                delta = {"index": event.index, "delta": event.delta}
+                lines.append(json.dumps(delta, ensure_ascii=False))
         elif plain:
             print(flush=True)
         else:

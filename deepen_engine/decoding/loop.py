@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -167,12 +168,16 @@ class BatchDecoder:
         self.main = self.member_index.index(main)  # position among the members run
         self.main_member = self.members[self.main]
         self.rows: list[Row] = []  # the running rows, in batch order
-        self.batches = [
-            MemberBatch(m, []) if i == self.main else self.hooks.helper_batch(m, [])
-            for i, m in enumerate(self.members)
-        ]
+        self.batches = [self._batch(i, []) for i in range(len(self.members))]
         parallel = len({str(m.device) for m in self.members}) == len(self.members) > 1
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
+
+    def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
+        """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""
+        make = MemberBatch if i == self.main else self.hooks.helper_batch
+        batch = make(self.members[i], ids)
+        batch.chunk = self.prefill_chunk
+        return batch
 
     # --- rows in ------------------------------------------------------------------------
 
@@ -216,10 +221,7 @@ class BatchDecoder:
         """Prefill the prepared rows and add them to the running batch."""
         if not prepared.rows:
             return
-        fresh = [
-            MemberBatch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
-            for i, (m, ids) in enumerate(zip(self.members, prepared.ids))
-        ]
+        fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
         try:
             for b, ids in enumerate(prepared.resume):
                 if ids:
@@ -392,19 +394,15 @@ class BatchDecoder:
         member's progress (the prefill's `DecodeHooks.on_prefill`).
         """
         before = [batch.forward_seconds for batch in batches]
-
-        def run(batch: MemberBatch) -> None:
-            batch.chunk = self.prefill_chunk
-            if report is None:
-                batch.forward()
-            else:
-                batch.forward(lambda done, total: report(batch.member, rows, done, total))
-
+        feeds = [
+            partial(batch.forward, None if report is None else partial(report, batch.member, rows))
+            for batch in batches
+        ]
         if self.pool is None:
-            for batch in batches:
-                run(batch)
+            for feed in feeds:
+                feed()
         else:
-            for future in [self.pool.submit(run, batch) for batch in batches]:
+            for future in [self.pool.submit(feed) for feed in feeds]:
                 future.result()
         for batch, start in zip(batches, before):
             spent = batch.forward_seconds - start
