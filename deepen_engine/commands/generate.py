@@ -11,10 +11,11 @@ import argparse
 import json
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 from ..config import SchedulerConfig
-from ..ensemble import Ensemble
+from ..ensemble import Ensemble, Prompt
 from ..errors import ConfigError
 from ..outputs import StreamEvent
 from . import progress
@@ -79,22 +80,44 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}.")
     scheduler = SchedulerConfig(prefill_chunk=args.prefill_chunk)
     ens = Ensemble(member_specs(args), scheduler=scheduler, **fusion_settings(args))
-    if args.main is None and any(not isinstance(p, str) for p in prompts):
-        ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
+    views = _views(ens, prompts, args.main is None)
     plain = not args.json and args.prompts_file is None  # one prompt, text as it comes
     bars = progress.Bars(generation=not plain) if progress.wanted(args) else None
-    events = ens.stream(prompts, config, batch_size=args.batch_size, progress=bars)
+
+    def events() -> Iterator[tuple[Ensemble, StreamEvent]]:
+        """Each group of prompts with one main member, in turn; indices in the file's order."""
+        for view, indices in _groups(views):
+            group = [prompts[i] for i in indices]
+            for event in view.stream(group, config, batch_size=args.batch_size, progress=bars):
+                yield view, replace(event, index=indices[event.index])
+
     try:
-        _print_results(ens, events, args, plain, bars)
+        _print_results(events(), args, plain, bars)
     finally:
         if bars is not None:
             bars.close()
     return 0
 
 
+def _views(ens: Ensemble, prompts: list[Prompt], chat_rule: bool) -> list[Ensemble]:
+    """The ensemble view for each prompt: with `chat_rule` (no --main), chat prompts are
+    led by the engine's choice for chat (`default_chat_main`), text prompts by the main.
+    """
+    lead = ens.default_chat_main()
+    chat = ens.with_fusion(main=lead) if chat_rule and lead != ens.fusion.main else ens
+    return [ens if isinstance(p, str) else chat for p in prompts]
+
+
+def _groups(views: list[Ensemble]) -> list[tuple[Ensemble, list[int]]]:
+    """Prompt indices by view, in order of first appearance."""
+    groups: dict[int, tuple[Ensemble, list[int]]] = {}
+    for i, view in enumerate(views):
+        groups.setdefault(id(view), (view, []))[1].append(i)
+    return list(groups.values())
+
+
 def _print_results(
-    ens: Ensemble,
-    events: Iterator[StreamEvent],
+    events: Iterator[tuple[Ensemble, StreamEvent]],
     args: argparse.Namespace,
     plain: bool,
     bars: progress.Bars | None,
@@ -103,7 +126,7 @@ def _print_results(
     parts: dict[int, list[str]] = {}
     finals: dict[int, dict[str, Any]] = {}
     next_to_print = 0
-    for event in events:
+    for ens, event in events:
         lines: list[str] = []
         if event.finish_reason is None:
             parts.setdefault(event.index, []).append(event.delta)
