@@ -22,6 +22,31 @@ from pydantic import (
 from .errors import ConfigError
 
 
+def text_problem(text: str, what: str) -> str | None:
+    """What is wrong with `text` as text for the members, or None if it is valid Unicode.
+
+    A lone surrogate (U+D800-U+DFFF) is what Python makes of bytes that are not UTF-8 (a
+    command-line argument in another encoding, `errors="surrogateescape"`); no tokenizer
+    can encode it, so it is refused before any model runs, naming where it is.
+    """
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            return (
+                f"{what} holds {ch!r} at character {i} (after {text[max(0, i - 20) : i]!r}), "
+                "which is not valid Unicode text (most often bytes that are not UTF-8); give "
+                "UTF-8 text"
+            )
+    return None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged, or `ConfigError` if it is not valid Unicode text (`text_problem`)."""
+    problem = text_problem(text, what)
+    if problem is not None:
+        raise ConfigError(problem + ".")
+    return text
+
+
 class _Settings(BaseModel):
     # use_attribute_docstrings: each field's docstring is its description (the CLI's help).
     model_config = ConfigDict(
@@ -233,6 +258,10 @@ class GenerationConfig(_Settings):
     def _check_stop(cls, value: list[str]) -> list[str]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
+        for i, s in enumerate(value):
+            problem = text_problem(s, f"stop string {i}")
+            if problem is not None:
+                raise ValueError(problem)
         return value
 
 
@@ -248,3 +277,8 @@ class SchedulerConfig(_Settings):
 
     max_queue: int = Field(256, ge=1)
     """Most requests waiting to start; one more raises `QueueFullError` at once."""
+
+    prefill_chunk: int = Field(512, ge=0)
+    """Most positions of a prompt fed to a member in one forward pass: a longer prompt is
+    read in chunks, so attention's memory grows with chunk x prompt length, not with the
+    prompt length squared. `0`: the whole prompt in one pass."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from functools import partial
 from typing import Any, overload
 
 import torch
 
 from .alignment.vocabulary import Anchors, find_anchors
-from .config import FusionConfig, GenerationConfig, SchedulerConfig
+from .config import FusionConfig, GenerationConfig, SchedulerConfig, check_text
 from .decoding.chat import check_messages, render
 from .decoding.prompts import MemberPrompt
 from .decoding.readers import aread, read
@@ -32,7 +33,7 @@ from .members import (
     load_members,
     source_key,
 )
-from .outputs import GenerationResult, StreamEvent, collect
+from .outputs import GenerationResult, Progress, StreamEvent, collect
 
 Conversation = list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
 Prompt = str | Conversation  # a text, or a chat conversation
@@ -124,6 +125,7 @@ class Ensemble:
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
         **overrides: Any,
     ) -> Generator[StreamEvent, None, None]:
         """Yield text deltas as they become final, and one final event per prompt.
@@ -136,9 +138,14 @@ class Ensemble:
         `SchedulerConfig`); each row gives exactly the text it gives alone (greedy, or
         sampled with a seed). Closing the stream removes its rows after the current step
         and frees their cache rows before `close()` returns.
+
+        `progress`, if given, is called in the reading thread with a `Progress` as each
+        member reads the prompts (in chunks of `SchedulerConfig.prefill_chunk` positions)
+        and after each step, for progress bars.
         """
         rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return read(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
+        submit = partial(self._submit, rows, cfg, size, progress=progress is not None)
+        return read(self._scheduler, submit, progress)
 
     def astream(
         self,
@@ -146,6 +153,7 @@ class Ensemble:
         config: GenerationConfig | None = None,
         *,
         batch_size: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
         **overrides: Any,
     ) -> AsyncGenerator[StreamEvent, None]:
         """`stream` for asyncio: decoding runs in the ensemble's worker thread, the event
@@ -153,9 +161,11 @@ class Ensemble:
 
         Closing the iterator or cancelling the task that reads it removes the request's
         rows after the current step; a request still waiting to start never starts.
+        `progress` as in `stream`, called on the event loop.
         """
         rows, cfg, size = self._request(prompt, config, batch_size, overrides)
-        return aread(self._scheduler, lambda sink: self._submit(rows, cfg, size, sink))
+        submit = partial(self._submit, rows, cfg, size, progress=progress is not None)
+        return aread(self._scheduler, submit, progress)
 
     def _submit(
         self,
@@ -163,6 +173,7 @@ class Ensemble:
         cfg: GenerationConfig,
         size: int | None,
         sink: Sink,
+        progress: bool = False,
     ) -> Request:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
         request = Request(
@@ -170,6 +181,7 @@ class Ensemble:
             main=self.fusion.main,
             run_helpers=not self.fuser.is_identity,
             sink=sink,
+            progress=progress,
             batch_size=size,
             deadline=None if cfg.timeout is None else time.monotonic() + cfg.timeout,
         )
@@ -231,7 +243,7 @@ class Ensemble:
     ) -> GenerationResult | list[GenerationResult]:
         """`generate` for asyncio (see `astream`)."""
         events = [e async for e in self.astream(prompt, config, batch_size=batch_size, **overrides)]
-        results = collect(iter(events), len(_prompt_list(prompt)))
+        results = collect(iter(events), len(check_prompts(prompt)))
         return results[0] if _is_single(prompt) else results
 
     def _request(
@@ -243,7 +255,7 @@ class Ensemble:
     ) -> tuple[list[list[MemberPrompt]], GenerationConfig, int | None]:
         """Check a request and render its prompts: (rows, config, batch size)."""
         cfg = _generation_config(config, overrides)
-        prompts = _prompt_list(prompt)
+        prompts = check_prompts(prompt)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         return [self._member_prompts(p) for p in prompts], cfg, batch_size
@@ -295,7 +307,7 @@ class Ensemble:
         `temperature=`, `top_p=`, `top_k=`, `seed=`).
         """
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
-        results = collect(events, len(_prompt_list(prompt)))
+        results = collect(events, len(check_prompts(prompt)))
         return results[0] if _is_single(prompt) else results
 
 
@@ -306,7 +318,13 @@ def _is_single(prompt: Any) -> bool:
     )
 
 
-def _prompt_list(prompt: Any) -> list[Prompt]:
+def check_prompts(prompt: Any) -> list[Prompt]:
+    """The prompts of a request as a list, each checked (`ConfigError` naming the first
+    bad one): a non-empty str of valid Unicode text, or a chat conversation.
+
+    Needs no member: callers that load members later (the command line) check first, so
+    a mistake costs no load time.
+    """
     prompts = [prompt] if _is_single(prompt) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ConfigError(
@@ -323,7 +341,7 @@ def _prompt_list(prompt: Any) -> list[Prompt]:
                     f"prompt at position {i} is an empty string; give some text to continue "
                     "(or a chat conversation)."
                 )
-            out.append(p)
+            out.append(check_text(p, f"prompt at position {i}"))
         elif isinstance(p, (list, tuple)):
             out.append(check_messages(p))
         else:

@@ -74,6 +74,22 @@ class StreamEvent:
 
 
 @dataclass
+class Progress:
+    """How far a request has come, for progress bars (`Ensemble.stream(progress=...)`)."""
+
+    stage: str
+    """`"prefill"`: a member reads the prompts; `"generate"`: tokens are chosen."""
+    done: int
+    """Prefill: prompt positions the member has read. Generate: tokens chosen so far, all
+    of the request's rows together."""
+    total: int
+    """Prefill: positions to read. Generate: the most tokens the rows may choose (the sum
+    of their `max_new_tokens`; rows that end early end the request sooner)."""
+    member: str | None = None
+    """Prefill: the member reading; None for generate."""
+
+
+@dataclass
 class GenerationResult:
     """A finished row."""
 

@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     if args.new_tokens is None:
         args.new_tokens = 32 if args.ray else 64
     _check_flags(args)
+    specs = member_specs(args)
+    if len(specs) < 2:  # before loading: a mistake costs no load time
+        raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
     if args.ray:
         figures = run_ray(args)
         if args.json:
@@ -140,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rss_start = rss_mb()
     limits = SchedulerConfig(max_batch_size=args.max_batch_size)
-    ens = Ensemble(member_specs(args), scheduler=limits, **fusion_settings(args))
-    if len(ens.members) < 2:
-        raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    ens = Ensemble(specs, scheduler=limits, **fusion_settings(args))
     if args.serving:
         return _serving(ens, args)
     figures = _measure(ens, args, rss_start)

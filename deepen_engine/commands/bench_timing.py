@@ -136,8 +136,8 @@ class ReencodingBatch(MemberBatch):
         r = self.rows[row]
         r.ids = r.prompt_ids + (self._encode(text) if text else [])
 
-    def forward(self) -> None:
-        """A full forward pass over each row's ids (no cache)."""
+    def forward(self, on_fed: Callable[[int, int], None] | None = None) -> None:
+        """A full forward pass over each row's ids (no cache; no chunks, no progress)."""
         start = time.perf_counter()
         logits = []
         with torch.no_grad():

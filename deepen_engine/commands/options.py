@@ -14,9 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import FusionConfig, GenerationConfig
+from ..config import FusionConfig, GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
+from .inputs import stop_strings
+
+_FLAGS: dict[tuple[str, str], str] = {}
+"""(settings class, field) -> its command-line flag, for every option made by `_option`."""
 
 METHODS = ("deepen", "union", "unite")  # FusionConfig.method's values
 # --ray-* option -> MemberSpec field (Ray placement settings, given to every member)
@@ -47,8 +51,10 @@ def _option(
     """One option for one settings field: its flag, default and help come from the field."""
     default = model.model_fields[field].get_default(call_default_factory=True)
     extra = kwargs.pop("extra_help", "")
+    flag = flag or "--" + field.replace("_", "-")
+    _FLAGS[(model.__name__, field)] = flag
     parser.add_argument(
-        flag or "--" + field.replace("_", "-"),
+        flag,
         dest=kwargs.pop("dest", field),
         default=kwargs.pop("default", default),
         help=kwargs.pop("help", None) or _help(model, field, extra),
@@ -95,6 +101,12 @@ def member_options() -> argparse.ArgumentParser:
         _option(
             parser, MemberSpec, field, flag, dest=option, type=kind, default=None, metavar=metavar
         )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own output while loading (transformers' warnings and "
+        "progress bars); by default deepen shows one bar per long step and nothing else",
+    )
     return parser
 
 
@@ -181,6 +193,21 @@ def generation_options() -> argparse.ArgumentParser:
     _option(parser, GenerationConfig, "top_k", type=int)
     _option(parser, GenerationConfig, "seed", type=int)
     _option(parser, GenerationConfig, "truncation", choices=["error", "left"])
+    parser.add_argument(
+        "--escape",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn \\n, \\t, \\r and \\\\ in the prompt argument and --stop strings into "
+        "newline, tab, carriage return and backslash, as llama.cpp does; --no-escape keeps "
+        "them as typed (default: on)",
+    )
+    return parser
+
+
+def scheduler_options() -> argparse.ArgumentParser:
+    """How requests share the members (SchedulerConfig): here, how long prompts are read."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _option(parser, SchedulerConfig, "prefill_chunk", type=int, metavar="N")
     return parser
 
 
@@ -229,10 +256,55 @@ def generation_settings(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
-        stop=list(args.stop or []),
+        stop=stop_strings(args),
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
         truncation=args.truncation,
     )
+
+
+_QUALIFIED = re.compile(r"\b(\w+Config|MemberSpec)\.(\w+)(?:=('[^']*'|\[[^\]]*\]|[\w.\-]*\w))?")
+_KEYWORD = re.compile(r"\b([a-z][a-z_]*)=('[^']*'|\[[^\]]*\]|[\w.\-]*\w)")
+_BARE = re.compile(r"(?<![\w.\-])([a-z]+(?:_[a-z]+)+)\b(?!=)")
+
+
+def command_line_words(message: str) -> str:
+    """An engine error message worded for the command line: the settings it names become
+    the flags that set them (`truncation='left'` -> `--truncation left`,
+    `FusionConfig.main=5` -> `--main 5`, `max_new_tokens` -> `--max-new-tokens`).
+
+    Only settings that have a flag are rewritten; a name two flags share (`top_k`) is
+    rewritten only where its settings class is named.
+    """
+    by_name: dict[str, set[str]] = {}
+    for (_, field), flag in _FLAGS.items():
+        by_name.setdefault(field, set()).add(flag)
+
+    def unique(field: str) -> str | None:
+        flags = by_name.get(field, set())
+        return next(iter(flags)) if len(flags) == 1 else None
+
+    def with_value(flag: str, value: str | None) -> str:
+        if value is None:
+            return flag
+        value = value.strip("'")
+        if value.startswith("["):
+            value = " ".join(v.strip(" '") for v in value.strip("[]").split(","))
+        return f"{flag} {value}"
+
+    def qualified(match: re.Match[str]) -> str:
+        flag = _FLAGS.get((match[1], match[2]))
+        return match[0] if flag is None else with_value(flag, match[3])
+
+    def keyword(match: re.Match[str]) -> str:
+        flag = unique(match[1])
+        return match[0] if flag is None else with_value(flag, match[2])
+
+    def bare(match: re.Match[str]) -> str:
+        return unique(match[1]) or match[0]
+
+    message = _QUALIFIED.sub(qualified, message)
+    message = _KEYWORD.sub(keyword, message)
+    return _BARE.sub(bare, message)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..config import check_text
 from ..errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -38,6 +39,7 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise ConfigError(f"messages[{i}] has role {role!r}; use one of {list(ROLES)}.")
         if not isinstance(content, str):
             raise ConfigError(f"messages[{i}] needs a 'content' string, got {content!r}.")
+        check_text(content, f"messages[{i}]['content']")
         out.append({"role": role, "content": content})
     return out
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -40,7 +41,7 @@ from ..config import GenerationConfig
 from ..fusion import Fuser
 from ..members import Member
 from ..outputs import StreamEvent
-from .member_batch import MemberBatch
+from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import MemberPrompt, fit_context
 from .remote_batch import new_batch
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
@@ -96,21 +97,27 @@ class BatchDecoder:
         main: int,
         run_helpers: bool = True,
         hooks: DecodeHooks | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.hooks = hooks or DecodeHooks()
+        self.prefill_chunk = prefill_chunk  # positions per forward pass in a long prefill
         self.member_index = list(range(len(members))) if run_helpers else [main]
         self.members = [members[i] for i in self.member_index]
         self.main = self.member_index.index(main)  # position among the members run
         self.main_member = self.members[self.main]
         self.rows: list[Row] = []  # the running rows, in batch order
-        self.batches = [
-            new_batch(m, []) if i == self.main else self.hooks.helper_batch(m, [])
-            for i, m in enumerate(self.members)
-        ]
+        self.batches = [self._batch(i, []) for i in range(len(self.members))]
         # members in their own processes (Ray actors) each count as a device of their own
         places = {("ray", m.name) if m.remote else ("device", str(m.device)) for m in self.members}
         parallel = len(places) == len(self.members) > 1
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
+
+    def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
+        """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""
+        make = new_batch if i == self.main else self.hooks.helper_batch
+        batch = make(self.members[i], ids)
+        batch.chunk = self.prefill_chunk
+        return batch
 
     # --- rows in ------------------------------------------------------------------------
 
@@ -154,15 +161,12 @@ class BatchDecoder:
         """Prefill the prepared rows and add them to the running batch."""
         if not prepared.rows:
             return
-        fresh = [
-            new_batch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
-            for i, (m, ids) in enumerate(zip(self.members, prepared.ids))
-        ]
+        fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
         try:
             for b, ids in enumerate(prepared.resume):
                 if ids:
                     self._resume(fresh, prepared.rows[b], b, list(ids))
-            self._forward(fresh, prepared.rows)
+            self._forward(fresh, prepared.rows, self.hooks.on_prefill)
         except BaseException:
             for batch in fresh:
                 batch.free()
@@ -346,20 +350,30 @@ class BatchDecoder:
             else:
                 batch.free()
 
-    def _forward(self, batches: list[MemberBatch], rows: list[Row]) -> None:
+    def _forward(
+        self,
+        batches: list[MemberBatch],
+        rows: list[Row],
+        report: Callable[[Member, Sequence[Row], int, int], None] | None = None,
+    ) -> None:
         """Feed every member; members on distinct devices or in Ray actors run concurrently
         (torch releases the GIL in its kernels; a Ray member's thread only waits), so a
         step waits only for the slowest member. Each row is charged the forward time of
-        the passes it took part in.
+        the passes it took part in; `report` hears each member's progress (the prefill's
+        `DecodeHooks.on_prefill`).
         """
         for batch, i in zip(batches, self.member_index):
             batch.logits_needed = _logits_needed(rows, i)  # what a remote member sends
         before = [batch.forward_seconds for batch in batches]
+        feeds = [
+            partial(batch.forward, None if report is None else partial(report, batch.member, rows))
+            for batch in batches
+        ]
         if self.pool is None:
-            for batch in batches:
-                batch.forward()
+            for feed in feeds:
+                feed()
         else:
-            for future in [self.pool.submit(batch.forward) for batch in batches]:
+            for future in [self.pool.submit(feed) for feed in feeds]:
                 future.result()
         for batch, start in zip(batches, before):
             spent = batch.forward_seconds - start

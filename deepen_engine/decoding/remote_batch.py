@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import torch
@@ -122,13 +123,17 @@ class RemoteMemberBatch(MemberBatch):
 
     # --- the step ---------------------------------------------------------------------
 
-    def forward(self) -> None:
+    def forward(self, on_fed: Callable[[int, int], None] | None = None) -> None:
         """Send the queued operations and the rows' new ids; read back the logits fusion
-        needs and the rows' fed positions.
+        needs and the rows' fed positions. The actor reads long prompts in chunks of its
+        own (`PREFILL_CHUNK`); `on_fed(total, total)` is called once, when the call returns.
         """
-        if all(len(r.ids) == r.cached for r in self.rows):
+        total = sum(len(r.ids) - r.cached for r in self.rows)
+        if not total:
             return  # nothing to feed (as MemberBatch): the operations wait for the next call
         self._call(self.logits_needed)
+        if on_fed is not None:
+            on_fed(total, total)
 
     def _call(self, top_k: int | None) -> None:
         """One round trip: operations, edits, forward (if anything is new), logits."""

@@ -42,6 +42,9 @@ class DecodeHooks:
     """Builds each helper member's batch from its rows' prompt ids."""
     on_step: Callable[[StepRecord], None] | None = None
     """Called at each step once the tokens are chosen, before they are appended."""
+    on_prefill: Callable[[Member, Sequence[Row], int, int], None] | None = None
+    """Called as new rows are prefilled, after each chunk: the member, the rows, and the
+    prompt positions that member has fed so far and in all."""
 
 
 @dataclass

@@ -217,13 +217,33 @@ def source_key(spec: MemberSpec) -> tuple[str, Any]:
 
 
 def not_found_hint(text: str) -> str:
-    """What to say when `text` names no embedded model, file or folder."""
-    close = difflib.get_close_matches(text, list(EMBEDDED), n=1)
-    guess = f" Did you mean {close[0]!r}?" if close else ""
+    """What to say when `text` names no embedded model, file or folder (the hub part is
+    added by whoever tried the hub), with the embedded name it most likely meant.
+    """
+    close = near_embedded_name(text)
+    guess = f" Did you mean {close!r}?" if close else ""
     return (
         f"Member {text!r} is not an embedded name ({', '.join(EMBEDDED)}) nor an existing "
-        f"file or folder, and loading it as a hub id failed.{guess}"
+        f"file or folder.{guess}"
     )
+
+
+def near_embedded_name(text: str) -> str | None:
+    """The embedded name `text` most likely means: the same letters and digits (case,
+    dashes and a hub owner aside: `HuggingFaceTB/SmolLM2-135M-Instruct`), a start of one
+    (`smollm2`), or a close spelling (`gemma-3-27m`).
+    """
+
+    def key(name: str) -> str:
+        return "".join(ch for ch in name.rsplit("/", 1)[-1].lower() if ch.isalnum())
+
+    wanted = key(text)
+    if len(wanted) >= 4:
+        for name in EMBEDDED:
+            if key(name).startswith(wanted):
+                return name
+    close = difflib.get_close_matches(text.lower(), list(EMBEDDED), n=1)
+    return close[0] if close else None
 
 
 def object_name(model: Any) -> str:
