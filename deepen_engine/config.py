@@ -22,6 +22,31 @@ from pydantic import (
 from .errors import ConfigError
 
 
+def text_problem(text: str, what: str) -> str | None:
+    """What is wrong with `text` as text for the members, or None if it is valid Unicode.
+
+    A lone surrogate (U+D800-U+DFFF) is what Python makes of bytes that are not UTF-8 (a
+    command-line argument in another encoding, `errors="surrogateescape"`); no tokenizer
+    can encode it, so it is refused before any model runs, naming where it is.
+    """
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            return (
+                f"{what} holds {ch!r} at character {i} (after {text[max(0, i - 20) : i]!r}), "
+                "which is not valid Unicode text (most often bytes that are not UTF-8); give "
+                "UTF-8 text"
+            )
+    return None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged, or `ConfigError` if it is not valid Unicode text (`text_problem`)."""
+    problem = text_problem(text, what)
+    if problem is not None:
+        raise ConfigError(problem + ".")
+    return text
+
+
 class _Settings(BaseModel):
     # use_attribute_docstrings: each field's docstring is its description (the CLI's help).
     model_config = ConfigDict(
@@ -58,18 +83,44 @@ def _explain(owner: str, exc: ValidationError) -> str:
 
 
 class FusionConfig(_Settings):
-    """How the members' next-token distributions are fused (DeePEn, arXiv 2404.12715).
+    """How the members' next-token distributions are fused.
 
-    The defaults are the reference implementation's settings.
+    `method` chooses the rule: DeePEn (arXiv 2404.12715, the default), GaC's union of the
+    vocabularies (arXiv 2406.12585) or UniTE's union of the top-k tokens (arXiv
+    2410.03777); docs/design.md gives each formula. The DeePEn defaults are its reference
+    implementation's settings.
     """
+
+    method: Literal["deepen", "union", "unite"] = "deepen"
+    """Fusion rule. `"deepen"`: relative space + inverse search (uses tau, top_k, top_mass,
+    candidates, eta, steps); `"union"` (GaC): the members' whole distributions averaged
+    over the union of their vocabularies by token text; `"unite"` (UniTE): the union of
+    each member's `unite_top_k` tokens, each member scoring every candidate."""
 
     tau: float = Field(100.0, gt=0)
     """Temperature of the relative representation `softmax(tau * cos(E[v], E[anchors]))`.
     At 100 a token that is itself an anchor puts all its mass on that anchor."""
 
     top_k: int = Field(64, ge=1)
-    """Tokens taken from each member's distribution to build its relative distribution
-    (the rest of the mass is dropped and the kept mass renormalised)."""
+    """DeePEn fast path: most non-anchor tokens taken from each member's distribution (each
+    costs a relative row); tokens that are anchors always enter, at no cost."""
+
+    top_mass: float = Field(0.999, gt=0, le=1)
+    """DeePEn fast path: non-anchor tokens enter in order of probability until those left
+    out hold at most `1 - top_mass` of the member's probability (or `top_k` entered). The
+    mass left out is dropped and the rest renormalised."""
+
+    unite_top_k: int = Field(10, ge=1)
+    """UniTE: tokens each member contributes to the candidate union (the paper's k = 10)."""
+
+    gate: Literal["off", "agree", "confident"] = "off"
+    """Per-step gate that skips fusion for a row (the main member's logits are used
+    unchanged). `"agree"`: every member's most probable token has the same text (or all end
+    the text); `"confident"`: the main member's top probability is at least
+    `gate_threshold` (GaC's thresholded ensemble). `"off"`: fuse every step."""
+
+    gate_threshold: float = Field(0.9, gt=0, le=1)
+    """Top probability of the main member from which `gate="confident"` skips fusion."""
 
     candidates: int = Field(64, ge=1)
     """Size of the main member's own top set searched by the inverse transformation; the
@@ -87,6 +138,11 @@ class FusionConfig(_Settings):
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
+    weighting: Literal["fixed", "confidence"] = "fixed"
+    """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
+    per row and step, each member's weight times its top probability, renormalised, so a
+    sure member outweighs an unsure one (every method)."""
+
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the inverse search (reference: 0.01)."""
 
@@ -101,6 +157,11 @@ class FusionConfig(_Settings):
 
     row_cache_size: int = Field(4096, ge=0)
     """Relative rows of non-anchor tokens kept per member after first use (LRU)."""
+
+    disk_cache_rows: int = Field(8192, ge=0)
+    """Relative rows of non-anchor tokens kept on disk per member and anchor set (under
+    `$DEEPEN_CACHE/relative-rows`), so a new process reads them instead of computing
+    them. `0`: no disk cache."""
 
     @field_validator("weights")
     @classmethod
@@ -167,6 +228,11 @@ class GenerationConfig(_Settings):
     """Seed of each row's random stream: the same seed gives the same text for the same
     prompt, whatever the batch. `None`: a fresh random seed per row."""
 
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Report each generated token's log-probability under the fused distribution (the
+    distribution the token is chosen from, before temperature, top-k and top-p), with this
+    many most likely alternatives per token (`0`: the chosen token only). `None`: off."""
+
     timeout: float | None = Field(None, gt=0)
     """Seconds a request may take from the moment it is made, waiting in the queue
     included; past it the request fails with `RequestTimeoutError` at the next step and
@@ -227,6 +293,10 @@ class GenerationConfig(_Settings):
     def _check_stop(cls, value: list[str]) -> list[str]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
+        for i, s in enumerate(value):
+            problem = text_problem(s, f"stop string {i}")
+            if problem is not None:
+                raise ValueError(problem)
         return value
 
 
@@ -244,5 +314,10 @@ class SchedulerConfig(_Settings):
     max_batch_size: int = Field(32, ge=1)
     """Most rows decoded together; more wait in the queue until rows finish."""
 
-    max_queue: int = Field(256, ge=0)
+    max_queue: int = Field(256, ge=1)
     """Most requests waiting to start; one more raises `QueueFullError` at once."""
+
+    prefill_chunk: int = Field(512, ge=0)
+    """Most positions of a prompt fed to a member in one forward pass: a longer prompt is
+    read in chunks, so attention's memory grows with chunk x prompt length, not with the
+    prompt length squared. `0`: the whole prompt in one pass."""

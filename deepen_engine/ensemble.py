@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, overload
 
 import torch
 
 from .alignment.vocabulary import Anchors, find_anchors
-from .config import FusionConfig, GenerationConfig, SchedulerConfig
+from .config import FusionConfig, GenerationConfig, SchedulerConfig, check_text
 from .decoding.chat import check_messages, render
 from .decoding.constraints import ConstraintSpec
 from .decoding.prompts import MemberPrompt
@@ -32,10 +33,10 @@ from .members import (
     MemberSpec,
     as_spec,
     display_name,
-    load_member,
+    load_members,
     source_key,
 )
-from .outputs import GenerationResult, StreamEvent, collect
+from .outputs import GenerationResult, Progress, StreamEvent, collect
 
 Conversation = list[dict[str, Any]]  # chat messages: [{"role": ..., "content": ...}, ...]
 Prompt = str | Conversation  # a text, or a chat conversation
@@ -83,7 +84,7 @@ class Ensemble:
         specs = [as_spec(m) for m in members]
         self.fusion.check_members(len(specs))
         _check_distinct(specs)  # before loading: a mistake should cost no load time
-        self.members: list[Member] = [load_member(s) for s in specs]
+        self.members: list[Member] = load_members(specs)
         # one worker thread owns the members; views from with_fusion share it
         self._scheduler = Scheduler(self.members, scheduler or SchedulerConfig())
         start = time.perf_counter()
@@ -142,6 +143,7 @@ class Ensemble:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: Any = None,
         tool_constraint: bool = True,
+        progress: Callable[[Progress], None] | None = None,
         **overrides: Any,
     ) -> Generator[StreamEvent, None, None]:
         """Yield text deltas as they become final, and one final event per prompt.
@@ -163,9 +165,16 @@ class Ensemble:
         schema (`tool_constraint=False` decodes freely and only parses: for measuring).
         A reply that calls a tool ends with `finish_reason="tool_calls"` and
         `StreamEvent.tool_calls`; its text is not streamed. See decoding/tools.py.
+
+        `progress`, if given, is called in the reading thread with a `Progress` as each
+        member reads the prompts (in chunks of `SchedulerConfig.prefill_chunk` positions)
+        and after each step, for progress bars.
         """
         call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
-        events = read(self._scheduler, lambda sink: self._submit(call, sink, tool_constraint))
+        submit = partial(
+            self._submit, call, tool_constraint=tool_constraint, progress=progress is not None
+        )
+        events = read(self._scheduler, submit, progress)
         if call.tools is None:
             return events
         return tool_events(events, call.tools, call.form)
@@ -179,6 +188,7 @@ class Ensemble:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: Any = None,
         tool_constraint: bool = True,
+        progress: Callable[[Progress], None] | None = None,
         **overrides: Any,
     ) -> AsyncGenerator[StreamEvent, None]:
         """`stream` for asyncio: decoding runs in the ensemble's worker thread, the event
@@ -186,14 +196,20 @@ class Ensemble:
 
         Closing the iterator or cancelling the task that reads it removes the request's
         rows after the current step; a request still waiting to start never starts.
+        `progress` as in `stream`, called on the event loop.
         """
         call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
-        events = aread(self._scheduler, lambda sink: self._submit(call, sink, tool_constraint))
+        submit = partial(
+            self._submit, call, tool_constraint=tool_constraint, progress=progress is not None
+        )
+        events = aread(self._scheduler, submit, progress)
         if call.tools is None:
             return events
         return atool_events(events, call.tools, call.form)
 
-    def _submit(self, call: _Call, sink: Sink, tool_constraint: bool = True) -> Request:
+    def _submit(
+        self, call: _Call, sink: Sink, tool_constraint: bool = True, progress: bool = False
+    ) -> Request:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
         cfg = call.config
         request = Request(
@@ -201,6 +217,7 @@ class Ensemble:
             main=self.fusion.main,
             run_helpers=not self.fuser.is_identity,
             sink=sink,
+            progress=progress,
             batch_size=call.batch_size,
             deadline=None if cfg.timeout is None else time.monotonic() + cfg.timeout,
         )
@@ -213,8 +230,18 @@ class Ensemble:
         return request
 
     def close(self) -> None:
-        """Stop the worker thread; requests still running fail. Views share it."""
+        """Stop the worker thread (requests still running fail) and the members' Ray
+        actors, if any. Views share both.
+        """
         self._scheduler.close()
+        for member in self.members:
+            if member.remote is not None:
+                member.remote.close()
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        """The limits of the scheduler shared by this ensemble and its views."""
+        return self._scheduler.config
 
     def queue_state(self) -> dict[str, int]:
         """Rows decoding now and requests waiting to start (shared by all views)."""
@@ -254,7 +281,7 @@ class Ensemble:
         """`generate` for asyncio (see `astream`)."""
         stream = self.astream(prompt, config, batch_size=batch_size, **overrides)
         events = [e async for e in stream]
-        results = collect(iter(events), len(_prompt_list(prompt)))
+        results = collect(iter(events), len(check_prompts(prompt)))
         return results[0] if _is_single(prompt) else results
 
     def _request(
@@ -268,7 +295,7 @@ class Ensemble:
     ) -> _Call:
         """Check a request and render its prompts."""
         cfg = _generation_config(config, overrides)
-        prompts = _prompt_list(prompt)
+        prompts = check_prompts(prompt)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         toolset = ToolSet.build(tools, tool_choice)
@@ -343,7 +370,7 @@ class Ensemble:
         has `tool_calls` and `finish_reason == "tool_calls"`.
         """
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
-        results = collect(events, len(_prompt_list(prompt)))
+        results = collect(events, len(check_prompts(prompt)))
         return results[0] if _is_single(prompt) else results
 
 
@@ -354,7 +381,13 @@ def _is_single(prompt: Any) -> bool:
     )
 
 
-def _prompt_list(prompt: Any) -> list[Prompt]:
+def check_prompts(prompt: Any) -> list[Prompt]:
+    """The prompts of a request as a list, each checked (`ConfigError` naming the first
+    bad one): a non-empty str of valid Unicode text, or a chat conversation.
+
+    Needs no member: callers that load members later (the command line) check first, so
+    a mistake costs no load time.
+    """
     prompts = [prompt] if _is_single(prompt) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ConfigError(
@@ -371,7 +404,7 @@ def _prompt_list(prompt: Any) -> list[Prompt]:
                     f"prompt at position {i} is an empty string; give some text to continue "
                     "(or a chat conversation)."
                 )
-            out.append(p)
+            out.append(check_text(p, f"prompt at position {i}"))
         elif isinstance(p, (list, tuple)):
             out.append(check_messages(p))
         else:

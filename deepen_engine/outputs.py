@@ -57,6 +57,24 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the fused distribution (see
+    `GenerationConfig.logprobs`).
+    """
+
+    token: str
+    """The token's text (its bytes decoded; an incomplete character shows as U+FFFD)."""
+    id: int
+    """The token's id in the main member's vocabulary."""
+    logprob: float
+    bytes: list[int]
+    """The token's UTF-8 bytes."""
+    top: list[TokenLogprob] = field(default_factory=list)
+    """The most likely tokens at this step, best first (`GenerationConfig.logprobs` of
+    them); empty for the entries of this list themselves."""
+
+
+@dataclass
 class StreamEvent:
     """One streamed piece of row `index`: a text delta, or its final event."""
 
@@ -71,6 +89,26 @@ class StreamEvent:
     tool_calls: list[ToolCall] | None = None
     """The reply's tool calls, on the final event of a reply that calls tools (its
     finish_reason is then `"tool_calls"`); None otherwise."""
+    logprobs: list[TokenLogprob] | None = None
+    """With `GenerationConfig.logprobs` set: the tokens chosen since the row's previous
+    event (text can lag its tokens: incomplete characters and stop-string prefixes are
+    held back). An end-of-sequence token is not listed."""
+
+
+@dataclass
+class Progress:
+    """How far a request has come, for progress bars (`Ensemble.stream(progress=...)`)."""
+
+    stage: str
+    """`"prefill"`: a member reads the prompts; `"generate"`: tokens are chosen."""
+    done: int
+    """Prefill: prompt positions the member has read. Generate: tokens chosen so far, all
+    of the request's rows together."""
+    total: int
+    """Prefill: positions to read. Generate: the most tokens the rows may choose (the sum
+    of their `max_new_tokens`; rows that end early end the request sooner)."""
+    member: str | None = None
+    """Prefill: the member reading; None for generate."""
 
 
 @dataclass
@@ -86,14 +124,19 @@ class GenerationResult:
     usage: Usage
     tool_calls: list[ToolCall] = field(default_factory=list)
     """Parsed tool calls (chat requests with `tools`); empty for a text reply."""
+    logprobs: list[TokenLogprob] | None = None
+    """Every generated token's log-probability, with `GenerationConfig.logprobs` set."""
 
 
 def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult]:
     """Aggregate a stream of `n_rows` rows into one result per row, in row order."""
     parts: list[list[str]] = [[] for _ in range(n_rows)]
+    logprobs: list[list[TokenLogprob] | None] = [None] * n_rows
     results: list[GenerationResult | None] = [None] * n_rows
     for event in events:
         parts[event.index].append(event.delta)
+        if event.logprobs is not None:
+            logprobs[event.index] = (logprobs[event.index] or []) + event.logprobs
         if event.finish_reason is not None:
             assert event.usage is not None and event.token_ids is not None
             results[event.index] = GenerationResult(
@@ -102,6 +145,7 @@ def collect(events: Iterable[StreamEvent], n_rows: int) -> list[GenerationResult
                 token_ids=event.token_ids,
                 usage=event.usage,
                 tool_calls=list(event.tool_calls or []),
+                logprobs=logprobs[event.index],
             )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

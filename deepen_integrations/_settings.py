@@ -59,6 +59,8 @@ _DEFAULTS = GenerationConfig()
 # Adapter field -> FusionConfig field. All are read at load time (or applied to a given
 # ensemble); those in CALL_FUSION may also change per call.
 FUSION_FIELDS = {
+    "method": "method",
+    "gate": "gate",
     "main": "main",
     "weights": "weights",
     "tau": "tau",
@@ -68,7 +70,9 @@ FUSION_FIELDS = {
     "steps": "steps",
     "min_anchors": "min_anchors",
 }
-CALL_FUSION = ("main", "weights", "tau", "fusion_top_k", "candidates", "eta", "steps")
+CALL_FUSION = (
+    "method", "gate", "main", "weights", "tau", "fusion_top_k", "candidates", "eta", "steps"
+)
 # Adapter fields that are GenerationConfig fields of the same name (all change per call).
 GENERATION_FIELDS = (
     "max_new_tokens",
@@ -79,6 +83,7 @@ GENERATION_FIELDS = (
     "seed",
     "truncation",
     "stop",
+    "timeout",
 )
 # GenerationConfig fields a call may set that are no adapter field: the output constraint
 # (structured output binds them, e.g. `chat.bind(json_schema={...})`).
@@ -128,6 +133,15 @@ class DeepEnSettings(BaseModel):
     """`ensemble=`: a ready `Ensemble` to use instead of loading `models`; share one between
     wrappers (the engine serialises requests on it). The fusion settings given here apply
     to a cheap view of it (`Ensemble.with_fusion`); the given ensemble is unchanged."""
+
+    method: Literal["deepen", "union", "unite"] | None = None
+    """Fusion rule (`FusionConfig.method`): `"deepen"` (the default), `"union"` (GaC: the
+    distributions averaged over the union vocabulary) or `"unite"` (UniTE: the union of
+    each member's top-k tokens). `None`: the ensemble's."""
+
+    gate: Literal["off", "agree", "confident"] | None = None
+    """Per-step gate that skips fusion (`FusionConfig.gate`, default `"off"`). `None`: the
+    ensemble's."""
 
     main: int | None = None
     """Index of the member whose vocabulary the answer is written in. `None`: for chat
@@ -194,6 +208,11 @@ class DeepEnSettings(BaseModel):
     stop: list[str] | None = None
     """Strings that end generation; the text is cut exactly before the first one. A call's
     `stop` adds to these. Default `None`: none."""
+
+    timeout: float | None = _DEFAULTS.timeout
+    """Seconds a call may take, waiting for other requests included; past it the call
+    raises `RequestTimeoutError` (a `TimeoutError`) and its rows leave the batch. Default
+    `None`: no limit."""
 
     _loaded: Ensemble | None = PrivateAttr(default=None)  # the loaded `models`
     _views: dict[str, tuple[Ensemble, Ensemble]] = PrivateAttr(default_factory=dict)

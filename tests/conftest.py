@@ -4,6 +4,7 @@ causal LMs on them, so the unit tier runs in seconds with no network and no mode
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -208,3 +209,31 @@ def plain_greedy_ids(model, ids: list[int], n: int) -> list[int]:
         pad_token_id=0,
     )
     return out[0, len(ids) :].tolist()
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve an ASGI app with uvicorn on a free loopback port, in a thread; yields the
+    base URL (`http://127.0.0.1:PORT`)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -7,7 +7,13 @@ tokens that carry probability, and kept in a small LRU cache.
 Tokens whose text is an anchor get a one-hot row on that anchor. At tau = 100 their exact
 row already puts all its mass there (the cosine with itself is 1, with any other anchor far
 below), and for byte-fallback duplicates the shared text is the better match anyway.
-`exact_rows` computes the formula literally, for verification.
+`exact_rows` computes the formula literally, for verification. With a `RowStore`
+(alignment/row_store.py), rows missing from the LRU cache are read from disk before they
+are computed, and computed rows are written there for the next process.
+
+The LRU cache is one contiguous (slots, A) buffer that grows up to `cache_size` slots, so
+the rows of a step are gathered with a single `index_select` (stacking hundreds of
+separate row tensors cost far more on a busy CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import copy
 from collections import OrderedDict
 
 import torch
+
+from .row_store import RowStore
 
 
 class RelativeSpace:
@@ -29,6 +37,7 @@ class RelativeSpace:
         tau: float,
         cache_size: int = 4096,
         chunk: int = 256,
+        store: RowStore | None = None,
     ) -> None:
         self.tau = tau
         self.token_to_anchor = token_to_anchor
@@ -37,10 +46,12 @@ class RelativeSpace:
         # (A, d) unit anchor embeddings: the only copy we keep (~A*d floats).
         anchors = embeddings.detach()[anchor_token_ids].float()
         self._anchor_units = torch.nn.functional.normalize(anchors, dim=-1)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[int, int] = OrderedDict()  # token -> slot, LRU first
+        self._buffer = torch.empty(0, self.num_anchors)  # (slots, A) cached rows
         self._cache_size = cache_size
         self._chunk = chunk
         self.rows_computed = 0  # non-anchor rows computed so far (cache misses)
+        self.store = store  # rows on disk (None: none)
 
     def with_row_cache(self, cache_size: int) -> RelativeSpace:
         """The same space with its own, empty row cache of `cache_size` rows (the unit
@@ -49,13 +60,15 @@ class RelativeSpace:
         """
         twin = copy.copy(self)
         twin._cache = OrderedDict()
+        twin._buffer = torch.empty(0, self.num_anchors)
         twin._cache_size = cache_size
         twin.rows_computed = 0
+        twin.store = None  # the twin's work never reaches the disk
         return twin
 
     def memory_bytes(self) -> int:
         """Bytes held: the unit anchor embeddings and the cached rows."""
-        rows = sum(row.numel() * row.element_size() for row in self._cache.values())
+        rows = self._buffer.numel() * self._buffer.element_size()
         units = self._anchor_units.numel() * self._anchor_units.element_size()
         return units + rows
 
@@ -72,21 +85,64 @@ class RelativeSpace:
 
     def non_anchor_rows(self, token_ids: list[int]) -> torch.Tensor:
         """(n, A) rows of tokens that are not anchors, through the LRU cache."""
-        missing = [t for t in dict.fromkeys(token_ids) if t not in self._cache]
+        unique = list(dict.fromkeys(token_ids))
+        if not unique:
+            return torch.empty(0, self.num_anchors)
+        if len(unique) > self._cache_size:
+            # more rows than the cache holds (the reference fusion): the last ones stay
+            cached = {t: self._buffer[self._cache[t]] for t in unique if t in self._cache}
+            found = {**cached, **self._fetch([t for t in unique if t not in cached])}
+            out = torch.stack([found[t] for t in token_ids])
+            self._remember(unique[len(unique) - self._cache_size :], found)
+            return out
+        self._remember(unique, {})
+        slots = torch.tensor([self._cache[t] for t in token_ids], dtype=torch.long)
+        return self._buffer.index_select(0, slots)
+
+    def _remember(self, tokens: list[int], found: dict[int, torch.Tensor]) -> None:
+        """Make `tokens` (at most `cache_size`) the most recently used cached rows,
+        fetching the missing ones unless `found` has them.
+        """
+        for t in tokens:
+            if t in self._cache:
+                self._cache.move_to_end(t)
+        missing = [t for t in tokens if t not in self._cache]
+        if not missing:
+            return
+        rows = {t: found[t] for t in missing if t in found}
+        rows.update(self._fetch([t for t in missing if t not in rows]))
+        for t in missing:
+            slot = self._free_slot()
+            self._buffer[slot] = rows[t]
+            self._cache[t] = slot
+
+    def _fetch(self, token_ids: list[int]) -> dict[int, torch.Tensor]:
+        """Rows of tokens not in the cache: from the disk store, else computed."""
+        found = self.store.get(token_ids) if self.store is not None else {}
+        missing = [t for t in token_ids if t not in found]
         if missing:
             rows = self.exact_rows(torch.tensor(missing, dtype=torch.long))
             self.rows_computed += len(missing)
-            for t, row in zip(missing, rows):
-                self._cache[t] = row
-        out = []
-        for t in token_ids:
-            self._cache.move_to_end(t)
-            out.append(self._cache[t])
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        if not out:
-            return torch.empty(0, self.num_anchors)
-        return torch.stack(out)
+            found.update(zip(missing, rows))
+            if self.store is not None:
+                self.store.add(missing, rows)
+        return found
+
+    def _free_slot(self) -> int:
+        """A slot for a new row: a new one while the buffer may grow, else the least
+        recently used row's (the rows of the current call were moved to the end).
+        """
+        used = len(self._cache)
+        if used < self._buffer.shape[0]:
+            slot = used
+        elif used < self._cache_size:
+            grown = min(self._cache_size, max(64, 2 * self._buffer.shape[0]))
+            buffer = torch.empty(grown, self.num_anchors)
+            buffer[:used] = self._buffer
+            self._buffer, slot = buffer, used
+        else:
+            _, slot = self._cache.popitem(last=False)
+        return slot
 
     def distribution(self, probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Relative distributions `sum_v p(v) rel(v)`, normalised over the anchors.

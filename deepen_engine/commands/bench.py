@@ -4,6 +4,7 @@ comes to the full computation.
     deepen bench                                  # the default members
     deepen bench --json --plot bench.png          # every figure as JSON, and a plot
     deepen bench --constraint-only --json         # what a JSON-schema constraint costs
+    deepen bench --ray                            # members in Ray actors (bench_ray.py)
 
 Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
 
@@ -40,10 +41,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..config import SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
 from .bench_constraint import constraint_cost
-from .bench_sections import PROMPTS, WINDOW, fidelity, length_curve, memory, speed
+from .bench_ray import print_ray, run_ray
+from .bench_sections import PROMPTS, WINDOW, fidelity, gate_check, length_curve, memory, speed
+from .bench_serving import print_serving, serving
 from .bench_timing import rss_mb
 from .options import fusion_options, fusion_settings, member_options, member_specs
 from .plotting import plot_bench
@@ -57,8 +61,9 @@ def add_parser(sub: Any) -> None:
         help="speed, memory and fidelity of the ensemble against its members",
     )
     bench.add_argument(
-        "--new-tokens", type=int, default=64, help="tokens per row in the batch runs (64)"
-    )
+        "--new-tokens", type=int, default=None,
+        help="tokens per row in the batch runs (64; --ray: 32, to finish in about 5 minutes)",
+    )  # fmt: skip
     bench.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (1 4 8)"
     )
@@ -98,6 +103,46 @@ def add_parser(sub: Any) -> None:
     bench.add_argument(
         "--constraint-repeats", type=int, default=5, help="constraint section: run pairs (5)"
     )
+    bench.add_argument(
+        "--serving",
+        action="store_true",
+        help="run the serving benchmark instead: concurrent requests through the scheduler "
+        "against one at a time (see --concurrency)",
+    )
+    bench.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8, 32],
+        help="--serving: requests per run (1 8 32)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--serving-tokens", type=int, nargs=2, default=[8, 24], metavar=("MIN", "MAX"),
+        help="--serving: new tokens per request, drawn from MIN..MAX (8 24)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--arrival-rate", type=float, default=4.0,
+        help="--serving: mean arrivals per second, a Poisson process (4)",
+    )  # fmt: skip
+    bench.add_argument("--seed", type=int, default=0, help="--serving: workload seed (0)")
+    bench.add_argument(
+        "--repeat", type=int, default=1,
+        help="--serving: interleaved repeats of both runs; figures are medians (1)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--rounds", type=int, default=3,
+        help="--ray: interleaved rounds of members alone, in-process and Ray ensembles (3)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
+        help="--serving: most rows decoded together (32)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--gate-check",
+        action="store_true",
+        help="also run every method with each gate (off, agree, confident) on the 8 prompts: "
+        "how often it skips fusion, the time saved, the text kept (a few minutes)",
+    )
+    bench.add_argument(
+        "--gate-tokens", type=int, default=32, help="tokens per prompt of --gate-check (32)"
+    )
     bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
     bench.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     bench.set_defaults(run=run)
@@ -105,11 +150,24 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by the parsed `deepen bench` arguments."""
+    if args.new_tokens is None:
+        args.new_tokens = 32 if args.ray else 64
     _check_flags(args)
-    rss_start = rss_mb()
-    ens = Ensemble(member_specs(args), **fusion_settings(args))
-    if len(ens.members) < 2:
+    specs = member_specs(args)
+    if len(specs) < 2:  # before loading: a mistake costs no load time
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    if args.ray:
+        figures = run_ray(args)
+        if args.json:
+            print(json.dumps(figures, ensure_ascii=False))
+        else:
+            print_ray(figures)
+        return 0
+    rss_start = rss_mb()
+    limits = SchedulerConfig(max_batch_size=args.max_batch_size)
+    ens = Ensemble(specs, scheduler=limits, **fusion_settings(args))
+    if args.serving:
+        return _serving(ens, args)
     if args.constraint_only:
         figures = _constraint_section(ens, args)
         print(json.dumps(figures) if args.json else _constraint_table(figures))
@@ -127,8 +185,61 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _header(ens: Ensemble) -> dict[str, Any]:
+    """What was measured: members, settings, device."""
+    return {
+        "members": [m.name for m in ens.members],
+        "main": ens.main.name,
+        "fusion": {
+            k: getattr(ens.fusion, k)
+            for k in (
+                "method", "weighting", "gate", "eta", "steps", "top_k", "top_mass", "unite_top_k"
+            )
+        },
+        "device": str(ens.main.device),
+        "dtype": str(ens.main.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "load_seconds": {m.name: round(m.load_seconds, 2) for m in ens.members},
+        "align_seconds": round(ens.align_seconds, 2),
+    }
+
+
+def _serving(ens: Ensemble, args: argparse.Namespace) -> int:
+    figures = _header(ens)
+    with tqdm(total=len(args.concurrency), desc="deepen bench --serving", file=sys.stderr) as bar:
+        figures["serving"] = serving(
+            ens,
+            args.concurrency,
+            (args.serving_tokens[0], args.serving_tokens[1]),
+            args.arrival_rate,
+            args.seed,
+            lambda: bar.update(1),
+            repeat=args.repeat,
+        )
+    if args.json:
+        print(json.dumps(figures, ensure_ascii=False))
+    else:
+        print_serving(figures)
+    return 0
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse bad flags before any model loads."""
+    if args.ray and (args.serving or args.plot):
+        raise ConfigError("--ray is a benchmark of its own: leave out --serving and --plot.")
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}.")
+    if any(n < 1 for n in args.concurrency):
+        raise ConfigError(f"--concurrency values must be >= 1, got {args.concurrency}.")
+    low, high = args.serving_tokens
+    if not 1 <= low <= high:
+        raise ConfigError(
+            f"--serving-tokens must be MIN MAX with 1 <= MIN <= MAX, got {low} {high}."
+        )
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat must be >= 1, got {args.repeat}.")
+    if args.arrival_rate <= 0:
+        raise ConfigError(f"--arrival-rate must be > 0, got {args.arrival_rate}.")
     if args.new_tokens < 1:
         raise ConfigError(f"--new-tokens must be >= 1, got {args.new_tokens}.")
     if args.long_tokens < 2 * WINDOW:
@@ -148,19 +259,12 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[str, Any]:
     """Every section's figures, with a progress bar on stderr."""
     n_ticks = len(args.batch_sizes) * (len(ens.members) + 1) + 3 + args.fidelity_prompts
-    figures: dict[str, Any] = {
-        "members": [m.name for m in ens.members],
-        "main": ens.main.name,
-        "fusion": {"eta": ens.fusion.eta, "steps": ens.fusion.steps, "top_k": ens.fusion.top_k},
-        "device": str(ens.main.device),
-        "dtype": str(ens.main.dtype).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(),
-        "load_seconds": {m.name: round(m.load_seconds, 2) for m in ens.members},
-        "align_seconds": round(ens.align_seconds, 2),
-    }
+    n_ticks += 9 if args.gate_check else 0
+    figures = _header(ens)
     seconds: dict[str, float] = {}
     figures["section_seconds"] = seconds
     with tqdm(total=n_ticks, desc="deepen bench", file=sys.stderr) as bar:
+
         def tick() -> None:
             bar.update(1)
 
@@ -183,6 +287,10 @@ def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[
             ens, PROMPTS[: args.fidelity_prompts], args.fidelity_tokens, args.leftout_mass, tick
         )
         seconds["fidelity"] = round(time.perf_counter() - start, 1)
+        if args.gate_check:
+            start = time.perf_counter()
+            figures["gate"] = gate_check(ens, PROMPTS, args.gate_tokens, tick)
+            seconds["gate"] = round(time.perf_counter() - start, 1)
     return figures
 
 
@@ -245,6 +353,17 @@ def _print_table(f: dict[str, Any]) -> None:
         print(
             f"fidelity: fast path = reference on {fid['agreeing_steps']}/{fid['steps']} steps "
             f"({fid['agreement']:.1%}); left-out mass <= {fid['leftout_mass_bound']}"
+        )
+    cold = f["speed"]["cold_run"]
+    print(
+        f"first request of the process: {cold['cold_over_warm']:.2f}x a warm one "
+        f"({cold['rows_computed']} relative rows computed, {cold['rows_from_disk']} from disk)"
+    )
+    for g in f.get("gate", {}).get("runs", []):
+        print(
+            f"gate {g['method']:>6} {g['gate']:>9}: skipped {g['gated_share']:.1%} of "
+            f"row-steps, fusion time saved {g['fuse_seconds_saved_share']:.1%}, "
+            f"{g['rows_same_tokens_as_off']}/{g['rows']} rows as without the gate"
         )
     if "constraint" in f:
         print("\n" + _constraint_table(f))

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from ..decoding.loop import StepRecord
+from ..decoding.rows import StepRecord
 from ..ensemble import Ensemble
+from ..fusion import DeepenFuser
+from ..fusion.deepen import kept_non_anchors
 from ..fusion.reference import ReferenceFuser
 from .bench_timing import (
     ensemble_run,
@@ -53,9 +55,12 @@ def speed(
     first run is reported on its own as `cold_run`.
     """
     largest = _prompts(max(batch_sizes))
+    before = _row_counts(ens)
     cold = ensemble_run(ens, largest, n)
+    cold_rows = {k: v - before[k] for k, v in _row_counts(ens).items()}
     tick()
     rows = []
+    warm_ms = 0.0  # set at the largest batch size, the cold run's
     for size in batch_sizes:
         prompts = _prompts(size)
         alone = {}
@@ -66,6 +71,8 @@ def speed(
         tick()
         total = sum(alone.values())
         ms = run["seconds"] * 1000 / n
+        if size == len(largest):
+            warm_ms = ms  # the same prompts as the cold run
         rows.append(
             {
                 "batch_size": size,
@@ -80,15 +87,64 @@ def speed(
                 "ensemble_tokens_per_second": round(run["tokens"] / run["seconds"], 2),
             }
         )
+    cold_ms = cold["seconds"] * 1000 / n
     return {
         "cold_run": {
             "batch_size": len(largest),
-            "ensemble_ms": round(cold["seconds"] * 1000 / n, 2),
+            "ensemble_ms": round(cold_ms, 2),
             "fusion_only_ms": round(cold["fusion_seconds"] * 1000 / n, 2),
             "fusion_only_share": round(cold["fusion_seconds"] / cold["seconds"], 4),
+            "cold_over_warm": round(cold_ms / warm_ms, 3),
+            **cold_rows,
         },
         "rows": rows,
     }
+
+
+def _row_counts(ens: Ensemble) -> dict[str, int]:
+    """Relative rows of non-anchor tokens computed so far, and read from the disk cache."""
+    spaces = ens.fuser.spaces if isinstance(ens.fuser, DeepenFuser) else []
+    return {
+        "rows_computed": sum(s.rows_computed for s in spaces),
+        "rows_from_disk": sum(s.store.loaded for s in spaces if s.store is not None),
+    }
+
+
+def gate_check(
+    ens: Ensemble, prompts: Sequence[str], n: int, tick: Callable[[], None]
+) -> dict[str, Any]:
+    """For every method, greedy runs with the gate off, `agree` and `confident`: how often
+    the gate skips fusion, the fusion time it saves, and whether the text stays the same.
+    """
+    out = []
+    for method in ("deepen", "union", "unite"):
+        runs = {}
+        for gate in ("off", "agree", "confident"):
+            view = ens.with_fusion(method=method, gate=gate)
+            results = view.generate(list(prompts), max_new_tokens=n, min_new_tokens=n)
+            stats = view.fuser.stats
+            runs[gate] = (stats, [r.token_ids for r in results])
+            tick()
+        off_stats, off_ids = runs["off"]
+        for gate, (stats, ids) in runs.items():
+            out.append(
+                {
+                    "method": method,
+                    "gate": gate,
+                    "threshold": ens.fusion.gate_threshold if gate == "confident" else None,
+                    "row_steps": stats.rows,
+                    "gated_share": round(stats.gated / stats.rows, 4) if stats.rows else None,
+                    "fuse_ms_per_row_step": round(stats.seconds * 1000 / stats.rows, 3)
+                    if stats.rows
+                    else None,
+                    "fuse_seconds_saved_share": round(1 - stats.seconds / off_stats.seconds, 4)
+                    if off_stats.seconds
+                    else None,
+                    "rows_same_tokens_as_off": sum(a == b for a, b in zip(ids, off_ids)),
+                    "rows": len(ids),
+                }
+            )
+    return {"prompts": len(prompts), "new_tokens": n, "runs": out}
 
 
 def length_curve(ens: Ensemble, n: int, tick: Callable[[], None]) -> dict[str, Any]:
@@ -151,11 +207,11 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
     """Peak resident memory against what the ensemble must hold."""
     batch, positions = largest
     weights = {
-        m.name: tensor_mb(list(m.model.parameters()) + list(m.model.buffers()))
-        for m in ens.members
+        m.name: tensor_mb(list(m.model.parameters()) + list(m.model.buffers())) for m in ens.members
     }
     caches = {m.name: kv_cache_mb(m, batch, positions) for m in ens.members}
-    relative = sum(s.memory_bytes() for s in ens.fuser.spaces) / 2**20
+    spaces = ens.fuser.spaces if isinstance(ens.fuser, DeepenFuser) else []
+    relative = sum(s.memory_bytes() for s in spaces) / 2**20
     accounted = sum(weights.values()) + sum(caches.values()) + relative
     peak = peak_rss_mb()
     return {
@@ -174,14 +230,19 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
 def fidelity(
     ens: Ensemble, prompts: Sequence[str], n: int, leftout_mass: float, tick: Callable[[], None]
 ) -> dict[str, Any]:
-    """Share of steps where the fast path's token equals the reference fusion's token."""
-    reference = ReferenceFuser(ens.fuser, leftout_mass=leftout_mass)
+    """Share of steps where the fast path's token equals the reference fusion's token.
+
+    Only DeePEn has a fast path to check: the union methods compute their formula whole.
+    """
+    fuser = ens.fuser
+    if not isinstance(fuser, DeepenFuser) or not prompts:
+        return {"method": fuser.method, "prompts": 0, "steps": 0, "disagreements": []}
+    reference = ReferenceFuser(fuser, leftout_mass=leftout_mass)
     main = ens.main
     steps = agree = 0
     worst_leftout = [0.0] * len(ens.members)
     rows_used = [0] * len(ens.members)
     fast_leftout: list[list[float]] = [[] for _ in ens.members]
-    k = ens.fusion.top_k
     disagreements = []
     for p, prompt in enumerate(prompts):
 
@@ -205,7 +266,7 @@ def fidelity(
             for i, (left, used) in enumerate(zip(ref.leftout_mass, ref.rows_used)):
                 worst_leftout[i] = max(worst_leftout[i], left)
                 rows_used[i] = max(rows_used[i], used)
-                fast_leftout[i].append(_top_k_leftout(logits[i], ens.fuser.has_text[i], k))
+                fast_leftout[i].append(_fast_path_leftout(logits[i], fuser, i))
 
         timed_decode(ens, prompt, n, on_step=check)
         tick()
@@ -214,7 +275,9 @@ def fidelity(
         "steps": steps,
         "agreeing_steps": agree,
         "agreement": round(agree / steps, 4) if steps else None,
+        "method": fuser.method,
         "top_k": ens.fusion.top_k,
+        "top_mass": ens.fusion.top_mass,
         "candidates": ens.fusion.candidates,
         "leftout_mass_bound": leftout_mass,
         "max_leftout_mass": {m.name: worst_leftout[i] for i, m in enumerate(ens.members)},
@@ -230,11 +293,15 @@ def fidelity(
     }
 
 
-def _top_k_leftout(logits: torch.Tensor, has_text: torch.Tensor, k: int) -> float:
-    """Probability (of tokens with text) outside the fast path's top-k tokens."""
-    probs = torch.where(has_text, torch.softmax(logits.float(), dim=-1), 0.0)
-    top = probs[logits.topk(min(k, logits.numel())).indices].sum()
-    return float(1 - top / probs.sum())
+def _fast_path_leftout(logits: torch.Tensor, fuser: DeepenFuser, i: int) -> float:
+    """Probability (of member i's tokens with text) the fast path leaves out: non-anchor
+    tokens past its mass bound or its cap (`kept_non_anchors`).
+    """
+    probs = torch.where(fuser.has_text[i], torch.softmax(logits.float(), dim=-1), 0.0)
+    is_anchor = fuser.spaces[i].token_to_anchor >= 0
+    cfg = fuser.config
+    _, _, leftout = kept_non_anchors(probs[None], is_anchor, cfg.top_k, cfg.top_mass)
+    return float(leftout[0] / probs.sum())
 
 
 # --- plot and command -----------------------------------------------------------------

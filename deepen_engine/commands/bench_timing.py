@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from ..config import GenerationConfig
-from ..decoding.loop import DecodeHooks, StepRecord, decode
+from ..decoding.loop import decode
 from ..decoding.member_batch import MemberBatch
+from ..decoding.remote_batch import new_batch
+from ..decoding.rows import DecodeHooks, StepRecord
 from ..ensemble import Ensemble
 from ..members import Member
 
@@ -112,7 +114,7 @@ def timed_decode(
         if on_step is not None:
             on_step(record)
 
-    hooks = DecodeHooks(helper_batch=ReencodingBatch if reencode else MemberBatch, on_step=watch)
+    hooks = DecodeHooks(helper_batch=ReencodingBatch if reencode else new_batch, on_step=watch)
     total = len(resume) + n
     config = GenerationConfig(max_new_tokens=total, min_new_tokens=min(min_new_tokens, total))
     prompts = [[(prompt, True)] * len(ens.members)]
@@ -134,8 +136,8 @@ class ReencodingBatch(MemberBatch):
         r = self.rows[row]
         r.ids = r.prompt_ids + (self._encode(text) if text else [])
 
-    def forward(self) -> None:
-        """A full forward pass over each row's ids (no cache)."""
+    def forward(self, on_fed: Callable[[int, int], None] | None = None) -> None:
+        """A full forward pass over each row's ids (no cache; no chunks, no progress)."""
         start = time.perf_counter()
         logits = []
         with torch.no_grad():

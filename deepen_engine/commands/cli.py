@@ -5,6 +5,7 @@
     deepen members --json
     deepen eval --n 150 --seed 0
     deepen bench --json --plot bench.png
+    deepen serve --port 8000
 
 Text goes to stdout; progress bars and notes go to stderr. Options shared by several
 commands come from `options.py`, their defaults from the engine's settings.
@@ -16,9 +17,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import DeepenError
-from . import bench, describe, evaluate, generate
+from . import bench, demo, describe, evaluate, generate, serve
+from .options import command_line_words
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,20 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench, describe):
+    for module in (generate, demo, evaluate, bench, describe, serve):
         module.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `deepen` console script."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    _quiet(getattr(args, "verbose", False))
     try:
         return int(args.run(args))
     except DeepenError as exc:
-        print(f"deepen: error: {exc}", file=sys.stderr)
+        # hints name the flags, not the Python settings (`--truncation left`)
+        print(f"deepen: error: {command_line_words(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _quiet(verbose: bool) -> None:
+    """Only deepen's own output, unless `--verbose`: transformers logs errors only, and
+    the members load without other libraries' bars (`DEEPEN_VERBOSE`, members/quiet.py).
+    """
+    from transformers.utils import logging as transformers_logging
+
+    logging: Any = transformers_logging  # untyped upstream
+    if verbose:
+        os.environ["DEEPEN_VERBOSE"] = "1"
+        logging.set_verbosity_warning()
+    else:
+        logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

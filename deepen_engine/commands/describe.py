@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from ..alignment.vocabulary import find_anchors
-from ..members import load_member
+from ..members import load_members
 from .options import member_options, member_specs
 
 
@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load and describe the members named by the arguments."""
-    members = [load_member(spec) for spec in member_specs(args)]
+    members = load_members(member_specs(args))  # Ray actors, if any, load in parallel
     rows = [
         {
             "name": m.name,

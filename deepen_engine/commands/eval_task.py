@@ -1,15 +1,14 @@
-"""Capital-city QA: does the ensemble answer better than its members?
+"""The pieces every `deepen eval` task shares: questions, the seeded split, scoring,
+intervals, and DeePEn-Adapt's weights. The tasks themselves are in eval_tasks.py.
 
-The task (all fixed by the seed):
-
-- questions: every country of the PyPI package `countryinfo` that has a capital, shuffled
-  with `random.Random(seed)`; the first `shots` are the few-shot examples, the next
-  `dev_size` the dev set (for choosing settings and adaptive weights), the rest the test
-  set (`n` limits it);
-- prompt: `shots` solved examples `Q: What is the capital of X?\\nA: Y\\n\\n`, then the
-  question; greedy decoding, at most 12 new tokens, cut at the first newline;
-- score: exact match after normalisation (Unicode NFKD with accents removed, case folded,
-  punctuation and extra spaces dropped), so `Bogotá` = `bogota`;
+- split: the questions shuffled with `random.Random(seed)`; the first `shots` are the
+  few-shot examples, the next `dev_size` the dev set (for choosing settings and adaptive
+  weights), the rest the test set (`n` limits it);
+- prompt: `shots` solved examples in the task's template, then the question; greedy
+  decoding, at most the task's `max_new_tokens`, cut at the first newline;
+- score: the task's check of the first line of the output (exact match after
+  normalisation for text answers: Unicode NFKD with accents removed, case folded,
+  punctuation and extra spaces dropped, so `Bogotá` = `bogota`);
 - 95% confidence interval: Wilson score interval of the accuracy;
 - adaptive weights (DeePEn-Adapt): each member's weight is its dev-set accuracy alone,
   normalised to sum 1: `w_i = acc_i / sum_j acc_j` (uniform if all are 0).
@@ -22,26 +21,47 @@ import random
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
 
-QUESTION = "Q: What is the capital of {country}?\nA:"
-MAX_NEW_TOKENS = 12
-
 
 @dataclass(frozen=True)
 class Question:
-    """One country and its capital (every spelling the data lists counts)."""
+    """One question: what it asks about, and every answer that counts."""
 
-    country: str
+    subject: str
     answers: tuple[str, ...]
 
     @property
     def answer(self) -> str:
-        """The first listed spelling (used in few-shot examples)."""
+        """The first listed answer (used in few-shot examples)."""
         return self.answers[0]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A few-shot task: its questions, prompt template and scorer."""
+
+    name: str
+    """Command-line name (`--task`)."""
+    title: str
+    """What it is, for tables."""
+    template: str
+    """One question's text, `{subject}` filled in; the answer follows after a space."""
+    load: Callable[[], list[Question]]
+    """Every question, in a fixed order (the split shuffles them with the seed)."""
+    check: Callable[[str, Sequence[str]], bool]
+    """Whether an output answers correctly, given the accepted answers."""
+    max_new_tokens: int = 12
+
+    def prompt(self, shots: Sequence[Question], question: Question) -> str:
+        """The few-shot prompt for one question."""
+        examples = "".join(
+            self.template.format(subject=q.subject) + f" {q.answer}\n\n" for q in shots
+        )
+        return examples + self.template.format(subject=question.subject)
 
 
 @dataclass
@@ -51,24 +71,6 @@ class Split:
     shots: list[Question]
     dev: list[Question]
     test: list[Question]
-
-
-def load_questions() -> list[Question]:
-    """Every country with a capital in `countryinfo`, sorted by country name."""
-    try:
-        import countryinfo
-    except ImportError as exc:  # an optional dependency: the `eval` extra
-        raise ConfigError(
-            "deepen eval needs the package 'countryinfo': pip install countryinfo"
-        ) from exc
-    out = {}
-    for c in countryinfo.all_countries():
-        name, capital = c.name(), c.capital()
-        listed = capital if isinstance(capital, list) else [capital]
-        spellings = tuple(s for s in listed if isinstance(s, str) and s.strip())
-        if name and spellings:
-            out[name] = Question(country=name, answers=spellings)
-    return [out[k] for k in sorted(out)]
 
 
 def split_questions(
@@ -91,12 +93,6 @@ def split_questions(
     )
 
 
-def build_prompt(shots: Sequence[Question], question: Question) -> str:
-    """The few-shot prompt for one question."""
-    examples = "".join(QUESTION.format(country=q.country) + f" {q.answer}\n\n" for q in shots)
-    return examples + QUESTION.format(country=question.country)
-
-
 def normalise(text: str) -> str:
     """Accents removed, case folded, punctuation dropped, spaces collapsed."""
     decomposed = unicodedata.normalize("NFKD", text)
@@ -111,7 +107,7 @@ def extract_answer(output: str) -> str:
 
 
 def is_correct(output: str, answers: str | Sequence[str]) -> bool:
-    """Exact match of the normalised first line against a normalised capital spelling."""
+    """Exact match of the normalised first line against a normalised accepted answer."""
     spellings = [answers] if isinstance(answers, str) else answers
     got = normalise(extract_answer(output))
     return bool(got) and any(got == normalise(a) for a in spellings)
@@ -168,6 +164,7 @@ class Score:
 
 
 def score(
+    task: Task,
     system: str,
     generate: Callable[[list[str]], list[str]],
     shots: Sequence[Question],
@@ -175,16 +172,25 @@ def score(
     progress: Callable[[int], object] | None = None,
     batch_size: int = 8,
 ) -> Score:
-    """Ask every question through `generate` (prompts -> outputs) in batches."""
+    """Ask every question of `task` through `generate` (prompts -> outputs) in batches."""
     result = Score(system=system, correct=0, total=0)
     for start in range(0, len(questions), batch_size):
         chunk = list(questions[start : start + batch_size])
-        outputs = generate([build_prompt(shots, q) for q in chunk])
+        outputs = generate([task.prompt(shots, q) for q in chunk])
         for q, out in zip(chunk, outputs):
-            ok = is_correct(out, q.answers)  # any spelling the data lists
+            ok = task.check(out, q.answers)  # any accepted answer
             result.correct += ok
             result.total += 1
-            result.records.append({"system": system, **asdict(q), "output": out, "correct": ok})
+            result.records.append(
+                {
+                    "task": task.name,
+                    "system": system,
+                    "subject": q.subject,
+                    "answers": list(q.answers),
+                    "output": out,
+                    "correct": ok,
+                }
+            )
         if progress is not None:
             progress(len(chunk))
     return result

@@ -1,16 +1,17 @@
-"""`deepen eval`: capital-city QA for each member alone and for the ensemble.
+"""`deepen eval`: few-shot tasks for each member alone and for the ensemble, by method.
 
-    deepen eval --n 150 --seed 0                 # uniform weights, Gemma-3 main
-    deepen eval --main 1 --weights adaptive      # DeePEn-Adapt weights from the dev set
-    deepen eval --sweep-eta 0.05 0.15 0.5 --sweep-steps 5 10 --sweep-main 0 1   # dev set
-    deepen eval --task tools --n 60 --seed 0     # tool calls (eval_tools.py)
+    deepen eval --n 150 --seed 0                         # capitals, DeePEn, Gemma-3 main
+    deepen eval --task all --method all --json           # 3 tasks x (members + 3 methods)
+    deepen eval --main 1 --weights adaptive              # DeePEn-Adapt weights from dev
+    deepen eval --task all --sweep-method deepen union unite --sweep-main 0 1   # dev set
+    deepen eval --task tools --n 60 --seed 0             # tool calls (eval_tools.py)
 
-Prints a table (or `--json`), writes every answer to `--output` (JSONL), shows a progress
-bar on stderr. The task, scoring and the adaptive formula are in eval_task.py.
-
-With `--sweep-eta`, the command scores the ensemble on the dev set only (settings are
-chosen on dev, never on test) for every eta x `--sweep-steps` x `--sweep-main`, and writes
-`<sweep-output>.json`, `.md` (a table) and `.png` (accuracy against eta).
+For every task (eval_tasks.py) the members alone and every `--method` answer the same test
+questions; each system's accuracy has a 95% Wilson interval and each ensemble an exact
+McNemar test against the best member alone on that task (eval_stats.py). Prints a table
+(or `--json`), writes every answer to `--output` (JSONL), shows a progress bar on stderr.
+With `--sweep-eta` or `--sweep-method` the command scores settings on the dev sets only
+(eval_sweep.py).
 """
 
 from __future__ import annotations
@@ -26,33 +27,30 @@ from tqdm.auto import tqdm
 
 from ..ensemble import Ensemble
 from ..errors import ConfigError
-from .eval_task import (
-    MAX_NEW_TOKENS,
-    Question,
-    Score,
-    adaptive_weights,
-    load_questions,
-    score,
-    split_questions,
-)
+from .eval_stats import mcnemar
+from .eval_task import Question, Score, Split, Task, adaptive_weights, score, split_questions
+from .eval_tasks import TASKS, tasks_named
 from .eval_tools import run_tools_eval
-from .options import fusion_options, fusion_settings, member_options, member_specs
-from .plotting import plot_sweep
+from .options import METHODS, fusion_options, fusion_settings, member_options, member_specs
 
 
 def add_parser(sub: Any) -> None:
     """Register `deepen eval`."""
     ev = sub.add_parser(
         "eval",
-        parents=[member_options(), fusion_options(main_default=None, weights=False)],
-        help="capital-city QA or tool calls: each member alone vs the ensemble",
+        parents=[
+            member_options(),
+            fusion_options(main_default=None, weights=False, methods=True),
+        ],
+        help="few-shot tasks or tool calls: each member alone vs the ensemble, by method",
     )
     ev.add_argument(
         "--task",
-        choices=["capitals", "tools"],
-        default="capitals",
-        help="capitals: few-shot capital-city QA (default); tools: tool calls with and "
-        "without the grammar constraint (eval_tools.py; main: the chat rule unless --main)",
+        nargs="+",
+        metavar="TASK",
+        help=f"tasks: {', '.join(TASKS)} or all (default: capitals); or tools alone: tool "
+        "calls with and without the grammar constraint (eval_tools.py; main: the chat rule "
+        "unless --main)",
     )
     ev.add_argument(
         "--weights",
@@ -65,19 +63,19 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="tools task: auto (the model may answer in text; default) or required",
     )
-    ev.add_argument("--n", type=int, default=150, help="test questions (default 150)")
+    ev.add_argument("--n", type=int, default=150, help="test questions per task (default 150)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the question split (default 0)")
     ev.add_argument("--shots", type=int, default=4, help="few-shot examples (default 4)")
     ev.add_argument("--dev-size", type=int, default=50, help="dev questions (default 50)")
     ev.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     ev.add_argument("--output", default="deepen-eval.jsonl", help="per-question outputs (JSONL)")
     ev.add_argument(
-        "--sweep-eta",
-        type=float,
-        nargs="+",
-        help="sweep mode: score the ensemble on the dev set for each of these etas",
+        "--sweep-eta", type=float, nargs="+", help="sweep mode: DeePEn etas scored on dev"
     )
-    ev.add_argument("--sweep-steps", type=int, nargs="+", help="sweep: steps values (--steps)")
+    ev.add_argument("--sweep-steps", type=int, nargs="+", help="sweep: DeePEn steps values")
+    ev.add_argument(
+        "--sweep-method", nargs="+", choices=METHODS, help="sweep mode: methods scored on dev"
+    )
     ev.add_argument("--sweep-main", type=int, nargs="+", help="sweep: main members (--main)")
     ev.add_argument(
         "--sweep-output",
@@ -88,10 +86,12 @@ def add_parser(sub: Any) -> None:
     ev.set_defaults(run=run_eval)
 
 
-def _answerer(view: Ensemble, batch_size: int) -> Callable[[list[str]], list[str]]:
+def answerer(view: Ensemble, task: Task, batch_size: int) -> Callable[[list[str]], list[str]]:
+    """Prompts -> the view's greedy answers, cut at the first newline."""
+
     def generate(prompts: list[str]) -> list[str]:
         results = view.generate(
-            prompts, max_new_tokens=MAX_NEW_TOKENS, stop=["\n"], batch_size=batch_size
+            prompts, max_new_tokens=task.max_new_tokens, stop=["\n"], batch_size=batch_size
         )
         return [r.text for r in results]
 
@@ -111,102 +111,219 @@ def _weights(raw: list[str] | None) -> list[float] | str | None:
         ) from None
 
 
-def _members_alone(
+def members_alone(
     ens: Ensemble,
+    task: Task,
     shots: Sequence[Question],
     questions: Sequence[Question],
     bar: Any,
-    args: argparse.Namespace,
+    batch_size: int,
     suffix: str = "",
 ) -> list[Score]:
     """Each member alone (main member, eta 0) on the questions, labelled name + suffix."""
     return [
         score(
+            task,
             f"{m.name}{suffix}",
-            _answerer(ens.with_fusion(main=i, eta=0), args.batch_size),
+            answerer(ens.with_fusion(main=i, eta=0, method="deepen"), task, batch_size),
             shots,
             questions,
             bar.update,
-            args.batch_size,
+            batch_size,
         )
         for i, m in enumerate(ens.members)
     ]
+
+
+def methods_named(raw: list[str] | None) -> list[str]:
+    """The methods of `--method` (`all`: every one); default DeePEn."""
+    if not raw:
+        return ["deepen"]
+    return list(METHODS) if "all" in raw else list(dict.fromkeys(raw))
+
+
+def systems_named(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(method, weighting) of every ensemble to score: each `--method` with each
+    `--weighting` (default: fixed).
+    """
+    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
+    return [(m, w) for m in methods_named(args.method) for w in weightings]
+
+
+def system_label(method: str, weighting: str, main: str) -> str:
+    """`union (main gemma-3-270m)`; `union+confidence (...)` with confidence weighting."""
+    suffix = "" if weighting == "fixed" else f"+{weighting}"
+    return f"{method}{suffix} (main {main})"
+
+
+def _run_tools(args: argparse.Namespace) -> int:
+    """`--task tools`: one ensemble (one method, one weighting) against each member alone."""
+    if args.task != ["tools"]:
+        raise ConfigError(f"--task tools runs alone; got --task {' '.join(args.task)}.")
+    systems = systems_named(args)
+    if len(systems) > 1 or args.main == "auto":
+        raise ConfigError(
+            "--task tools compares one ensemble with its members: give one --method, one "
+            "--weighting and a numbered --main (or none: the chat rule)."
+        )
+    method, weighting = systems[0]
+    settings = fusion_settings(args) | {"method": method, "weighting": weighting}
+    return run_tools_eval(args, Ensemble(member_specs(args), **settings))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by the parsed `deepen eval` arguments."""
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}.")
-    if args.task == "tools":
-        return run_tools_eval(args, Ensemble(member_specs(args), **fusion_settings(args)))
+    if args.task and "tools" in args.task:
+        return _run_tools(args)  # no --main: the chat rule leads
+    if args.main is None:
+        args.main = 0
     weights = _weights(args.weights)
-    split = split_questions(load_questions(), args.seed, args.shots, args.dev_size)
-    test = split.test[: args.n]
+    tasks = tasks_named(args.task)
+    systems = systems_named(args)
+    splits = {
+        t.name: split_questions(t.load(), args.seed, args.shots, args.dev_size) for t in tasks
+    }
     ens = Ensemble(
         member_specs(args),
         **fusion_settings(args),
+        method=systems[0][0],
+        weighting=systems[0][1],
         weights=weights if isinstance(weights, list) else None,
     )
-    names = [m.name for m in ens.members]
-    if args.sweep_eta:
-        return _run_sweep(args, ens, split, weights)
-    n_runs = len(names) * len(test) + len(test)
-    if weights == "adaptive":
-        n_runs += len(names) * len(split.dev)
-    dev_scores: list[Score] = []
-    with tqdm(total=n_runs, desc="deepen eval", file=sys.stderr) as bar:
-        if weights == "adaptive":
-            dev_scores = _members_alone(ens, split.shots, split.dev, bar, args, " (dev)")
-            ens = ens.with_fusion(weights=adaptive_weights([s.accuracy for s in dev_scores]))
-        scores = _members_alone(ens, split.shots, test, bar, args)
-        label = f"ensemble (main {ens.main.name})"
-        fused = _answerer(ens, args.batch_size)
-        scores.append(score(label, fused, split.shots, test, bar.update, args.batch_size))
+    if args.sweep_eta or args.sweep_method:
+        from .eval_sweep import run_sweep
 
+        return run_sweep(args, ens, tasks, splits, weights)
+    per_task = len(ens.members) + len(systems)
+    n_runs = sum(min(args.n, len(splits[t.name].test)) * per_task for t in tasks)
+    if weights == "adaptive" or args.main == "auto":
+        n_runs += sum(len(ens.members) * len(splits[t.name].dev) for t in tasks)
+    reports, records = [], []
+    with tqdm(total=n_runs, desc="deepen eval", file=sys.stderr) as bar:
+        for task in tasks:
+            report, scores = _run_task(ens, task, splits[task.name], systems, weights, bar, args)
+            reports.append(report)
+            records.extend(scores)
     output = Path(args.output)
-    _write_records(output, dev_scores + scores)
-    summary: dict[str, Any] = {
-        "task": "capital-city QA (countryinfo)",
+    write_records(output, records)
+    summary = {
         "seed": args.seed,
         "shots": args.shots,
-        "test_questions": len(test),
-        "members": names,
-        "main": ens.main.name,
-        "eta": ens.fusion.eta,
-        "steps": ens.fusion.steps,
-        "weights": [round(w, 4) for w in ens.fusion.normalised_weights(len(names))],
+        "members": [m.name for m in ens.members],
+        "main": "auto" if args.main == "auto" else ens.main.name,
+        "methods": list(dict.fromkeys(m for m, _ in systems)),
+        "weightings": list(dict.fromkeys(w for _, w in systems)),
+        "fusion": {
+            k: getattr(ens.fusion, k)
+            for k in ("eta", "steps", "top_k", "top_mass", "unite_top_k", "weighting", "gate")
+        },
         "weight_mode": _weight_mode(weights),
-        "dev": [s.summary() for s in dev_scores],
-        "results": [s.summary() for s in scores],
-        "best_member_accuracy": round(max(s.accuracy for s in scores[:-1]), 4),
-        "ensemble_minus_best_member": round(
-            scores[-1].accuracy - max(s.accuracy for s in scores[:-1]), 4
-        ),
+        "tasks": reports,
         "outputs": str(output),
     }
     if args.json:
         print(json.dumps(summary))
-        return 0
-    _print_summary(summary, scores)
+    else:
+        print(results_table(summary), end="")
+        print(f"per-question outputs: {summary['outputs']}")
     return 0
 
 
-def _print_summary(summary: dict[str, Any], scores: list[Score]) -> None:
-    print(
-        f"capital-city QA, seed {summary['seed']}, {summary['test_questions']} test questions, "
-        f"{summary['shots']}-shot"
-    )
-    print(f"weights {summary['weights']} ({summary['weight_mode']}), eta {summary['eta']}, "
-          f"steps {summary['steps']}")  # fmt: skip
-    for s in scores:
-        low, high = s.interval
-        print(
-            f"  {s.system:40} {s.accuracy:6.1%}  [{low:.1%}, {high:.1%}]  ({s.correct}/{s.total})"
+def _run_task(
+    ens: Ensemble,
+    task: Task,
+    split: Split,
+    systems: list[tuple[str, str]],
+    weights: list[float] | str | None,
+    bar: Any,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], list[Score]]:
+    """One task: members alone, then each method; the report and every score."""
+    test = split.test[: args.n]
+    dev_scores: list[Score] = []
+    view = ens
+    if weights == "adaptive" or args.main == "auto":
+        dev = split.dev
+        dev_scores = members_alone(ens, task, split.shots, dev, bar, args.batch_size, " (dev)")
+        dev_accuracy = [s.accuracy for s in dev_scores]
+        if weights == "adaptive":
+            view = view.with_fusion(weights=adaptive_weights(dev_accuracy))
+        if args.main == "auto":  # the best member alone on dev leads (the first of equals)
+            view = view.with_fusion(main=dev_accuracy.index(max(dev_accuracy)))
+    alone = members_alone(ens, task, split.shots, test, bar, args.batch_size)
+    best = max(alone, key=lambda s: s.accuracy)  # the first of equals: member order
+    fused: list[Score] = []
+    comparisons = []
+    for method, weighting in systems:
+        method_view = view.with_fusion(method=method, weighting=weighting)
+        label = system_label(method, weighting, view.main.name)
+        answer = answerer(method_view, task, args.batch_size)
+        result = score(task, label, answer, split.shots, test, bar.update, args.batch_size)
+        fused.append(result)
+        stats = method_view.fuser.stats
+        comparisons.append(
+            {
+                "system": label,
+                "method": method,
+                "weighting": weighting,
+                "minus_best_member": round(result.accuracy - best.accuracy, 4),
+                "mcnemar_vs_best_member": mcnemar(_correct(result), _correct(best)),
+                "gated_share": round(stats.gated / stats.rows, 4) if stats.rows else None,
+            }
         )
-    print(f"per-question outputs: {summary['outputs']}")
+    report = {
+        "task": task.name,
+        "title": task.title,
+        "test_questions": len(test),
+        "main": view.main.name,
+        "weights": [round(w, 4) for w in view.fusion.normalised_weights(len(ens.members))],
+        "dev": [s.summary() for s in dev_scores],
+        "results": [s.summary() for s in alone + fused],
+        "best_member": best.system,
+        "best_member_accuracy": round(best.accuracy, 4),
+        "comparisons": comparisons,
+    }
+    return report, dev_scores + alone + fused
 
 
-def _write_records(path: Path, scores: Sequence[Score]) -> None:
+def _correct(s: Score) -> list[bool]:
+    return [bool(r["correct"]) for r in s.records]
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per system, one column per task (accuracy, interval, McNemar)."""
+    tasks = summary["tasks"]
+    systems = list(dict.fromkeys(r["system"] for t in tasks for r in t["results"]))
+    lines = [
+        f"seed {summary['seed']}, {summary['shots']}-shot, greedy; 95% Wilson intervals; "
+        "ensembles: points over the best member alone, exact McNemar p",
+        "",
+        "| system | " + " | ".join(f"{t['task']} ({t['test_questions']})" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for system in systems:
+        cells = []
+        for t in tasks:
+            r = next((r for r in t["results"] if r["system"] == system), None)
+            if r is None:
+                cells.append("")
+                continue
+            low, high = r["ci95"]
+            text = f"{r['accuracy']:.1%} [{low:.1%}, {high:.1%}]"
+            c = next((c for c in t["comparisons"] if c["system"] == system), None)
+            if c is not None:
+                test = c["mcnemar_vs_best_member"]
+                p = test["p_value"]
+                shown = "p<0.01" if p < 0.01 else f"p={p:.2f}"
+                text += f" ({c['minus_best_member'] * 100:+.1f}, {shown})"
+            cells.append(text)
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_records(path: Path, scores: Sequence[Score]) -> None:
     """Every answer of these scores, one JSON object per line."""
     with path.open("w", encoding="utf-8") as f:
         for s in scores:
@@ -214,113 +331,7 @@ def _write_records(path: Path, scores: Sequence[Score]) -> None:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _check_sweep(args: argparse.Namespace, n_members: int) -> tuple[list[int], list[int]]:
-    if any(e < 0 for e in args.sweep_eta):
-        raise ConfigError(f"--sweep-eta values must be >= 0, got {args.sweep_eta}.")
-    steps = args.sweep_steps or [args.steps]
-    if any(s < 0 for s in steps):
-        raise ConfigError(f"--sweep-steps values must be >= 0, got {steps}.")
-    mains = args.sweep_main or [args.main or 0]
-    bad = [m for m in mains if not 0 <= m < n_members]
-    if bad:
-        raise ConfigError(
-            f"--sweep-main {bad} out of range for {n_members} members; give 0 to {n_members - 1}."
-        )
-    if not args.dev_size:
-        raise ConfigError("--sweep-eta scores on the dev set: give --dev-size >= 1.")
-    return steps, mains
-
-
-def _run_sweep(
-    args: argparse.Namespace, ens: Ensemble, split: Any, weights: list[float] | str | None
-) -> int:
-    """Dev-set accuracy of the ensemble for every eta x steps x main member."""
-    steps_list, mains = _check_sweep(args, len(ens.members))
-    names = [m.name for m in ens.members]
-    grid = [(main, steps, eta) for main in mains for steps in steps_list for eta in args.sweep_eta]
-    fused_runs = [g for g in grid if g[1] > 0 and g[2] > 0]  # eta 0 / 0 steps: main alone
-    with tqdm(
-        total=len(split.dev) * (len(names) + len(fused_runs)), desc="deepen eval sweep",
-        file=sys.stderr,
-    ) as bar:  # fmt: skip
-        alone = _members_alone(ens, split.shots, split.dev, bar, args)
-        if weights == "adaptive":
-            ens = ens.with_fusion(weights=adaptive_weights([s.accuracy for s in alone]))
-        scores: list[tuple[tuple[int, int, float], Score]] = []
-        for main, steps, eta in grid:
-            if steps == 0 or eta == 0:
-                result = alone[main]
-            else:
-                label = f"ensemble main={names[main]} steps={steps} eta={eta}"
-                answer = _answerer(
-                    ens.with_fusion(main=main, steps=steps, eta=eta), args.batch_size
-                )
-                result = score(label, answer, split.shots, split.dev, bar.update, args.batch_size)
-            scores.append(((main, steps, eta), result))
-    rows = [
-        {"main": names[main], "steps": steps, "eta": eta, **result.summary()}
-        for (main, steps, eta), result in scores
-    ]
-    best = max(rows, key=lambda r: r["accuracy"])  # the first of equals: grid order
-    sweep = {
-        "task": "capital-city QA (countryinfo), dev set",
-        "seed": args.seed,
-        "shots": args.shots,
-        "dev_questions": len(split.dev),
-        "members": names,
-        "weights": [round(w, 4) for w in ens.fusion.normalised_weights(len(names))],
-        "weight_mode": _weight_mode(weights),
-        "members_alone": [s.summary() for s in alone],
-        "rows": rows,
-        "best": best,
-    }
-    prefix = Path(args.sweep_output)
-    files = {ext: str(prefix.with_name(prefix.name + ext)) for ext in (".json", ".md", ".png")}
-    sweep["files"] = files
-    Path(files[".json"]).write_text(json.dumps(sweep, indent=1) + "\n", encoding="utf-8")
-    Path(files[".md"]).write_text(_sweep_table(sweep), encoding="utf-8")
-    plot_sweep(sweep, files[".png"])
-    _write_records(
-        Path(args.output), alone + [result for _, result in scores if result not in alone]
-    )
-    if args.json:
-        print(json.dumps(sweep))
-        return 0
-    print(_sweep_table(sweep), end="")
-    return 0
-
-
 def _weight_mode(weights: list[float] | str | None) -> str:
     if weights == "adaptive":
         return "adaptive"
     return "explicit" if weights else "uniform"
-
-
-def _sweep_table(sweep: dict[str, Any]) -> str:
-    """Markdown: one row per eta, one column per (main, steps); members alone below."""
-    columns = list(dict.fromkeys((r["main"], r["steps"]) for r in sweep["rows"]))
-    etas = list(dict.fromkeys(r["eta"] for r in sweep["rows"]))
-    cell = {(r["main"], r["steps"], r["eta"]): r for r in sweep["rows"]}
-    best = sweep["best"]
-    lines = [
-        f"Dev accuracy, {sweep['dev_questions']} questions, seed {sweep['seed']}, "
-        f"weights {sweep['weights']} ({sweep['weight_mode']}); eta 0 = the main member alone.",
-        "",
-        "| eta | " + " | ".join(f"main {m}, {s} steps" for m, s in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for eta in etas:
-        cells = []
-        for main, steps in columns:
-            r = cell[(main, steps, eta)]
-            text = f"{r['accuracy']:.1%} ({r['correct']}/{r['total']})"
-            cells.append(f"**{text}**" if r is best else text)
-        lines.append(f"| {eta:g} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for m in sweep["members_alone"]:
-        lines.append(f"- {m['system']} alone: {m['accuracy']:.1%} ({m['correct']}/{m['total']})")
-    lines.append(
-        f"- best on dev: main {best['main']}, {best['steps']} steps, eta {best['eta']:g}: "
-        f"{best['accuracy']:.1%}"
-    )
-    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""`deepen generate`: fused text for one prompt, stdin, or a JSONL file of prompts.
+"""`deepen generate`: fused text for a prompt, stdin, or a JSONL file of many prompts.
 
 A single prompt without `--json` prints its text as it comes. With `--json` or
 `--prompts-file`, one JSON object per prompt, in prompt order; `--stream` adds a
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
+from ..config import SchedulerConfig
 from ..ensemble import Ensemble, Prompt
 from ..errors import ConfigError
 from ..outputs import StreamEvent
+from . import progress
+from .inputs import read_prompts
 from .options import (
     fusion_options,
     fusion_settings,
@@ -22,6 +27,7 @@ from .options import (
     generation_settings,
     member_options,
     member_specs,
+    scheduler_options,
 )
 
 
@@ -29,8 +35,16 @@ def add_parser(sub: Any) -> None:
     """Register `deepen generate`."""
     parser = sub.add_parser(
         "generate",
-        parents=[member_options(), fusion_options(main_default=None), generation_options()],
+        parents=[
+            member_options(),
+            fusion_options(main_default=None),
+            generation_options(),
+            scheduler_options(),
+        ],
         help="generate fused text for a prompt, stdin, or a file of prompts",
+        description="Fused text for one prompt (an argument, or stdin), or for many: a JSONL "
+        "file of text prompts and chat conversations, decoded in batches. Chat prompts are "
+        "led by the first member with a chat template unless --main says otherwise.",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
     parser.add_argument(
@@ -47,74 +61,91 @@ def add_parser(sub: Any) -> None:
         help="with --json or --prompts-file: print each text delta as a JSON line as it comes",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr while the prompts are read and tokens chosen (default: "
+        "when stderr is a terminal, unless JSON goes to a pipe or file)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate for the prompts named by the arguments and print the results."""
-    prompts = _read_prompts(args)
+    # every request setting is checked before the members load (seconds to minutes)
+    prompts = read_prompts(args)
     config = generation_settings(args)
-    ens = Ensemble(member_specs(args), **fusion_settings(args))
-    if args.main is None and any(not isinstance(p, str) for p in prompts):
-        ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    scheduler = SchedulerConfig(prefill_chunk=args.prefill_chunk)
+    ens = Ensemble(member_specs(args), scheduler=scheduler, **fusion_settings(args))
+    views = _views(ens, prompts, args.main is None)
     plain = not args.json and args.prompts_file is None  # one prompt, text as it comes
-    parts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
-    finals: dict[int, dict[str, Any]] = {}
-    next_to_print = 0
-    for event in ens.stream(prompts, config, batch_size=args.batch_size):
-        if event.finish_reason is None:
-            parts[event.index].append(event.delta)
-            if plain:
-                print(event.delta, end="", flush=True)
-            elif args.stream:
-                print(json.dumps({"index": event.index, "delta": event.delta}, ensure_ascii=False))
-            continue
-        finals[event.index] = result_json(ens, event, "".join(parts[event.index]))
-        if plain:
-            print()
-            continue
-        while next_to_print in finals:  # results in prompt order
-            print(json.dumps(finals[next_to_print], ensure_ascii=False), flush=True)
-            next_to_print += 1
+    bars = progress.Bars(generation=not plain) if progress.wanted(args) else None
+
+    def events() -> Iterator[tuple[Ensemble, StreamEvent]]:
+        """Each group of prompts with one main member, in turn; indices in the file's order."""
+        for view, indices in _groups(views):
+            group = [prompts[i] for i in indices]
+            for event in view.stream(group, config, batch_size=args.batch_size, progress=bars):
+                yield view, replace(event, index=indices[event.index])
+
+    try:
+        _print_results(events(), args, plain, bars)
+    finally:
+        if bars is not None:
+            bars.close()
     return 0
 
 
-def _read_prompts(args: argparse.Namespace) -> list[Prompt]:
-    if args.prompts_file is not None:
-        if args.prompt is not None:
-            raise ConfigError("give either a prompt or --prompts-file, not both.")
-        return read_jsonl(args.prompts_file)
-    prompt = args.prompt
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            raise ConfigError("give a prompt, pipe one on stdin, or use --prompts-file.")
-        prompt = sys.stdin.read()
-    return [prompt]
+def _views(ens: Ensemble, prompts: list[Prompt], chat_rule: bool) -> list[Ensemble]:
+    """The ensemble view for each prompt: with `chat_rule` (no --main), chat prompts are
+    led by the engine's choice for chat (`default_chat_main`), text prompts by the main.
+    """
+    lead = ens.default_chat_main()
+    chat = ens.with_fusion(main=lead) if chat_rule and lead != ens.fusion.main else ens
+    return [ens if isinstance(p, str) else chat for p in prompts]
 
 
-def read_jsonl(path: str) -> list[Prompt]:
-    """Prompts of a JSONL file: one object per line with `prompt` or `messages`."""
-    prompts: list[Prompt] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"--prompts-file {path!r} cannot be read: {exc}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{n} is not valid JSON: {exc}") from None
-        if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
-            raise ConfigError(
-                f"{path}:{n} must be an object with exactly one of 'prompt' or 'messages'."
-            )
-        prompts.append(item["prompt"] if "prompt" in item else item["messages"])
-    if not prompts:
-        raise ConfigError(f"--prompts-file {path!r} holds no prompts.")
-    return prompts
+def _groups(views: list[Ensemble]) -> list[tuple[Ensemble, list[int]]]:
+    """Prompt indices by view, in order of first appearance."""
+    groups: dict[int, tuple[Ensemble, list[int]]] = {}
+    for i, view in enumerate(views):
+        groups.setdefault(id(view), (view, []))[1].append(i)
+    return list(groups.values())
+
+
+def _print_results(
+    events: Iterator[tuple[Ensemble, StreamEvent]],
+    args: argparse.Namespace,
+    plain: bool,
+    bars: progress.Bars | None,
+) -> None:
+    """Plain text as it comes, or JSON lines: deltas (`--stream`) and results in order."""
+    parts: dict[int, list[str]] = {}
+    finals: dict[int, dict[str, Any]] = {}
+    next_to_print = 0
+    for ens, event in events:
+        lines: list[str] = []
+        if event.finish_reason is None:
+            parts.setdefault(event.index, []).append(event.delta)
+            if plain:
+                print(event.delta, end="", flush=True)
+            elif args.stream:
+                delta = {"index": event.index, "delta": event.delta}
+                lines.append(json.dumps(delta, ensure_ascii=False))
+        elif plain:
+            print(flush=True)
+        else:
+            text = "".join(parts.get(event.index, []))
+            finals[event.index] = result_json(ens, event, text)
+            while next_to_print in finals:  # results in prompt order
+                lines.append(json.dumps(finals[next_to_print], ensure_ascii=False))
+                next_to_print += 1
+        if lines:
+            with bars.printing() if bars is not None else nullcontext():
+                print("\n".join(lines), flush=True)
 
 
 def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:

@@ -14,8 +14,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import FusionConfig, GenerationConfig
+from ..config import FusionConfig, GenerationConfig, SchedulerConfig
+from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
+from .inputs import stop_strings
+
+_FLAGS: dict[tuple[str, str], str] = {}
+"""(settings class, field) -> its command-line flag, for every option made by `_option`."""
+
+METHODS = ("deepen", "union", "unite")  # FusionConfig.method's values
+# --ray-* option -> MemberSpec field (Ray placement settings, given to every member)
+RAY_OPTIONS = {
+    "ray_address": ("address", "ADDR"),
+    "ray_num_cpus": ("num_cpus", "N"),
+    "ray_num_gpus": ("num_gpus", "N"),
+    "step_timeout": ("step_timeout", "SECONDS"),
+}
 
 
 def _help(model: type[BaseModel], field: str, extra: str = "") -> str:
@@ -37,8 +51,10 @@ def _option(
     """One option for one settings field: its flag, default and help come from the field."""
     default = model.model_fields[field].get_default(call_default_factory=True)
     extra = kwargs.pop("extra_help", "")
+    flag = flag or "--" + field.replace("_", "-")
+    _FLAGS[(model.__name__, field)] = flag
     parser.add_argument(
-        flag or "--" + field.replace("_", "-"),
+        flag,
         dest=kwargs.pop("dest", field),
         default=kwargs.pop("default", default),
         help=kwargs.pop("help", None) or _help(model, field, extra),
@@ -74,35 +90,96 @@ def member_options() -> argparse.ArgumentParser:
         choices=sorted(DTYPES),
         help="dtype of every member's weights (default: float32)",
     )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="run every member in its own Ray actor (pip install 'deepen[ray]'); members "
+        "forward in parallel, on this machine or a Ray cluster",
+    )
+    for option, (field, metavar) in RAY_OPTIONS.items():
+        flag, kind = "--" + option.replace("_", "-"), str if field == "address" else float
+        _option(
+            parser, MemberSpec, field, flag, dest=option, type=kind, default=None, metavar=metavar
+        )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own output while loading (transformers' warnings and "
+        "progress bars); by default deepen shows one bar per long step and nothing else",
+    )
     return parser
 
 
 def fusion_options(
-    *, main_default: int | None = 0, weights: bool = True
+    *, main_default: int | None = 0, weights: bool = True, methods: bool = False
 ) -> argparse.ArgumentParser:
     """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
-    main member (the chat rule); `weights=False` leaves `--weights` to the command.
+    main member (the chat rule); `weights=False` leaves `--weights` to the command;
+    `methods=True` lets `--method` take several methods (or `all`) and `--weighting`
+    several weightings, for the command to compare, and `--main` take `auto`.
     """
     parser = argparse.ArgumentParser(add_help=False)
     extra = "; default: for chat prompts the first member with a chat template, else 0"
+    main_help = None if main_default is not None else f"index of the main member ({extra[2:]})"
+    if methods:
+        main_help = "index of the main member, or auto: on each task the best member alone on "
+        main_help += "the dev set (default: 0"
+        tools = "; --task tools: the first member with a chat template"
+        main_help += (tools if main_default is None else "") + ")"
     _option(
         parser,
         FusionConfig,
         "main",
-        type=int,
+        type=_main_index if methods else int,
         metavar="INDEX",
         default=main_default,
-        help=None if main_default is not None else "index of the main member" + f" ({extra[2:]})",
+        help=main_help,
     )
     if weights:
         _option(parser, FusionConfig, "weights", type=float, nargs="+", metavar="W")
+    if methods:
+        parser.add_argument(
+            "--method",
+            nargs="+",
+            choices=[*METHODS, "all"],
+            default=None,
+            help="fusion methods to compare, each on the same questions, or all "
+            "(default: deepen)",
+        )
+    else:
+        _option(parser, FusionConfig, "method", choices=list(METHODS))
+    if methods:
+        parser.add_argument(
+            "--weighting",
+            nargs="+",
+            choices=["fixed", "confidence"],
+            default=None,
+            help="how the weights apply per step (FusionConfig.weighting); several: each "
+            "method with each (default: fixed)",
+        )
+    else:
+        _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
+    _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
+    _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
     _option(parser, FusionConfig, "steps", type=int)
     _option(parser, FusionConfig, "tau", type=float)
     _option(parser, FusionConfig, "top_k", "--fusion-top-k", dest="fusion_top_k", type=int)
+    _option(parser, FusionConfig, "top_mass", type=float)
     _option(parser, FusionConfig, "candidates", type=int)
+    _option(parser, FusionConfig, "unite_top_k", type=int)
     _option(parser, FusionConfig, "min_anchors", type=int)
     return parser
+
+
+def _main_index(text: str) -> int | str:
+    """`--main` of a comparing command: a member index, or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a member index or auto, got {text!r}") from None
 
 
 def generation_options() -> argparse.ArgumentParser:
@@ -118,18 +195,46 @@ def generation_options() -> argparse.ArgumentParser:
     _option(parser, GenerationConfig, "top_k", type=int)
     _option(parser, GenerationConfig, "seed", type=int)
     _option(parser, GenerationConfig, "truncation", choices=["error", "left"])
+    parser.add_argument(
+        "--escape",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn \\n, \\t, \\r and \\\\ in the prompt argument and --stop strings into "
+        "newline, tab, carriage return and backslash, as llama.cpp does; --no-escape keeps "
+        "them as typed (default: on)",
+    )
     return parser
 
 
-def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
-    """The members named by --model/--models (default: the embedded defaults)."""
+def scheduler_options() -> argparse.ArgumentParser:
+    """How requests share the members (SchedulerConfig): here, how long prompts are read."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _option(parser, SchedulerConfig, "prefill_chunk", type=int, metavar="N")
+    return parser
+
+
+def member_specs(args: argparse.Namespace, ray: bool | None = None) -> list[MemberSpec]:
+    """The members named by --model/--models (default: the embedded defaults), in Ray
+    actors with --ray and the --ray-* settings. `ray` overrides --ray (the bench builds
+    both kinds).
+    """
     sources = args.models or list(DEFAULT_MEMBERS)
-    return [MemberSpec(source=s, device=args.device, dtype=args.dtype) for s in sources]
+    placed = getattr(args, "ray", False) if ray is None else ray
+    given = {f: getattr(args, o) for o, (f, _) in RAY_OPTIONS.items() if getattr(args, o, None)}
+    if given and not placed and ray is None:
+        flags = ", ".join("--" + o.replace("_", "-") for o in RAY_OPTIONS if getattr(args, o))
+        raise ConfigError(f"{flags} apply to members in Ray actors: add --ray.")
+    extra = {"placement": "ray", **given} if placed else {}
+    return [MemberSpec(source=s, device=args.device, dtype=args.dtype, **extra) for s in sources]
 
 
 def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
     out: dict[str, Any] = {
+        "gate": args.gate,
+        "gate_threshold": args.gate_threshold,
+        "top_mass": args.top_mass,
+        "unite_top_k": args.unite_top_k,
         "eta": args.eta,
         "steps": args.steps,
         "tau": args.tau,
@@ -137,7 +242,10 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
         "candidates": args.candidates,
         "min_anchors": args.min_anchors,
     }
-    if args.main is not None:
+    for key in ("method", "weighting"):  # a command comparing several passes a list
+        if isinstance(getattr(args, key), str):
+            out[key] = getattr(args, key)
+    if isinstance(args.main, int):  # None: the command's rule; "auto": the command's choice
         out["main"] = args.main
     weights = getattr(args, "weights", None)
     if isinstance(weights, list) and all(isinstance(w, float) for w in weights):
@@ -150,10 +258,55 @@ def generation_settings(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
-        stop=list(args.stop or []),
+        stop=stop_strings(args),
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
         truncation=args.truncation,
     )
+
+
+_QUALIFIED = re.compile(r"\b(\w+Config|MemberSpec)\.(\w+)(?:=('[^']*'|\[[^\]]*\]|[\w.\-]*\w))?")
+_KEYWORD = re.compile(r"\b([a-z][a-z_]*)=('[^']*'|\[[^\]]*\]|[\w.\-]*\w)")
+_BARE = re.compile(r"(?<![\w.\-])([a-z]+(?:_[a-z]+)+)\b(?!=)")
+
+
+def command_line_words(message: str) -> str:
+    """An engine error message worded for the command line: the settings it names become
+    the flags that set them (`truncation='left'` -> `--truncation left`,
+    `FusionConfig.main=5` -> `--main 5`, `max_new_tokens` -> `--max-new-tokens`).
+
+    Only settings that have a flag are rewritten; a name two flags share (`top_k`) is
+    rewritten only where its settings class is named.
+    """
+    by_name: dict[str, set[str]] = {}
+    for (_, field), flag in _FLAGS.items():
+        by_name.setdefault(field, set()).add(flag)
+
+    def unique(field: str) -> str | None:
+        flags = by_name.get(field, set())
+        return next(iter(flags)) if len(flags) == 1 else None
+
+    def with_value(flag: str, value: str | None) -> str:
+        if value is None:
+            return flag
+        value = value.strip("'")
+        if value.startswith("["):
+            value = " ".join(v.strip(" '") for v in value.strip("[]").split(","))
+        return f"{flag} {value}"
+
+    def qualified(match: re.Match[str]) -> str:
+        flag = _FLAGS.get((match[1], match[2]))
+        return match[0] if flag is None else with_value(flag, match[3])
+
+    def keyword(match: re.Match[str]) -> str:
+        flag = unique(match[1])
+        return match[0] if flag is None else with_value(flag, match[2])
+
+    def bare(match: re.Match[str]) -> str:
+        return unique(match[1]) or match[0]
+
+    message = _QUALIFIED.sub(qualified, message)
+    message = _KEYWORD.sub(keyword, message)
+    return _BARE.sub(bare, message)

@@ -1,4 +1,4 @@
-"""PNG plots of `deepen bench --plot` and `deepen eval --sweep-eta` (matplotlib).
+"""PNG plots of `deepen bench --plot` and the `deepen eval` sweep (matplotlib).
 
 matplotlib comes with the `bench` extra: `pip install 'deepen[bench]'`.
 """
@@ -46,35 +46,30 @@ def plot_bench(figures: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def plot_sweep(sweep: dict[str, Any], path: str) -> None:
-    """Dev accuracy against eta: one line per (main member, steps), members alone dashed."""
-    plt = _pyplot("--sweep-eta")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for row in sweep["rows"]:
-        lines.setdefault((row["main"], row["steps"]), []).append((row["eta"], row["accuracy"]))
-    for (main, steps), points in lines.items():
-        points.sort()
-        ax.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            marker="o",
-            label=f"main {main}, {steps} steps",
-        )
-    for member in sweep["members_alone"]:
-        ax.axhline(member["accuracy"], linestyle="--", linewidth=1, color="grey")
-        ax.annotate(
-            f"{member['system']} alone",
-            (0, member["accuracy"]),
-            fontsize=7,
-            color="grey",
-            xytext=(2, 2),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("eta (inverse-search rate)")
-    ax.set_ylabel(f"dev accuracy ({sweep['dev_questions']} questions)")
-    ax.set_title("deepen eval sweep (dev set)", fontsize=9)
-    ax.grid(True, alpha=0.3)
+def plot_method_sweep(sweep: dict[str, Any], path: str) -> None:
+    """Dev accuracy by system (members alone, then each setting), one bar per task."""
+    plt = _pyplot("the sweep")
+    tasks = sweep["tasks"]
+    systems: dict[str, dict[str, float]] = {}
+    for r in sweep["members_alone"]:
+        systems.setdefault(f"{r['system']} alone", {})[r["task"]] = r["accuracy"]
+    for r in sweep["rows"]:
+        name = r["method"] if r["weighting"] == "fixed" else f"{r['method']}+{r['weighting']}"
+        label = f"{name} main={r['main']}"
+        if r["method"] == "deepen":
+            label += f" steps={r['steps']} eta={r['eta']:g}"
+        systems.setdefault(label, {})[r["task"]] = r["accuracy"]
+    width = 0.8 / max(1, len(tasks))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(systems) + 2), 4.4))
+    for j, task in enumerate(tasks):
+        xs = [i + (j - (len(tasks) - 1) / 2) * width for i in range(len(systems))]
+        ax.bar(xs, [v.get(task, 0.0) for v in systems.values()], width, label=task)
+    ax.set_xticks(range(len(systems)))
+    ax.set_xticklabels(list(systems), rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("dev accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("deepen eval sweep (dev sets)", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

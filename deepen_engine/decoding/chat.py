@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..config import check_text
 from ..errors import ConfigError
 
 if TYPE_CHECKING:  # tools.py imports the grammar layer; chat only needs its type
@@ -60,6 +61,7 @@ def check_messages(messages: Any) -> list[Message]:
             content = ""
         if not isinstance(content, str):
             raise ConfigError(f"messages[{i}] needs a 'content' string, got {content!r}.")
+        check_text(content, f"messages[{i}]['content']")
         item: Message = {"role": role, "content": content}
         if calls:
             item["tool_calls"] = [_check_call(i, j, c) for j, c in enumerate(calls)]

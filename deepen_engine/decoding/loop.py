@@ -19,7 +19,7 @@ the members' forward passes; they can join and leave between steps. Its phases:
    `"length"`); return each row's text that is now final and a final event for each
    finished row, and drop the finished rows.
 4. `advance`: feed each member only its new positions, all rows in one forward pass
-   (members on distinct devices concurrently).
+   (members on distinct devices, or in their own Ray actors, concurrently).
 5. `remove` drops rows whose reader left; `close` frees every cache.
 
 `decode` drives one batch of rows from start to end (a generator: `Ensemble.generate`
@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -43,13 +44,10 @@ from ..fusion import Fuser
 from ..members import Member
 from ..outputs import StreamEvent
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
-from .member_batch import MemberBatch
+from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import MemberPrompt, fit_context
-from .rows import DecodeHooks as DecodeHooks
-from .rows import NewRow as NewRow
-from .rows import Prepared as Prepared
-from .rows import Row as Row
-from .rows import StepRecord as StepRecord
+from .remote_batch import new_batch
+from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
 
@@ -102,19 +100,27 @@ class BatchDecoder:
         main: int,
         run_helpers: bool = True,
         hooks: DecodeHooks | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.hooks = hooks or DecodeHooks()
+        self.prefill_chunk = prefill_chunk  # positions per forward pass in a long prefill
         self.member_index = list(range(len(members))) if run_helpers else [main]
         self.members = [members[i] for i in self.member_index]
         self.main = self.member_index.index(main)  # position among the members run
         self.main_member = self.members[self.main]
         self.rows: list[Row] = []  # the running rows, in batch order
-        self.batches = [
-            MemberBatch(m, []) if i == self.main else self.hooks.helper_batch(m, [])
-            for i, m in enumerate(self.members)
-        ]
-        parallel = len({str(m.device) for m in self.members}) == len(self.members) > 1
+        self.batches = [self._batch(i, []) for i in range(len(self.members))]
+        # members in their own processes (Ray actors) each count as a device of their own
+        places = {("ray", m.name) if m.remote else ("device", str(m.device)) for m in self.members}
+        parallel = len(places) == len(self.members) > 1
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
+
+    def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
+        """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""
+        make = new_batch if i == self.main else self.hooks.helper_batch
+        batch = make(self.members[i], ids)
+        batch.chunk = self.prefill_chunk
+        return batch
 
     # --- rows in ------------------------------------------------------------------------
 
@@ -134,7 +140,7 @@ class BatchDecoder:
                     fuser=item.fuser,
                     owner=item.owner,
                     text=TextAssembler(item.config.stop),
-                    generator=_generator(seed),
+                    generator=row_generator(seed),
                     constraint=self._constraint(item),
                 )
             )
@@ -166,15 +172,12 @@ class BatchDecoder:
         """Prefill the prepared rows and add them to the running batch."""
         if not prepared.rows:
             return
-        fresh = [
-            MemberBatch(m, ids) if i == self.main else self.hooks.helper_batch(m, ids)
-            for i, (m, ids) in enumerate(zip(self.members, prepared.ids))
-        ]
+        fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
         try:
             for b, ids in enumerate(prepared.resume):
                 if ids:
                     self._resume(fresh, prepared.rows[b], b, list(ids))
-            self._forward(fresh, prepared.rows)
+            self._forward(fresh, prepared.rows, self.hooks.on_prefill)
         except BaseException:
             for batch in fresh:
                 batch.free()
@@ -215,6 +218,7 @@ class BatchDecoder:
         eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long)
         fused = suppress_end_tokens(fused, eos, early)
         tokens = self._choose(fused)
+        self._note_logprobs(fused, tokens)
         if self.hooks.on_step is not None:
             self.hooks.on_step(StepRecord(logits, tokens, [r.index for r in rows]))
         finished = self._append(tokens)
@@ -228,7 +232,8 @@ class BatchDecoder:
             if b in finished:
                 events.extend((row, e) for e in self._finish(b, finished[b]))
             elif delta := row.text.delta():
-                events.append((row, StreamEvent(delta=delta, index=row.index)))
+                event = StreamEvent(delta=delta, index=row.index, logprobs=row.take_logprobs())
+                events.append((row, event))
         self._keep([b for b in range(len(rows)) if b not in finished])
         return events
 
@@ -264,6 +269,26 @@ class BatchDecoder:
             for b, token in zip(rows, chosen):
                 tokens[b] = token
         return tokens
+
+    def _note_logprobs(self, fused: torch.Tensor, tokens: list[int]) -> None:
+        """Note the chosen tokens' log-probabilities for the rows that ask for them."""
+        asking = [b for b, row in enumerate(self.rows) if row.config.logprobs is not None]
+        if not asking:
+            return
+        logp = torch.log_softmax(fused[torch.tensor(asking)].float(), dim=-1)  # (b, V)
+        texts = self.main_member.vocab.texts
+        for logp_b, b in zip(logp, asking):
+            row, token = self.rows[b], tokens[b]
+            if token in self.main_member.eos_ids:
+                continue  # an end token is not text: not listed
+            top_k = row.config.logprobs or 0
+            top = logp_b.topk(top_k) if top_k else None
+            alternatives = (
+                [token_logprob(texts, int(i), float(v)) for v, i in zip(*top)] if top else []
+            )
+            entry = token_logprob(texts, token, float(logp_b[token]))
+            entry.top = alternatives
+            row.logprobs.append(entry)
 
     def _append(self, tokens: list[int]) -> dict[int, str]:
         """Append each row's token to the main member and its text; {batch row: reason}
@@ -309,13 +334,19 @@ class BatchDecoder:
             if row.text.stopped:
                 reason = "stop"
         if delta := row.text.delta(final=True):
-            yield StreamEvent(delta=delta, index=row.index)
+            yield StreamEvent(delta=delta, index=row.index, logprobs=row.take_logprobs())
         usage = row.usage
         for batch in self.batches:
             usage.fed_positions[batch.member.name] = batch.rows[b].fed_positions
         usage.total_seconds = time.perf_counter() - row.start
         token_ids = list(self.batches[self.main].rows[b].generated_ids)
-        yield StreamEvent(index=row.index, finish_reason=reason, usage=usage, token_ids=token_ids)
+        yield StreamEvent(
+            index=row.index,
+            finish_reason=reason,
+            usage=usage,
+            token_ids=token_ids,
+            logprobs=row.take_logprobs(),
+        )
 
     # --- rows out, forwards -------------------------------------------------------------
 
@@ -338,17 +369,30 @@ class BatchDecoder:
             else:
                 batch.free()
 
-    def _forward(self, batches: list[MemberBatch], rows: list[Row]) -> None:
-        """Feed every member; members on distinct devices run concurrently (torch releases
-        the GIL in its kernels), so a step waits only for the slowest member. Each row is
-        charged the forward time of the passes it took part in.
+    def _forward(
+        self,
+        batches: list[MemberBatch],
+        rows: list[Row],
+        report: Callable[[Member, Sequence[Row], int, int], None] | None = None,
+    ) -> None:
+        """Feed every member; members on distinct devices or in Ray actors run concurrently
+        (torch releases the GIL in its kernels; a Ray member's thread only waits), so a
+        step waits only for the slowest member. Each row is charged the forward time of
+        the passes it took part in; `report` hears each member's progress (the prefill's
+        `DecodeHooks.on_prefill`).
         """
+        for batch, i in zip(batches, self.member_index):
+            batch.logits_needed = _logits_needed(rows, i)  # what a remote member sends
         before = [batch.forward_seconds for batch in batches]
+        feeds = [
+            partial(batch.forward, None if report is None else partial(report, batch.member, rows))
+            for batch in batches
+        ]
         if self.pool is None:
-            for batch in batches:
-                batch.forward()
+            for feed in feeds:
+                feed()
         else:
-            for future in [self.pool.submit(batch.forward) for batch in batches]:
+            for future in [self.pool.submit(feed) for feed in feeds]:
                 future.result()
         for batch, start in zip(batches, before):
             spent = batch.forward_seconds - start
@@ -365,7 +409,15 @@ class BatchDecoder:
         self.rows = []
 
 
-def _generator(seed: int) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    return gen
+def _logits_needed(rows: Sequence[Row], member: int) -> int | None:
+    """The widest top-k of member `member`'s logits the rows' fusion reads; None: all of
+    them (a fusion method that does not say reads all).
+    """
+    widest = 0
+    for row in rows:
+        ask = getattr(row.fuser, "logits_needed", None)
+        need = ask(member) if ask is not None else None
+        if need is None:
+            return None
+        widest = max(widest, need)
+    return widest or None

@@ -25,6 +25,7 @@ tests check the ids equal a full tokenisation of the same text.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from ..errors import MemberError
 from ..members import Member
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
+PREFILL_CHUNK = 512  # positions a row feeds per forward pass (`SchedulerConfig.prefill_chunk`)
 _SPACES = (b" ", b"\n", b"\t", b"\r")
 
 
@@ -57,6 +59,9 @@ class RowIds:
 class MemberBatch:
     """One member's rows, KV cache and latest next-token logits."""
 
+    chunk: int = PREFILL_CHUNK
+    """Most positions a row feeds in one forward pass; `0`: no limit."""
+
     def __init__(self, member: Member, prompts_ids: list[list[int]]) -> None:
         self.member = member
         self.rows = [RowIds(prompt_ids=list(p), ids=list(p)) for p in prompts_ids]
@@ -66,6 +71,10 @@ class MemberBatch:
         self.valid = torch.zeros(len(self.rows), 0, dtype=torch.bool)  # (B, T)
         self.logits: torch.Tensor | None = None  # (B, V) after each row's last id
         self.forward_seconds = 0.0
+        # Top logits per row the loop's fusion reads from this member (None: all of them);
+        # set by the loop before each forward. A batch in another process sends only those
+        # (remote_batch.py); this one keeps the full logits anyway.
+        self.logits_needed: int | None = None
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -114,6 +123,15 @@ class MemberBatch:
         r.ids = target
         self._roll_back(row, keep)
 
+    def replace_ids(self, row: int, keep: int, tail: list[int]) -> None:
+        """Make a row's ids its first `keep` ids followed by `tail`, rolling its cache back
+        to `keep`: the edit `append` and `sync_text` make, as a batch in another process
+        receives it (step_protocol.EditIds).
+        """
+        r = self.rows[row]
+        r.ids = r.ids[:keep] + list(tail)
+        self._roll_back(row, keep)
+
     def _encode(self, text: str) -> list[int]:
         return self.member.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -143,14 +161,33 @@ class MemberBatch:
             self.valid[row, stale] = False
             r.cached = keep
 
-    def forward(self) -> None:
-        """Feed every row the ids its cache lacks, in one forward pass."""
-        width = max((len(r.ids) - r.cached for r in self.rows), default=0)
-        if width == 0:
-            return
+    def forward(self, on_fed: Callable[[int, int], None] | None = None) -> None:
+        """Feed every row the ids its cache lacks: one forward pass, or one per `chunk`
+        positions when a row has more (a long prompt's prefill), so attention's memory is
+        bounded by `chunk` times the cache length instead of the prompt length squared.
+
+        `on_fed(done, total)` is called after each pass with the positions fed so far and
+        in all (for progress bars).
+        """
+        total = sum(len(r.ids) - r.cached for r in self.rows)
+        done = 0
+        while True:
+            pending = max((len(r.ids) - r.cached for r in self.rows), default=0)
+            if pending == 0:
+                return
+            done += self._forward_once(min(pending, self.chunk) if self.chunk else pending)
+            if on_fed is not None:
+                on_fed(min(done, total), total)
+
+    def _forward_once(self, limit: int) -> int:
+        """One forward pass feeding each row at most `limit` of the ids its cache lacks;
+        returns the positions fed (a sliding window's re-fed ones included).
+        """
+        width = max(min(len(r.ids) - r.cached, limit) for r in self.rows)
         start = time.perf_counter()
-        self._make_room(width)
-        pending = [r.ids[r.cached :] for r in self.rows]
+        self._make_room(width, limit)
+        pending = [r.ids[r.cached : r.cached + limit] for r in self.rows]
+        width = max(len(ids) for ids in pending)
         input_ids, chunk_valid, positions = self._chunk(pending, width)
         mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
         device = self.member.device
@@ -180,21 +217,24 @@ class MemberBatch:
             logits[unchanged] = self.logits[unchanged]
         self.logits = logits
         self.valid = mask
+        fed = 0
         for r, ids in zip(self.rows, pending):
-            if r.cached >= len(r.prompt_ids):
-                r.fed_positions += len(ids)
-            else:  # the prefill: count only what lies past the prompt
-                r.fed_positions += max(0, len(r.ids) - len(r.prompt_ids))
-            r.cached = len(r.ids)
+            # only positions past the prompt count as sync cost
+            r.fed_positions += max(0, r.cached + len(ids) - max(r.cached, len(r.prompt_ids)))
+            fed += len(ids)
+            r.cached += len(ids)
         self.forward_seconds += time.perf_counter() - start
+        return fed
 
-    def _make_room(self, width: int) -> None:
+    def _make_room(self, width: int, limit: int) -> None:
         """Squeeze holes out of the cache where they would cost (see the module docstring)."""
         if self._window is not None and self.valid.shape[1] + width >= self._window:
             # A sliding window counts cache slots: no hole may sit inside it. Rows with
-            # fewer new ids re-feed their latest ones, then holes are squeezed out.
+            # fewer new ids (at most `limit` each) re-feed their latest ones, then holes
+            # are squeezed out.
             for b, r in enumerate(self.rows):
-                self._roll_back(b, max(0, r.cached - (width - (len(r.ids) - r.cached))))
+                new = min(len(r.ids) - r.cached, limit)
+                self._roll_back(b, max(0, r.cached - (width - new)))
             if self._has_holes():
                 self._compact()
         elif self._has_holes() and self._holes() * 4 >= self.valid.numel():

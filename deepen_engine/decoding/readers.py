@@ -14,39 +14,52 @@ import queue
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
-from ..outputs import StreamEvent
+from ..outputs import Progress, StreamEvent
 from .scheduler import Request, Scheduler, Sink
 
 RELEASE_WAIT = 60.0  # seconds a stopped reader waits for its rows to leave the batch
 
 
+OnProgress = Callable[[Progress], None]
+
+
 class _Messages:
     """The state of one reader: what each message means."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_progress: OnProgress | None = None) -> None:
         self.released = False
         self.done = False
+        self.on_progress = on_progress
 
     def take(self, kind: str, item: Any) -> StreamEvent | None:
-        """The event a message carries, if any; raises the request's error."""
+        """The event a message carries, if any; raises the request's error; hands
+        progress to the caller's callback (in the reader's thread).
+        """
         if kind == "released":
             self.released = True
         elif kind == "error":
             raise item
         elif kind == "done":
             self.done = True
+        elif kind == "progress":
+            if self.on_progress is not None and not self.done:
+                self.on_progress(item)
         else:
             return item  # an "event" message carries one
         return None
 
 
 def read(
-    scheduler: Scheduler, submit: Callable[[Sink], Request]
+    scheduler: Scheduler,
+    submit: Callable[[Sink], Request],
+    on_progress: OnProgress | None = None,
 ) -> Generator[StreamEvent, None, None]:
-    """Submit a request (`submit(sink)`) and yield its events in this thread."""
+    """Submit a request (`submit(sink)`) and yield its events in this thread;
+    `on_progress` is called, in this thread, with each `Progress` the request reports.
+    """
     inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
     request = submit(lambda kind, item: inbox.put((kind, item)))
-    state = _Messages()
+    state = _Messages(on_progress)
     try:
         while not state.done:
             event = state.take(*inbox.get())
@@ -65,9 +78,13 @@ def read(
 
 
 async def aread(
-    scheduler: Scheduler, submit: Callable[[Sink], Request]
+    scheduler: Scheduler,
+    submit: Callable[[Sink], Request],
+    on_progress: OnProgress | None = None,
 ) -> AsyncGenerator[StreamEvent, None]:
-    """Submit a request and yield its events on the running asyncio loop."""
+    """Submit a request and yield its events on the running asyncio loop (`on_progress`
+    as in `read`, on the loop).
+    """
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     cancelled: list[Request] = []
@@ -81,7 +98,7 @@ async def aread(
 
     request = submit(post)
     cancelled.append(request)
-    state = _Messages()
+    state = _Messages(on_progress)
     try:
         while not state.done:
             event = state.take(*await inbox.get())

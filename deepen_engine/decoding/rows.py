@@ -1,5 +1,5 @@
-"""The rows of the decoding loop: what a row asks for (`NewRow`), a running row (`Row`),
-new rows ready to join (`Prepared`), and the loop's hooks for measuring it (`DecodeHooks`,
+"""The rows of the decoding loop: what is asked for (`NewRow`), what runs (`Row`), new rows
+ready to join (`Prepared`), and the loop's hooks for measuring it (`DecodeHooks`,
 `StepRecord`).
 """
 
@@ -14,10 +14,11 @@ import torch
 from ..config import GenerationConfig
 from ..fusion import Fuser
 from ..members import Member
-from ..outputs import Usage
+from ..outputs import TokenLogprob, Usage
 from .constraints import ConstraintSpec, RowConstraint
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt
+from .remote_batch import new_batch
 from .text import TextAssembler
 
 
@@ -27,7 +28,7 @@ class StepRecord:
 
     logits: list[torch.Tensor]
     """Per member run (B, V_i) next-token logits (only the main member's when the batch
-    runs it alone)."""
+    runs it alone); a helper in a Ray actor gives its top-k only (`TopLogits`)."""
     tokens: list[int]
     """The token chosen for each batch row."""
     rows: list[int]
@@ -38,10 +39,13 @@ class StepRecord:
 class DecodeHooks:
     """Variations of the loop for measuring it; the defaults are plain decoding."""
 
-    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = MemberBatch
+    helper_batch: Callable[[Member, list[list[int]]], MemberBatch] = new_batch
     """Builds each helper member's batch from its rows' prompt ids."""
     on_step: Callable[[StepRecord], None] | None = None
     """Called at each step once the tokens are chosen, before they are appended."""
+    on_prefill: Callable[[Member, Sequence[Row], int, int], None] | None = None
+    """Called as new rows are prefilled, after each chunk: the member, the rows, and the
+    prompt positions that member has fed so far and in all."""
 
 
 @dataclass
@@ -73,6 +77,14 @@ class Row:
     generated: int = 0  # tokens chosen so far (resumed ids included)
     start: float = field(default_factory=time.perf_counter)
     constraint: RowConstraint | None = None  # the row's grammar state, if constrained
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not handed out yet
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The log-probabilities noted since the last event (None when not asked for)."""
+        if self.config.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
 
 @dataclass
@@ -82,3 +94,18 @@ class Prepared:
     rows: list[Row]
     ids: list[list[list[int]]]  # [member run][row] prompt ids
     resume: list[Sequence[int]]
+
+
+def token_logprob(texts: Sequence[bytes | None], token: int, value: float) -> TokenLogprob:
+    """A token's log-probability entry, its text from the vocabulary's bytes."""
+    data = texts[token] or b""
+    return TokenLogprob(
+        token=data.decode("utf-8", errors="replace"), id=token, logprob=value, bytes=list(data)
+    )
+
+
+def row_generator(seed: int) -> torch.Generator:
+    """A row's own random stream."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen

@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from ..config import SchedulerConfig
 from ..errors import ConfigError, QueueFullError, RequestTimeoutError
 from ..members import Member
-from ..outputs import StreamEvent
-from .loop import BatchDecoder, NewRow, Row
+from ..outputs import Progress, StreamEvent
+from .loop import BatchDecoder
+from .rows import DecodeHooks, NewRow, Row
 
 Sink = Callable[[str, object], None]
 """Receives ("event", StreamEvent)s, then ("done", None) or ("error", exception), and last
 ("released", None) once none of the request's rows is in the batch any more (its cache
-rows are freed). Called from the worker thread."""
+rows are freed); a request that asked for progress also gets ("progress", Progress)
+messages as its prompts are read and after each step. Called from the worker thread."""
 
 
 @dataclass(eq=False)
@@ -57,6 +59,8 @@ class Request:
     finished: int = 0  # rows done
     failed: bool = False
     released: bool = False
+    progress: bool = False  # whether the reader wants ("progress", Progress) messages
+    generated: int = 0  # tokens chosen for the request's rows so far
 
     @property
     def key(self) -> tuple[int, bool]:
@@ -152,8 +156,12 @@ class Scheduler:
             if decoder is None or not decoder.rows:
                 continue
             try:
-                # 4. one step for every running row.
-                for row, event in decoder.step():
+                # 4. one step for every running row (progress first: the final events
+                # end the readers).
+                stepping = [_owner(row) for row in decoder.rows]
+                events = decoder.step()
+                self._step_progress(stepping)
+                for row, event in events:
                     self._deliver(row, event)
                 # 5. the next step's logits.
                 if decoder.rows:
@@ -248,6 +256,20 @@ class Scheduler:
                 self._abandon(request, exc)
                 self._release_if_out(request)
 
+    def _prefill_progress(self, member: Member, rows: Sequence[Row], done: int, total: int) -> None:
+        """Tell the requests whose rows are being prefilled how far `member` has read."""
+        for request in {id(_owner(r)): _owner(r) for r in rows}.values():
+            if request.progress:
+                request.sink("progress", Progress("prefill", done, total, member.name))
+
+    def _step_progress(self, stepping: list[Request]) -> None:
+        """Count the tokens a step chose for each request (one per row it ran)."""
+        for request in {id(r): r for r in stepping}.values():
+            request.generated += sum(r is request for r in stepping)
+            if request.progress:
+                budget = sum(row.config.max_new_tokens for row in request.rows)
+                request.sink("progress", Progress("generate", request.generated, budget))
+
     def _deliver(self, row: Row, event: StreamEvent) -> None:
         request = _owner(row)
         if request.failed or request.cancelled.is_set():
@@ -283,7 +305,13 @@ class Scheduler:
             return
         if self._decoder is not None:
             self._decoder.close()
-        self._decoder = BatchDecoder(self.members, request.main, request.run_helpers)
+        self._decoder = BatchDecoder(
+            self.members,
+            request.main,
+            request.run_helpers,
+            DecodeHooks(on_prefill=self._prefill_progress),
+            prefill_chunk=self.config.prefill_chunk,
+        )
         self._key = request.key
 
     def _shut_down(self) -> None:

@@ -1,13 +1,18 @@
-"""Fusing the members' next-token distributions (DeePEn): aggregate in relative space, then
+"""DeePEn (arXiv 2404.12715): aggregate the members' distributions in relative space, then
 search the main member's logits whose relative distribution matches the aggregate.
 
-Pipeline of `Fuser.fuse`, for a batch of rows:
+Pipeline of `DeepenFuser._fuse_rows`, for a batch of rows:
 
-1. Each member keeps its top-k tokens (special tokens dropped) and maps them to a relative
-   distribution over the anchors, `r_i = sum_v p_i(v) rel_i(v)` (alignment/relative.py).
-2. Aggregate `r = sum_i w_i r_i` (weights renormalised over members that kept any mass).
-3. Candidates: the main member's top tokens, plus its tokens for every anchor another
-   member proposed, so a helper can lift a token the main member ranks low.
+1. Each member's relative distribution over the anchors, `r_i = sum_v p_i(v) rel_i(v)`
+   (alignment/relative.py). Every token that is an anchor enters (its row is one-hot: a
+   scatter, no cost); non-anchor tokens, whose rows cost a softmax over the anchors each,
+   enter in order of probability until those left out hold at most `1 - top_mass` of the
+   probability, at most `top_k` of them (`kept_non_anchors`). Special tokens never enter.
+2. Aggregate `r = sum_i w_i r_i` (`Fuser.row_weights`, renormalised over members that
+   kept any mass).
+3. Candidates: the main member's top `candidates` tokens, plus its tokens for every anchor
+   among another member's top `candidates` tokens, so a helper can lift a token the main
+   member ranks low.
 4. Inverse search: from the main member's logits `z` on the candidates, take `steps`
    AdamW steps on `KL(r || softmax(z) @ R_main)` (mean over the anchors, as the reference),
    with cosine-annealed learning rate. The gradient is analytic, batched over rows.
@@ -24,57 +29,47 @@ import torch
 from ..alignment.relative import RelativeSpace
 from ..alignment.vocabulary import Anchors
 from ..config import FusionConfig
-from ..members import Member
+from .base import Fuser, register
+from .context import FusionContext
 from .search import Q_FLOOR, adamw_search
 
 
-class Fuser:
+def kept_non_anchors(
+    probs: torch.Tensor, is_anchor: torch.Tensor, top_k: int, top_mass: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fast path's non-anchor tokens of each row, most probable first.
+
+    probs: (B, V) probabilities (special tokens at 0); is_anchor: (V,) bool. Tokens enter
+    while the non-anchor mass not yet entered exceeds `1 - top_mass`, at most `top_k`.
+    Returns ids (B, k), their probabilities (B, k) (0 where not kept) and the probability
+    left out per row (B,).
+    """
+    rest = torch.where(is_anchor, 0.0, probs)  # (B, V) non-anchor probabilities
+    k = min(top_k, rest.shape[-1])
+    top_p, top_ids = rest.topk(k, dim=-1)  # (B, k) sorted
+    total = rest.sum(-1, keepdim=True)  # (B, 1)
+    before = total - (top_p.cumsum(-1) - top_p)  # non-anchor mass not entered before j
+    keep = (before > 1.0 - top_mass) & (top_p > 0)
+    kept_p = torch.where(keep, top_p, 0.0)
+    leftout = (total.squeeze(-1) - kept_p.sum(-1)).clamp(min=0.0)
+    return top_ids, kept_p, leftout
+
+
+@register("deepen")
+class DeepenFuser(Fuser):
     """Batched DeePEn fusion over fixed members, anchors and settings.
 
-    Build it with `Fuser.build(members, anchors, config)`; the constructor takes the parts
-    directly (tests build small ones by hand).
+    `Fuser.build(members, anchors, FusionConfig(method="deepen"))` makes one for loaded
+    members; the constructor takes the parts directly (tests build small ones by hand).
     """
 
     @classmethod
-    def build(
-        cls, members: Sequence[Member], anchors: Anchors | None, config: FusionConfig
-    ) -> Fuser:
-        """The fuser of loaded members: one relative space per member over the anchors
-        (none for a single member, whose `anchors` is None), and which tokens have text.
-        """
-        has_text = [
-            torch.tensor([t is not None for t in m.vocab.texts], dtype=torch.bool)
-            for m in members
-        ]
-        spaces = _relative_spaces(members, anchors, config) if anchors is not None else []
-        fuser = cls(
-            spaces,
-            has_text,
-            anchors or Anchors(texts=[], token_ids=[], token_to_anchor=[]),
-            config,
-            members[config.main].eos_ids,
-        )
-        fuser.members = list(members)
-        return fuser
-
-    def with_config(self, config: FusionConfig) -> Fuser:
-        """The same members and anchors with other settings. The relative spaces (and
-        their row caches) are shared unless `tau` or `row_cache_size` changed.
-        """
-        if not self.members:
-            raise RuntimeError("with_config needs a fuser made by Fuser.build")
-        same_space = (config.tau, config.row_cache_size) == (
-            self.config.tau,
-            self.config.row_cache_size,
-        )
-        spaces = self.spaces
-        if not same_space and self.spaces:
-            spaces = _relative_spaces(self.members, self.anchors, config)
-        fuser = type(self)(
-            spaces, self.has_text, self.anchors, config, self.members[config.main].eos_ids
-        )
-        fuser.members = self.members
-        return fuser
+    def from_context(cls, context: FusionContext, config: FusionConfig) -> DeepenFuser:
+        """DeePEn over the ensemble's shared relative spaces (none for one member)."""
+        spaces: list[RelativeSpace] = []
+        if context.anchors.texts:
+            spaces = context.spaces(config.tau, config.row_cache_size, config.disk_cache_rows)
+        return cls(spaces, context.has_text, context.anchors, config, context.end_ids)
 
     def __init__(
         self,
@@ -82,61 +77,53 @@ class Fuser:
         has_text: Sequence[torch.Tensor],  # per member (V,) bool: the token has text
         anchors: Anchors,
         config: FusionConfig,
-        main_eos_ids: frozenset[int],
+        end_ids: Sequence[frozenset[int]],  # per member: its end-of-text token ids
     ) -> None:
+        super().__init__(anchors, end_ids, config)
         self.spaces = list(spaces)
         self.has_text = list(has_text)
-        self.anchors = anchors
-        self.config = config
-        self.main = config.main
-        # one weight per member (a single member has no relative space, but a weight of 1)
-        self.weights = torch.tensor(config.normalised_weights(len(self.has_text)))
-        self.main_eos_ids = torch.tensor(sorted(main_eos_ids), dtype=torch.long)
-        self.members: list[Member] = []  # set by build: what with_config rebuilds from
+
+    def logits_needed(self, member: int) -> int | None:
+        """How many of member `member`'s top logits per row `fuse` reads (with their log
+        normaliser), or None for all of them. A member in another process sends only these
+        (decoding/step_protocol.py). All, for every member: the fast path reads every
+        anchor token's probability (step 1), and the main member's candidates' logits are
+        changed in place and sampled from with the rest.
+        """
+        return None
 
     @property
     def is_identity(self) -> bool:
         """Whether fusion returns the main member's logits unchanged."""
         cfg = self.config
-        return cfg.eta == 0 or cfg.steps == 0 or float(self.weights[self.main]) == 1.0
+        return cfg.eta == 0 or cfg.steps == 0 or super().is_identity
 
-    def fuse(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Fused logits in the main member's vocabulary.
-
-        logits: per member (B, V_i) next-token logits. Returns (B, V_main) float32.
-        """
+    def _fuse_rows(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fused (B, V_main) float32 logits; logits: per member (B, V_i)."""
         main_logits = logits[self.main].float()  # (B, V)
-        if self.is_identity:
-            return main_logits
         cfg = self.config
+        batch = main_logits.shape[0]
         # 1-2. relative distributions of every member, aggregated with the weights.
-        proposals: list[torch.Tensor] = []  # per member (B, k) anchor index or -1
-        r = torch.zeros(main_logits.shape[0], len(self.anchors))  # (B, A)
-        weight_sum = torch.zeros(main_logits.shape[0], 1)  # (B, 1)
-        main_top: torch.Tensor | None = None  # (B, max(k, C)) main ids, best first
+        proposals: list[torch.Tensor] = []  # per member (B, C) anchor index or -1
+        r = torch.zeros(batch, len(self.anchors))  # (B, A)
+        weight_sum = torch.zeros(batch, 1)  # (B, 1)
+        weights = self.row_weights(logits)  # (B, N)
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
-            member_logits = member_logits.float()
-            k = min(cfg.top_k, member_logits.shape[-1])
-            if i == self.main:
-                k_main = min(max(cfg.top_k, cfg.candidates), member_logits.shape[-1])
-                top_logits, main_top = member_logits.topk(k_main, dim=-1)
-                top_logits, top_ids = top_logits[:, :k], main_top[:, :k]
-            else:
-                top_logits, top_ids = member_logits.topk(k, dim=-1)  # (B, k)
-            # top-k probabilities without materialising the (B, V) softmax
-            top_p = (top_logits - member_logits.logsumexp(-1, keepdim=True)).exp()
-            top_p = torch.where(self.has_text[i][top_ids], top_p, 0.0)
-            r_i = space.distribution(top_p, top_ids)  # (B, A), rows sum to 1 or 0
-            kept = (r_i.sum(-1, keepdim=True) > 0).float()
-            r += self.weights[i] * r_i
-            weight_sum += self.weights[i] * kept
-            anchor = space.token_to_anchor[top_ids]
-            proposals.append(torch.where(top_p > 0, anchor, -1))
+            probs = torch.softmax(member_logits.float(), dim=-1)  # (B, V_i)
+            probs = torch.where(self.has_text[i], probs, 0.0)
+            r_i = self._relative(probs, space)  # (B, A), rows sum to 1 or 0
+            w = weights[:, i : i + 1]  # (B, 1)
+            r += w * r_i
+            weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float()
+            c = min(cfg.candidates, probs.shape[-1])
+            top_p, top_ids = probs.topk(c, dim=-1)  # (B, C) proposals: anchors among them
+            proposals.append(torch.where(top_p > 0, space.token_to_anchor[top_ids], -1))
         r = r / weight_sum.clamp(min=1e-30)
 
         # 3. candidates in the main vocabulary, padded per row: (B, M) ids and mask.
-        assert main_top is not None
-        cand_ids, valid = self._candidates(main_top[:, : cfg.candidates], proposals)
+        c_main = min(cfg.candidates, main_logits.shape[-1])
+        main_top = main_logits.topk(c_main, dim=-1).indices  # (B, C) main ids, best first
+        cand_ids, valid = self._candidates(main_top, proposals)
 
         # 4. inverse search on the candidate logits.
         z = main_logits.gather(1, cand_ids)  # (B, M)
@@ -149,6 +136,22 @@ class Fuser:
         keep_main = torch.isin(main_top[:, 0], self.main_eos_ids)  # (B,) top token ends
         no_candidates = ~valid.any(-1)
         return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
+
+    def _relative(self, probs: torch.Tensor, space: RelativeSpace) -> torch.Tensor:
+        """(B, A) relative distributions of probabilities (B, V) (step 1), normalised."""
+        cfg = self.config
+        anchor = space.token_to_anchor  # (V,)
+        is_anchor = anchor >= 0
+        out = torch.zeros(probs.shape[0], space.num_anchors)
+        index = anchor.clamp(min=0).expand_as(probs)  # (B, V)
+        out.scatter_add_(1, index, torch.where(is_anchor, probs, 0.0))
+        ids, kept_p, _ = kept_non_anchors(probs, is_anchor, cfg.top_k, cfg.top_mass)
+        b_idx, j_idx = (kept_p > 0).nonzero(as_tuple=True)
+        if b_idx.numel():
+            rows = space.non_anchor_rows(ids[b_idx, j_idx].tolist())  # (n, A)
+            out.index_add_(0, b_idx, rows * kept_p[b_idx, j_idx, None])
+        mass = out.sum(-1, keepdim=True)
+        return torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
 
     def _candidates(
         self, top: torch.Tensor, proposals: list[torch.Tensor]
@@ -217,18 +220,3 @@ class Fuser:
                 return u / num_anchors
 
         return adamw_search(z, valid, gradient_of_s, cfg)
-
-
-def _relative_spaces(
-    members: Sequence[Member], anchors: Anchors, config: FusionConfig
-) -> list[RelativeSpace]:
-    return [
-        RelativeSpace(
-            m.model.get_input_embeddings().weight,
-            anchors.token_ids[i],
-            anchors.token_to_anchor[i],
-            tau=config.tau,
-            cache_size=config.row_cache_size,
-        )
-        for i, m in enumerate(members)
-    ]

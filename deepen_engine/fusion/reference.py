@@ -1,8 +1,8 @@
-"""DeePEn fusion over the full vocabularies, to check the top-k fast path (deepen.py).
+"""DeePEn fusion over the full vocabularies, to check the fast path (deepen.py).
 
-The fast path keeps each member's top-k tokens and searches the main member's top tokens
-plus those the others propose. `ReferenceFuser` follows the same formulas with every token
-that has text:
+The fast path keeps each member's anchor tokens and its most probable non-anchor tokens
+(by mass, with a cap), and searches the main member's top tokens plus those the others
+propose. `ReferenceFuser` follows the same formulas with every token that has text:
 
 1. Each member's relative distribution `r_i = sum_v p_i(v) rel_i(v)` over its whole
    vocabulary: anchor tokens land on their anchor (one-hot rows, as in the fast path),
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .deepen import Fuser
+from .deepen import DeepenFuser
 from .search import Q_FLOOR, adamw_search
 
 
@@ -42,7 +42,7 @@ class ReferenceStep:
 
 
 class ReferenceFuser:
-    """Full-vocabulary DeePEn fusion with the settings of a fast-path `Fuser`.
+    """Full-vocabulary DeePEn fusion with the settings of a fast-path `DeepenFuser`.
 
     Args:
         fuser: the fast path to mirror (members' relative spaces, weights, settings).
@@ -51,7 +51,14 @@ class ReferenceFuser:
         row_cache: non-anchor rows kept between steps per member (each is |A| floats).
     """
 
-    def __init__(self, fuser: Fuser, leftout_mass: float = 1e-4, row_cache: int = 8192) -> None:
+    def __init__(
+        self, fuser: DeepenFuser, leftout_mass: float = 1e-4, row_cache: int = 8192
+    ) -> None:
+        if not isinstance(fuser, DeepenFuser):
+            raise TypeError(
+                f"ReferenceFuser checks DeePEn's fast path; got a {type(fuser).__name__} "
+                f"(method {fuser.method!r}), whose fusion has no approximation to check."
+            )
         if leftout_mass < 0 or leftout_mass >= 1:
             raise ValueError(f"leftout_mass must be in [0, 1), got {leftout_mass}.")
         self.fuser = fuser
@@ -68,6 +75,7 @@ class ReferenceFuser:
         # 1. every member's relative distribution over the anchors.
         r = torch.zeros(num_anchors)
         weight_sum = 0.0
+        weights = fuser.row_weights([x.float()[None, :] for x in logits])[0]  # (N,)
         leftout: list[float] = []
         used: list[int] = []
         main_rest: torch.Tensor | None = None  # the main member's non-anchor ids that entered
@@ -83,8 +91,8 @@ class ReferenceFuser:
             r_i += probs[rest_ids] @ rows
             mass = float(r_i.sum())
             if mass > 0:
-                r += float(fuser.weights[i]) * (r_i / mass)
-                weight_sum += float(fuser.weights[i])
+                r += float(weights[i]) * (r_i / mass)
+                weight_sum += float(weights[i])
             leftout.append(left)
             used.append(int(rest_ids.numel()))
             if i == main:

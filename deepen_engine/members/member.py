@@ -1,6 +1,6 @@
 """What a member is: `MemberSpec` (what the user asks for: a source, a name, a device, a
-dtype) and `Member` (what is loaded: model, tokenizer, canonical vocabulary), plus the
-names and identities of sources worked out without loading anything.
+dtype, where it runs) and `Member` (what is loaded: model, tokenizer, canonical
+vocabulary), plus the names and identities of sources worked out without loading anything.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..alignment.vocabulary import CanonicalVocab
+from ..config import _explain
 from ..errors import ConfigError
 from .embedded import EMBEDDED
 
@@ -27,9 +28,22 @@ class MemberSpec(BaseModel):
     `source` is an embedded name (`smollm2-135m-instruct`, `gemma-3-270m`), a `.gguf`
     file, a local model folder, a Hugging Face hub id, or a ready `(model, tokenizer)`
     pair.
+
+    `placement="ray"` runs the member in its own Ray actor (members/ray_backend.py), on
+    the node Ray places it, with the resources `num_cpus`, `num_gpus` and `resources`;
+    the other `ray` settings below apply to such members only. A bad value raises
+    `ConfigError` naming the field.
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, use_attribute_docstrings=True
+    )
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_explain("MemberSpec", exc)) from None
 
     source: Any
     name: str | None = None
@@ -41,6 +55,31 @@ class MemberSpec(BaseModel):
     chat_template: str | None = None
     """Jinja chat template for this member, replacing its tokenizer's (see decoding/chat.py for the
     fallback when neither exists)."""
+    placement: Literal["local", "ray"] = "local"
+    """Where the member runs: `local` (in this process) or `ray` (in its own Ray actor, the
+    model loaded where Ray places it; needs `pip install 'deepen[ray]'`)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """ray: CPUs reserved for the member's actor; it runs `max(1, int(num_cpus))` torch
+    threads."""
+    num_gpus: float = Field(0.0, ge=0)
+    """ray: GPUs reserved for the member's actor (with `device="cuda"`); fractions let
+    members share a GPU (`0.5` each)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """ray: custom Ray resources the actor needs, e.g. `{"gpu_node_a": 1}` to place it on
+    the node started with `ray start --resources='{"gpu_node_a": 1}'`."""
+    address: str | None = None
+    """ray: the Ray cluster, `HOST:6379` (or `auto`, `ray://HOST:10001`). `None`:
+    `RAY_ADDRESS`, else the Ray this process already joined, else a new local Ray on this
+    machine. The Ray members of one ensemble must name the same cluster."""
+    step_timeout: float = Field(120.0, gt=0)
+    """ray: seconds to wait for the actor's answer to one step (its forward pass
+    included); past it the request fails with `MemberError` naming the member, and the
+    actor is restarted."""
+    load_timeout: float = Field(900.0, gt=0)
+    """ray: seconds to wait for the actor to load its model (a first GGUF conversion
+    included), or to come back after a restart."""
+    max_restarts: int = Field(3, ge=-1)
+    """ray: how many times Ray restarts the actor after it dies (`-1`: always)."""
 
     @field_validator("dtype")
     @classmethod
@@ -48,6 +87,35 @@ class MemberSpec(BaseModel):
         if value not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         return value
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> MemberSpec:
+        ray_only = RAY_FIELDS & self.model_fields_set
+        if self.placement == "local" and ray_only:
+            named = ", ".join(f"{f}={getattr(self, f)!r}" for f in sorted(ray_only))
+            raise ValueError(
+                f"{named} {'applies' if len(ray_only) == 1 else 'apply'} to placement='ray' "
+                "only; add placement='ray' to run the member in a Ray actor, or leave it out"
+            )
+        if self.placement != "ray":
+            return self
+        if not isinstance(self.source, (str, Path)):
+            raise ValueError(
+                "placement='ray' loads the model in its actor, from a name: give an embedded "
+                "name, a .gguf file, a model folder or a hub id, not a ready object"
+            )
+        on_gpu = self.device.startswith("cuda")
+        if self.num_gpus > 0 and not on_gpu:
+            raise ValueError(
+                f"num_gpus={self.num_gpus} reserves a GPU but device={self.device!r}; add "
+                "device='cuda' (Ray makes the actor's GPU its cuda:0)"
+            )
+        if on_gpu and self.num_gpus == 0:
+            raise ValueError(
+                f"device={self.device!r} in a Ray actor needs num_gpus > 0: Ray hides the "
+                "GPUs from an actor that reserves none"
+            )
+        return self
 
 
 @dataclass
@@ -65,16 +133,26 @@ class Member:
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     cache_argument: str = "past_key_values"  # transformers >= 5.x names it `cache`
     chat_template: str | None = None
+    # The link to the process that runs this member (a Ray actor, members/ray_backend.py),
+    # or None when it runs here. `model` is then a `RemoteModel`: config and embeddings.
+    remote: Any = None
 
     @property
     def num_parameters(self) -> int:
         """Parameter count of the model."""
+        if self.remote is not None:
+            return int(self.remote.num_parameters)
         return sum(p.numel() for p in self.model.parameters())
 
     @property
     def context_window(self) -> int | None:
         """Longest sequence the model was configured for, if it says."""
         return getattr(self.model.config, "max_position_embeddings", None)
+
+
+RAY_FIELDS = frozenset(
+    {"num_cpus", "num_gpus", "resources", "address", "step_timeout", "load_timeout", "max_restarts"}
+)
 
 
 def cache_dir() -> Path:
@@ -139,13 +217,33 @@ def source_key(spec: MemberSpec) -> tuple[str, Any]:
 
 
 def not_found_hint(text: str) -> str:
-    """What to say when `text` names no embedded model, file or folder."""
-    close = difflib.get_close_matches(text, list(EMBEDDED), n=1)
-    guess = f" Did you mean {close[0]!r}?" if close else ""
+    """What to say when `text` names no embedded model, file or folder (the hub part is
+    added by whoever tried the hub), with the embedded name it most likely meant.
+    """
+    close = near_embedded_name(text)
+    guess = f" Did you mean {close!r}?" if close else ""
     return (
         f"Member {text!r} is not an embedded name ({', '.join(EMBEDDED)}) nor an existing "
-        f"file or folder, and loading it as a hub id failed.{guess}"
+        f"file or folder.{guess}"
     )
+
+
+def near_embedded_name(text: str) -> str | None:
+    """The embedded name `text` most likely means: the same letters and digits (case,
+    dashes and a hub owner aside: `HuggingFaceTB/SmolLM2-135M-Instruct`), a start of one
+    (`smollm2`), or a close spelling (`gemma-3-27m`).
+    """
+
+    def key(name: str) -> str:
+        return "".join(ch for ch in name.rsplit("/", 1)[-1].lower() if ch.isalnum())
+
+    wanted = key(text)
+    if len(wanted) >= 4:
+        for name in EMBEDDED:
+            if key(name).startswith(wanted):
+                return name
+    close = difflib.get_close_matches(text.lower(), list(EMBEDDED), n=1)
+    return close[0] if close else None
 
 
 def object_name(model: Any) -> str:

@@ -110,10 +110,11 @@ class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
     per reply. `structured_predict` / `as_structured_llm` constrain the reply to the output
     class's JSON schema.
 
-    Per call: every generation setting and the fusion settings (`main`, `weights`, `tau`,
-    `fusion_top_k`, `candidates`, `eta`, `steps`) are keyword overrides, e.g.
-    `llm.complete(p, eta=0)` (the main member alone; a cached view, nothing reloads); a
-    call's `stop` adds to the field's. Other keywords LlamaIndex passes along are ignored.
+    Per call: every generation setting and the fusion settings (`method`, `gate`, `main`,
+    `weights`, `tau`, `fusion_top_k`, `candidates`, `eta`, `steps`) are keyword overrides,
+    e.g. `llm.complete(p, method="union")` or `llm.complete(p, eta=0)` (the main member
+    alone; a cached view, nothing reloads); a call's `stop` adds to the field's. Other
+    keywords LlamaIndex passes along are ignored.
     Concurrent calls (threads or tasks) are safe: the engine runs one request at a time per
     set of loaded members.
     """

@@ -18,3 +18,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _relative_rows_in_a_temporary_folder(tmp_path_factory):
+    """Relative rows the unit tier computes go to a temporary disk cache, not the user's."""
+    from deepen_engine.fusion import context
+
+    original = context.cache_dir
+    folder = tmp_path_factory.mktemp("deepen-cache")
+    context.cache_dir = lambda: folder
+    yield folder
+    context.cache_dir = original

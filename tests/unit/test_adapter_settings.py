@@ -195,3 +195,22 @@ def test_loaded_models_use_the_rule_too(tiny_pair):
         assert not adapter.is_loaded
         assert adapter.ensemble.main.name == "tiny-llama"
     assert DeepEnLLM(models=models, min_anchors=50).ensemble.main.name == "tiny-gemma"
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.__module__ + "." + a.__name__)
+def test_a_call_past_its_timeout_raises_and_the_next_call_is_served(tiny_ensemble, adapter):
+    from deepen_engine import RequestTimeoutError
+
+    with pytest.raises(ConfigError, match="timeout"):
+        adapter(ensemble=tiny_ensemble, timeout=-1)
+    llm = adapter(ensemble=tiny_ensemble, max_tokens=4, timeout=1e-9, main=0)
+    call = llm.complete if adapter is LlamaIndexLLM else llm.invoke
+    with pytest.raises(RequestTimeoutError, match="timeout"):
+        call(PROMPT)
+    fine = call(PROMPT, timeout=30)  # a per-call timeout replaces the field's
+    if adapter is ChatDeepEn:  # the prompt becomes a one-message conversation
+        chat = [{"role": "user", "content": PROMPT}]
+        assert fine.content == tiny_ensemble.generate(chat, max_new_tokens=4).text
+    else:
+        text = fine.text if adapter is LlamaIndexLLM else fine
+        assert text == tiny_ensemble.generate(PROMPT, max_new_tokens=4).text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -23,7 +24,13 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
     names = figures["members"]
     assert len(names) == 2 and figures["main"] == names[0]
 
-    assert figures["speed"]["cold_run"]["batch_size"] == 2
+    cold = figures["speed"]["cold_run"]
+    assert cold["batch_size"] == 2
+    warm = next(r for r in figures["speed"]["rows"] if r["batch_size"] == 2)
+    assert cold["cold_over_warm"] == pytest.approx(
+        cold["ensemble_ms"] / warm["ensemble_ms"], rel=0.01
+    )
+    assert cold["rows_computed"] + cold["rows_from_disk"] > 0
     rows = figures["speed"]["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     for r in rows:
@@ -51,7 +58,8 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
 
     fidelity = figures["fidelity"]
     assert fidelity["prompts"] == 2 and 2 <= fidelity["steps"] <= 6
-    assert fidelity["agreement"] == pytest.approx(fidelity["agreeing_steps"] / fidelity["steps"])
+    share = fidelity["agreeing_steps"] / fidelity["steps"]
+    assert fidelity["agreement"] == pytest.approx(share, abs=1e-4)  # rounded to 4 places
     assert all(0 <= m <= 1e-4 for m in fidelity["max_leftout_mass"].values())
     for name in names:
         fast = fidelity["fast_path_leftout_mass"][name]
@@ -72,7 +80,7 @@ def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
     from deepen_engine.commands.bench import fidelity
 
     biggest = max(len(m.vocab) for m in tiny_ensemble.members)
-    full = tiny_ensemble.with_fusion(top_k=biggest, candidates=biggest)
+    full = tiny_ensemble.with_fusion(top_k=biggest, top_mass=1.0, candidates=biggest)
     result = fidelity(full, ["The capital of France is", "def add(a, b):"], 4, 0.0, lambda: None)
     assert result["steps"] >= 2
     assert result["agreement"] == 1.0 and result["disagreements"] == []
@@ -144,3 +152,45 @@ def test_bench_constraint_section(tiny_folders, capsys):
     assert "any text" in table and "+json" in table
     assert main(["bench", *member_args(tiny_folders), *one, "--constraint-mains", "5"]) == 2
     assert "--constraint-mains [5] out of range" in capsys.readouterr().err
+def test_bench_serving_runs_both_modes_on_one_workload(tiny_folders, capsys):
+    flags = ["--serving", "--concurrency", "1", "3", "--serving-tokens", "2", "5",
+             "--arrival-rate", "50", "--seed", "1", "--repeat", "2", "--json"]  # fmt: skip
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    serving = figures["serving"]
+    assert [r["concurrency"] for r in serving["rows"]] == [1, 3]
+    for row in serving["rows"]:
+        batched, serial = row["batched"], row["one_at_a_time"]
+        assert batched["completed"] == serial["completed"] == row["concurrency"]  # none lost
+        assert batched["output_tokens"] == serial["output_tokens"]  # the same workload
+        assert 2 * row["concurrency"] <= batched["output_tokens"] <= 5 * row["concurrency"]
+        assert row["speedup_tokens_per_second"] == pytest.approx(
+            statistics.median(row["speedups"]), abs=0.01
+        )
+        assert batched["ttft_ms_p50"] <= batched["ttft_ms_p95"]
+        assert len(row["speedups"]) == 2  # --repeat 2: both runs twice, interleaved
+
+
+def test_serving_workload_is_fixed_by_the_seed():
+    from deepen_engine.commands.bench_serving import workload
+
+    first = workload(20, (8, 24), 4.0, seed=3)
+    assert first == workload(20, (8, 24), 4.0, seed=3)
+    assert first != workload(20, (8, 24), 4.0, seed=4)
+    assert [j.arrival for j in first] == sorted(j.arrival for j in first)
+    assert all(8 <= j.tokens <= 24 for j in first)
+
+
+def test_bench_gate_check(tiny_folders, capsys):
+    flags = [*SMALL, "--fidelity-prompts", "0", "--gate-check", "--gate-tokens", "3", "--json"]
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    gate = json.loads(capsys.readouterr().out)["gate"]
+    assert gate["prompts"] == 8 and gate["new_tokens"] == 3
+    runs = {(g["method"], g["gate"]): g for g in gate["runs"]}
+    assert len(runs) == 9
+    for method in ("deepen", "union", "unite"):
+        off = runs[(method, "off")]
+        assert off["gated_share"] == 0.0 and off["rows_same_tokens_as_off"] == off["rows"] == 8
+        assert off["row_steps"] == 8 * 3  # every row asks for fusion at every step
+        for g in ("agree", "confident"):
+            assert 0.0 <= runs[(method, g)]["gated_share"] <= 1.0

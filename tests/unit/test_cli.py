@@ -62,13 +62,13 @@ def test_errors_exit_2_with_a_message(tiny_folders, tmp_path, capsys):
     assert main(["generate", "--prompts-file", str(bad), *member_args(tiny_folders)]) == 2
     assert "exactly one of 'prompt' or 'messages'" in capsys.readouterr().err
     assert main(["generate", "x", "--top-p", "2", *member_args(tiny_folders)]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 def test_generate_truncation_and_min_new_tokens(tiny_folders, reference, capsys):
     long_prompt = "the river runs " * 400  # past the tiny members' 1024 positions
     assert main(["generate", long_prompt, *member_args(tiny_folders)]) == 2
-    assert "truncation='left'" in capsys.readouterr().err
+    assert "--truncation left" in capsys.readouterr().err
     flags = ["--truncation", "left", "--json", "--max-new-tokens", "5", "--min-new-tokens", "5"]
     code = main(["generate", long_prompt, *flags, *member_args(tiny_folders)])
     assert code == 0
@@ -107,6 +107,24 @@ def test_chat_prompts_lead_with_the_engines_chat_member(tiny_folders, tmp_path, 
     assert json.loads(capsys.readouterr().out)["main"] == ens.members[0].name
     assert main(["generate", "--prompts-file", str(path), "--main", "0", *args]) == 0
     assert json.loads(capsys.readouterr().out)["main"] == ens.members[0].name
+
+
+def test_a_prompts_file_mixing_text_and_chat_leads_each_by_its_rule(tiny_folders, tmp_path, capsys):
+    folders = [tiny_folders[1], tiny_folders[0]]  # gemma (no chat template) first
+    ens = Ensemble([MemberSpec(source=p) for p in folders], min_anchors=50)
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    path = tmp_path / "mixed.jsonl"
+    lines = [{"prompt": "Q:"}, {"messages": messages}, {"prompt": "Once upon a time"}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    args = ["--models", *folders, "--min-anchors", "50", "--max-new-tokens", "6"]
+    assert main(["generate", "--prompts-file", str(path), *args]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    names = [m.name for m in ens.members]
+    assert [r["main"] for r in rows] == [names[0], names[1], names[0]]
+    texts = ens.generate(["Q:", "Once upon a time"], max_new_tokens=6)
+    chat = ens.with_fusion(main=1).generate(messages, max_new_tokens=6)
+    assert [r["text"] for r in rows] == [texts[0].text, chat.text, texts[1].text]
 
 
 def test_option_defaults_come_from_the_engine_settings(capsys, monkeypatch):

@@ -338,3 +338,31 @@ def test_usage_token_counts_use_the_main_members_prompt(tiny_ensemble):
         "total_tokens": result.usage.prompt_tokens[main] + 5,
     }
     assert result.usage.token_counts("no such member")["prompt_tokens"] == 0
+
+
+def test_logprobs_are_the_fused_distributions(tiny_ensemble):
+    import torch
+
+    prompt = PROMPTS[0]
+    result = tiny_ensemble.generate(prompt, max_new_tokens=6, min_new_tokens=6, logprobs=3)
+    entries = result.logprobs
+    assert [e.id for e in entries] == result.token_ids  # one per token, in order
+    for e in entries:
+        assert e.logprob == e.top[0].logprob  # greedy: the chosen token is the most likely
+        assert [t.logprob for t in e.top] == sorted((t.logprob for t in e.top), reverse=True)
+        assert len(e.top) == 3 and bytes(e.bytes).decode("utf-8", "replace") == e.token
+    # with eta 0 the fused distribution is the main member's own: check the first token
+    alone = tiny_ensemble.with_fusion(eta=0)
+    first = alone.generate(prompt, max_new_tokens=1, logprobs=0).logprobs[0]
+    main = alone.members[0]
+    ids = torch.tensor([main.tokenizer(prompt).input_ids])
+    with torch.no_grad():
+        expected = torch.log_softmax(main.model(input_ids=ids).logits[0, -1].float(), -1)
+    assert first.id == int(expected.argmax())
+    assert first.logprob == pytest.approx(float(expected.max()), abs=1e-5)
+    assert first.top == []  # logprobs=0: the chosen token only
+    # streamed logprobs add up to the same list; without the setting there are none
+    events = tiny_ensemble.stream(prompt, max_new_tokens=6, min_new_tokens=6, logprobs=3)
+    streamed = [e for event in events for e in (event.logprobs or [])]
+    assert [(e.id, e.logprob) for e in streamed] == [(e.id, e.logprob) for e in entries]
+    assert tiny_ensemble.generate(prompt, max_new_tokens=2).logprobs is None

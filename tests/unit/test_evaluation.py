@@ -1,5 +1,5 @@
-"""Capital-city QA scoring: normalisation, interval, adaptive weights, split, and a run of
-`deepen eval` on tiny members."""
+"""`deepen eval`: the tasks (capitals, countries, arithmetic), scoring, intervals, the paired
+test, adaptive weights, the split, and runs of the command on tiny members."""
 
 from __future__ import annotations
 
@@ -9,15 +9,24 @@ import pytest
 
 from deepen_engine import ConfigError
 from deepen_engine.commands.cli import main
+from deepen_engine.commands.eval_stats import mcnemar
 from deepen_engine.commands.eval_task import (
     Question,
     adaptive_weights,
-    build_prompt,
     is_correct,
-    load_questions,
     normalise,
     split_questions,
     wilson_interval,
+)
+from deepen_engine.commands.eval_tasks import (
+    ARITHMETIC,
+    CAPITALS,
+    COUNTRIES,
+    first_integer_matches,
+    load_arithmetic,
+    load_capitals,
+    load_countries,
+    tasks_named,
 )
 from tests.conftest import member_args
 
@@ -57,14 +66,14 @@ def test_split_is_seeded_and_disjoint():
     assert (a.shots, a.dev, a.test) == (b.shots, b.dev, b.test)
     assert a.test != c.test
     assert (len(a.shots), len(a.dev), len(a.test)) == (4, 10, 26)
-    assert len({q.country for q in a.shots + a.dev + a.test}) == 40
+    assert len({q.subject for q in a.shots + a.dev + a.test}) == 40
     with pytest.raises(ConfigError, match="leaves no test questions"):
         split_questions(questions, seed=0, shots=20, dev_size=20)
 
 
 def test_prompt_text():
     shots = [Question("France", ("Paris",)), Question("Japan", ("Tokyo",))]
-    assert build_prompt(shots, Question("Peru", ("Lima",))) == (
+    assert CAPITALS.prompt(shots, Question("Peru", ("Lima",))) == (
         "Q: What is the capital of France?\nA: Paris\n\n"
         "Q: What is the capital of Japan?\nA: Tokyo\n\n"
         "Q: What is the capital of Peru?\nA:"
@@ -72,11 +81,62 @@ def test_prompt_text():
 
 
 def test_questions_come_from_countryinfo():
-    questions = load_questions()
+    questions = load_capitals()
     assert len(questions) > 200
     assert Question("France", ("Paris",)) in questions
     assert all(q.answers and all(isinstance(a, str) for a in q.answers) for q in questions)
-    assert [q.country for q in questions] == sorted(q.country for q in questions)
+    assert [q.subject for q in questions] == sorted(q.subject for q in questions)
+
+
+def test_countries_task():
+    questions = load_countries()
+    assert len(questions) > 200
+    by_capital = {q.subject: q for q in questions}
+    assert by_capital["Paris"].answers[:2] == ("France", "French Republic")
+    assert "FR" not in by_capital["Paris"].answers  # codes of two letters do not count
+    assert "Kingston" not in by_capital  # the capital of more than one country
+    assert COUNTRIES.prompt([by_capital["Lima"]], by_capital["Paris"]) == (
+        "Q: Which country has the capital Lima?\nA: Peru\n\n"
+        "Q: Which country has the capital Paris?\nA:"
+    )
+    assert COUNTRIES.check(" French Republic", by_capital["Paris"].answers)
+    assert not COUNTRIES.check(" Belgium", by_capital["Paris"].answers)
+
+
+def test_arithmetic_task_is_fixed_and_right():
+    questions = load_arithmetic()
+    assert questions == load_arithmetic() and len(questions) == 400
+    assert len({q.subject for q in questions}) == 400
+    for q in questions:
+        a, b = (int(x) for x in q.subject.split(" + "))
+        assert 1 <= a <= 20 and 1 <= b <= 20 and q.answers == (str(a + b),)
+    assert ARITHMETIC.prompt([], questions[0]) == f"Q: What is {questions[0].subject}?\nA:"
+    assert first_integer_matches(" 85\nQ: What", ("85",))
+    assert first_integer_matches(" 85.", ("85",))
+    assert not first_integer_matches(" 58", ("85",))
+    assert not first_integer_matches(" eighty", ("85",))
+
+
+def test_tasks_by_name():
+    assert tasks_named(None) == [CAPITALS]
+    assert [t.name for t in tasks_named(["all"])] == ["capitals", "countries", "arithmetic"]
+    with pytest.raises(ConfigError, match="'trivia' is not a task"):
+        tasks_named(["trivia"])
+
+
+def test_mcnemar_exact_values():
+    # 6 gained, 1 lost: 2 * P(X <= 1), X ~ Bin(7, 1/2) = 2 * 8/128 = 0.125
+    system = [True] * 6 + [False] + [True] * 5
+    reference = [False] * 6 + [True] + [True] * 5
+    test = mcnemar(system, reference)
+    assert (test["gained"], test["lost"], test["p_value"]) == (6, 1, 0.125)
+    assert test["verdict"] == "same"
+    # 10 lost, 0 gained: 2 / 1024
+    worse = mcnemar([False] * 10, [True] * 10)
+    assert worse["p_value"] == round(2 / 1024, 4) and worse["verdict"] == "worse"
+    assert mcnemar([True, False], [True, False])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="differ in number"):
+        mcnemar([True], [True, False])
 
 
 def test_eval_command_on_tiny_members(tiny_folders, tmp_path, capsys):
@@ -86,20 +146,62 @@ def test_eval_command_on_tiny_members(tiny_folders, tmp_path, capsys):
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
-    assert summary["members"] == names
+    assert summary["members"] == names and summary["methods"] == ["deepen"]
     assert summary["weight_mode"] == "adaptive"
-    assert sum(summary["weights"]) == pytest.approx(1.0, abs=1e-3)
-    assert [r["system"] for r in summary["results"]] == [*names, f"ensemble (main {names[0]})"]
-    assert all(r["total"] == 6 for r in summary["results"])
-    assert [d["total"] for d in summary["dev"]] == [5, 5]
+    (task,) = summary["tasks"]
+    assert task["task"] == "capitals"
+    assert sum(task["weights"]) == pytest.approx(1.0, abs=1e-3)
+    assert [r["system"] for r in task["results"]] == [*names, f"deepen (main {names[0]})"]
+    assert all(r["total"] == 6 for r in task["results"])
+    assert [d["total"] for d in task["dev"]] == [5, 5]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 * 5 + 3 * 6
-    assert {"system", "country", "answers", "output", "correct"} <= set(records[0])
+    assert {"task", "system", "subject", "answers", "output", "correct"} <= set(records[0])
     by_system = {}
     for r in records:
         by_system.setdefault(r["system"], []).append(r["correct"])
-    for r in summary["results"]:
+    for r in task["results"]:
         assert sum(by_system[r["system"]]) == r["correct"]
+
+
+def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    args = ["--n", "4", "--dev-size", "2", "--batch-size", "4", "--task", "all"]
+    args += ["--method", "all", "--output", str(out)]
+    assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
+    assert [t["task"] for t in summary["tasks"]] == ["capitals", "countries", "arithmetic"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for task in summary["tasks"]:
+        systems = [r["system"] for r in task["results"]]
+        assert systems == [
+            *names,
+            *(f"{m} (main {names[0]})" for m in ("deepen", "union", "unite")),
+        ]
+        best = max(task["results"][:2], key=lambda r: r["accuracy"])
+        assert task["best_member"] == best["system"]
+        for comparison in task["comparisons"]:
+            fused = next(r for r in task["results"] if r["system"] == comparison["system"])
+            assert comparison["minus_best_member"] == pytest.approx(
+                fused["accuracy"] - best["accuracy"], abs=1e-4
+            )
+            mine = [
+                r["correct"]
+                for r in records
+                if r["task"] == task["task"] and r["system"] == comparison["system"]
+            ]
+            theirs = [
+                r["correct"]
+                for r in records
+                if r["task"] == task["task"] and r["system"] == best["system"]
+            ]
+            assert comparison["mcnemar_vs_best_member"] == mcnemar(mine, theirs)
+    # the table prints every task and system
+    assert main(["eval", *member_args(tiny_folders), *args]) == 0
+    table = capsys.readouterr().out
+    assert "| system | capitals (4) | countries (4) | arithmetic (4) |" in table
+    assert table.count("\n| unite (main") == 1
 
 
 def test_eval_rejects_bad_weights(tiny_folders, capsys):
@@ -107,11 +209,11 @@ def test_eval_rejects_bad_weights(tiny_folders, capsys):
     assert "--weights takes numbers" in capsys.readouterr().err
 
 
-def test_any_listed_spelling_scores(tiny_folders):
+def test_any_listed_spelling_scores():
     from deepen_engine.commands.eval_task import score
 
     questions = [Question("Bolivia", ("Sucre", "La Paz")), Question("France", ("Paris",))]
-    result = score("fake", lambda prompts: [" La Paz", " Lyon"], [], questions)
+    result = score(CAPITALS, "fake", lambda prompts: [" La Paz", " Lyon"], [], questions)
     assert (result.correct, result.total) == (1, 2)
     assert [r["correct"] for r in result.records] == [True, False]
 
@@ -119,30 +221,36 @@ def test_any_listed_spelling_scores(tiny_folders):
 def test_sweep_on_tiny_members(tiny_folders, tmp_path, capsys):
     prefix = tmp_path / "sweep"
     out = tmp_path / "answers.jsonl"
-    args = ["--dev-size", "4", "--batch-size", "4", "--sweep-eta", "0", "0.5", "2.0"]
+    args = ["--dev-size", "4", "--batch-size", "4", "--sweep-eta", "0", "0.5"]
+    args += ["--sweep-method", "deepen", "union", "--task", "capitals", "arithmetic"]
     args += ["--sweep-steps", "5", "--sweep-main", "0", "1", "--sweep-output", str(prefix)]
     code = main(["eval", *member_args(tiny_folders), *args, "--json", "--output", str(out)])
     assert code == 0
     sweep = json.loads(capsys.readouterr().out)
     names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
-    assert sweep["dev_questions"] == 4
-    assert [(r["main"], r["steps"], r["eta"]) for r in sweep["rows"]] == [
-        (names[0], 5, 0.0), (names[0], 5, 0.5), (names[0], 5, 2.0),
-        (names[1], 5, 0.0), (names[1], 5, 0.5), (names[1], 5, 2.0),
+    assert sweep["dev_questions"] == {"capitals": 4, "arithmetic": 4}
+    settings = [
+        ("deepen", names[0], 5, 0.0), ("deepen", names[0], 5, 0.5), ("union", names[0], None, None),
+        ("deepen", names[1], 5, 0.0), ("deepen", names[1], 5, 0.5), ("union", names[1], None, None),
     ]  # fmt: skip
-    alone = {m["system"]: m["accuracy"] for m in sweep["members_alone"]}
-    # eta 0 is the main member alone
-    assert sweep["rows"][0]["accuracy"] == alone[names[0]]
-    assert sweep["rows"][3]["accuracy"] == alone[names[1]]
-    assert sweep["best"]["accuracy"] == max(r["accuracy"] for r in sweep["rows"])
+    rows = [(r["method"], r["main"], r["steps"], r["eta"]) for r in sweep["rows"]]
+    assert rows == settings * 2  # capitals, then arithmetic
+    for task in ("capitals", "arithmetic"):
+        alone = {m["system"]: m["accuracy"] for m in sweep["members_alone"] if m["task"] == task}
+        task_rows = [r for r in sweep["rows"] if r["task"] == task]
+        # eta 0 is the main member alone
+        assert task_rows[0]["accuracy"] == alone[names[0]]
+        assert task_rows[3]["accuracy"] == alone[names[1]]
+        assert sweep["best"][task]["accuracy"] == max(r["accuracy"] for r in task_rows)
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["rows"] == sweep["rows"]
     table = (tmp_path / "sweep.md").read_text()
-    assert f"| eta | main {names[0]}, 5 steps | main {names[1]}, 5 steps |" in table
-    assert table.count("\n| ") == 4  # header + 3 etas
+    assert "| system | capitals (4) | arithmetic (4) |" in table
+    assert f"| union main={names[1]} |" in table
+    assert table.count("\n| ") == 1 + 2 + 6  # header, members alone, settings
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 2 * 4 + 4 * 4  # members alone + 4 fused runs, 4 questions each
+    assert len(records) == 2 * (2 * 4 + 4 * 4)  # per task: members alone + 4 fused runs
 
 
 def test_sweep_rejects_bad_values(tiny_folders, capsys):
@@ -151,3 +259,39 @@ def test_sweep_rejects_bad_values(tiny_folders, capsys):
     assert "--sweep-main [2] out of range for 2 members; give 0 to 1." in capsys.readouterr().err
     assert main(["eval", *member_args(tiny_folders), "--sweep-eta", "-1"]) == 2
     assert "--sweep-eta values must be >= 0, got [-1.0]." in capsys.readouterr().err
+
+
+def test_eval_and_sweep_with_each_weighting(tiny_folders, tmp_path, capsys):
+    names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
+    base = ["eval", *member_args(tiny_folders), "--dev-size", "2", "--batch-size", "4"]
+    base += ["--method", "union", "--weighting", "fixed", "confidence"]
+    base += ["--output", str(tmp_path / "a.jsonl"), "--json"]
+    assert main([*base, "--n", "3"]) == 0
+    (task,) = json.loads(capsys.readouterr().out)["tasks"]
+    systems = [r["system"] for r in task["results"]]
+    assert systems == [*names, f"union (main {names[0]})", f"union+confidence (main {names[0]})"]
+    assert [c["weighting"] for c in task["comparisons"]] == ["fixed", "confidence"]
+    sweep_args = ["--sweep-method", "unite", "--sweep-output", str(tmp_path / "s")]
+    assert main([*base, *sweep_args]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["weighting"]) for r in sweep["rows"]] == [
+        ("unite", "fixed"),
+        ("unite", "confidence"),
+    ]
+    assert f"| unite+confidence main={names[0]} |" in (tmp_path / "s.md").read_text()
+
+
+def test_eval_main_auto_leads_with_the_best_member_on_dev(tiny_folders, tmp_path, capsys):
+    args = ["--n", "3", "--dev-size", "4", "--batch-size", "4", "--task", "capitals"]
+    args += ["--main", "auto", "--method", "union", "--output", str(tmp_path / "a.jsonl")]
+    assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["main"] == "auto"
+    (task,) = summary["tasks"]
+    dev = [d["accuracy"] for d in task["dev"]]
+    best = summary["members"][dev.index(max(dev))]
+    assert task["main"] == best
+    assert task["results"][-1]["system"] == f"union (main {best})"
+    with pytest.raises(SystemExit):  # argparse refuses it
+        main(["eval", *member_args(tiny_folders), "--main", "first"])
+    assert "give a member index or auto, got 'first'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from deepen_engine.alignment.relative import RelativeSpace
 from deepen_engine.alignment.vocabulary import Anchors
 from deepen_engine.config import FusionConfig
 from deepen_engine.errors import ConfigError
-from deepen_engine.fusion import Fuser
+from deepen_engine.fusion import DeepenFuser
 
 # Synthetic members. Anchor a (0..NUM_ANCHORS-1) is main id 1 + a and helper id
 # NUM_ANCHORS - a; id 0 of each member is its special EOS; the last ids are non-anchors.
@@ -55,14 +55,15 @@ def _has_text():
     return main, helper
 
 
-def _fuser(n_members=2, tau=5.0, **config) -> Fuser:
+def _fuser(n_members=2, tau=5.0, **config) -> DeepenFuser:
     config.setdefault("min_anchors", 1)
     spaces = _spaces(tau=tau)[:n_members]
     has_text = _has_text()[:n_members]
     anchors = _anchors()
     if n_members == 1:
         anchors = Anchors(anchors.texts, anchors.token_ids[:1], anchors.token_to_anchor[:1])
-    return Fuser(spaces, has_text, anchors, FusionConfig(**config), frozenset({EOS}))
+    ends = [frozenset({EOS})] * n_members
+    return DeepenFuser(spaces, has_text, anchors, FusionConfig(**config), ends)
 
 
 def _random_logits(batch, seed=0, scale=1.5):
@@ -343,3 +344,49 @@ def test_defaults_are_reference_settings():
     assert (config.eta, config.steps, config.tau) == (0.15, 5, 100.0)
     assert (config.weight_decay, config.schedule_t_max, config.eta_min_ratio) == (0.01, 10, 0.25)
     assert math.isclose(config.eta * config.eta_min_ratio, 0.15 / 4)
+
+
+# Fast path: which non-anchor tokens enter -----------------------------------------------
+
+
+@pytest.mark.parametrize(("top_k", "top_mass"), [(3, 0.999), (50, 0.9), (50, 0.5), (50, 1.0)])
+def test_kept_non_anchors_by_mass_with_a_cap(top_k, top_mass):
+    """Plain loop: most probable non-anchor first, while the mass not yet entered exceeds
+    1 - top_mass, at most top_k; the rest is reported as left out."""
+    from deepen_engine.fusion.deepen import kept_non_anchors
+
+    g = torch.Generator().manual_seed(top_k)
+    probs = torch.softmax(torch.randn(2, 30, generator=g) * 2, -1)
+    is_anchor = torch.zeros(30, dtype=torch.bool)
+    is_anchor[::3] = True
+    ids, kept, leftout = kept_non_anchors(probs, is_anchor, top_k, top_mass)
+    for b in range(2):
+        rest = sorted(
+            ((float(probs[b, v]), v) for v in range(30) if not is_anchor[v]), reverse=True
+        )
+        remaining = sum(p for p, _ in rest)
+        expected = []
+        for p, v in rest[:top_k]:
+            if remaining <= 1 - top_mass:
+                break
+            expected.append(v)
+            remaining -= p
+        got = [int(ids[b, j]) for j in range(ids.shape[1]) if kept[b, j] > 0]
+        assert got == expected
+        assert math.isclose(float(leftout[b]), remaining, abs_tol=1e-6)
+
+
+def test_fast_path_counts_every_anchor_token():
+    """Anchor tokens enter whatever their rank (one-hot rows cost nothing); here one
+    non-anchor token (top_k=1) enters on top: r = (p_anchors + p_v rel(v)) / kept mass."""
+    fuser = _fuser(top_k=1, top_mass=0.999)
+    space = fuser.spaces[0]
+    probs = torch.softmax(torch.randn(1, MAIN_V, generator=torch.Generator().manual_seed(1)), -1)
+    probs[:, EOS] = 0.0
+    r = fuser._relative(probs, space)[0]
+    best = NUM_ANCHORS + 1 + int(probs[0, NUM_ANCHORS + 1 :].argmax())  # top non-anchor id
+    expected = torch.zeros(NUM_ANCHORS)
+    for v in range(1, NUM_ANCHORS + 1):  # main id 1 + a is anchor a
+        expected[v - 1] += probs[0, v]
+    expected += probs[0, best] * space.exact_rows(torch.tensor([best]))[0]
+    torch.testing.assert_close(r, expected / expected.sum(), atol=1e-6, rtol=0)

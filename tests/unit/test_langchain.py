@@ -182,6 +182,19 @@ def test_fusion_settings_reach_the_engine(tiny_ensemble):
     )
 
 
+def test_fusion_method_and_gate_reach_the_engine(tiny_ensemble):
+    for method in ("union", "unite"):
+        expected = tiny_ensemble.with_fusion(method=method, gate="agree")
+        text = expected.generate(PROMPT, max_new_tokens=N).text
+        llm = DeepEnLLM(ensemble=tiny_ensemble, max_tokens=N, method=method, gate="agree")
+        assert llm.invoke(PROMPT) == text
+        assert DeepEnLLM(ensemble=tiny_ensemble, max_tokens=N).invoke(
+            PROMPT, method=method, gate="agree"
+        ) == text  # per call as well
+    with pytest.raises(ValueError, match="method"):
+        DeepEnLLM(ensemble=tiny_ensemble, method="vote")
+
+
 def test_unknown_call_setting_raises(llm):
     with pytest.raises(ValueError, match="tempreature"):
         llm.invoke(PROMPT, tempreature=0.5)

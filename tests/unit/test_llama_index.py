@@ -427,6 +427,14 @@ def test_per_call_fusion_settings(llm, tiny_ensemble):
     assert llm.ensemble is tiny_ensemble
 
 
+def test_per_call_fusion_method(llm, tiny_ensemble):
+    union = tiny_ensemble.with_fusion(method="union").generate(PROMPT, max_new_tokens=N)
+    assert llm.complete(PROMPT, method="union").text == union.text
+    field = DeepEnLLM(ensemble=tiny_ensemble, method="unite", max_new_tokens=N, main=0)
+    unite = tiny_ensemble.with_fusion(method="unite").generate(PROMPT, max_new_tokens=N)
+    assert field.complete(PROMPT).text == unite.text
+
+
 def test_per_call_fusion_settings_in_chat_streams_and_async(llm, tiny_ensemble):
     view = tiny_ensemble.with_fusion(main=1, eta=0)
     expected_chat = view.generate(to_engine_messages(MESSAGES), max_new_tokens=N).text

@@ -24,10 +24,10 @@ from tests.conftest import plain_greedy_ids
 def no_loading(monkeypatch):
     """Fail the test if a member would be loaded: the error must come first."""
 
-    def refuse(spec):
-        raise AssertionError(f"loaded {spec.source!r} before refusing the settings")
+    def refuse(specs):
+        raise AssertionError(f"loaded {specs[0].source!r} before refusing the settings")
 
-    monkeypatch.setattr(ensemble_module, "load_member", refuse)
+    monkeypatch.setattr(ensemble_module, "load_members", refuse)
 
 
 def _specs(tiny_pair):

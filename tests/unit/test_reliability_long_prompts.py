@@ -40,10 +40,10 @@ def fed_lengths(monkeypatch):
     longest: dict[str, int] = {}
     original = sync.MemberBatch.forward
 
-    def recording(self):
+    def recording(self, *args, **kwargs):
         name = self.member.name
         longest[name] = max([longest.get(name, 0), *(len(r.ids) for r in self.rows)])
-        original(self)
+        original(self, *args, **kwargs)
 
     monkeypatch.setattr(sync.MemberBatch, "forward", recording)
     return longest

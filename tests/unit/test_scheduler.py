@@ -18,7 +18,8 @@ from deepen_engine import (
     RequestTimeoutError,
     SchedulerConfig,
 )
-from deepen_engine.decoding.loop import BatchDecoder, NewRow
+from deepen_engine.decoding.loop import BatchDecoder
+from deepen_engine.decoding.rows import NewRow
 
 PROMPTS = [
     "The capital of France is",
@@ -177,3 +178,33 @@ def test_a_closed_ensemble_refuses_new_requests(tiny_pair):
     ens.close()
     with pytest.raises(ConfigError, match="closed"):
         ens.generate(PROMPTS[0], max_new_tokens=2)
+
+
+def test_concurrent_adapter_calls_share_forward_passes(tiny_ensemble, monkeypatch):
+    import asyncio
+
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    from deepen_integrations.langchain import DeepEnLLM
+    from deepen_integrations.llama_index import DeepEnLLM as LlamaIndexLLM
+
+    widths: list[int] = []
+    step = BatchDecoder.step
+
+    def recording_step(self):
+        widths.append(len(self.rows))
+        return step(self)
+
+    expected = [tiny_ensemble.generate(p, max_new_tokens=8).text for p in PROMPTS]  # one by one
+    monkeypatch.setattr(BatchDecoder, "step", recording_step)
+    langchain = DeepEnLLM(ensemble=tiny_ensemble, max_tokens=8)
+    llama = LlamaIndexLLM(ensemble=tiny_ensemble, max_new_tokens=8, main=0)
+
+    async def main():
+        calls = [langchain.ainvoke(p) for p in PROMPTS[:3]]
+        calls += [llama.acomplete(p) for p in PROMPTS[3:]]
+        return await asyncio.gather(*calls)
+
+    answers = asyncio.run(main())
+    assert [a if isinstance(a, str) else a.text for a in answers] == expected
+    assert max(widths) > 1  # the six calls shared forward passes

@@ -1,0 +1,99 @@
+"""`deepen serve`: an OpenAI-compatible HTTP server for an ensemble (the `server` extra).
+
+    deepen serve                                   # the default members on 127.0.0.1:8000
+    deepen serve --port 9000 --api-key secret --max-batch-size 16
+
+The members load in the background; `/health` answers 503 until they are ready. Every
+client of the server shares the members' forward passes (continuous batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..config import SchedulerConfig
+from ..ensemble import Ensemble
+from ..errors import ConfigError
+from .options import fusion_options, fusion_settings, member_options, member_specs
+
+
+def add_parser(sub: Any) -> None:
+    """Register `deepen serve`."""
+    parser = sub.add_parser(
+        "serve",
+        parents=[member_options(), fusion_options(main_default=None)],
+        help="serve the ensemble over an OpenAI-compatible HTTP API",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("DEEPEN_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $DEEPEN_API_KEY, else no key)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        help="model name in responses and /v1/models (default: deepen:<member>+<member>)",
+    )
+    limits = SchedulerConfig.model_fields
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=limits["max_batch_size"].default,
+        help=f"most rows decoded together (default: {limits['max_batch_size'].default})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=limits["max_queue"].default,
+        help="most requests waiting to start; more get 429 "
+        f"(default: {limits['max_queue'].default})",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds a request may take, waiting included; 408 past it (default: none)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server (blocks until interrupted)."""
+    try:
+        import uvicorn
+
+        from ..server import create_app
+    except ImportError as exc:
+        raise ConfigError(
+            f"deepen serve needs the server extra ({exc.name} is missing): "
+            "pip install 'deepen[server]'"
+        ) from None
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be from 1 to 65535, got {args.port}.")
+    scheduler = SchedulerConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    specs = member_specs(args)
+    fusion = fusion_settings(args)
+    main = fusion.pop("main", None)
+
+    def load() -> Ensemble:
+        ens = Ensemble(specs, scheduler=scheduler, **fusion)
+        print(f"deepen serve: members ready: {', '.join(m.name for m in ens.members)}",
+              file=sys.stderr)  # fmt: skip
+        return ens
+
+    app = create_app(
+        load=load,
+        model_name=args.served_model_name,
+        api_key=args.api_key,
+        request_timeout=args.request_timeout,
+        main=main,
+    )
+    print(f"deepen serve: http://{args.host}:{args.port}/v1 (members loading)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,203 @@
+"""What every fusion method shares: the `Fuser` interface the decoding loop calls, the
+per-step gate, and the registry that picks a method's class from `FusionConfig.method`.
+
+`Fuser.fuse`, for a batch of rows:
+
+1. The main member alone when fusion is the identity (one member, or all the weight on the
+   main member, or a method's own identity settings such as DeePEn's `eta=0`).
+2. The gate (`FusionConfig.gate`) marks rows whose fusion is skipped this step: `"agree"`
+   when every member's most probable token has the same text (an anchor) or every member's
+   most probable token ends the text; `"confident"` when the main member's top probability
+   reaches `gate_threshold` (GaC's thresholded ensemble). Skipped rows keep the main
+   member's logits.
+3. The other rows go through the method's `_fuse_rows`: fused (B', V_main) logits, with
+   each row's member weights from `row_weights` (`FusionConfig.weighting`).
+
+A method is a subclass registered with `@register("name")` that implements `from_context`
+(build from the ensemble's shared `FusionContext`) and `_fuse_rows`; `FusionConfig.method`
+names it (docs/design.md: "where to add a fusion method").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+import torch
+
+from ..alignment.vocabulary import Anchors
+from ..config import FusionConfig
+
+if TYPE_CHECKING:
+    from ..members import Member
+    from .context import FusionContext
+
+_METHODS: dict[str, type[Fuser]] = {}
+_F = TypeVar("_F", bound="type[Fuser]")
+
+
+def register(name: str) -> Callable[[_F], _F]:
+    """Class decorator: the fusion method `FusionConfig.method == name`."""
+
+    def add(cls: _F) -> _F:
+        cls.method = name
+        _METHODS[name] = cls
+        return cls
+
+    return add
+
+
+@dataclass
+class FuseStats:
+    """What a fuser did so far (read by the bench and the eval)."""
+
+    rows: int = 0
+    """Row-steps that asked for fusion (identity fusers count none)."""
+    gated: int = 0
+    """Of those, row-steps the gate answered with the main member's logits."""
+    seconds: float = 0.0
+    """Time spent in `fuse` (gate included)."""
+
+
+class Fuser:
+    """Fused next-token logits in the main member's vocabulary, batched over rows.
+
+    Subclasses are the methods (`DeepenFuser`, `UnionFuser`, `UniteFuser`). Build one with
+    `Fuser.build(members, anchors, config)`; `with_config` gives the same members with
+    other settings (and possibly another method), sharing what was computed.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        anchors: Anchors,
+        end_ids: Sequence[frozenset[int]],  # per member: its end-of-text token ids
+        config: FusionConfig,
+    ) -> None:
+        self.anchors = anchors
+        self.config = config
+        self.main = config.main
+        self.end_ids = [torch.tensor(sorted(e), dtype=torch.long) for e in end_ids]
+        # one weight per member (a single member has no anchors, but a weight of 1)
+        self.weights = torch.tensor(config.normalised_weights(len(end_ids)))
+        self.main_eos_ids = self.end_ids[self.main]
+        self.context: FusionContext | None = None  # set by build: what with_config reuses
+        self.stats = FuseStats()
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, members: Sequence[Member], anchors: Anchors | None, config: FusionConfig
+    ) -> Fuser:
+        """The fuser of `config.method` for loaded members (`anchors` is None for one)."""
+        from .context import FusionContext
+
+        return _make(FusionContext(members, anchors), config)
+
+    @classmethod
+    def from_context(cls, context: FusionContext, config: FusionConfig) -> Fuser:
+        """The method's fuser over the ensemble's shared context (subclasses implement it)."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_context")
+
+    def with_config(self, config: FusionConfig) -> Fuser:
+        """The same members with other settings; what does not depend on the changed
+        settings (relative spaces and their row caches, token maps) is shared.
+        """
+        if self.context is None:
+            raise RuntimeError("with_config needs a fuser made by Fuser.build")
+        return _make(self.context, config)
+
+    @property
+    def members(self) -> list[Member]:
+        """The loaded members (empty for a fuser built by hand)."""
+        return list(self.context.members) if self.context is not None else []
+
+    # --- fusing -----------------------------------------------------------------------
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether fusion returns the main member's logits unchanged."""
+        return len(self.end_ids) == 1 or float(self.weights[self.main]) == 1.0
+
+    def fuse(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fused logits in the main member's vocabulary.
+
+        logits: per member (B, V_i) next-token logits. Returns (B, V_main) float32.
+        """
+        main_logits = logits[self.main].float()  # (B, V)
+        if self.is_identity:
+            return main_logits
+        start = time.perf_counter()
+        skip = self.gate_mask(logits)  # (B,) bool
+        self.stats.rows += int(skip.numel())
+        self.stats.gated += int(skip.sum())
+        if bool(skip.all()):
+            fused = main_logits
+        elif not bool(skip.any()):
+            fused = self._fuse_rows(logits)
+        else:
+            keep = (~skip).nonzero().squeeze(1)
+            fused = main_logits.clone()
+            fused[keep] = self._fuse_rows([x[keep] for x in logits])
+        self.stats.seconds += time.perf_counter() - start
+        return fused
+
+    def gate_mask(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B,) bool: rows whose fusion the gate skips this step."""
+        cfg = self.config
+        batch = logits[self.main].shape[0]
+        if cfg.gate == "off":
+            return torch.zeros(batch, dtype=torch.bool)
+        if cfg.gate == "confident":
+            main = logits[self.main].float()
+            top = (main.max(-1).values - main.logsumexp(-1)).exp()  # (B,) top probability
+            return top >= cfg.gate_threshold
+        # "agree": every member's top token is the same anchor, or every one ends the text.
+        tops = [x.argmax(-1) for x in logits]  # per member (B,)
+        anchor = [self.anchors.token_to_anchor[i][t] for i, t in enumerate(tops)]
+        ends = [torch.isin(t, self.end_ids[i]) for i, t in enumerate(tops)]
+        same = (anchor[0] >= 0) & torch.stack([a == anchor[0] for a in anchor]).all(0)
+        return same | torch.stack(ends).all(0)
+
+    def row_weights(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, N) member weights of each row, summing to 1: the fixed weights, or with
+        `weighting="confidence"` each times the member's top probability, renormalised.
+        """
+        batch = logits[self.main].shape[0]
+        fixed = self.weights[None, :].expand(batch, -1)  # (B, N)
+        if self.config.weighting == "fixed":
+            return fixed
+        top = torch.stack(
+            [(x.float().max(-1).values - x.float().logsumexp(-1)).exp() for x in logits], -1
+        )  # (B, N) each member's top probability
+        scaled = fixed * top
+        return scaled / scaled.sum(-1, keepdim=True).clamp(min=1e-30)
+
+    def _fuse_rows(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The method's fused (B, V_main) logits for rows the gate let through."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _fuse_rows")
+
+
+def _make(context: FusionContext, config: FusionConfig) -> Fuser:
+    """The registered method's fuser, remembering the context it was made from."""
+    cls = _METHODS.get(config.method)
+    if cls is None:  # FusionConfig checks the name; a method module not imported lands here
+        raise RuntimeError(
+            f"fusion method {config.method!r} is not registered (known: {sorted(_METHODS)})"
+        )
+    fuser = cls.from_context(context, config)
+    fuser.context = context
+    return fuser
+
+
+def outside_union(main_logits: torch.Tensor) -> torch.Tensor:
+    """Logits for main-member tokens outside a union method's candidates: the main member's
+    log-probability minus 10,000. Never chosen while a candidate is allowed, and ordered as
+    the main member orders them if every candidate is masked (e.g. `min_new_tokens` masking
+    the only candidate, an end token). (B, V) float32.
+    """
+    return main_logits.float().log_softmax(-1) - 1e4

@@ -1,0 +1,126 @@
+"""What the fusion methods read about an ensemble's members, computed once per ensemble and
+shared by every fuser made from it (`Ensemble.with_fusion` views included):
+
+- which tokens have text and which end the text, per member;
+- token maps between members (`token_map`): the token of another member that writes a
+  token's text, or the longest start of it (for the union methods);
+- relative spaces over the anchors (`spaces`, for DeePEn), with their in-memory row caches
+  and the on-disk row store (alignment/row_store.py).
+
+Everything is built on first use, so a method that does not need it never pays for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..alignment.relative import RelativeSpace
+from ..alignment.row_store import RowStore, embedding_digest
+from ..alignment.vocabulary import Anchors
+from ..members import Member, cache_dir
+
+END = b""
+"""The key of end-of-text tokens in `FusionContext.keys` (no token's text is empty)."""
+
+
+class FusionContext:
+    """The members' vocabularies and derived tables, shared by the fusers of one ensemble."""
+
+    def __init__(self, members: Sequence[Member], anchors: Anchors | None) -> None:
+        self.members = list(members)
+        self.anchors = anchors or Anchors(texts=[], token_ids=[], token_to_anchor=[])
+        self.has_text = [
+            torch.tensor([t is not None for t in m.vocab.texts], dtype=torch.bool) for m in members
+        ]
+        self.end_ids = [frozenset(m.eos_ids) for m in members]
+        self._spaces: dict[tuple[float, int, int], list[RelativeSpace]] = {}
+        self._maps: dict[tuple[int, int], torch.Tensor] = {}
+        self._keys: dict[int, list[bytes | None]] = {}
+        self._digests: dict[int, str] = {}
+
+    def keys(self, i: int) -> list[bytes | None]:
+        """Member i's token id -> its text, `END` for its end tokens, None for other
+        special tokens (no text: they never enter a union).
+        """
+        if i not in self._keys:
+            keys = list(self.members[i].vocab.texts)
+            for t in self.end_ids[i]:
+                if t < len(keys):
+                    keys[t] = END
+            self._keys[i] = keys
+        return self._keys[i]
+
+    def token_map(self, source: int, target: int) -> torch.Tensor:
+        """(V_source,) long: for each token of member `source`, the token of member
+        `target` that writes its text; when `target` has no token with that text, its
+        longest token whose text starts it (the rest is written by later steps); `END`
+        maps to the target's first end token; -1 where none exists (special tokens, or no
+        target token starts the text).
+        """
+        if (source, target) not in self._maps:
+            by_text = self.members[target].vocab.text_to_id()
+            self._maps[source, target] = _token_map(
+                self.keys(source), by_text, self.end_ids[target]
+            )
+        return self._maps[source, target]
+
+    def spaces(self, tau: float, cache_size: int, disk_rows: int) -> list[RelativeSpace]:
+        """One relative space per member over the anchors, shared by fusers with the same
+        settings; with `disk_rows > 0` their non-anchor rows persist on disk.
+        """
+        key = (tau, cache_size, disk_rows)
+        if key not in self._spaces:
+            self._spaces[key] = [
+                RelativeSpace(
+                    m.model.get_input_embeddings().weight,
+                    self.anchors.token_ids[i],
+                    self.anchors.token_to_anchor[i],
+                    tau=tau,
+                    cache_size=cache_size,
+                    store=self._store(i, tau, disk_rows),
+                )
+                for i, m in enumerate(self.members)
+            ]
+        return self._spaces[key]
+
+    def _store(self, i: int, tau: float, disk_rows: int) -> RowStore | None:
+        """Member i's on-disk row store for these anchors and tau (None: disk cache off)."""
+        if disk_rows == 0 or not self.anchors.texts:
+            return None
+        if i not in self._digests:
+            weight = self.members[i].model.get_input_embeddings().weight
+            self._digests[i] = embedding_digest(weight)
+        return RowStore.for_space(
+            cache_dir() / "relative-rows",
+            member_digest=self._digests[i],
+            anchor_ids=self.anchors.token_ids[i],
+            tau=tau,
+            max_rows=disk_rows,
+        )
+
+
+def _token_map(
+    source: list[bytes | None], by_text: dict[bytes, int], target_end: frozenset[int]
+) -> torch.Tensor:
+    """See `FusionContext.token_map`; `by_text` is the target's text -> id. One pass over
+    the source vocabulary (dict lookups of the text and its prefixes, longest first).
+    """
+    longest = max((len(t) for t in by_text), default=0)
+    end = min(target_end) if target_end else -1
+    out = [-1] * len(source)
+    for idx, text in enumerate(source):
+        if text is None:
+            continue
+        if text == END:
+            out[idx] = end
+            continue
+        hit = by_text.get(text)
+        length = min(len(text) - 1, longest)
+        while hit is None and length > 0:
+            hit = by_text.get(text[:length])
+            length -= 1
+        if hit is not None:
+            out[idx] = hit
+    return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,272 @@
+"""Reading OpenAI request bodies into engine calls, with OpenAI's parameter names in every
+error.
+
+`parse_chat` reads a `/v1/chat/completions` body and `parse_completion` a `/v1/completions`
+body into a `Call`: the prompts, the `GenerationConfig` keywords, the fusion settings
+(deepen's extra body fields) and how to answer (stream, usage chunk, logprobs). A bad
+value raises `BadRequest` naming the parameter, which the app turns into a 400 with an
+OpenAI error body.
+
+Accepted and mapped: `max_completion_tokens` / `max_tokens`, `stop`, `temperature`,
+`top_p`, `seed`, `n` (1 only), `stream`, `stream_options.include_usage`, `logprobs` and
+`top_logprobs` (chat) or `logprobs` (completions, an integer). Ignored: `model` (any name
+is served by the one ensemble), `user`, `metadata`, `store`, `service_tier`,
+`parallel_tool_calls`. Extra fields: the fusion settings `method`, `main`, `weights`,
+`weighting`, `eta`, `steps`, `tau`, `fusion_top_k`, `top_mass`, `candidates`,
+`unite_top_k`, `gate`, `gate_threshold`, and `top_k`, `min_tokens`, `truncation`,
+`timeout`. Refused with a 400 saying so: features deepen does not have (`n` > 1,
+penalties, `logit_bias`, `echo`, `suffix`, `best_of` > 1, token-id prompts, non-text
+message parts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+FUSION_FIELDS = {
+    "method": "method",
+    "main": "main",
+    "weights": "weights",
+    "weighting": "weighting",
+    "eta": "eta",
+    "steps": "steps",
+    "tau": "tau",
+    "fusion_top_k": "top_k",
+    "top_mass": "top_mass",
+    "candidates": "candidates",
+    "unite_top_k": "unite_top_k",
+    "gate": "gate",
+    "gate_threshold": "gate_threshold",
+}
+_GENERATION_EXTRAS = {
+    "top_k": "top_k",
+    "min_tokens": "min_new_tokens",
+    "truncation": "truncation",
+    "timeout": "timeout",
+}
+_NOT_SUPPORTED = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": None,
+    "suffix": None,
+    "echo": False,
+}
+
+
+class BadRequest(Exception):
+    """A request the server refuses: 400 with `param` named in the OpenAI error body."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass
+class Call:
+    """One request, read: what to generate and how to answer."""
+
+    prompts: list[Any]  # texts, or chat conversations ([{"role", "content"}])
+    generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig keywords
+    fusion: dict[str, Any] = field(default_factory=dict)  # FusionConfig keywords
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    chat: bool = True
+
+
+def parse_chat(body: Any) -> Call:
+    """A `/v1/chat/completions` body as a `Call`."""
+    body = _object(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "messages must be a non-empty list of message objects.")
+    conversation = [_message(i, m) for i, m in enumerate(messages)]
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise BadRequest(
+                name, f"{name} are not supported by this server yet; send the request without."
+            )
+    _response_format(body.get("response_format"))
+    call = _common(body, chat=True)
+    call.prompts = [conversation]
+    logprobs = _bool(body, "logprobs", False)
+    top = _int(body, "top_logprobs", None, 0, 20)
+    if top is not None and not logprobs:
+        raise BadRequest("top_logprobs", "top_logprobs needs logprobs=true.")
+    call.logprobs = (top or 0) if logprobs else None
+    return call
+
+
+def parse_completion(body: Any) -> Call:
+    """A `/v1/completions` body as a `Call` (one choice per prompt)."""
+    body = _object(body)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts:
+        raise BadRequest("prompt", "prompt must be a string or a non-empty list of strings.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise BadRequest(
+                "prompt",
+                f"prompt[{i}] is {type(p).__name__}; this server takes text prompts only "
+                "(token-id prompts are not supported).",
+            )
+        if not p:
+            raise BadRequest("prompt", f"prompt[{i}] is empty; give some text to continue.")
+    best_of = _int(body, "best_of", None, 1, None)
+    if best_of not in (None, 1):
+        raise BadRequest("best_of", "best_of > 1 is not supported; leave it out.")
+    call = _common(body, chat=False)
+    call.prompts = list(prompts)
+    call.logprobs = _int(body, "logprobs", None, 0, 5)
+    return call
+
+
+def _common(body: Mapping[str, Any], chat: bool) -> Call:
+    """The parameters both endpoints share."""
+    for name, neutral in _NOT_SUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value != neutral and value != {}:
+            raise BadRequest(name, f"{name} is not supported by this server; leave it out.")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model", "model must be a string.")
+    n = _int(body, "n", 1, 1, None)
+    if n != 1:
+        raise BadRequest("n", f"n={n} is not supported: this server returns one choice (n=1).")
+    generation: dict[str, Any] = {}
+    max_tokens = _int(body, "max_completion_tokens", None, 1, None)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", None, 1, None)
+    if max_tokens is not None:
+        generation["max_new_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise BadRequest("stop", "stop must be a non-empty string or a list of them.")
+        generation["stop"] = stops
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        generation["temperature"] = temperature
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p is not None:
+        if top_p == 0:
+            raise BadRequest("top_p", "top_p must be in (0, 1], got 0.")
+        generation["top_p"] = top_p
+    seed = _int(body, "seed", None, None, None)
+    if seed is not None:
+        generation["seed"] = seed
+    for name, key in _GENERATION_EXTRAS.items():
+        if body.get(name) is not None:
+            generation[key] = body[name]
+    fusion = {FUSION_FIELDS[k]: body[k] for k in FUSION_FIELDS if body.get(k) is not None}
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("stream_options", "stream_options must be an object.")
+    include_usage = bool(options and options.get("include_usage"))
+    if include_usage and not stream:
+        raise BadRequest("stream_options", "stream_options is only allowed with stream=true.")
+    return Call(
+        prompts=[],
+        generation=generation,
+        fusion=fusion,
+        stream=stream,
+        include_usage=include_usage,
+        chat=chat,
+    )
+
+
+def _message(i: int, message: Any) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise BadRequest(f"messages[{i}]", f"messages[{i}] must be an object.")
+    role = message.get("role")
+    if role in ("tool", "function") or message.get("tool_calls"):
+        raise BadRequest(
+            f"messages[{i}]",
+            f"messages[{i}]: tool calls and tool results are not supported by this server "
+            "yet.",
+        )
+    if role not in ROLES:
+        raise BadRequest(
+            f"messages[{i}].role",
+            f"messages[{i}].role is {role!r}; use system, developer, user or assistant.",
+        )
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(
+                    f"messages[{i}].content[{j}]",
+                    f"messages[{i}].content[{j}] is a {kind!r} part; this server reads text "
+                    "parts only.",
+                )
+            texts.append(str(part.get("text", "")))
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise BadRequest(
+            f"messages[{i}].content", f"messages[{i}].content must be a string or text parts."
+        )
+    return {"role": ROLES[role], "content": content}
+
+
+def _response_format(value: Any) -> None:
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise BadRequest(
+            "response_format",
+            f"response_format {kind!r} is not supported by this server yet; send the request "
+            "without it.",
+        )
+    raise BadRequest("response_format", "response_format must be an object with a 'type'.")
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest(None, "The request body must be a JSON object.")
+    return body
+
+
+def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(name, f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def _int(
+    body: Mapping[str, Any], name: str, default: int | None, low: int | None, high: int | None
+) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(name, f"{name} must be an integer, got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise BadRequest(name, f"{name} must be {bounds}, got {value}.")
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(name, f"{name} must be a number, got {value!r}.")
+    if not low <= value <= high:
+        raise BadRequest(name, f"{name} must be from {low:g} to {high:g}, got {value}.")
+    return float(value)
