@@ -41,6 +41,7 @@ _ENGINE_TO_API = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
     "top_k": "top_k",
+    "json_schema": "response_format",
 }
 _VIEW_CACHE = 64  # fusion-setting views kept per server
 
@@ -227,7 +228,8 @@ async def _generate(state: ServerState, request: Request, call: Call) -> Respons
     config = GenerationConfig(**generation, logprobs=call.logprobs)
     answer = Answer(state.name(), call.chat)
     prompt = call.prompts[0] if call.chat else call.prompts
-    events = view.astream(prompt, config)
+    tools = {"tools": call.tools, "tool_choice": call.tool_choice} if call.tools else {}
+    events = view.astream(prompt, config, **tools)
     if call.stream:
         return await _stream(events, call, answer, view.main.name)
     results = await _collect(request, events, len(call.prompts))
@@ -280,6 +282,8 @@ async def _stream(
             async for event in _chain(pending, events):
                 if event.delta or event.logprobs:
                     yield _sse(answer.chunk(event.index, event.delta, logprobs=event.logprobs))
+                if event.tool_calls:
+                    yield _sse(answer.tool_calls_chunk(event.index, event.tool_calls))
                 if event.finish_reason is not None:
                     yield _sse(answer.chunk(event.index, None, event.finish_reason))
                     if event.usage is not None:
@@ -343,7 +347,8 @@ def _param_of(message: str) -> str | None:
         return _ENGINE_TO_API.get(field, field)
     if message.startswith("Prompt "):
         return "messages"
-    return None
+    match = re.match(r"(tools|tool_choice|messages)\b", message)  # the engine's tool checks
+    return match.group(1) if match else None
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

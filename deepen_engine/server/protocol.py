@@ -9,14 +9,18 @@ OpenAI error body.
 
 Accepted and mapped: `max_completion_tokens` / `max_tokens`, `stop`, `temperature`,
 `top_p`, `seed`, `n` (1 only), `stream`, `stream_options.include_usage`, `logprobs` and
-`top_logprobs` (chat) or `logprobs` (completions, an integer). Ignored: `model` (any name
-is served by the one ensemble), `user`, `metadata`, `store`, `service_tier`,
-`parallel_tool_calls`. Extra fields: the fusion settings `method`, `main`, `weights`,
-`weighting`, `eta`, `steps`, `tau`, `fusion_top_k`, `top_mass`, `candidates`,
-`unite_top_k`, `gate`, `gate_threshold`, and `top_k`, `min_tokens`, `truncation`,
-`timeout`. Refused with a 400 saying so: features deepen does not have (`n` > 1,
-penalties, `logit_bias`, `echo`, `suffix`, `best_of` > 1, token-id prompts, non-text
-message parts).
+`top_logprobs` (chat) or `logprobs` (completions, an integer); on chat, `tools` and
+`tool_choice` (the engine's tool calls: a call always parses), assistant messages with
+`tool_calls` and `tool` messages, and `response_format` (`json_object`: any JSON object;
+`json_schema`: its `schema`, both through the engine's grammar constraint). Ignored:
+`model` (any name is served by the one ensemble), `user`, `metadata`, `store`,
+`service_tier`, `parallel_tool_calls` (a reply holds at most one call). Extra fields: the
+fusion settings `method`, `main`, `weights`, `weighting`, `eta`, `steps`, `tau`,
+`fusion_top_k`, `top_mass`, `candidates`, `unite_top_k`, `gate`, `gate_threshold`, and
+`top_k`, `min_tokens`, `truncation`, `timeout`, `regex`, `grammar` (output constraints,
+as `GenerationConfig`). Refused with a 400 saying so: features deepen does not have (`n` >
+1, penalties, `logit_bias`, `echo`, `suffix`, `best_of` > 1, token-id prompts, non-text
+message parts, the legacy `functions` / `function_call`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 FUSION_FIELDS = {
     "method": "method",
     "main": "main",
@@ -46,6 +56,8 @@ _GENERATION_EXTRAS = {
     "min_tokens": "min_new_tokens",
     "truncation": "truncation",
     "timeout": "timeout",
+    "regex": "regex",
+    "grammar": "grammar",
 }
 _NOT_SUPPORTED = {
     "presence_penalty": 0,
@@ -76,6 +88,8 @@ class Call:
     include_usage: bool = False
     logprobs: int | None = None  # alternatives per token; None: no logprobs
     chat: bool = True
+    tools: list[Any] | None = None  # OpenAI function specs (chat); checked by the engine
+    tool_choice: Any = None  # "auto", "none", "required" or {"type": "function", ...}
 
 
 def parse_chat(body: Any) -> Call:
@@ -85,14 +99,31 @@ def parse_chat(body: Any) -> Call:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "messages must be a non-empty list of message objects.")
     conversation = [_message(i, m) for i, m in enumerate(messages)]
-    for name in ("tools", "functions"):
+    for name in ("functions", "function_call"):
         if body.get(name):
             raise BadRequest(
-                name, f"{name} are not supported by this server yet; send the request without."
+                name, f"{name} is OpenAI's legacy form; send tools and tool_choice instead."
             )
-    _response_format(body.get("response_format"))
     call = _common(body, chat=True)
     call.prompts = [conversation]
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadRequest("tools", "tools must be a list of {'type': 'function', ...} objects.")
+    call.tools = tools or None
+    call.tool_choice = body.get("tool_choice")
+    if call.tools is None and call.tool_choice not in (None, "none", "auto"):
+        raise BadRequest("tool_choice", "tool_choice asks for a tool call; give tools too.")
+    schema = _response_format(body.get("response_format"))
+    if schema is not None:
+        if call.tools is not None and call.tool_choice != "none":
+            raise BadRequest(
+                "response_format",
+                "give tools or a JSON response_format, not both: the tools already "
+                "constrain the reply.",
+            )
+        if any(k in call.generation for k in ("regex", "grammar")):
+            raise BadRequest("response_format", "give response_format or regex/grammar, not both.")
+        call.generation["json_schema"] = schema
     logprobs = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, 20)
     if top is not None and not logprobs:
@@ -182,22 +213,31 @@ def _common(body: Mapping[str, Any], chat: bool) -> Call:
     )
 
 
-def _message(i: int, message: Any) -> dict[str, str]:
+def _message(i: int, message: Any) -> dict[str, Any]:
+    """One message for the engine: text content; an assistant's `tool_calls` and a tool
+    result's `tool_call_id` / `name` kept (the engine checks them, errors name the field).
+    """
     if not isinstance(message, dict):
         raise BadRequest(f"messages[{i}]", f"messages[{i}] must be an object.")
     role = message.get("role")
-    if role in ("tool", "function") or message.get("tool_calls"):
-        raise BadRequest(
-            f"messages[{i}]",
-            f"messages[{i}]: tool calls and tool results are not supported by this server "
-            "yet.",
-        )
     if role not in ROLES:
+        hint = " (legacy function messages: send tool messages)" if role == "function" else ""
         raise BadRequest(
             f"messages[{i}].role",
-            f"messages[{i}].role is {role!r}; use system, developer, user or assistant.",
+            f"messages[{i}].role is {role!r}; use system, developer, user, assistant or "
+            f"tool{hint}.",
         )
+    out: dict[str, Any] = {"role": ROLES[role]}
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls:
+        out["tool_calls"] = calls
+    if role == "tool":
+        out["tool_call_id"] = message.get("tool_call_id")
+        if message.get("name") is not None:
+            out["name"] = message["name"]
     content = message.get("content")
+    if content is None and calls:
+        content = ""
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
@@ -214,22 +254,35 @@ def _message(i: int, message: Any) -> dict[str, str]:
         raise BadRequest(
             f"messages[{i}].content", f"messages[{i}].content must be a string or text parts."
         )
-    return {"role": ROLES[role], "content": content}
+    out["content"] = content
+    return out
 
 
-def _response_format(value: Any) -> None:
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """The JSON schema a `response_format` asks for (None for text): `json_object` is any
+    JSON object; `json_schema` is `{"json_schema": {"name", "schema", "strict"}}`.
+    """
     if value is None:
-        return
+        return None
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise BadRequest(
-            "response_format",
-            f"response_format {kind!r} is not supported by this server yet; send the request "
-            "without it.",
-        )
-    raise BadRequest("response_format", "response_format must be an object with a 'type'.")
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest(
+                "response_format",
+                "response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
+                "{...}}}.",
+            )
+        return schema
+    raise BadRequest(
+        "response_format",
+        "response_format must be an object with a 'type': text, json_object or json_schema.",
+    )
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 chunks, text completions and theirs, usage, logprobs, and error bodies.
 
 Finish reasons in OpenAI's terms: the engine's `eos` and `stop` are `stop`, `length` is
-`length`. Usage counts the prompt in the main member's tokens (the vocabulary the answer
-is written in).
+`length`, `tool_calls` is `tool_calls`. A reply that calls a tool has `content` null and
+`tool_calls` (`{"id", "type": "function", "function": {"name", "arguments": JSON text}}`);
+streamed, the call comes whole in one delta (`index` 0), then the finish chunk. Usage
+counts the prompt in the main member's tokens (the vocabulary the answer is written in).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from ..outputs import GenerationResult, TokenLogprob, Usage
+from ..outputs import GenerationResult, TokenLogprob, ToolCall, Usage
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
@@ -42,14 +44,10 @@ class Answer:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(
-        self, results: list[GenerationResult], main: str, logprobs: bool
-    ) -> dict[str, Any]:
+    def full(self, results: list[GenerationResult], main: str, logprobs: bool) -> dict[str, Any]:
         """The non-streamed response for these results (one choice each)."""
         body = self._head("chat.completion" if self.chat else "text_completion")
-        body["choices"] = [
-            self._choice(i, r, logprobs) for i, r in enumerate(results)
-        ]
+        body["choices"] = [self._choice(i, r, logprobs) for i, r in enumerate(results)]
         body["usage"] = usage_of([r.usage for r in results], main)
         return body
 
@@ -57,7 +55,11 @@ class Answer:
         entries = result.logprobs if logprobs else None
         choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason(result.finish_reason)}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
+            message: dict[str, Any] = {"role": "assistant", "content": result.text}
+            if result.tool_calls:
+                message["content"] = result.text or None
+                message["tool_calls"] = [wire_call(c) for c in result.tool_calls]
+            choice["message"] = message
             choice["logprobs"] = chat_logprobs(entries) if entries is not None else None
         else:
             choice["text"] = result.text
@@ -87,12 +89,30 @@ class Answer:
         body["choices"] = [choice]
         return body
 
+    def tool_calls_chunk(self, index: int, calls: list[ToolCall]) -> dict[str, Any]:
+        """A chat stream chunk holding a reply's tool calls, whole."""
+        body = self._head("chat.completion.chunk")
+        delta = {"tool_calls": [{"index": k, **wire_call(c)} for k, c in enumerate(calls)]}
+        body["choices"] = [
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        ]
+        return body
+
     def usage_chunk(self, usages: list[Usage], main: str) -> dict[str, Any]:
         """The last chunk asked for by `stream_options.include_usage`: no choices."""
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         body["choices"] = []
         body["usage"] = usage_of(usages, main)
         return body
+
+
+def wire_call(call: ToolCall) -> dict[str, Any]:
+    """A tool call as OpenAI writes it: arguments as a JSON string."""
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
 
 
 def usage_of(usages: list[Usage], main: str) -> dict[str, int]:

@@ -103,6 +103,39 @@ def test_llama_index_openai_like(server, chat_answer):
     assert streamed[-1].message.content == chat_answer.text
 
 
+def test_tool_calls_and_structured_output_through_chat_openai(server, ensemble):
+    """What agents send: `bind_tools` with a required call and `with_structured_output`
+    (json_schema) through LangChain's OpenAI client; the calls parse on the default members
+    and equal the engine's."""
+    pytest.importorskip("llguidance")
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        """Get the current weather in a city."""
+
+        city: str
+
+    chat = ChatOpenAI(
+        base_url=server + "/v1", api_key="unused", model="deepen-default", max_tokens=48,
+        max_retries=0,
+    )  # fmt: skip
+    ask = "What is the weather in Paris?"
+    message = chat.bind_tools([Weather], tool_choice="Weather").invoke(ask)
+    (call,) = message.tool_calls
+    view = ensemble.with_fusion(main=ensemble.default_chat_main())
+    tools = [convert_to_openai_tool(Weather)]  # what bind_tools sends
+    expected = view.generate(
+        [{"role": "user", "content": ask}], tools=tools, tool_choice="Weather", max_new_tokens=48
+    )
+    assert expected.finish_reason == "tool_calls"
+    assert call["name"] == "Weather" and call["args"] == expected.tool_calls[0].arguments
+    assert isinstance(call["args"]["city"], str)
+    structured = chat.with_structured_output(Weather, method="json_schema").invoke(ask)
+    assert isinstance(structured, Weather)
+
+
 def test_32_concurrent_clients_get_their_one_by_one_outputs(server, ensemble):
     prompts = [f"Question {i}: what is {i} + {i + 1}? Answer:" for i in range(32)]
     alone = [ensemble.generate(p, max_new_tokens=8).text for p in prompts]
