@@ -64,10 +64,11 @@ def test_bench_ray_small():
     assert figures["same_tokens_as_in_process"] is True
     assert figures["members"] == list(DEFAULT_MEMBERS)
     main, helper = (figures["protocol"][n] for n in DEFAULT_MEMBERS)
-    # batch 1, per step: Gemma-3 (main) sends its 262,144 float32 logits, SmolLM2 (helper)
-    # its top 64 ids and logits and its normaliser; 16 bytes of fed positions and timing
+    # batch 1, per step: each member sends all its float32 logits (DeePEn's fast path reads
+    # every anchor's probability): Gemma-3 262,144, SmolLM2 49,152; 16 bytes of fed
+    # positions and timing
     assert main["received_bytes_per_row_step"] == 4 * 262144 + 16
-    assert helper["received_bytes_per_row_step"] == 8 * 64 + 4 + 16
+    assert helper["received_bytes_per_row_step"] == 4 * 49152 + 16
     assert set(figures["median"]) >= {"ray_ms", "in_process_ms", "ray_to_slower_member"}
 
 
