@@ -171,13 +171,8 @@ class Ensemble:
         and after each step, for progress bars.
         """
         call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
-        submit = partial(
-            self._submit, call, tool_constraint=tool_constraint, progress=progress is not None
-        )
-        events = read(self._scheduler, submit, progress)
-        if call.tools is None:
-            return events
-        return tool_events(events, call.tools, call.form)
+        events = read(self._scheduler, self._submitter(call, tool_constraint, progress), progress)
+        return events if call.tools is None else tool_events(events, call.tools, call.form)
 
     def astream(
         self,
@@ -199,13 +194,18 @@ class Ensemble:
         `progress` as in `stream`, called on the event loop.
         """
         call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
-        submit = partial(
+        events = aread(self._scheduler, self._submitter(call, tool_constraint, progress), progress)
+        return events if call.tools is None else atool_events(events, call.tools, call.form)
+
+    def _submitter(
+        self, call: _Call, tool_constraint: bool, progress: Callable[[Progress], None] | None
+    ) -> Callable[[Sink], Request]:
+        """What the reader calls to queue `call` (constrained unless `tool_constraint` is
+        off; reporting progress when someone listens).
+        """
+        return partial(
             self._submit, call, tool_constraint=tool_constraint, progress=progress is not None
         )
-        events = aread(self._scheduler, submit, progress)
-        if call.tools is None:
-            return events
-        return atool_events(events, call.tools, call.form)
 
     def _submit(
         self, call: _Call, sink: Sink, tool_constraint: bool = True, progress: bool = False

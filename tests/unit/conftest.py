@@ -30,3 +30,21 @@ def _relative_rows_in_a_temporary_folder(tmp_path_factory):
     context.cache_dir = lambda: folder
     yield folder
     context.cache_dir = original
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ensemble):
+    """The OpenAI-compatible server on the tiny ensemble, uvicorn on loopback: its URL."""
+    pytest.importorskip("starlette")
+    from deepen_engine.server import create_app
+    from tests.conftest import running_server
+
+    with running_server(create_app(tiny_ensemble, model_name="tiny")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The real `openai` client on `server`."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)

@@ -23,17 +23,6 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ensemble):
-    with running_server(create_app(tiny_ensemble, model_name="tiny")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-
-
 def _chat_expected(ens, **settings):
     return ens.with_fusion(main=ens.default_chat_main()).generate(MESSAGES, **settings)
 

@@ -1,5 +1,6 @@
 """Tool calls and structured output through the OpenAI-compatible server, on the tiny
-members, served by uvicorn on loopback and driven by the real `openai` client: what the
+members, served by uvicorn on loopback (the `server` and `client` fixtures of
+tests/unit/conftest.py) and driven by the real `openai` client: what the
 server answers equals what the engine answers for the same request (call ids aside: each
 call gets a fresh one)."""
 
@@ -15,11 +16,7 @@ pytest.importorskip("openai")
 pytest.importorskip("llguidance")
 
 import httpx  # noqa: E402
-import openai  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
-
-from deepen_engine.server import create_app  # noqa: E402
-from tests.conftest import running_server  # noqa: E402
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -49,17 +46,6 @@ UNIT_SCHEMA = {
 
 class Unit(BaseModel):
     unit: Literal["C", "F"]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_ensemble):
-    with running_server(create_app(tiny_ensemble, model_name="tiny")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
