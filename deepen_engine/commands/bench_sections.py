@@ -309,8 +309,10 @@ def _fast_path_leftout(logits: torch.Tensor, fuser: DeepenFuser, i: int) -> floa
     """Probability (of member i's tokens with text) the fast path leaves out: non-anchor
     tokens past its mass bound or its cap (`kept_non_anchors`).
     """
-    probs = torch.where(fuser.has_text[i], torch.softmax(logits.float(), dim=-1), 0.0)
-    is_anchor = fuser.spaces[i].token_to_anchor >= 0
+    space = fuser.spaces[i]  # on member i's device, as its logits
+    probs = torch.softmax(logits.float().to(space.device), dim=-1)
+    probs = torch.where(fuser.on(fuser.has_text[i], space.device), probs, 0.0)
+    is_anchor = space.token_to_anchor >= 0
     cfg = fuser.config
     _, _, leftout = kept_non_anchors(probs[None], is_anchor, cfg.top_k, cfg.top_mass)
     return float(leftout[0] / probs.sum())
