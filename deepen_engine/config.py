@@ -158,10 +158,28 @@ class FusionConfig(_Settings):
     row_cache_size: int = Field(4096, ge=0)
     """Relative rows of non-anchor tokens kept per member after first use (LRU)."""
 
+    fusion_device: str | None = None
+    """Torch device of the aggregation, the inverse search and the fused logits (sampling
+    and grammar masks follow them), such as `cuda:1`; none: the main member's device (the
+    CPU for a member in a Ray actor). Each member's own part of fusion (its probabilities,
+    top tokens, relative distribution) runs on its own device either way."""
+
     disk_cache_rows: int = Field(8192, ge=0)
     """Relative rows of non-anchor tokens kept on disk per member and anchor set (under
     `$DEEPEN_CACHE/relative-rows`), so a new process reads them instead of computing
     them. `0`: no disk cache."""
+
+    @field_validator("fusion_device")
+    @classmethod
+    def _check_fusion_device(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from .devices import device_problem
+
+        problem = device_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("weights")
     @classmethod

@@ -69,6 +69,7 @@ FUSION_FIELDS = {
     "eta": "eta",
     "steps": "steps",
     "min_anchors": "min_anchors",
+    "fusion_device": "fusion_device",
 }
 CALL_FUSION = (
     "method", "gate", "main", "weights", "tau", "fusion_top_k", "candidates", "eta", "steps"
@@ -176,6 +177,11 @@ class DeepEnSettings(BaseModel):
     min_anchors: int | None = None
     """Fewest shared anchor tokens accepted (`FusionConfig.min_anchors`, default 1000); lower
     it only for tiny test vocabularies. `None`: the ensemble's. Not per call."""
+
+    fusion_device: str | None = None
+    """Torch device of the aggregation, the inverse search and the fused logits
+    (`FusionConfig.fusion_device`, e.g. `"cuda:1"`). `None`: the main member's device. Not
+    per call."""
 
     fusion_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other `FusionConfig` fields (e.g. `weight_decay`, `row_cache_size`). Empty: the

@@ -31,6 +31,30 @@ CORPUS = [
     "Once upon a time there was a small model that learned to write stories.",
 ] * 20
 
+TEST_DEVICE = os.environ.get("DEEPEN_TEST_DEVICE")
+"""`DEEPEN_TEST_DEVICE=cuda`: every member the tests load without naming a device loads
+there (a diagnostic run of the unit tier on a GPU, scripts/gpu-check.sh: it finds device
+mismatches; tests that feed the tiny models CPU tensors themselves fail in it by design)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _members_on_test_device():
+    if not TEST_DEVICE:
+        yield
+        return
+    from deepen_engine.members import loading
+
+    original = loading.load_member
+
+    def load_on_test_device(spec):
+        if "device" not in spec.model_fields_set and spec.placement == "local":
+            spec = spec.model_copy(update={"device": TEST_DEVICE})
+        return original(spec)
+
+    loading.load_member = load_on_test_device
+    yield
+    loading.load_member = original
+
 
 # ChatML, as SmolLM2's tokenizer has it (without its default system prompt).
 CHATML = (
@@ -198,7 +222,7 @@ def member_args(folders: list[str]) -> list[str]:
 
 def plain_greedy_ids(model, ids: list[int], n: int) -> list[int]:
     """transformers' own greedy continuation of `ids`: exactly n new ids, EOS ignored."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     out = model.generate(
         x,
         attention_mask=torch.ones_like(x),

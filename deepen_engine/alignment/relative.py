@@ -11,6 +11,10 @@ below), and for byte-fallback duplicates the shared text is the better match any
 (alignment/row_store.py), rows missing from the LRU cache are read from disk before they
 are computed, and computed rows are written there for the next process.
 
+A space lives on its member's device (the device of the embeddings it is given): the unit
+anchor embeddings, the anchor map and the row buffer are there, and rows come back there.
+The disk store holds CPU tensors: rows cross to the CPU when written, back when read.
+
 The LRU cache is one contiguous (slots, A) buffer that grows up to `cache_size` slots, so
 the rows of a step are gathered with a single `index_select` (stacking hundreds of
 separate row tensors cost far more on a busy CPU).
@@ -40,14 +44,16 @@ class RelativeSpace:
         store: RowStore | None = None,
     ) -> None:
         self.tau = tau
-        self.token_to_anchor = token_to_anchor
+        self.device = embeddings.device
+        self.token_to_anchor = token_to_anchor.to(self.device)  # (V,) on the member's device
         self.num_anchors = int(anchor_token_ids.numel())
         self._embeddings = embeddings
-        # (A, d) unit anchor embeddings: the only copy we keep (~A*d floats).
-        anchors = embeddings.detach()[anchor_token_ids].float()
+        # (A, d) unit anchor embeddings, float32 whatever the member's dtype: the only copy
+        # we keep (~A*d floats).
+        anchors = embeddings.detach()[anchor_token_ids.to(self.device)].float()
         self._anchor_units = torch.nn.functional.normalize(anchors, dim=-1)
         self._cache: OrderedDict[int, int] = OrderedDict()  # token -> slot, LRU first
-        self._buffer = torch.empty(0, self.num_anchors)  # (slots, A) cached rows
+        self._buffer = self._empty(0)  # (slots, A) cached rows
         self._cache_size = cache_size
         self._chunk = chunk
         self.rows_computed = 0  # non-anchor rows computed so far (cache misses)
@@ -60,11 +66,15 @@ class RelativeSpace:
         """
         twin = copy.copy(self)
         twin._cache = OrderedDict()
-        twin._buffer = torch.empty(0, self.num_anchors)
+        twin._buffer = self._empty(0)
         twin._cache_size = cache_size
         twin.rows_computed = 0
         twin.store = None  # the twin's work never reaches the disk
         return twin
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        """An uninitialised (rows, A) float32 tensor on the space's device."""
+        return torch.empty(rows, self.num_anchors, device=self.device)
 
     def memory_bytes(self) -> int:
         """Bytes held: the unit anchor embeddings and the cached rows."""
@@ -75,19 +85,20 @@ class RelativeSpace:
     def exact_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(n, A) rows by the formula, for any tokens, computed in chunks of tokens."""
         out = []
+        token_ids = token_ids.to(self.device)
         for start in range(0, token_ids.numel(), self._chunk):
             ids = token_ids[start : start + self._chunk]
             units = torch.nn.functional.normalize(self._embeddings.detach()[ids].float(), dim=-1)
             out.append(torch.softmax(self.tau * units @ self._anchor_units.T, dim=-1))
         if not out:
-            return torch.empty(0, self.num_anchors)
+            return self._empty(0)
         return torch.cat(out)
 
     def non_anchor_rows(self, token_ids: list[int]) -> torch.Tensor:
         """(n, A) rows of tokens that are not anchors, through the LRU cache."""
         unique = list(dict.fromkeys(token_ids))
         if not unique:
-            return torch.empty(0, self.num_anchors)
+            return self._empty(0)
         if len(unique) > self._cache_size:
             # more rows than the cache holds (the reference fusion): the last ones stay
             cached = {t: self._buffer[self._cache[t]] for t in unique if t in self._cache}
@@ -96,7 +107,9 @@ class RelativeSpace:
             self._remember(unique[len(unique) - self._cache_size :], found)
             return out
         self._remember(unique, {})
-        slots = torch.tensor([self._cache[t] for t in token_ids], dtype=torch.long)
+        slots = torch.tensor(
+            [self._cache[t] for t in token_ids], dtype=torch.long, device=self.device
+        )
         return self._buffer.index_select(0, slots)
 
     def _remember(self, tokens: list[int], found: dict[int, torch.Tensor]) -> None:
@@ -119,13 +132,15 @@ class RelativeSpace:
     def _fetch(self, token_ids: list[int]) -> dict[int, torch.Tensor]:
         """Rows of tokens not in the cache: from the disk store, else computed."""
         found = self.store.get(token_ids) if self.store is not None else {}
+        if found and self.device.type != "cpu":  # the store reads CPU tensors
+            found = {t: row.to(self.device) for t, row in found.items()}
         missing = [t for t in token_ids if t not in found]
         if missing:
             rows = self.exact_rows(torch.tensor(missing, dtype=torch.long))
             self.rows_computed += len(missing)
             found.update(zip(missing, rows))
             if self.store is not None:
-                self.store.add(missing, rows)
+                self.store.add(missing, rows.cpu())
         return found
 
     def _free_slot(self) -> int:
@@ -137,7 +152,7 @@ class RelativeSpace:
             slot = used
         elif used < self._cache_size:
             grown = min(self._cache_size, max(64, 2 * self._buffer.shape[0]))
-            buffer = torch.empty(grown, self.num_anchors)
+            buffer = self._empty(grown)
             buffer[:used] = self._buffer
             self._buffer, slot = buffer, used
         else:
@@ -152,7 +167,8 @@ class RelativeSpace:
         whose kept mass is 0 is all zeros.
         """
         batch = probs.shape[0]
-        out = torch.zeros(batch, self.num_anchors, dtype=torch.float32)
+        out = torch.zeros(batch, self.num_anchors, dtype=torch.float32, device=self.device)
+        probs, token_ids = probs.to(self.device), token_ids.to(self.device)
         anchor = self.token_to_anchor[token_ids]  # (B, k)
         is_anchor = anchor >= 0
         out.scatter_add_(1, anchor.clamp(min=0), torch.where(is_anchor, probs, 0.0).float())

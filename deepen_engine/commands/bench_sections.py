@@ -214,7 +214,8 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
     relative = sum(s.memory_bytes() for s in spaces) / 2**20
     accounted = sum(weights.values()) + sum(caches.values()) + relative
     peak = peak_rss_mb()
-    return {
+    figures = _cuda_memory(ens)
+    return figures | {
         "rss_before_load_mb": round(rss_before_load, 1),
         "peak_rss_mb": round(peak, 1),
         "peak_rss_above_start_mb": round(peak - rss_before_load, 1),
@@ -225,6 +226,17 @@ def memory(ens: Ensemble, rss_before_load: float, largest: tuple[int, int]) -> d
         "weights_caches_relative_mb": round(accounted, 1),
         "peak_above_start_over_accounted": round((peak - rss_before_load) / accounted, 3),
     }
+
+
+def _cuda_memory(ens: Ensemble) -> dict[str, Any]:
+    """Peak GPU memory torch allocated on each member's GPU since the process started
+    (weights, caches and relative spaces live there; the RSS figures do not see it).
+    """
+    gpus = sorted({str(m.device) for m in ens.members if m.device.type == "cuda"})
+    if not gpus:
+        return {}
+    peaks = {d: torch.cuda.max_memory_allocated(torch.device(d)) / 2**20 for d in gpus}
+    return {"cuda_peak_allocated_mb": {d: round(v, 1) for d, v in peaks.items()}}
 
 
 def fidelity(
@@ -297,8 +309,10 @@ def _fast_path_leftout(logits: torch.Tensor, fuser: DeepenFuser, i: int) -> floa
     """Probability (of member i's tokens with text) the fast path leaves out: non-anchor
     tokens past its mass bound or its cap (`kept_non_anchors`).
     """
-    probs = torch.where(fuser.has_text[i], torch.softmax(logits.float(), dim=-1), 0.0)
-    is_anchor = fuser.spaces[i].token_to_anchor >= 0
+    space = fuser.spaces[i]  # on member i's device, as its logits
+    probs = torch.softmax(logits.float().to(space.device), dim=-1)
+    probs = torch.where(fuser.on(fuser.has_text[i], space.device), probs, 0.0)
+    is_anchor = space.token_to_anchor >= 0
     cfg = fuser.config
     _, _, leftout = kept_non_anchors(probs[None], is_anchor, cfg.top_k, cfg.top_mass)
     return float(leftout[0] / probs.sum())

@@ -63,6 +63,7 @@ def member_alone(
     these prompts (left-padded batch, greedy, its KV cache, exactly n tokens).
     """
     ids, mask = _left_padded(member, prompts)
+    ids, mask = ids.to(member.device), mask.to(member.device)
     kwargs: dict[str, Any] = dict(
         attention_mask=mask, do_sample=False, pad_token_id=_pad_id(member)
     )
@@ -144,7 +145,7 @@ class ReencodingBatch(MemberBatch):
             for r in self.rows:
                 ids = torch.tensor([r.ids], device=self.member.device)
                 out = self.member.model(input_ids=ids, logits_to_keep=1)
-                logits.append(out.logits[:, -1, :].float().cpu())
+                logits.append(out.logits[:, -1, :].float())  # on its device, as MemberBatch
                 r.fed_positions += len(r.ids) if r.cached else 0  # every step re-feeds all
                 r.cached = len(r.ids)
         self.logits = torch.cat(logits)

@@ -169,6 +169,7 @@ def fusion_options(
     _option(parser, FusionConfig, "candidates", type=int)
     _option(parser, FusionConfig, "unite_top_k", type=int)
     _option(parser, FusionConfig, "min_anchors", type=int)
+    _option(parser, FusionConfig, "fusion_device", metavar="DEVICE")
     return parser
 
 
@@ -241,6 +242,7 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.fusion_top_k,
         "candidates": args.candidates,
         "min_anchors": args.min_anchors,
+        "fusion_device": args.fusion_device,
     }
     for key in ("method", "weighting"):  # a command comparing several passes a list
         if isinstance(getattr(args, key), str):

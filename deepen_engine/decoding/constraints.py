@@ -18,6 +18,8 @@ How a constrained row decodes (`BatchDecoder.step` calls these in order):
 3. `apply_masks(fused, rows)`: the fused (B, V) logits with every token the row's grammar
    forbids at -inf, after fusion and before sampling (greedy and sampled alike). The main
    member's end tokens are allowed only where the grammar accepts its input as complete.
+   llguidance writes each row's bitmask (V/8 bytes) in CPU memory; it crosses to the
+   fused logits' device and is expanded there.
 4. `RowConstraint.advance(token)` with each chosen token; `finished` is true once the
    grammar can take nothing more, and the row ends there (`"eos"`). A row that reaches
    `max_new_tokens` first ends with `"length"`, its structure incomplete.
@@ -29,13 +31,14 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import torch
 
 from ..config import GenerationConfig
+from ..devices import DeviceCopies
 from ..errors import ConfigError
 from ..members import Member
 
@@ -48,6 +51,7 @@ structure."""
 
 # (256, 8) bool: the bits of each byte, least significant first (llguidance's bit order).
 _BYTE_BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).bool()
+_BITS_ON = DeviceCopies()  # _BYTE_BITS on the devices masks are applied on
 
 
 def llguidance() -> ModuleType:
@@ -125,6 +129,8 @@ class ConstraintVocab:
     agreed: torch.Tensor
     """(V,) bool: ids allowed at all: llguidance's bytes for the id equal the engine's, or
     the id is an end token."""
+    copies: DeviceCopies = field(default_factory=DeviceCopies)
+    """`agreed` on the devices that masks are applied on."""
 
     @property
     def size(self) -> int:
@@ -205,11 +211,15 @@ def apply_masks(fused: torch.Tensor, constraints: list[RowConstraint | None]) ->
         constraint = constraints[b]
         assert constraint is not None
         constraint.fill(bitmask, r)
-    allowed = _BYTE_BITS[bitmask.view(torch.uint8).long()].view(len(rows), -1)[:, :width]
+    device = fused.device
+    bits = _BITS_ON.on(_BYTE_BITS, device)
+    bytes_ = bitmask.to(device).view(torch.uint8).long()  # the mask crosses packed
+    allowed = bits[bytes_].view(len(rows), -1)[:, :width]
     out = fused.clone()
     for r, b in enumerate(rows):
         constraint = constraints[b]
         assert constraint is not None
-        keep = allowed[r] & constraint.vocab.agreed[:width]  # (V,)
+        agreed = constraint.vocab.copies.on(constraint.vocab.agreed, device)
+        keep = allowed[r] & agreed[:width]  # (V,)
         out[b] = out[b].masked_fill(~keep, float("-inf"))
     return out

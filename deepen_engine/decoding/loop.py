@@ -141,6 +141,7 @@ class BatchDecoder:
                     owner=item.owner,
                     text=TextAssembler(item.config.stop),
                     generator=row_generator(seed),
+                    seed=seed,
                     constraint=self._constraint(item),
                 )
             )
@@ -214,8 +215,9 @@ class BatchDecoder:
         # constrained rows: what their grammar forbids (end tokens included) at -inf.
         fused = apply_masks(fused, [r.constraint for r in rows])
         # choose each row's token; no end token before its min_new_tokens.
-        early = torch.tensor([r.generated < r.config.min_new_tokens for r in rows])
-        eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long)
+        device = fused.device  # sampling and masks run where the fused logits are
+        early = torch.tensor([r.generated < r.config.min_new_tokens for r in rows], device=device)
+        eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long, device=device)
         fused = suppress_end_tokens(fused, eos, early)
         tokens = self._choose(fused)
         self._note_logprobs(fused, tokens)
@@ -249,10 +251,14 @@ class BatchDecoder:
             groups.setdefault(id(row.fuser), []).append(b)
         if len(groups) == 1:
             return self.rows[0].fuser.fuse(logits)
-        fused = torch.empty(main_logits.shape, dtype=torch.float32)
+        # several fusers: the rows meet on the main member's device (each fuser fused on
+        # its own fusion device)
+        device = main_logits.device
+        fused = torch.empty(main_logits.shape, dtype=torch.float32, device=device)
         for rows in groups.values():
             index = torch.tensor(rows)
-            fused[index] = self.rows[rows[0]].fuser.fuse([x[index] for x in logits])
+            part = self.rows[rows[0]].fuser.fuse([x[index.to(x.device)] for x in logits])
+            fused[index.to(device)] = part.to(device)
         return fused
 
     def _choose(self, fused: torch.Tensor) -> list[int]:
@@ -264,8 +270,8 @@ class BatchDecoder:
         tokens = [0] * len(self.rows)
         for (temperature, top_k, top_p), rows in groups.items():
             sampler = Sampler(temperature, top_k, top_p)
-            part = fused if len(groups) == 1 else fused[torch.tensor(rows)]
-            chosen = sampler(part, [self.rows[b].generator for b in rows])
+            part = fused if len(groups) == 1 else fused[torch.tensor(rows, device=fused.device)]
+            chosen = sampler(part, [self.rows[b].generator_on(part.device) for b in rows])
             for b, token in zip(rows, chosen):
                 tokens[b] = token
         return tokens
@@ -275,7 +281,8 @@ class BatchDecoder:
         asking = [b for b, row in enumerate(self.rows) if row.config.logprobs is not None]
         if not asking:
             return
-        logp = torch.log_softmax(fused[torch.tensor(asking)].float(), dim=-1)  # (b, V)
+        index = torch.tensor(asking, device=fused.device)
+        logp = torch.log_softmax(fused[index].float(), dim=-1)  # (b, V) on the device
         texts = self.main_member.vocab.texts
         for logp_b, b in zip(logp, asking):
             row, token = self.rows[b], tokens[b]
@@ -284,7 +291,12 @@ class BatchDecoder:
             top_k = row.config.logprobs or 0
             top = logp_b.topk(top_k) if top_k else None
             alternatives = (
-                [token_logprob(texts, int(i), float(v)) for v, i in zip(*top)] if top else []
+                [
+                    token_logprob(texts, i, v)
+                    for v, i in zip(top.values.tolist(), top.indices.tolist())
+                ]
+                if top
+                else []
             )
             entry = token_logprob(texts, token, float(logp_b[token]))
             entry.top = alternatives

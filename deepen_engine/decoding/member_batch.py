@@ -57,7 +57,9 @@ class RowIds:
 
 
 class MemberBatch:
-    """One member's rows, KV cache and latest next-token logits."""
+    """One member's rows, KV cache and latest next-token logits (float32, on the member's
+    device; the ids and the mask `valid` are kept on the CPU and sent with each forward).
+    """
 
     chunk: int = PREFILL_CHUNK
     """Most positions a row feeds in one forward pass; `0`: no limit."""
@@ -211,9 +213,13 @@ class MemberBatch:
                 f"the request was abandoned and the ensemble stays usable. Check that "
                 f"{name!r} runs on its own (device, dtype, memory).",
             ) from exc
-        logits = out.logits[:, -1, :].float().cpu()  # (B, V)
+        # float32 for fusion whatever the member's dtype; kept on the member's device
+        # (fusion reads it there: deepen_engine/devices.py)
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        if logits.device.type == "cuda":  # forward_seconds counts the kernels, not launches
+            torch.cuda.synchronize(logits.device)
         if self.logits is not None:  # rows that fed nothing keep their logits
-            unchanged = torch.tensor([not ids for ids in pending])
+            unchanged = torch.tensor([not ids for ids in pending], device=logits.device)
             logits[unchanged] = self.logits[unchanged]
         self.logits = logits
         self.valid = mask
@@ -265,7 +271,7 @@ class MemberBatch:
         self.rows = [self.rows[i] for i in rows]
         self.valid = self.valid[index]
         if self.logits is not None:
-            self.logits = self.logits[index]
+            self.logits = self.logits[index.to(self.logits.device)]
         if self.cache.get_seq_length() > 0:
             self.cache.batch_select_indices(index.to(self.member.device))
 

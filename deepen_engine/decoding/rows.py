@@ -72,12 +72,29 @@ class Row:
     fuser: Fuser
     owner: object
     text: TextAssembler
-    generator: torch.Generator  # the row's own random stream
+    generator: torch.Generator  # the row's own random stream (CPU)
+    seed: int = 0  # its seed: a stream on another device starts from it
     usage: Usage = field(default_factory=Usage)
     generated: int = 0  # tokens chosen so far (resumed ids included)
     start: float = field(default_factory=time.perf_counter)
     constraint: RowConstraint | None = None  # the row's grammar state, if constrained
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not handed out yet
+    _device_generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        """The row's random stream for sampling on `device`: `generator` on the CPU, else
+        a stream of that device seeded with the same seed, made on first use. CUDA draws
+        other numbers than the CPU from the same seed: a seeded sampled row repeats
+        itself on the same device, not across devices.
+        """
+        if device.type == "cpu":
+            return self.generator
+        gen = self._device_generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._device_generators[device] = gen
+        return gen
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         """The log-probabilities noted since the last event (None when not asked for)."""

@@ -46,7 +46,9 @@ class Sampler:
         return self.temperature == 0
 
     def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
-        """Next token of each row. logits: (B, V); `generators[b]` is row b's stream."""
+        """Next token of each row. logits: (B, V) on any device; `generators[b]` is row b's
+        stream, on that device. Only the chosen ids leave the device.
+        """
         # 1. greedy.
         if self.greedy:
             return logits.argmax(-1).tolist()
@@ -66,6 +68,5 @@ class Sampler:
             scores = scores.masked_fill(drop, float("-inf"))
         # 5. one draw per row from its own generator.
         probs = scores.softmax(-1)
-        return [
-            int(torch.multinomial(probs[b], 1, generator=gen)) for b, gen in enumerate(generators)
-        ]
+        draws = [torch.multinomial(probs[b], 1, generator=gen) for b, gen in enumerate(generators)]
+        return torch.cat(draws).tolist() if draws else []

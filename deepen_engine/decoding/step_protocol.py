@@ -135,18 +135,19 @@ class StepReply:
         cls, logits: torch.Tensor | None, top_k: int | None, fed: list[int], seconds: float
     ) -> StepReply:
         """The reply for a batch's (B, V) float32 logits: all of them, or the top `top_k`
-        of each row and its normaliser.
+        of each row and its normaliser. The logits may be on the member's GPU: the top-k
+        and normaliser are computed there, and only what is sent crosses to the CPU.
         """
         reply = cls(fed_positions=fed, forward_seconds=seconds)
         if logits is None:
             return reply
         if top_k is None:
-            reply.logits = logits.numpy()
+            reply.logits = logits.cpu().numpy()
             return reply
         values, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, K)
-        reply.top_ids = ids.to(torch.int32).numpy()
-        reply.top_values = values.numpy()
-        reply.log_normaliser = logits.logsumexp(-1).numpy()  # (B,)
+        reply.top_ids = ids.to(torch.int32).cpu().numpy()
+        reply.top_values = values.cpu().numpy()
+        reply.log_normaliser = logits.logsumexp(-1).cpu().numpy()  # (B,)
         return reply
 
     def member_logits(self, vocab_size: int) -> torch.Tensor | TopLogits | None:
@@ -189,6 +190,11 @@ class TopLogits:
         self.vocab_size = vocab_size
         width = ids.shape[1]
         self.widths = widths if widths is not None else torch.full((ids.shape[0],), width)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parts are (the CPU: they came from another process)."""
+        return self.ids.device
 
     @property
     def shape(self) -> torch.Size:

@@ -29,6 +29,7 @@ import torch
 
 from ..alignment.vocabulary import Anchors
 from ..config import FusionConfig
+from ..devices import DeviceCopies, resolve_device
 
 if TYPE_CHECKING:
     from ..members import Member
@@ -86,6 +87,11 @@ class Fuser:
         self.main_eos_ids = self.end_ids[self.main]
         self.context: FusionContext | None = None  # set by build: what with_config reuses
         self.stats = FuseStats()
+        # the tables above on other devices (shared with the context's fusers by `_make`)
+        self.copies = DeviceCopies()
+        self._fusion_device = (
+            resolve_device(config.fusion_device) if config.fusion_device is not None else None
+        )
 
     # --- construction -----------------------------------------------------------------
 
@@ -123,16 +129,30 @@ class Fuser:
         """Whether fusion returns the main member's logits unchanged."""
         return len(self.end_ids) == 1 or float(self.weights[self.main]) == 1.0
 
-    def fuse(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Fused logits in the main member's vocabulary.
-
-        logits: per member (B, V_i) next-token logits. Returns (B, V_main) float32.
+    def fusion_device(self, logits: Sequence[torch.Tensor]) -> torch.device:
+        """Where the fused logits are made: `FusionConfig.fusion_device`, else the device of
+        the main member's logits.
         """
-        main_logits = logits[self.main].float()  # (B, V)
+        if self._fusion_device is not None:
+            return self._fusion_device
+        return logits[self.main].device
+
+    def on(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """One of the fuser's constant tables on `device` (itself when it is there)."""
+        return self.copies.on(table, device)
+
+    def fuse(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fused logits in the main member's vocabulary, on the fusion device.
+
+        logits: per member (B, V_i) next-token logits, each on its member's device.
+        Returns (B, V_main) float32.
+        """
+        device = self.fusion_device(logits)
+        main_logits = logits[self.main].float().to(device)  # (B, V)
         if self.is_identity:
             return main_logits
         start = time.perf_counter()
-        skip = self.gate_mask(logits)  # (B,) bool
+        skip = self.gate_mask(logits)  # (B,) bool, on the fusion device
         self.stats.rows += int(skip.numel())
         self.stats.gated += int(skip.sum())
         if bool(skip.all()):
@@ -142,37 +162,51 @@ class Fuser:
         else:
             keep = (~skip).nonzero().squeeze(1)
             fused = main_logits.clone()
-            fused[keep] = self._fuse_rows([x[keep] for x in logits])
+            fused[keep] = self._fuse_rows([x[keep.to(x.device)] for x in logits])
+        if fused.device.type == "cuda":
+            # count the kernels, not their launch (sampling waits for them right after)
+            torch.cuda.synchronize(fused.device)
         self.stats.seconds += time.perf_counter() - start
         return fused
 
     def gate_mask(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(B,) bool: rows whose fusion the gate skips this step."""
+        """(B,) bool on the fusion device: rows whose fusion the gate skips this step."""
         cfg = self.config
         batch = logits[self.main].shape[0]
+        device = self.fusion_device(logits)
         if cfg.gate == "off":
-            return torch.zeros(batch, dtype=torch.bool)
+            return torch.zeros(batch, dtype=torch.bool, device=device)
         if cfg.gate == "confident":
             main = logits[self.main].float()
             top = (main.max(-1).values - main.logsumexp(-1)).exp()  # (B,) top probability
-            return top >= cfg.gate_threshold
+            return (top >= cfg.gate_threshold).to(device)
         # "agree": every member's top token is the same anchor, or every one ends the text.
-        tops = [x.argmax(-1) for x in logits]  # per member (B,)
-        anchor = [self.anchors.token_to_anchor[i][t] for i, t in enumerate(tops)]
-        ends = [torch.isin(t, self.end_ids[i]) for i, t in enumerate(tops)]
+        # Each member's top token, anchor and end test on its own device; (B,) crosses.
+        anchor, ends = [], []
+        for i, x in enumerate(logits):
+            top_id = x.argmax(-1)  # (B,)
+            to_anchor = self.on(self.anchors.token_to_anchor[i], top_id.device)
+            anchor.append(to_anchor[top_id].to(device))
+            ends.append(torch.isin(top_id, self.on(self.end_ids[i], top_id.device)).to(device))
         same = (anchor[0] >= 0) & torch.stack([a == anchor[0] for a in anchor]).all(0)
         return same | torch.stack(ends).all(0)
 
     def row_weights(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(B, N) member weights of each row, summing to 1: the fixed weights, or with
-        `weighting="confidence"` each times the member's top probability, renormalised.
+        """(B, N) member weights of each row on the fusion device, summing to 1: the fixed
+        weights, or with `weighting="confidence"` each times the member's top probability,
+        renormalised.
         """
         batch = logits[self.main].shape[0]
-        fixed = self.weights[None, :].expand(batch, -1)  # (B, N)
+        device = self.fusion_device(logits)
+        fixed = self.on(self.weights, device)[None, :].expand(batch, -1)  # (B, N)
         if self.config.weighting == "fixed":
             return fixed
         top = torch.stack(
-            [(x.float().max(-1).values - x.float().logsumexp(-1)).exp() for x in logits], -1
+            [
+                (x.float().max(-1).values - x.float().logsumexp(-1)).exp().to(device)
+                for x in logits
+            ],
+            -1,
         )  # (B, N) each member's top probability
         scaled = fixed * top
         return scaled / scaled.sum(-1, keepdim=True).clamp(min=1e-30)
@@ -191,6 +225,7 @@ def _make(context: FusionContext, config: FusionConfig) -> Fuser:
         )
     fuser = cls.from_context(context, config)
     fuser.context = context
+    fuser.copies = context.copies  # one copy of a shared table per device, for all fusers
     return fuser
 
 

@@ -5,7 +5,8 @@ shared by every fuser made from it (`Ensemble.with_fusion` views included):
 - token maps between members (`token_map`): the token of another member that writes a
   token's text, or the longest start of it (for the union methods);
 - relative spaces over the anchors (`spaces`, for DeePEn), with their in-memory row caches
-  and the on-disk row store (alignment/row_store.py).
+  and the on-disk row store (alignment/row_store.py), each on its member's device;
+- copies of the tables above on the devices that read them (`copies`, deepen_engine/devices.py).
 
 Everything is built on first use, so a method that does not need it never pays for it.
 """
@@ -19,6 +20,7 @@ import torch
 from ..alignment.relative import RelativeSpace
 from ..alignment.row_store import RowStore, embedding_digest
 from ..alignment.vocabulary import Anchors
+from ..devices import DeviceCopies
 from ..members import Member, cache_dir
 
 END = b""
@@ -39,6 +41,7 @@ class FusionContext:
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
         self._keys: dict[int, list[bytes | None]] = {}
         self._digests: dict[int, str] = {}
+        self.copies = DeviceCopies()  # the tables on the devices that read them
 
     def keys(self, i: int) -> list[bytes | None]:
         """Member i's token id -> its text, `END` for its end tokens, None for other

@@ -99,31 +99,37 @@ class DeepenFuser(Fuser):
         return cfg.eta == 0 or cfg.steps == 0 or super().is_identity
 
     def _fuse_rows(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Fused (B, V_main) float32 logits; logits: per member (B, V_i)."""
-        main_logits = logits[self.main].float()  # (B, V)
+        """Fused (B, V_main) float32 logits on the fusion device; logits: per member
+        (B, V_i) on its device. Each member's relative distribution and proposals are
+        made on its device (where its relative space is); (B, A) and (B, C) cross.
+        """
+        device = self.fusion_device(logits)
+        main_logits = logits[self.main].float().to(device)  # (B, V)
         cfg = self.config
         batch = main_logits.shape[0]
         # 1-2. relative distributions of every member, aggregated with the weights.
-        proposals: list[torch.Tensor] = []  # per member (B, C) anchor index or -1
-        r = torch.zeros(batch, len(self.anchors))  # (B, A)
-        weight_sum = torch.zeros(batch, 1)  # (B, 1)
+        proposals: list[torch.Tensor] = []  # per member (B, C) anchor index or -1, CPU
+        r = torch.zeros(batch, len(self.anchors), device=device)  # (B, A)
+        weight_sum = torch.zeros(batch, 1, device=device)  # (B, 1)
         weights = self.row_weights(logits)  # (B, N)
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
-            probs = torch.softmax(member_logits.float(), dim=-1)  # (B, V_i)
-            probs = torch.where(self.has_text[i], probs, 0.0)
-            r_i = self._relative(probs, space)  # (B, A), rows sum to 1 or 0
+            probs = torch.softmax(member_logits.float().to(space.device), dim=-1)  # (B, V_i)
+            probs = torch.where(self.on(self.has_text[i], space.device), probs, 0.0)
+            r_i = self._relative(probs, space).to(device)  # (B, A), rows sum to 1 or 0
             w = weights[:, i : i + 1]  # (B, 1)
             r += w * r_i
             weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float()
             c = min(cfg.candidates, probs.shape[-1])
             top_p, top_ids = probs.topk(c, dim=-1)  # (B, C) proposals: anchors among them
-            proposals.append(torch.where(top_p > 0, space.token_to_anchor[top_ids], -1))
+            proposal = torch.where(top_p > 0, space.token_to_anchor[top_ids], -1)
+            proposals.append(proposal.cpu())  # read row by row on the CPU (_candidates)
         r = r / weight_sum.clamp(min=1e-30)
 
         # 3. candidates in the main vocabulary, padded per row: (B, M) ids and mask.
         c_main = min(cfg.candidates, main_logits.shape[-1])
         main_top = main_logits.topk(c_main, dim=-1).indices  # (B, C) main ids, best first
-        cand_ids, valid = self._candidates(main_top, proposals)
+        cand_ids, valid = self._candidates(main_top.cpu(), proposals)
+        cand_ids, valid = cand_ids.to(device), valid.to(device)
 
         # 4. inverse search on the candidate logits.
         z = main_logits.gather(1, cand_ids)  # (B, M)
@@ -133,16 +139,18 @@ class DeepenFuser(Fuser):
         fused = main_logits.clone()
         rows, cols = valid.nonzero(as_tuple=True)  # pads repeat a real id: never write them
         fused[rows, cand_ids[rows, cols]] = z[rows, cols]
-        keep_main = torch.isin(main_top[:, 0], self.main_eos_ids)  # (B,) top token ends
+        keep_main = torch.isin(main_top[:, 0], self.on(self.main_eos_ids, device))  # (B,)
         no_candidates = ~valid.any(-1)
         return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
 
     def _relative(self, probs: torch.Tensor, space: RelativeSpace) -> torch.Tensor:
-        """(B, A) relative distributions of probabilities (B, V) (step 1), normalised."""
+        """(B, A) relative distributions of probabilities (B, V) (step 1), normalised; on
+        the space's device, where `probs` are.
+        """
         cfg = self.config
         anchor = space.token_to_anchor  # (V,)
         is_anchor = anchor >= 0
-        out = torch.zeros(probs.shape[0], space.num_anchors)
+        out = torch.zeros(probs.shape[0], space.num_anchors, device=probs.device)
         index = anchor.clamp(min=0).expand_as(probs)  # (B, V)
         out.scatter_add_(1, index, torch.where(is_anchor, probs, 0.0))
         ids, kept_p, _ = kept_non_anchors(probs, is_anchor, cfg.top_k, cfg.top_mass)
@@ -156,7 +164,9 @@ class DeepenFuser(Fuser):
     def _candidates(
         self, top: torch.Tensor, proposals: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main top tokens (top: (B, C)) plus main tokens of proposed anchors; no specials."""
+        """Main top tokens (top: (B, C)) plus main tokens of proposed anchors; no specials.
+        A few ids per row, read one by one: all on the CPU (the caller moves them).
+        """
         main_has_text = self.has_text[self.main]
         main_anchor_ids = self.anchors.token_ids[self.main]
         rows: list[list[int]] = []
@@ -182,15 +192,18 @@ class DeepenFuser(Fuser):
     def _inverse_search(
         self, z: torch.Tensor, valid: torch.Tensor, cand_ids: torch.Tensor, r: torch.Tensor
     ) -> torch.Tensor:
-        """AdamW on `KL(r || softmax(z) @ R)` with the reference schedule. z: (B, M)."""
+        """AdamW on `KL(r || softmax(z) @ R)` with the reference schedule. z: (B, M), on
+        the fusion device; the main member's rows come from its space's device.
+        """
         cfg = self.config
         space = self.spaces[self.main]
         num_anchors = r.shape[-1]
-        anchor = space.token_to_anchor[cand_ids]  # (B, M)
+        device = z.device
+        anchor = self.on(space.token_to_anchor, device)[cand_ids]  # (B, M)
         one_hot = (anchor >= 0) & valid
         dense = (anchor < 0) & valid
         d_b, d_j = dense.nonzero(as_tuple=True)
-        dense_rows = space.non_anchor_rows(cand_ids[d_b, d_j].tolist())  # (n, A)
+        dense_rows = space.non_anchor_rows(cand_ids[d_b, d_j].tolist()).to(device)  # (n, A)
         anchor_idx = anchor.clamp(min=0)
 
         if not d_b.numel():
@@ -204,8 +217,8 @@ class DeepenFuser(Fuser):
                 ratio = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
                 return torch.where(one_hot, -ratio, 0.0) / num_anchors
         else:
-            n_dense = torch.arange(d_b.numel())
-            owner = torch.zeros(r.shape[0], d_b.numel())  # (B, n) 1 where row b owns row i
+            n_dense = torch.arange(d_b.numel(), device=device)
+            owner = torch.zeros(r.shape[0], d_b.numel(), device=device)  # (B, n) row b owns i
             owner[d_b, n_dense] = 1.0
 
             def gradient_of_s(s: torch.Tensor) -> torch.Tensor:

@@ -70,10 +70,11 @@ class ReferenceFuser:
         """Fused logits of one row; logits: per member (V_i,) next-token logits."""
         fuser, cfg = self.fuser, self.fuser.config
         main = fuser.main
-        main_logits = logits[main].float()
+        device = self._spaces[main].device  # the search runs where the main member's rows are
+        main_logits = logits[main].float().to(device)
         num_anchors = len(fuser.anchors)
-        # 1. every member's relative distribution over the anchors.
-        r = torch.zeros(num_anchors)
+        # 1. every member's relative distribution over the anchors (on its space's device).
+        r = torch.zeros(num_anchors, device=device)
         weight_sum = 0.0
         weights = fuser.row_weights([x.float()[None, :] for x in logits])[0]  # (N,)
         leftout: list[float] = []
@@ -81,22 +82,23 @@ class ReferenceFuser:
         main_rest: torch.Tensor | None = None  # the main member's non-anchor ids that entered
         rest_rows: torch.Tensor | None = None  # and their relative rows, (n_r, A)
         for i, (member_logits, space) in enumerate(zip(logits, self._spaces)):
-            probs = torch.softmax(member_logits.float(), dim=-1)
-            probs = torch.where(fuser.has_text[i], probs, 0.0)
+            probs = torch.softmax(member_logits.float().to(space.device), dim=-1)
+            probs = torch.where(fuser.on(fuser.has_text[i], space.device), probs, 0.0)
             to_anchor = space.token_to_anchor
             is_anchor = to_anchor >= 0
-            r_i = torch.zeros(num_anchors).index_add_(0, to_anchor[is_anchor], probs[is_anchor])
+            r_i = torch.zeros(num_anchors, device=space.device)
+            r_i.index_add_(0, to_anchor[is_anchor], probs[is_anchor])
             rest_ids, left = self._rest(probs, ~is_anchor & (probs > 0))
             rows = space.non_anchor_rows(rest_ids.tolist())  # (n, A)
             r_i += probs[rest_ids] @ rows
             mass = float(r_i.sum())
             if mass > 0:
-                r += float(weights[i]) * (r_i / mass)
+                r += float(weights[i]) * (r_i / mass).to(device)
                 weight_sum += float(weights[i])
             leftout.append(left)
             used.append(int(rest_ids.numel()))
             if i == main:
-                main_rest, rest_rows = rest_ids, rows
+                main_rest, rest_rows = rest_ids.to(device), rows.to(device)
         r = r / max(weight_sum, 1e-30)
         keep_main = int(main_logits.argmax()) in set(fuser.main_eos_ids.tolist())
         if keep_main or weight_sum == 0:
@@ -105,14 +107,15 @@ class ReferenceFuser:
         # 2. inverse search on the main member's anchor tokens and entered non-anchor tokens.
         assert main_rest is not None and rest_rows is not None
         space = fuser.spaces[main]
-        anchor_ids = ((space.token_to_anchor >= 0) & fuser.has_text[main]).nonzero().squeeze(1)
-        anchor_of = space.token_to_anchor[anchor_ids]  # (n_a,)
+        has_text = fuser.on(fuser.has_text[main], device)
+        anchor_ids = ((space.token_to_anchor.to(device) >= 0) & has_text).nonzero().squeeze(1)
+        anchor_of = space.token_to_anchor.to(device)[anchor_ids]  # (n_a,)
         cand = torch.cat([anchor_ids, main_rest])
         n_a = anchor_ids.numel()
 
         def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
             s = s[0]
-            q = torch.zeros(num_anchors).index_add_(0, anchor_of, s[:n_a])
+            q = torch.zeros(num_anchors, device=device).index_add_(0, anchor_of, s[:n_a])
             q += s[n_a:] @ rest_rows
             ratio = torch.where(q > Q_FLOOR, r / q.clamp(min=Q_FLOOR), 0.0)
             u = torch.cat([-ratio[anchor_of], -(rest_rows @ ratio)])

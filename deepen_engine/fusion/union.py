@@ -44,20 +44,26 @@ class UnionFuser(Fuser):
         self.to_main = [context.token_map(i, self.main) for i in range(len(context.members))]
 
     def _fuse_rows(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Fused (B, V_main) float32 logits; logits: per member (B, V_i)."""
-        main_logits = logits[self.main].float()
+        """Fused (B, V_main) float32 logits on the fusion device; logits: per member
+        (B, V_i) on its device. A member's probabilities are made on its device and cross
+        whole, (B, V_i), when it is elsewhere: this method reads every token of every member.
+        """
+        device = self.fusion_device(logits)
+        main_logits = logits[self.main].float().to(device)
         total = torch.zeros_like(main_logits)  # (B, V_main) P(t)
         weights = self.row_weights(logits)  # (B, N)
         for i, member_logits in enumerate(logits):
             weight = weights[:, i : i + 1]  # (B, 1)
             if not bool((weight > 0).any()):
                 continue
-            # 1. p_i over the tokens that enter, renormalised.
-            to_main = self.to_main[i]  # (V_i,)
+            # 1. p_i over the tokens that enter, renormalised (on the member's device).
+            here = member_logits.device
+            to_main = self.on(self.to_main[i], here)  # (V_i,)
             probs = torch.softmax(member_logits.float(), dim=-1)  # (B, V_i)
             probs = torch.where(to_main >= 0, probs, 0.0)
-            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
+            probs = (probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)).to(device)
             # 2-3. onto the main member's tokens.
+            to_main = self.on(self.to_main[i], device)
             index = to_main.clamp(min=0).expand_as(probs)  # dropped tokens add 0 to id 0
             total.scatter_add_(1, index, weight * probs)
         return torch.where(total > 0, total.clamp(min=1e-45).log(), outside_union(main_logits))

@@ -50,56 +50,94 @@ class UniteFuser(Fuser):
         self.entered = [torch.tensor([k is not None for k in keys]) for keys in self.keys]
 
     def _fuse_rows(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Fused (B, V_main) float32 logits; logits: per member (B, V_i)."""
-        main_logits = logits[self.main].float()
+        """Fused (B, V_main) float32 logits on the fusion device; logits: per member
+        (B, V_i) on its device. Each member's log-probabilities and top-k are made on its
+        device; the candidates are worked out on the CPU from the top-k ids, and only the
+        log-probabilities of the tokens that score them cross (one gather per member).
+        """
+        device = self.fusion_device(logits)
+        main_logits = logits[self.main].float().to(device)
         logp = [torch.log_softmax(x.float(), dim=-1) for x in logits]  # per member (B, V_i)
-        tops = []  # per member (B, k) top token ids with a key
+        tops = []  # per member (B, k) top values and token ids with a key, on the CPU
         for i, lp in enumerate(logp):
-            scores = torch.where(self.entered[i], lp, float("-inf"))
-            tops.append(scores.topk(min(self.config.unite_top_k, lp.shape[-1]), dim=-1))
+            scores = torch.where(self.on(self.entered[i], lp.device), lp, float("-inf"))
+            top = scores.topk(min(self.config.unite_top_k, lp.shape[-1]), dim=-1)
+            tops.append((top.values.cpu(), top.indices.cpu()))
+        weights = self.row_weights(logits).cpu()  # (B, N)
+        batch = main_logits.shape[0]
+        plans = [self._plan_row(b, tops) for b in range(batch)]
+        scored = self._scored_logp(logp, plans)
+        rows: list[int] = []
+        cols: list[int] = []
+        values: list[float] = []
+        for b, (candidates, tokens) in enumerate(plans):
+            fused = self._fuse_row(candidates, tokens, scored[b], weights[b].tolist())
+            for (token, _), p in zip(tokens[self.main], fused.tolist()):
+                if token >= 0:  # 4. the main member writes each candidate with its token
+                    rows.append(b)
+                    cols.append(token)
+                    values.append(p)
         total = torch.zeros_like(main_logits)  # (B, V_main)
-        weights = self.row_weights(logits)  # (B, N)
-        for b in range(main_logits.shape[0]):
-            row_tops = [(t.values[b], t.indices[b]) for t in tops]
-            self._fuse_row(b, [x[b] for x in logp], row_tops, weights[b].tolist(), total)
+        if rows:
+            index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            # accumulate: candidates written by the same main token add up, in order
+            total.index_put_(index, torch.tensor(values, device=device), accumulate=True)
         return torch.where(total > 0, total.clamp(min=1e-45).log(), outside_union(main_logits))
 
-    def _fuse_row(
-        self,
-        b: int,
-        logp: list[torch.Tensor],  # per member (V_i,) log-probabilities of row b
-        tops: list[tuple[torch.Tensor, torch.Tensor]],  # per member (k,) values and ids
-        weights: list[float],  # per member: its weight in row b
-        total: torch.Tensor,  # (B, V_main) written in row b
-    ) -> None:
-        # 1. candidates, each with the member and token it came from.
+    def _plan_row(
+        self, b: int, tops: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[tuple[Key, tuple[int, int]]], list[list[tuple[int, bool]]]]:
+        """Row b's candidates, each with the member and token it came from (step 1), and
+        per member its token for each candidate and whether it scores it (step 2).
+        """
         union: dict[Key, tuple[int, int]] = {}
         for j, (values, ids) in enumerate(tops):
-            for value, token in zip(values.tolist(), ids.tolist()):
+            for value, token in zip(values[b].tolist(), ids[b].tolist()):
                 key = self.keys[j][token]
                 if key is not None and value > float("-inf"):
                     union.setdefault(key, (j, token))
         candidates = list(union.items())
+        tokens = [
+            self._member_tokens(i, candidates, ids[b].tolist()) for i, (_, ids) in enumerate(tops)
+        ]
+        return candidates, tokens
+
+    def _scored_logp(
+        self,
+        logp: list[torch.Tensor],
+        plans: list[tuple[list[tuple[Key, tuple[int, int]]], list[list[tuple[int, bool]]]]],
+    ) -> list[list[list[float]]]:
+        """[row][member] the member's log-probabilities of the tokens that score the row's
+        candidates (-inf where it scores none), gathered on each member's device.
+        """
+        out: list[list[list[float]]] = [[] for _ in plans]
+        for i, lp in enumerate(logp):
+            at = [(b, t) for b, (_, tokens) in enumerate(plans) for t, s in tokens[i] if s]
+            b_idx = torch.tensor([b for b, _ in at], dtype=torch.long, device=lp.device)
+            t_idx = torch.tensor([t for _, t in at], dtype=torch.long, device=lp.device)
+            found = iter(lp[b_idx, t_idx].tolist())
+            for b, (_, tokens) in enumerate(plans):
+                out[b].append([next(found) if s else float("-inf") for _, s in tokens[i]])
+        return out
+
+    def _fuse_row(
+        self,
+        candidates: list[tuple[Key, tuple[int, int]]],
+        tokens: list[list[tuple[int, bool]]],  # per member: its token per candidate, scored
+        scores: list[list[float]],  # per member: its log-probability per candidate
+        weights: list[float],  # per member: its weight in this row
+    ) -> torch.Tensor:
+        """P(s) over the row's candidates (step 3), on the CPU."""
         fused = torch.zeros(len(candidates))  # P(s)
-        main_tokens: list[int] = []
-        for i in range(len(logp)):
-            # 2. member i's token for each candidate, one candidate per token.
-            tokens = self._member_tokens(i, candidates, tops[i][1].tolist())
-            if i == self.main:
-                main_tokens = [t for t, _ in tokens]
+        for i in range(len(tokens)):
             weight = weights[i]
             if weight == 0:
                 continue
             # 3. member i's probabilities over the candidates, weighted.
-            scores = torch.tensor(
-                [float(logp[i][t]) if scored else float("-inf") for t, scored in tokens]
-            )
-            if bool(torch.isfinite(scores).any()):
-                fused += weight * torch.softmax(scores, dim=0)
-        # 4. the main member writes each candidate with its token.
-        for token, p in zip(main_tokens, fused.tolist()):
-            if token >= 0:
-                total[b, token] += p
+            member_scores = torch.tensor(scores[i])
+            if bool(torch.isfinite(member_scores).any()):
+                fused += weight * torch.softmax(member_scores, dim=0)
+        return fused
 
     def _member_tokens(
         self, i: int, candidates: list[tuple[Key, tuple[int, int]]], own_top: list[int]

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..alignment.vocabulary import CanonicalVocab
 from ..config import _explain
+from ..devices import device_problem
 from ..errors import ConfigError
 from .embedded import EMBEDDED
 
@@ -98,6 +99,11 @@ class MemberSpec(BaseModel):
                 "only; add placement='ray' to run the member in a Ray actor, or leave it out"
             )
         if self.placement != "ray":
+            # a device this process lacks fails here, before any model loads (a Ray
+            # actor's device is checked where the actor runs)
+            problem = device_problem(self.device)
+            if problem is not None:
+                raise ValueError(f"device {problem}")
             return self
         if not isinstance(self.source, (str, Path)):
             raise ValueError(
