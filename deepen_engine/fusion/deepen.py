@@ -155,9 +155,9 @@ class DeepenFuser(Fuser):
         out.scatter_add_(1, index, torch.where(is_anchor, probs, 0.0))
         ids, kept_p, _ = kept_non_anchors(probs, is_anchor, cfg.top_k, cfg.top_mass)
         b_idx, j_idx = (kept_p > 0).nonzero(as_tuple=True)
-        if b_idx.numel():
-            rows = space.non_anchor_rows(ids[b_idx, j_idx].tolist())  # (n, A)
-            out.index_add_(0, b_idx, rows * kept_p[b_idx, j_idx, None])
+        if b_idx.numel():  # rows ascending, distinct ids per row (topk)
+            tokens = ids[b_idx, j_idx].tolist()
+            out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], probs.shape[0])
         mass = out.sum(-1, keepdim=True)
         return torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
 

@@ -243,3 +243,19 @@ def test_no_vocab_by_anchor_allocation():
     # No op allocated anything as large as |V| x |A| elements, even at one byte each.
     too_big = [(name, u) for u, name in usage if u >= vocab * num_anchors]
     assert too_big == []
+
+
+@pytest.mark.parametrize("cache_size", [4096, 3])  # the sparse product; gathering past it
+def test_weighted_sum_equals_the_gathered_rows_weighted(cache_size):
+    space = _space(tau=5.0, cache_size=cache_size)
+    a, b, c, d = _non_anchor_ids(space, 4)
+    tokens = [a, b, c, b, d]  # batch rows 0, 0, 2, 2, 2 (row 1 has none)
+    rows_of = torch.tensor([0, 0, 2, 2, 2])
+    weights = torch.tensor([0.5, 0.25, 0.1, 0.2, 0.3])
+    out = space.weighted_sum(tokens, rows_of, weights, batch=3)
+    exact = space.exact_rows(torch.tensor(tokens)) * weights[:, None]
+    expected = torch.zeros(3, A).index_add_(0, rows_of, exact)
+    assert out.shape == (3, A)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out[1], torch.zeros(A))
+    assert space.rows_computed == 4  # each distinct row computed once
