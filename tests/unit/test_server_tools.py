@@ -18,6 +18,8 @@ pytest.importorskip("llguidance")
 import httpx  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from tests.unit.test_tools import ANSWERED  # noqa: E402  (the same conversation)
+
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
     "type": "function",
@@ -105,21 +107,7 @@ def test_auto_and_none_answer_as_the_engine(client, chat_view):
 
 
 def test_a_conversation_with_a_call_and_its_result(client, chat_view):
-    history = [
-        *ASK,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-    ]
+    history = ANSWERED
     reply = client.chat.completions.create(
         model="m", messages=history, tools=TOOLS, tool_choice="none", max_tokens=12
     )

@@ -51,6 +51,21 @@ ADD = {
 PING = {"name": "ping", "description": "No arguments"}
 TOOLS = [WEATHER, ADD, PING]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ANSWERED = [  # ASK, the assistant's call of get_weather, and the tool's result
+    *ASK,
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+]
 
 
 def _schema(name: str) -> dict:
@@ -180,21 +195,7 @@ def test_template_with_tools_gets_them_and_hermes_calls(tiny_pair, bpe_tokenizer
         [MemberSpec(source=(tiny_pair[0][0], tok), name="h"), MemberSpec(source=tiny_pair[1])],
         min_anchors=50,
     )
-    history = [
-        *ASK,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-    ]
+    history = ANSWERED
     own, other = ens.render(history, tools=TOOLS)
     assert own == (  # (transformers renders templates with trim_blocks)
         "<tools>get_weather,add,ping</tools>\n<user>What is the weather in Paris?<assistant>"
