@@ -18,24 +18,8 @@ pytest.importorskip("llguidance")
 import httpx  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from tests.unit.test_tools import ANSWERED  # noqa: E402  (the same conversation)
+from tests.unit.test_tools import ANSWERED, ASK, WEATHER  # noqa: E402  (the same conversation)
 
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 8},
-                "unit": {"enum": ["C", "F"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
-}
 PING = {"type": "function", "function": {"name": "ping", "description": "No arguments"}}
 TOOLS = [WEATHER, PING]
 UNIT_SCHEMA = {
