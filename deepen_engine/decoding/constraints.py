@@ -29,6 +29,8 @@ Helpers are not constrained: they follow the main member's text, as always.
 
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
 import json
 import weakref
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ from ..devices import DeviceCopies
 from ..errors import ConfigError
 from ..members import Member
 
-INSTALL_HINT = "pip install 'deepen[constraints]' (or: pip install llguidance)"
+INSTALL_HINT = "pip install -U 'deepen[constraints]' (or: pip install -U llguidance)"
+MIN_LLGUIDANCE = (1, 7)  # the first release whose from_tokenizer takes a list of EOS ids
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """llguidance's JSON options: the layout of Python's `json.dumps` (`", "` and `": "`, no
@@ -64,7 +67,25 @@ def llguidance() -> ModuleType:
             "Output constraints (json_schema, regex, grammar, tools) need the llguidance "
             f"package; install it with: {INSTALL_HINT}."
         ) from None
+    version = getattr(lib, "__version__", None) or importlib.metadata.version("llguidance")
+    if _release(version) < MIN_LLGUIDANCE:
+        # Before 1.7 `llguidance.hf.from_tokenizer` took one EOS id, not the list we pass.
+        raise ConfigError(
+            f"Output constraints need llguidance >= {'.'.join(map(str, MIN_LLGUIDANCE))}; "
+            f"{version} is installed. Upgrade it with: {INSTALL_HINT}."
+        )
     return lib
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The numeric release part of a version string ("1.9.1" -> (1, 9, 1))."""
+    numbers = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,18 @@ def test_bad_constraints_raise(tiny_ensemble, settings, match):
 
 def test_missing_library_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)
-    with pytest.raises(ConfigError, match=r"pip install 'deepen\[constraints\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -U 'deepen\[constraints\]'"):
         GenerationConfig(json_schema={"type": "object"})
     GenerationConfig()  # no constraint: no import
+
+
+def test_an_llguidance_older_than_1_7_says_how_to_upgrade(monkeypatch):
+    # 1.6 took one EOS id where deepen passes the list (seen on a GPU machine's 1.6.1)
+    import llguidance
+
+    monkeypatch.setattr(llguidance, "__version__", "1.6.1", raising=False)
+    with pytest.raises(ConfigError, match=r"llguidance >= 1\.7; 1\.6\.1 is installed\. Upgrade"):
+        GenerationConfig(json_schema={"type": "object"})
 
 
 def test_resumed_row_continues_its_grammar(tiny_ensemble):
