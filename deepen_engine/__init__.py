@@ -21,9 +21,9 @@ from .members import (
     MemberSpec,
     cache_dir,
     display_name,
-    load_member,
 )
 from .outputs import GenerationResult, StreamEvent, ToolCall, Usage
+from .remote import load_member
 
 __all__ = [
     "DEFAULT_MEMBERS",

@@ -19,7 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, explain_validation
+from .grammar import check_constraint
 
 
 def text_problem(text: str, what: str) -> str | None:
@@ -57,29 +58,13 @@ class _Settings(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(_explain(type(self).__name__, exc)) from None
+            raise ConfigError(explain_validation(type(self).__name__, exc)) from None
 
     def __setattr__(self, name: str, value: object) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            raise ConfigError(_explain(type(self).__name__, exc)) from None
-
-
-def _explain(owner: str, exc: ValidationError) -> str:
-    """One line per problem: `FusionConfig.eta must be >= 0, got -1.`"""
-    lines = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{owner} has no setting {field!r}; check the spelling.")
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"]:  # a check across fields names its fields itself
-            lines.append(f"{owner}: {msg}.")
-            continue
-        lines.append(f"{owner}.{field}: {msg}, got {err.get('input')!r}.")
-    return " ".join(lines)
+            raise ConfigError(explain_validation(type(self).__name__, exc)) from None
 
 
 class FusionConfig(_Settings):
@@ -293,8 +278,6 @@ class GenerationConfig(_Settings):
                 f"give at most one of json_schema, regex and grammar; got {', '.join(given)}"
             )
         if given:
-            from .decoding.constraints import check_constraint  # imports llguidance
-
             check_constraint(given[0], getattr(self, given[0]))
         return self
 

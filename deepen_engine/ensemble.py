@@ -19,7 +19,6 @@ import torch
 from .alignment.vocabulary import Anchors, find_anchors
 from .config import FusionConfig, GenerationConfig, SchedulerConfig, check_text
 from .decoding.chat import check_messages, render
-from .decoding.constraints import ConstraintSpec
 from .decoding.prompts import MemberPrompt
 from .decoding.readers import aread, read
 from .decoding.rows import NewRow
@@ -27,16 +26,17 @@ from .decoding.scheduler import Request, Scheduler, Sink
 from .decoding.tools import CallForm, ToolSet, atool_events, tool_events
 from .errors import ConfigError
 from .fusion import Fuser
+from .grammar import ConstraintSpec
 from .members import (
     DEFAULT_MEMBERS,
     Member,
     MemberSpec,
     as_spec,
     display_name,
-    load_members,
     source_key,
 )
 from .outputs import GenerationResult, Progress, StreamEvent, collect
+from .remote import load_members
 
 Conversation = list[dict[str, Any]]  # chat messages: [{"role": ..., "content": ...}, ...]
 Prompt = str | Conversation  # a text, or a chat conversation

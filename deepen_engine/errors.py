@@ -6,6 +6,11 @@ docs/errors.md lists every error a user can get, what it means and the fix.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class DeepenError(Exception):
     """Base class of every error deepen raises on purpose."""
@@ -46,3 +51,28 @@ class QueueFullError(DeepenError, RuntimeError):
 
 class RequestTimeoutError(DeepenError, TimeoutError):
     """A request ran past its `GenerationConfig.timeout`; its rows were dropped."""
+
+
+def explain_validation(owner: str, exc: ValidationError) -> str:
+    """A pydantic `ValidationError` as one line per problem, each naming `owner`'s field:
+    `FusionConfig.eta: Input should be greater than or equal to 0, got -1.`
+
+    A check of ours that raised `ConfigError` is already worded (it names its field and the
+    fix) and is kept as it is. Used by the engine's settings and the adapters' alike.
+    """
+    lines = []
+    for err in exc.errors():
+        error = err.get("ctx", {}).get("error")
+        if isinstance(error, ConfigError):
+            lines.append(str(error))
+            continue
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{owner} has no setting {field!r}; check the spelling.")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across fields names its fields itself
+            lines.append(f"{owner}: {msg}.")
+            continue
+        lines.append(f"{owner}.{field}: {msg}, got {err.get('input')!r}.")
+    return " ".join(lines)

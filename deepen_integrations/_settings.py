@@ -43,6 +43,7 @@ from deepen_engine import (
     Usage,
     display_name,
 )
+from deepen_engine.errors import explain_validation
 
 __all__ = [
     "CALL_GENERATION",
@@ -232,7 +233,7 @@ class DeepEnSettings(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(_explain(type(self).__name__, exc)) from None
+            raise ConfigError(explain_validation(type(self).__name__, exc)) from None
 
     @model_validator(mode="after")
     def _check_settings(self) -> DeepEnSettings:
@@ -423,15 +424,3 @@ def _check_members(owner: str, fusion: FusionConfig, n: int) -> None:
         fusion.check_members(n)
     except ConfigError as exc:
         raise ConfigError(f"{owner}: {exc}") from None
-
-
-def _explain(owner: str, exc: ValidationError) -> str:
-    """A pydantic error as one line per problem, naming the adapter's field."""
-    lines = []
-    for err in exc.errors():
-        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
-            lines.append(str(err["ctx"]["error"]))  # our own check: already worded
-            continue
-        field = ".".join(str(p) for p in err["loc"])
-        lines.append(f"{owner}.{field}: {err['msg']}, got {err.get('input')!r}.")
-    return " ".join(lines)

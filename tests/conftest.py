@@ -44,16 +44,16 @@ def _members_on_test_device():
         return
     from deepen_engine.members import loading
 
-    original = loading.load_member
+    original = loading.load_local_member
 
     def load_on_test_device(spec):
         if "device" not in spec.model_fields_set and spec.placement == "local":
             spec = spec.model_copy(update={"device": TEST_DEVICE})
         return original(spec)
 
-    loading.load_member = load_on_test_device
+    loading.load_local_member = load_on_test_device
     yield
-    loading.load_member = original
+    loading.load_local_member = original
 
 
 # ChatML, as SmolLM2's tokenizer has it (without its default system prompt).

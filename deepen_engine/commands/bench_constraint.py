@@ -32,13 +32,9 @@ from typing import Any
 
 import torch
 
-from ..decoding.constraints import (
-    RowConstraint,
-    apply_masks,
-    check_constraint,
-    constraint_vocab,
-)
+from ..decoding.constraints import RowConstraint, apply_masks, constraint_vocab
 from ..ensemble import Ensemble
+from ..grammar import check_constraint
 from ..outputs import GenerationResult
 
 ANY_TEXT = r"[\s\S]*"

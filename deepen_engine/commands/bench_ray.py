@@ -13,7 +13,7 @@ the runs are interleaved, round after round (then in reverse order), because a s
 machine's speed drifts; the figures are the medians over rounds of each run's ms/token
 and of each round's ratios. Also reported: whether the Ray ensemble chose the in-process
 ensemble's very tokens, and the step protocol's payload per step and row, into and out of
-each actor (decoding/step_protocol.py).
+each actor (remote/protocol.py).
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ import torch
 from ..config import GenerationConfig
 from ..decoding.loop import decode
 from ..decoding.member_batch import MemberBatch
-from ..decoding.remote_batch import new_batch
 from ..decoding.rows import DecodeHooks, StepRecord
 from ..ensemble import Ensemble
 from ..members import Member
+from ..remote.batch import new_batch
 
 
 class _TokenClock:

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from ..alignment.vocabulary import find_anchors
-from ..members import load_members
+from ..remote import load_members
 from .options import member_options, member_specs
 
 

@@ -31,8 +31,6 @@ if TYPE_CHECKING:  # tools.py imports the grammar layer; chat only needs its typ
 
 ROLES = ("system", "user", "assistant", "tool")
 
-# Special tokens that end an assistant turn, in the chat formats we know.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|eom_id|>")
 
 Message = dict[str, Any]
 

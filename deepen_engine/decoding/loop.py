@@ -43,10 +43,10 @@ from ..config import GenerationConfig
 from ..fusion import Fuser
 from ..members import Member
 from ..outputs import StreamEvent
+from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import MemberPrompt, fit_context
-from .remote_batch import new_batch
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler

@@ -75,7 +75,7 @@ class MemberBatch:
         self.forward_seconds = 0.0
         # Top logits per row the loop's fusion reads from this member (None: all of them);
         # set by the loop before each forward. A batch in another process sends only those
-        # (remote_batch.py); this one keeps the full logits anyway.
+        # (remote/batch.py); this one keeps the full logits anyway.
         self.logits_needed: int | None = None
         config = member.model.config
         window = getattr(config, "sliding_window", None)
@@ -128,7 +128,7 @@ class MemberBatch:
     def replace_ids(self, row: int, keep: int, tail: list[int]) -> None:
         """Make a row's ids its first `keep` ids followed by `tail`, rolling its cache back
         to `keep`: the edit `append` and `sync_text` make, as a batch in another process
-        receives it (step_protocol.EditIds).
+        receives it (remote/protocol.EditIds).
         """
         r = self.rows[row]
         r.ids = r.ids[:keep] + list(tail)

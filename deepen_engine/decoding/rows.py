@@ -13,12 +13,13 @@ import torch
 
 from ..config import GenerationConfig
 from ..fusion import Fuser
+from ..grammar import ConstraintSpec
 from ..members import Member
 from ..outputs import TokenLogprob, Usage
-from .constraints import ConstraintSpec, RowConstraint
+from ..remote.batch import new_batch
+from .constraints import RowConstraint
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt
-from .remote_batch import new_batch
 from .text import TextAssembler
 
 

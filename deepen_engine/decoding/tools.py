@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..grammar import JSON_OPTIONS, ConstraintSpec, check_constraint
 from ..outputs import StreamEvent, ToolCall
-from .constraints import JSON_OPTIONS, ConstraintSpec, check_constraint
 
 TOOL_INSTRUCTION = (
     "You can call these tools (JSON schemas):\n{tools}\n\n"

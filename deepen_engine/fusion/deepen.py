@@ -86,7 +86,7 @@ class DeepenFuser(Fuser):
     def logits_needed(self, member: int) -> int | None:
         """How many of member `member`'s top logits per row `fuse` reads (with their log
         normaliser), or None for all of them. A member in another process sends only these
-        (decoding/step_protocol.py). All, for every member: the fast path reads every
+        (remote/protocol.py). All, for every member: the fast path reads every
         anchor token's probability (step 1), and the main member's candidates' logits are
         changed in place and sampled from with the rest.
         """

@@ -1,10 +1,10 @@
-"""Ensemble members: what the user names (`MemberSpec`), how it is loaded
-(`load_member`: embedded names, GGUF files, folders, hub ids, ready objects; in this
-process or in a Ray actor, ray_backend.py) and what a loaded member holds (`Member`).
+"""Ensemble members: what the user names (`MemberSpec`), how it is loaded in this process
+(`load_local_member`: embedded names, GGUF files, folders, hub ids, ready objects) and what
+a loaded member holds (`Member`). Members in Ray actors: `deepen_engine.remote`.
 """
 
 from .embedded import DEFAULT_MEMBERS, EMBEDDED, EmbeddedModel, embedded_gguf
-from .loading import load_member, load_members
+from .loading import load_local_member
 from .member import DTYPES, Member, MemberSpec, as_spec, cache_dir, display_name, source_key
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "cache_dir",
     "display_name",
     "embedded_gguf",
-    "load_member",
-    "load_members",
+    "load_local_member",
     "source_key",
 ]

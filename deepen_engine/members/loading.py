@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,40 +23,32 @@ import torch
 from tqdm.auto import tqdm
 
 from ..alignment.vocabulary import CanonicalVocab
-from ..decoding.chat import END_OF_TURN_TOKENS
-from ..errors import MemberLoadError
+from ..errors import ConfigError, MemberLoadError
 from .embedded import EMBEDDED, embedded_gguf
 from .hub import hub_access
-from .member import DTYPES, Member, MemberSpec, cache_dir, not_found_hint, object_name
+from .member import (
+    DTYPES,
+    END_OF_TURN_TOKENS,
+    Member,
+    MemberSpec,
+    cache_dir,
+    display_name,
+    not_found_hint,
+    object_name,
+)
 from .quiet import quiet_loading
 
 
-def load_members(specs: Sequence[MemberSpec]) -> list[Member]:
-    """Load every member, in order. Members placed in Ray actors start first, once the
-    cluster is known to hold them (no model loads before that check), so they load in
-    parallel with each other and with the members loaded here (members/ray_backend.py).
-    """
-    placed = [s for s in specs if s.placement == "ray"]
-    if not placed:
-        return [load_member(s) for s in specs]
-    from .ray_backend import RayMembers  # imports Ray: only when a member asks for it
+def load_local_member(spec: MemberSpec) -> Member:
+    """Load one member in this process; errors name the member and what to do.
 
-    started = RayMembers(placed)
-    try:
-        here = {i: load_member(s) for i, s in enumerate(specs) if s.placement != "ray"}
-        remote = iter(started.wait())
-        return [here[i] if i in here else next(remote) for i in range(len(specs))]
-    except BaseException:
-        started.close()
-        raise
-
-
-def load_member(spec: MemberSpec) -> Member:
-    """Load one member (in a Ray actor if its spec says so); errors name the member and
-    what to do.
+    A member placed in a Ray actor loads through `deepen_engine.load_member` (remote/).
     """
     if spec.placement == "ray":
-        return load_members([spec])[0]
+        raise ConfigError(
+            f"{display_name(spec)} has placement='ray': load it with deepen_engine.load_member "
+            "or an Ensemble, which start its Ray actor."
+        )
     start = time.perf_counter()
     dtype = DTYPES[spec.dtype]
     source = spec.source

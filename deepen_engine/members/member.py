@@ -15,10 +15,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..alignment.vocabulary import CanonicalVocab
-from ..config import _explain
 from ..devices import device_problem
-from ..errors import ConfigError
+from ..errors import ConfigError, explain_validation
 from .embedded import EMBEDDED
+
+# Special tokens that end an assistant turn, in the chat formats we know.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|eom_id|>")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +32,7 @@ class MemberSpec(BaseModel):
     file, a local model folder, a Hugging Face hub id, or a ready `(model, tokenizer)`
     pair.
 
-    `placement="ray"` runs the member in its own Ray actor (members/ray_backend.py), on
+    `placement="ray"` runs the member in its own Ray actor (remote/backend.py), on
     the node Ray places it, with the resources `num_cpus`, `num_gpus` and `resources`;
     the other `ray` settings below apply to such members only. A bad value raises
     `ConfigError` naming the field.
@@ -44,7 +46,7 @@ class MemberSpec(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(_explain("MemberSpec", exc)) from None
+            raise ConfigError(explain_validation("MemberSpec", exc)) from None
 
     source: Any
     name: str | None = None
@@ -139,7 +141,7 @@ class Member:
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     cache_argument: str = "past_key_values"  # transformers >= 5.x names it `cache`
     chat_template: str | None = None
-    # The link to the process that runs this member (a Ray actor, members/ray_backend.py),
+    # The link to the process that runs this member (a Ray actor, remote/backend.py),
     # or None when it runs here. `model` is then a `RemoteModel`: config and embeddings.
     remote: Any = None
 

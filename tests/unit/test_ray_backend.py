@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from deepen_engine import ConfigError, Ensemble, MemberError, MemberSpec
-from deepen_engine.decoding.step_protocol import Open, StepReply, StepRequest
-from deepen_engine.members import ray_cluster
-from deepen_engine.members.ray_backend import RayLink
+from deepen_engine.remote import cluster as ray_cluster
+from deepen_engine.remote.backend import RayLink
+from deepen_engine.remote.protocol import Open, StepReply, StepRequest
 
 # --------------------------------------------------------------------- MemberSpec
 
@@ -183,7 +183,7 @@ def test_a_dead_actor_raises_member_error_naming_the_member():
 
 
 def test_the_next_step_waits_while_ray_restarts_the_actor(monkeypatch):
-    monkeypatch.setattr("deepen_engine.members.ray_backend._RESTART_POLL_SECONDS", 0.0)
+    monkeypatch.setattr("deepen_engine.remote.backend._RESTART_POLL_SECONDS", 0.0)
     reply = StepReply()
     restarting = _Exceptions.ActorUnavailableError("restarting")
     fake = _FakeRay([_Exceptions.ActorDiedError("gone"), restarting, restarting, 456, reply])

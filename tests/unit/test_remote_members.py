@@ -1,4 +1,4 @@
-"""Members behind the step protocol (decoding/remote_batch.py, members/ray_actor.py), with
+"""Members behind the step protocol (remote/batch.py, remote/actor.py), with
 an in-process stand-in for Ray: each member's `MemberActor` runs here and every request
 and reply is pickled on the way, as Ray would. Outputs must equal in-process members token
 for token (greedy, batched, sampled, streamed, chat, rows joining a running batch, rows
@@ -15,11 +15,11 @@ import threading
 import pytest
 
 from deepen_engine import Ensemble, MemberError, MemberSpec
-from deepen_engine.decoding.remote_batch import LinkStats
-from deepen_engine.decoding.step_protocol import StepReply, StepRequest
-from deepen_engine.members import load_member
-from deepen_engine.members.ray_actor import MemberActor
-from deepen_engine.members.ray_backend import RemoteModel
+from deepen_engine.members import load_local_member as load_member
+from deepen_engine.remote.actor import MemberActor
+from deepen_engine.remote.backend import RemoteModel
+from deepen_engine.remote.batch import LinkStats
+from deepen_engine.remote.protocol import StepReply, StepRequest
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 N = 8
@@ -257,7 +257,7 @@ def test_a_top_k_reply_gives_what_the_full_logits_give():
     reading more than was sent fails loudly."""
     import torch
 
-    from deepen_engine.decoding.step_protocol import TopLogits
+    from deepen_engine.remote.protocol import TopLogits
 
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
     reply = pickle.loads(pickle.dumps(StepReply.of_logits(logits, 8, [4, 4, 4], 0.1)))

@@ -1,8 +1,8 @@
 """The member's side of a Ray actor: it loads the model where Ray placed it, holds the
 member's batches (ordinary `MemberBatch`es: ids, KV cache) and runs the steps the
-coordinator sends (decoding/step_protocol.py).
+coordinator sends (remote/protocol.py).
 
-A plain class, so the unit tests drive it in process; members/ray_backend.py makes it a
+A plain class, so the unit tests drive it in process; remote/backend.py makes it a
 Ray actor. Its constructor is what Ray reruns when it restarts a dead actor, so a
 restarted actor loads the same model again.
 """
@@ -20,7 +20,10 @@ import torch
 
 from ..alignment.vocabulary import CanonicalVocab
 from ..decoding.member_batch import MemberBatch
-from ..decoding.step_protocol import (
+from ..errors import MemberError
+from ..members.loading import load_local_member
+from ..members.member import Member, MemberSpec
+from .protocol import (
     EditIds,
     Free,
     KeepRows,
@@ -30,9 +33,6 @@ from ..decoding.step_protocol import (
     StepReply,
     StepRequest,
 )
-from ..errors import MemberError
-from .loading import load_member
-from .member import Member, MemberSpec
 
 
 @dataclass
@@ -72,7 +72,7 @@ class MemberActor:
         self.member: Member | None = None
         self.error: str | None = None
         try:
-            self.member = load_member(MemberSpec(**spec))
+            self.member = load_local_member(MemberSpec(**spec))
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -142,7 +142,7 @@ class MemberActor:
             return StepReply(error=f"{type(exc).__name__}: {exc}")
 
     def _apply(self, member: Member, op: Op) -> None:
-        """One batch operation (step_protocol.py)."""
+        """One batch operation (protocol.py)."""
         if isinstance(op, Open):
             self.batches[op.batch] = MemberBatch(member, op.prompt_ids)
         elif isinstance(op, EditIds):

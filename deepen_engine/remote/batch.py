@@ -1,12 +1,12 @@
 """A member's batch whose KV cache and forward passes live in another process (a Ray
-actor: members/ray_backend.py), behind the same interface as `MemberBatch`.
+actor: remote/backend.py), behind the same interface as `MemberBatch`.
 
 The coordinator keeps each row's ids and syncs helpers to the shared text here, with the
 member's own tokenizer, exactly as `MemberBatch` does; the actor holds an ordinary
 `MemberBatch` with the cache. Between two forwards the batch notes, per row, how many
 leading ids the actor still holds unchanged (`_same`); `forward` sends one
 `StepRequest` with the batch operations queued since the last call and each changed
-row's new ids, and reads back what fusion needs (step_protocol.py). Operations that need
+row's new ids, and reads back what fusion needs (protocol.py). Operations that need
 no answer (rows kept, batches merged) wait for the next call, so a step costs one round
 trip per member.
 
@@ -22,10 +22,10 @@ from typing import Protocol, cast
 
 import torch
 
+from ..decoding.member_batch import MemberBatch
 from ..errors import MemberError
 from ..members import Member
-from .member_batch import MemberBatch
-from .step_protocol import (
+from .protocol import (
     EditIds,
     KeepRows,
     Merge,
@@ -174,7 +174,7 @@ class RemoteMemberBatch(MemberBatch):
 
     def require_logits(self) -> torch.Tensor:
         """The latest logits: the full (B, V) tensor, or for a helper `TopLogits`, which
-        stands in for it in fusion (step_protocol.py).
+        stands in for it in fusion (protocol.py).
         """
         if self.top is not None:
             return cast(torch.Tensor, self.top)  # the tensor's part fusion reads

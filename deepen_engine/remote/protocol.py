@@ -1,5 +1,5 @@
 """What crosses between the decoding loop and a member that runs in another process (a
-Ray actor, members/ray_backend.py), once per step.
+Ray actor, remote/backend.py), once per step.
 
 The coordinator keeps every row's ids (it holds the member's tokenizer, so helpers sync
 their text here, exactly as in process); the actor keeps the KV cache and runs the

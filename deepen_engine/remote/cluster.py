@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import ConfigError
-from .member import MemberSpec, display_name
+from ..members.member import MemberSpec, display_name
 
 _REACH_SECONDS = 5.0  # how long a cluster address may take to accept a connection
 

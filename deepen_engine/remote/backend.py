@@ -1,9 +1,9 @@
-"""Members in Ray actors: one actor per member (members/ray_actor.py) loads the model on
+"""Members in Ray actors: one actor per member (remote/actor.py) loads the model on
 the node Ray places it and runs its forward passes; this process (the coordinator) keeps
 the tokenizer, the canonical vocabulary and the input embeddings (fusion reads them), and
-its batches (decoding/remote_batch.py) reach the actor through a `RayLink`.
+its batches (remote/batch.py) reach the actor through a `RayLink`.
 
-`RayMembers(specs)` joins the cluster and checks its resources (ray_cluster.py) before
+`RayMembers(specs)` joins the cluster and checks its resources (cluster.py) before
 any model loads, then starts every actor at once, so members load in parallel;
 `wait()` gives their `Member`s. Ray is imported only when a member asks for it.
 
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from ..decoding.remote_batch import LinkStats
-from ..decoding.step_protocol import Open, StepReply, StepRequest
 from ..errors import MemberError, MemberLoadError
-from .member import Member, MemberSpec, display_name
-from .ray_actor import MemberActor, MemberInfo
-from .ray_cluster import check_resources, cluster_address, connect
+from ..members.member import Member, MemberSpec, display_name
+from .actor import MemberActor, MemberInfo
+from .batch import LinkStats
+from .cluster import check_resources, cluster_address, connect
+from .protocol import Open, StepReply, StepRequest
 
 _LOCAL_FIELDS = ("source", "name", "device", "dtype", "chat_template")
 _EMBEDDING_CHUNK_BYTES = 64 * 2**20  # input embeddings come over in pieces this large
@@ -58,7 +58,7 @@ class _Embeddings:
 
 
 class RayLink:
-    """The coordinator's line to one member's actor (`decoding.remote_batch.MemberLink`)."""
+    """The coordinator's line to one member's actor (`remote.batch.MemberLink`)."""
 
     def __init__(self, ray: ModuleType, actor: Any, spec: MemberSpec, name: str) -> None:
         self.ray = ray
