@@ -8,7 +8,7 @@ that names the field, the value and the valid range.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -67,6 +67,11 @@ class _Settings(BaseModel):
             raise ConfigError(explain_validation(type(self).__name__, exc)) from None
 
 
+Method = Literal["deepen", "union", "unite"]
+METHODS: tuple[str, ...] = get_args(Method)
+"""The fusion methods, in the order commands list them."""
+
+
 class FusionConfig(_Settings):
     """How the members' next-token distributions are fused.
 
@@ -76,7 +81,7 @@ class FusionConfig(_Settings):
     implementation's settings.
     """
 
-    method: Literal["deepen", "union", "unite"] = "deepen"
+    method: Method = "deepen"
     """Fusion rule. `"deepen"`: relative space + inverse search (uses tau, top_k, top_mass,
     candidates, eta, steps); `"union"` (GaC): the members' whole distributions averaged
     over the union of their vocabularies by token text; `"unite"` (UniTE): the union of
@@ -200,6 +205,30 @@ class FusionConfig(_Settings):
             )
         total = sum(self.weights)
         return [w / total for w in self.weights]
+
+
+# FusionConfig fields as the adapters, the server and the command line name them: the same
+# name, except `top_k`, which is public as `fusion_top_k` (a request's `top_k` samples).
+REQUEST_FUSION_NAMES: dict[str, str] = {
+    "method": "method",
+    "main": "main",
+    "weights": "weights",
+    "weighting": "weighting",
+    "eta": "eta",
+    "steps": "steps",
+    "tau": "tau",
+    "fusion_top_k": "top_k",
+    "top_mass": "top_mass",
+    "candidates": "candidates",
+    "unite_top_k": "unite_top_k",
+    "gate": "gate",
+    "gate_threshold": "gate_threshold",
+}
+"""Public name -> FusionConfig field of every setting a request may change (a cheap view
+of the loaded ensemble, `Ensemble.view`)."""
+
+LOAD_FUSION_NAMES: dict[str, str] = {"min_anchors": "min_anchors", "fusion_device": "fusion_device"}
+"""Public name -> FusionConfig field of the settings fixed when the members are aligned."""
 
 
 class GenerationConfig(_Settings):

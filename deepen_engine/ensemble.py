@@ -8,50 +8,43 @@ print(ens.generate("The capital of France is", max_new_tokens=8).text)
 from __future__ import annotations
 
 import copy
+import json
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, overload
 
-import torch
-
 from .alignment.vocabulary import Anchors, find_anchors
-from .config import FusionConfig, GenerationConfig, SchedulerConfig, check_text
-from .decoding.chat import check_messages, render
-from .decoding.prompts import MemberPrompt
-from .decoding.readers import aread, read
+from .config import FusionConfig, GenerationConfig, SchedulerConfig
 from .decoding.rows import NewRow
-from .decoding.scheduler import Request, Scheduler, Sink
-from .decoding.tools import CallForm, ToolSet, atool_events, tool_events
+from .decoding.tools import ToolSet, atool_events, tool_events
 from .errors import ConfigError
 from .fusion import Fuser
-from .grammar import ConstraintSpec
 from .members import (
     DEFAULT_MEMBERS,
     Member,
     MemberSpec,
     as_spec,
-    display_name,
-    source_key,
 )
 from .outputs import GenerationResult, Progress, StreamEvent, collect
+from .readers import aread, read
 from .remote import load_members
+from .requests import (
+    CheckedRequest,
+    Conversation,
+    Prompt,
+    check_distinct,
+    check_prompts,
+    check_request,
+    is_pair,
+    is_single,
+    render_chat,
+)
+from .scheduler import Request, Scheduler, Sink
 
-Conversation = list[dict[str, Any]]  # chat messages: [{"role": ..., "content": ...}, ...]
-Prompt = str | Conversation  # a text, or a chat conversation
+VIEW_CACHE = 32  # fusion views `Ensemble.view` keeps per ensemble
 
-
-@dataclass
-class _Call:
-    """One checked request: each row's member prompts and what decodes them."""
-
-    rows: list[list[MemberPrompt]]
-    config: GenerationConfig
-    batch_size: int | None
-    tools: ToolSet | None = None  # the request's tools (None: none, or tool_choice "none")
-    form: CallForm = field(default_factory=CallForm)  # how the main member writes a call
-    constraint: ConstraintSpec | None = None  # the tools' grammar, if constrained
 
 
 class Ensemble:
@@ -75,7 +68,7 @@ class Ensemble:
         scheduler: SchedulerConfig | None = None,
         **fusion_overrides: Any,
     ) -> None:
-        if isinstance(members, (str, MemberSpec)) or _is_pair(members):
+        if isinstance(members, (str, MemberSpec)) or is_pair(members):
             members = [members]
         if not members:
             raise ConfigError("members is empty; give at least one model.")
@@ -83,10 +76,12 @@ class Ensemble:
         self.fusion = FusionConfig(**{**base.model_dump(), **fusion_overrides})
         specs = [as_spec(m) for m in members]
         self.fusion.check_members(len(specs))
-        _check_distinct(specs)  # before loading: a mistake should cost no load time
+        check_distinct(specs)  # before loading: a mistake should cost no load time
         self.members: list[Member] = load_members(specs)
         # one worker thread owns the members; views from with_fusion share it
         self._scheduler = Scheduler(self.members, scheduler or SchedulerConfig())
+        self._views: dict[str, Ensemble] = {}  # `view`'s cache: changes -> view
+        self._views_lock = threading.Lock()
         start = time.perf_counter()
         self.anchors: Anchors | None = None
         if len(self.members) > 1:
@@ -113,6 +108,40 @@ class Ensemble:
         view = copy.copy(self)
         view.fusion = fusion
         view.fuser = self.fuser.with_config(fusion)
+        view._views, view._views_lock = {}, threading.Lock()  # keyed by changes to *its* fusion
+        return view
+
+    def view(
+        self,
+        request: Mapping[str, Any] | None = None,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        chat: bool = False,
+    ) -> Ensemble:
+        """The ensemble with one request's fusion settings: the one place that decides
+        their precedence (the server, the adapters and the commands all call it).
+
+        `request` and `defaults` hold FusionConfig fields by name; `None` means unset. A
+        request's value wins over `defaults` (a server's or an adapter's own settings),
+        which win over this ensemble's. A chat request with no `main` anywhere is led by
+        `default_chat_main()`. Views share the loaded members and are cached per distinct
+        change (the last `VIEW_CACHE`).
+        """
+        wanted = {k: v for k, v in (defaults or {}).items() if v is not None}
+        wanted.update({k: v for k, v in (request or {}).items() if v is not None})
+        if chat and "main" not in wanted:
+            wanted["main"] = self.default_chat_main()
+        changes = {k: v for k, v in wanted.items() if getattr(self.fusion, k) != v}
+        if not changes:
+            return self
+        key = json.dumps(changes, sort_keys=True, default=str)
+        with self._views_lock:
+            view = self._views.get(key)
+            if view is None:
+                view = self.with_fusion(**changes)
+                if len(self._views) >= VIEW_CACHE:
+                    self._views.pop(next(iter(self._views)))  # the oldest
+                self._views[key] = view
         return view
 
     @property
@@ -198,7 +227,10 @@ class Ensemble:
         return events if call.tools is None else atool_events(events, call.tools, call.form)
 
     def _submitter(
-        self, call: _Call, tool_constraint: bool, progress: Callable[[Progress], None] | None
+        self,
+        call: CheckedRequest,
+        tool_constraint: bool,
+        progress: Callable[[Progress], None] | None,
     ) -> Callable[[Sink], Request]:
         """What the reader calls to queue `call` (constrained unless `tool_constraint` is
         off; reporting progress when someone listens).
@@ -208,7 +240,7 @@ class Ensemble:
         )
 
     def _submit(
-        self, call: _Call, sink: Sink, tool_constraint: bool = True, progress: bool = False
+        self, call: CheckedRequest, sink: Sink, tool_constraint: bool = True, progress: bool = False
     ) -> Request:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
         cfg = call.config
@@ -282,7 +314,7 @@ class Ensemble:
         stream = self.astream(prompt, config, batch_size=batch_size, **overrides)
         events = [e async for e in stream]
         results = collect(iter(events), len(check_prompts(prompt)))
-        return results[0] if _is_single(prompt) else results
+        return results[0] if is_single(prompt) else results
 
     def _request(
         self,
@@ -292,26 +324,11 @@ class Ensemble:
         overrides: dict[str, Any],
         tools: Any = None,
         tool_choice: Any = None,
-    ) -> _Call:
-        """Check a request and render its prompts."""
-        cfg = _generation_config(config, overrides)
-        prompts = check_prompts(prompt)
-        if batch_size is not None and batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        toolset = ToolSet.build(tools, tool_choice)
-        if toolset is None:
-            return _Call([self._member_prompts(p) for p in prompts], cfg, batch_size)
-        if any(isinstance(p, str) for p in prompts):
-            raise ConfigError("tools need chat prompts (lists of messages), not plain text.")
-        if cfg.constraint is not None:
-            raise ConfigError(
-                f"give tools or GenerationConfig.{cfg.constraint[0]}, not both: the tools "
-                "already constrain the reply."
-            )
-        main = self.main
-        form = CallForm.for_template(main.chat_template or main.tokenizer.chat_template)
-        rows = [self._member_prompts(p, toolset) for p in prompts]
-        return _Call(rows, cfg, batch_size, toolset, form, toolset.constraint(form))
+    ) -> CheckedRequest:
+        """Check a request and render its prompts for every member."""
+        return check_request(
+            self.members, self.main, prompt, config, batch_size, overrides, tools, tool_choice
+        )
 
     def render(
         self, messages: Conversation, tools: Any = None, tool_choice: Any = None
@@ -319,17 +336,7 @@ class Ensemble:
         """Each member's prompt text for a chat conversation, with the tools described as
         `stream` would (see decoding/chat.py).
         """
-        return self._render(messages, ToolSet.build(tools, tool_choice))
-
-    def _render(self, messages: Conversation, tools: ToolSet | None) -> list[str]:
-        messages = check_messages(messages)
-        return [render(m.tokenizer, messages, m.chat_template, tools) for m in self.members]
-
-    def _member_prompts(self, prompt: Prompt, tools: ToolSet | None = None) -> list[MemberPrompt]:
-        if isinstance(prompt, str):
-            return [(prompt, True) for _ in self.members]
-        # Rendered chat prompts already hold their special tokens (BOS, turn markers).
-        return [(text, False) for text in self._render(prompt, tools)]
+        return render_chat(self.members, messages, ToolSet.build(tools, tool_choice))
 
     @overload
     def generate(
@@ -371,86 +378,4 @@ class Ensemble:
         """
         events = self.stream(prompt, config, batch_size=batch_size, **overrides)
         results = collect(events, len(check_prompts(prompt)))
-        return results[0] if _is_single(prompt) else results
-
-
-def _is_single(prompt: Any) -> bool:
-    """One text, or one conversation (a list of message dicts)."""
-    return isinstance(prompt, str) or (
-        isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], Mapping)
-    )
-
-
-def check_prompts(prompt: Any) -> list[Prompt]:
-    """The prompts of a request as a list, each checked (`ConfigError` naming the first
-    bad one): a non-empty str of valid Unicode text, or a chat conversation.
-
-    Needs no member: callers that load members later (the command line) check first, so
-    a mistake costs no load time.
-    """
-    prompts = [prompt] if _is_single(prompt) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ConfigError(
-            "prompt must be a str, a chat conversation (a list of message dicts), or a "
-            f"non-empty list of those; got {type(prompt).__name__}."
-        )
-    out: list[Prompt] = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if not p:
-                # Members disagree on what an empty prompt means (one adds a BOS token, one
-                # has no token at all), so it is refused for all of them alike.
-                raise ConfigError(
-                    f"prompt at position {i} is an empty string; give some text to continue "
-                    "(or a chat conversation)."
-                )
-            out.append(check_text(p, f"prompt at position {i}"))
-        elif isinstance(p, (list, tuple)):
-            out.append(check_messages(p))
-        else:
-            raise ConfigError(
-                f"prompt must be a str or a chat conversation, got {type(p).__name__} "
-                f"at position {i}."
-            )
-    return out
-
-
-def _check_distinct(specs: Sequence[MemberSpec]) -> None:
-    """Refuse the same model twice, or two members with one display name.
-
-    Fusing a model with itself only reweights it (that is what `weights` is for), and
-    usage is reported by member name, so names must tell members apart.
-    """
-    sources: dict[Any, int] = {}
-    names: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        key = source_key(spec)
-        if key in sources:
-            j = sources[key]
-            raise ConfigError(
-                f"members[{j}] and members[{i}] are the same model ({display_name(spec)!r}); "
-                "fusing a model with itself only reweights it. Give each model once and use "
-                "FusionConfig.weights (e.g. weights=[2, 1]) to weigh one member more."
-            )
-        sources[key] = i
-        name = display_name(spec)
-        if name in names:
-            raise ConfigError(
-                f"members[{names[name]}] and members[{i}] are both named {name!r}; give them "
-                "distinct names with MemberSpec(source=..., name=...)."
-            )
-        names[name] = i
-
-
-def _is_pair(item: Any) -> bool:
-    """A single `(model, tokenizer)` pair rather than a sequence of members."""
-    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.nn.Module)
-
-
-def _generation_config(
-    config: GenerationConfig | None, overrides: dict[str, Any]
-) -> GenerationConfig:
-    base = config or GenerationConfig()
-    if not overrides:
-        return base
-    return GenerationConfig(**{**base.model_dump(), **overrides})
+        return results[0] if is_single(prompt) else results

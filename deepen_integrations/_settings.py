@@ -25,9 +25,8 @@ Names come from the engine's `display_name` (no loading) and token counts from
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -39,42 +38,24 @@ from deepen_engine import (
     Ensemble,
     FusionConfig,
     GenerationConfig,
-    StreamEvent,
-    Usage,
     display_name,
 )
+from deepen_engine.config import LOAD_FUSION_NAMES, REQUEST_FUSION_NAMES
 from deepen_engine.errors import explain_validation
 
 __all__ = [
     "CALL_GENERATION",
     "CallSettings",
     "DeepEnSettings",
-    "engine_astream",
-    "engine_stream",
-    "token_counts",
 ]
 
 # The adapters' generation defaults are the engine's.
 _DEFAULTS = GenerationConfig()
 
-# Adapter field -> FusionConfig field. All are read at load time (or applied to a given
-# ensemble); those in CALL_FUSION may also change per call.
-FUSION_FIELDS = {
-    "method": "method",
-    "gate": "gate",
-    "main": "main",
-    "weights": "weights",
-    "tau": "tau",
-    "fusion_top_k": "top_k",
-    "candidates": "candidates",
-    "eta": "eta",
-    "steps": "steps",
-    "min_anchors": "min_anchors",
-    "fusion_device": "fusion_device",
-}
-CALL_FUSION = (
-    "method", "gate", "main", "weights", "tau", "fusion_top_k", "candidates", "eta", "steps"
-)
+# Adapter field -> FusionConfig field (the engine's public names). All are read at load
+# time (or applied to a given ensemble); those in CALL_FUSION may also change per call.
+FUSION_FIELDS = {**REQUEST_FUSION_NAMES, **LOAD_FUSION_NAMES}
+CALL_FUSION = tuple(REQUEST_FUSION_NAMES)
 # Adapter fields that are GenerationConfig fields of the same name (all change per call).
 GENERATION_FIELDS = (
     "max_new_tokens",
@@ -145,6 +126,14 @@ class DeepEnSettings(BaseModel):
     """Per-step gate that skips fusion (`FusionConfig.gate`, default `"off"`). `None`: the
     ensemble's."""
 
+    weighting: Literal["fixed", "confidence"] | None = None
+    """How the weights apply at each step (`FusionConfig.weighting`, default `"fixed"`).
+    `None`: the ensemble's."""
+
+    gate_threshold: float | None = None
+    """Top probability of the main member from which `gate="confident"` skips fusion
+    (`FusionConfig.gate_threshold`, default 0.9). `None`: the ensemble's."""
+
     main: int | None = None
     """Index of the member whose vocabulary the answer is written in. `None`: for chat
     adapters (LangChain's `ChatDeepEn`, LlamaIndex's `DeepEnLLM`) the engine's rule,
@@ -162,6 +151,14 @@ class DeepEnSettings(BaseModel):
     fusion_top_k: int | None = None
     """Tokens taken from each member's distribution for fusion (`FusionConfig.top_k`,
     default 64; not the sampling `top_k`). `None`: the ensemble's."""
+
+    top_mass: float | None = None
+    """DeePEn fast path: probability mass of each member's non-anchor tokens taken in
+    (`FusionConfig.top_mass`, default 0.999). `None`: the ensemble's."""
+
+    unite_top_k: int | None = None
+    """UniTE: tokens each member adds to the candidate union (`FusionConfig.unite_top_k`,
+    default 10). `None`: the ensemble's."""
 
     candidates: int | None = None
     """Main-member tokens searched by the inverse transformation (`FusionConfig.candidates`,
@@ -222,7 +219,6 @@ class DeepEnSettings(BaseModel):
     `None`: no limit."""
 
     _loaded: Ensemble | None = PrivateAttr(default=None)  # the loaded `models`
-    _views: dict[str, tuple[Ensemble, Ensemble]] = PrivateAttr(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:
         """Validate the settings without loading any model.
@@ -299,23 +295,12 @@ class DeepEnSettings(BaseModel):
         return self._loaded
 
     def _view(self, overrides: Mapping[str, Any]) -> Ensemble:
-        """The loaded ensemble with the instance's fusion settings, then the call's."""
-        base = self._load()
-        wanted = {**self.fusion_kwargs, **self._fusion_settings()}
-        for field in CALL_FUSION:
-            if overrides.get(field) is not None:
-                wanted[FUSION_FIELDS[field]] = overrides[field]
-        if "main" not in wanted and self.chat_adapter:
-            wanted["main"] = base.default_chat_main()
-        changes = {k: v for k, v in wanted.items() if v != getattr(base.fusion, k)}
-        if not changes:
-            return base
-        key = json.dumps(changes, sort_keys=True, default=str)
-        cached = self._views.get(key)
-        if cached is None or cached[0] is not base:
-            cached = (base, base.with_fusion(**changes))
-            self._views[key] = cached
-        return cached[1]
+        """The loaded ensemble with the call's fusion settings, then the instance's
+        (`Ensemble.view` decides the precedence and caches the views).
+        """
+        call = {FUSION_FIELDS[k]: overrides[k] for k in CALL_FUSION if k in overrides}
+        defaults = {**self.fusion_kwargs, **self._fusion_settings()}
+        return self._load().view(call, defaults=defaults, chat=self.chat_adapter)
 
     # --- one call --------------------------------------------------------------------------
 
@@ -347,35 +332,6 @@ def merge_stop(field: Sequence[str] | None, call: Sequence[str] | str | None) ->
         if s not in out:
             out.append(s)
     return out
-
-
-def token_counts(usage: Usage | None, main_name: str) -> dict[str, int]:
-    """OpenAI-style counts (`prompt_tokens` in the main member's tokens); zeros without usage."""
-    return (usage or Usage()).token_counts(main_name)
-
-
-def engine_stream(
-    view: Ensemble,
-    prompt: Any,
-    config: GenerationConfig,
-    batch_size: int | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    tool_choice: Any = None,
-) -> Generator[StreamEvent, None, None]:
-    """`view.stream(...)`, typed as the closable generator it is."""
-    return view.stream(prompt, config, batch_size=batch_size, tools=tools, tool_choice=tool_choice)
-
-
-def engine_astream(
-    view: Ensemble,
-    prompt: Any,
-    config: GenerationConfig,
-    batch_size: int | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    tool_choice: Any = None,
-) -> AsyncGenerator[StreamEvent, None]:
-    """`view.astream(...)`, typed as the closable async generator it is."""
-    return view.astream(prompt, config, batch_size=batch_size, tools=tools, tool_choice=tool_choice)
 
 
 # --- checks: the engine's config models decide; these only name the adapter's field ---------

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import GenerationConfig
-from ..decoding.loop import decode
+from ..decoding.decode import decode
 from ..decoding.member_batch import MemberBatch
 from ..decoding.rows import DecodeHooks, StepRecord
 from ..ensemble import Ensemble

@@ -15,9 +15,10 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import SchedulerConfig
-from ..ensemble import Ensemble, Prompt
+from ..ensemble import Ensemble
 from ..errors import ConfigError
 from ..outputs import StreamEvent
+from ..requests import Prompt
 from . import progress
 from .inputs import read_prompts
 from .options import (

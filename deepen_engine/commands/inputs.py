@@ -20,8 +20,8 @@ import json
 import os
 import sys
 
-from ..ensemble import Prompt, check_prompts
 from ..errors import ConfigError
+from ..requests import Prompt, check_prompts
 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 """The escape sequences `unescape` turns into characters; any other backslash stays."""

@@ -22,10 +22,9 @@ the members' forward passes; they can join and leave between steps. Its phases:
    (members on distinct devices, or in their own Ray actors, concurrently).
 5. `remove` drops rows whose reader left; `close` frees every cache.
 
-`decode` drives one batch of rows from start to end (a generator: `Ensemble.generate`
-aggregates a stream, so streamed and non-streamed text can never disagree); the scheduler
-(`scheduler.py`) drives a long-lived decoder that requests join and leave. `DecodeHooks`
-let tools vary the loop without copying it: the bench swaps in helpers that re-encode
+`decode.py` drives one batch of rows from start to end; the scheduler
+(`deepen_engine/scheduler.py`) drives a long-lived decoder that requests join and leave.
+`DecodeHooks` let tools vary the loop without copying it: the bench swaps in helpers that re-encode
 their text each step (the reference implementation's way) and watches every step.
 """
 
@@ -39,52 +38,15 @@ from functools import partial
 
 import torch
 
-from ..config import GenerationConfig
-from ..fusion import Fuser
 from ..members import Member
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import PREFILL_CHUNK, MemberBatch
-from .prompts import MemberPrompt, fit_context
+from .prompts import fit_context
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
-
-
-def decode(
-    members: Sequence[Member],
-    fuser: Fuser,
-    prompts: Sequence[Sequence[MemberPrompt]],
-    config: GenerationConfig,
-    *,
-    hooks: DecodeHooks | None = None,
-    resume: Sequence[Sequence[int]] | None = None,
-) -> Iterator[StreamEvent]:
-    """Generate for one batch of rows, yielding text deltas and one final event per row.
-
-    prompts[b][i] is row b's prompt for member i: (text, add_special_tokens). A plain
-    prompt is the same text for all members, tokenised with the member's special tokens
-    (e.g. BOS); a chat prompt is each member's own rendering, already holding them.
-    `resume[b]`: main-member ids row b has already generated; they are prefilled (their
-    text is not streamed again) and count toward `max_new_tokens` and `min_new_tokens`.
-    """
-    decoder = BatchDecoder(members, fuser.main, not fuser.is_identity, hooks)
-    new = [
-        NewRow(prompts=p, config=config, fuser=fuser, index=b, resume=(resume or [])[b])
-        if resume
-        else NewRow(prompts=p, config=config, fuser=fuser, index=b)
-        for b, p in enumerate(prompts)
-    ]
-    try:
-        decoder.join(decoder.prepare(new))
-        while decoder.rows:
-            for _, event in decoder.step():
-                yield event
-            if decoder.rows:
-                decoder.advance()
-    finally:
-        decoder.close()
 
 
 class BatchDecoder:

@@ -43,7 +43,6 @@ _ENGINE_TO_API = {
     "top_k": "top_k",
     "json_schema": "response_format",
 }
-_VIEW_CACHE = 64  # fusion-setting views kept per server
 
 
 class ServerState:
@@ -63,7 +62,6 @@ class ServerState:
         self.api_key = api_key
         self.request_timeout = request_timeout
         self.main = main  # None: chat requests use the engine's chat rule
-        self._views: dict[str, Ensemble] = {}
 
     def name(self) -> str:
         """The model name the server reports."""
@@ -73,26 +71,12 @@ class ServerState:
         return "deepen:" + "+".join(members)
 
     def view(self, call: Call) -> Ensemble:
-        """The ensemble with the request's fusion settings (cached per setting)."""
+        """The ensemble with the request's fusion settings (`Ensemble.view`: the request's,
+        then the server's `--main`, then the ensemble's; chat led by the chat rule).
+        """
         ens = self.ensemble
         assert ens is not None
-        fusion = dict(call.fusion)
-        if "main" not in fusion:
-            if self.main is not None:
-                fusion["main"] = self.main
-            elif call.chat:
-                fusion["main"] = ens.default_chat_main()
-        changes = {k: v for k, v in fusion.items() if getattr(ens.fusion, k) != v}
-        if not changes:
-            return ens
-        key = json.dumps(changes, sort_keys=True)
-        view = self._views.get(key)
-        if view is None:
-            view = ens.with_fusion(**changes)
-            if len(self._views) >= _VIEW_CACHE:
-                self._views.pop(next(iter(self._views)))
-            self._views[key] = view
-        return view
+        return ens.view(call.fusion, defaults={"main": self.main}, chat=call.chat)
 
 
 def create_app(

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import REQUEST_FUSION_NAMES
+
 ROLES = {
     "system": "system",
     "developer": "system",
@@ -36,21 +38,7 @@ ROLES = {
     "assistant": "assistant",
     "tool": "tool",
 }
-FUSION_FIELDS = {
-    "method": "method",
-    "main": "main",
-    "weights": "weights",
-    "weighting": "weighting",
-    "eta": "eta",
-    "steps": "steps",
-    "tau": "tau",
-    "fusion_top_k": "top_k",
-    "top_mass": "top_mass",
-    "candidates": "candidates",
-    "unite_top_k": "unite_top_k",
-    "gate": "gate",
-    "gate_threshold": "gate_threshold",
-}
+FUSION_FIELDS = REQUEST_FUSION_NAMES  # body field -> FusionConfig field
 _GENERATION_EXTRAS = {
     "top_k": "top_k",
     "min_tokens": "min_new_tokens",

@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Field
 
 from deepen_engine import ConfigError, Ensemble, StreamEvent, Usage
 
+from .._engine_calls import token_counts as token_counts
 from .._settings import (
     CALL_FUSION,
     CALL_GENERATION,
@@ -34,7 +35,6 @@ from .._settings import (
     DeepEnSettings,
     merge_stop,
 )
-from .._settings import token_counts as token_counts
 
 __all__ = [
     "LANGCHAIN_CONFIG",

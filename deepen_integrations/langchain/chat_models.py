@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from deepen_engine import Ensemble, GenerationConfig, StreamEvent
 
-from .._settings import engine_astream, engine_stream
+from .._engine_calls import engine_astream, engine_stream
 from ._base import LANGCHAIN_CONFIG, PROVIDER, DeepEnBase, token_counts, usage_dict
 from ._messages import to_engine_messages
 from .tools import call_chunks, engine_tool_choice, structured_parser, structured_schema

@@ -26,7 +26,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from deepen_engine import StreamEvent
 
-from .._settings import engine_astream, engine_stream, token_counts
+from .._engine_calls import engine_astream, engine_stream, token_counts
 from ._base import LANGCHAIN_CONFIG, DeepEnBase, generation_info
 
 __all__ = ["DeepEnLLM"]

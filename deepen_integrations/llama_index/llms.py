@@ -66,7 +66,8 @@ from llama_index.core.llms.llm import ToolSelection
 
 from deepen_engine import Ensemble, GenerationResult, StreamEvent
 
-from .._settings import CallSettings, DeepEnSettings, engine_astream, engine_stream, token_counts
+from .._engine_calls import engine_astream, engine_stream, token_counts
+from .._settings import CallSettings, DeepEnSettings
 from ._messages import response_message, to_engine_messages, tool_selections
 from ._structured import StructuredPredict
 

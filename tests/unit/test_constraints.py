@@ -96,7 +96,7 @@ def test_regex_and_grammar_constraints(tiny_ensemble):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_mixed_rows_equal_each_row_alone(tiny_ensemble, temperature):
-    from deepen_engine.decoding.loop import decode  # noqa: F401  (the loop the batch runs)
+    from deepen_engine.decoding.decode import decode  # noqa: F401  (the loop the batch runs)
 
     schema = random_schema(random.Random(3))
     prompts = ["The capital of", "Once upon a time", "Q: What is 3 * 4?\nA:"]
@@ -236,7 +236,7 @@ def test_an_llguidance_older_than_1_7_says_how_to_upgrade(monkeypatch):
 
 
 def test_resumed_row_continues_its_grammar(tiny_ensemble):
-    from deepen_engine.decoding.loop import decode
+    from deepen_engine.decoding.decode import decode
     from deepen_engine.outputs import collect
 
     config = GenerationConfig(max_new_tokens=30, regex="[a-z]{2,6} [0-9]{1,3}")

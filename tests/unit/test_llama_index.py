@@ -18,6 +18,7 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # 
 from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
 
 from deepen_engine import ConfigError, Ensemble, FusionConfig  # noqa: E402
+from deepen_engine import requests as requests_module  # noqa: E402
 from deepen_integrations.llama_index import DeepEnLLM, to_engine_messages  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -81,14 +82,14 @@ def test_chat_renders_each_members_template(llm, tiny_ensemble, monkeypatch):
         "System: You are brief.\n\nUser: What is the capital of Italy?\n\nAssistant:"
     )  # the tiny Gemma tokenizer has no template: the engine's transcript
     seen: list[list[str]] = []
-    real_render = type(tiny_ensemble)._render
+    real_render = requests_module.render_chat
 
-    def spy(self, messages, tools=None):
-        out = real_render(self, messages, tools)
+    def spy(members, messages, tools=None):
+        out = real_render(members, messages, tools)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(type(tiny_ensemble), "_render", spy)
+    monkeypatch.setattr(requests_module, "render_chat", spy)
     response = llm.chat(MESSAGES)
     assert seen == [rendered]
     assert response.message.role == MessageRole.ASSISTANT
@@ -304,10 +305,13 @@ class FakeEnsemble:
     def __init__(self, members, **fusion):
         self.loads.append((tuple(members), fusion))
         self.fusion = FusionConfig(**fusion)
+        self._views, self._views_lock = {}, threading.Lock()
         self.members = [
             SimpleNamespace(name="gemma-3-270m", context_window=32768),
             SimpleNamespace(name="smollm2-135m-instruct", context_window=8192),
         ]
+
+    view = Ensemble.view  # the engine's own precedence rule and view cache
 
     def default_chat_main(self) -> int:
         return 1  # SmolLM2-135M-Instruct: Gemma's GGUF has no chat template
@@ -453,6 +457,7 @@ def test_per_call_fusion_settings_in_chat_streams_and_async(llm, tiny_ensemble):
 
 
 def test_per_call_views_are_cached(tiny_ensemble, monkeypatch):
+    monkeypatch.setattr(tiny_ensemble, "_views", {})  # the ensemble keeps the views
     llm = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=2)
     made = []
     original = Ensemble.with_fusion

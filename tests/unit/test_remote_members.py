@@ -231,7 +231,7 @@ def test_resumed_rows_and_logprobs_equal_in_process(tiny_pair):
     can differ from rows computed alone in the last bit, so fused logits (not tokens)
     depend on what a fuser's row cache saw before, in process as well."""
     from deepen_engine import GenerationConfig
-    from deepen_engine.decoding.loop import decode
+    from deepen_engine.decoding.decode import decode
 
     mine, theirs = remote_ensemble(tiny_pair), Ensemble(_specs(tiny_pair), min_anchors=50)
     first = mine.generate(PROMPTS[1], max_new_tokens=4).token_ids

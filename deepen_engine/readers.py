@@ -14,7 +14,7 @@ import queue
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
-from ..outputs import Progress, StreamEvent
+from .outputs import Progress, StreamEvent
 from .scheduler import Request, Scheduler, Sink
 
 RELEASE_WAIT = 60.0  # seconds a stopped reader waits for its rows to leave the batch

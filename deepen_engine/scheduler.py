@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..config import SchedulerConfig
-from ..errors import ConfigError, QueueFullError, RequestTimeoutError
-from ..members import Member
-from ..outputs import Progress, StreamEvent
-from .loop import BatchDecoder
-from .rows import DecodeHooks, NewRow, Row
+from .config import SchedulerConfig
+from .decoding.loop import BatchDecoder
+from .decoding.rows import DecodeHooks, NewRow, Row
+from .errors import ConfigError, QueueFullError, RequestTimeoutError
+from .members import Member
+from .outputs import Progress, StreamEvent
 
 Sink = Callable[[str, object], None]
 """Receives ("event", StreamEvent)s, then ("done", None) or ("error", exception), and last
