@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deepen_engine.commands import bench_ray
+from deepen_engine.commands.bench import ray as bench_ray
 from deepen_engine.commands.cli import main
 
 NAMES = ["big", "small"]

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from ..config import GenerationConfig
-from ..decoding.loop import decode
-from ..decoding.member_batch import MemberBatch
-from ..decoding.remote_batch import new_batch
-from ..decoding.rows import DecodeHooks, StepRecord
-from ..ensemble import Ensemble
-from ..members import Member
+from ...config import GenerationConfig
+from ...decoding.loop import decode
+from ...decoding.member_batch import MemberBatch
+from ...decoding.remote_batch import new_batch
+from ...decoding.rows import DecodeHooks, StepRecord
+from ...ensemble import Ensemble
+from ...members import Member
 
 
 class _TokenClock:

@@ -4,7 +4,7 @@ comes to the full computation.
     deepen bench                                  # the default members
     deepen bench --json --plot bench.png          # every figure as JSON, and a plot
     deepen bench --constraint-only --json         # what a JSON-schema constraint costs
-    deepen bench --ray                            # members in Ray actors (bench_ray.py)
+    deepen bench --ray                            # members in Ray actors (ray.py)
 
 Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
 
@@ -24,7 +24,7 @@ Sections (each a key of the JSON output; docs/benchmarks.md describes every fiel
   same token as the full-vocabulary reference fusion (fusion/reference.py).
 - `constraint` (only when asked: `--constraint`, or `--constraint-only` for it alone): ms
   per token with a JSON-schema constraint against the same run without one, per main
-  member (bench_constraint.py).
+  member (constraint.py).
 
 Every run uses `min_new_tokens`, so all rows generate exactly the asked number of tokens.
 Timings on a shared CPU vary by 10-30% from run to run: compare figures from one run.
@@ -41,16 +41,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SchedulerConfig
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from .bench_constraint import constraint_cost
-from .bench_ray import print_ray, run_ray
-from .bench_sections import PROMPTS, WINDOW, fidelity, gate_check, length_curve, memory, speed
-from .bench_serving import print_serving, serving
-from .bench_timing import rss_mb
-from .options import fusion_options, fusion_settings, member_options, member_specs
-from .plotting import plot_bench
+from ...config import SchedulerConfig
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ..options import fusion_options, fusion_settings, member_options, member_specs
+from ..plotting import plot_bench
+from .constraint import constraint_cost
+from .ray import print_ray, run_ray
+from .sections import PROMPTS, WINDOW, fidelity, gate_check, length_curve, memory, speed
+from .serving import print_serving, serving
+from .timing import rss_mb
 
 
 def add_parser(sub: Any) -> None:

@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
-from ..decoding.constraints import (
+from ...decoding.constraints import (
     RowConstraint,
     apply_masks,
     check_constraint,
     constraint_vocab,
 )
-from ..ensemble import Ensemble
-from ..outputs import GenerationResult
+from ...ensemble import Ensemble
+from ...outputs import GenerationResult
 
 ANY_TEXT = r"[\s\S]*"
 PROMPT = "Write a long list of short sentences about the sea, as a JSON array of strings:"
