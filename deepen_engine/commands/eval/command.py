@@ -4,14 +4,14 @@
     deepen eval --task all --method all --json           # 3 tasks x (members + 3 methods)
     deepen eval --main 1 --weights adaptive              # DeePEn-Adapt weights from dev
     deepen eval --task all --sweep-method deepen union unite --sweep-main 0 1   # dev set
-    deepen eval --task tools --n 60 --seed 0             # tool calls (eval_tools.py)
+    deepen eval --task tools --n 60 --seed 0             # tool calls (tools.py)
 
-For every task (eval_tasks.py) the members alone and every `--method` answer the same test
+For every task (tasks.py) the members alone and every `--method` answer the same test
 questions; each system's accuracy has a 95% Wilson interval and each ensemble an exact
-McNemar test against the best member alone on that task (eval_stats.py). Prints a table
+McNemar test against the best member alone on that task (stats.py). Prints a table
 (or `--json`), writes every answer to `--output` (JSONL), shows a progress bar on stderr.
 With `--sweep-eta` or `--sweep-method` the command scores settings on the dev sets only
-(eval_sweep.py).
+(sweep.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from .eval_stats import mcnemar
-from .eval_task import Question, Score, Split, Task, adaptive_weights, score, split_questions
-from .eval_tasks import TASKS, tasks_named
-from .eval_tools import run_tools_eval
-from .options import METHODS, fusion_options, fusion_settings, member_options, member_specs
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ..options import METHODS, fusion_options, fusion_settings, member_options, member_specs
+from .stats import mcnemar
+from .task import Question, Score, Split, Task, adaptive_weights, score, split_questions
+from .tasks import TASKS, tasks_named
+from .tools import run_tools_eval
 
 
 def add_parser(sub: Any) -> None:
@@ -49,7 +49,7 @@ def add_parser(sub: Any) -> None:
         nargs="+",
         metavar="TASK",
         help=f"tasks: {', '.join(TASKS)} or all (default: capitals); or tools alone: tool "
-        "calls with and without the grammar constraint (eval_tools.py; main: the chat rule "
+        "calls with and without the grammar constraint (eval/tools.py; main: the chat rule "
         "unless --main)",
     )
     ev.add_argument(
@@ -193,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
         weights=weights if isinstance(weights, list) else None,
     )
     if args.sweep_eta or args.sweep_method:
-        from .eval_sweep import run_sweep
+        from .sweep import run_sweep
 
         return run_sweep(args, ens, tasks, splits, weights)
     per_task = len(ens.members) + len(systems)

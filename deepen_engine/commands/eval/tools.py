@@ -38,10 +38,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from ..outputs import GenerationResult
-from .eval_task import wilson_interval
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ...outputs import GenerationResult
+from .task import wilson_interval
 
 MAX_NEW_TOKENS = 48  # the longest expected call is 37 tokens (SmolLM2), 34 (Gemma-3)
 

@@ -1,5 +1,5 @@
 """The pieces every `deepen eval` task shares: questions, the seeded split, scoring,
-intervals, and DeePEn-Adapt's weights. The tasks themselves are in eval_tasks.py.
+intervals, and DeePEn-Adapt's weights. The tasks themselves are in tasks.py.
 
 - split: the questions shuffled with `random.Random(seed)`; the first `shots` are the
   few-shot examples, the next `dev_size` the dev set (for choosing settings and adaptive
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)

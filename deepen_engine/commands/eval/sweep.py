@@ -18,11 +18,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from .eval_task import Score, Split, Task, adaptive_weights, score
-from .evaluate import answerer, members_alone, methods_named, write_records
-from .plotting import plot_method_sweep
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ..plotting import plot_method_sweep
+from .command import answerer, members_alone, methods_named, write_records
+from .task import Score, Split, Task, adaptive_weights, score
 
 Setting = tuple[str, str, int, int | None, float | None]  # method, weighting, main, steps, eta
 
