@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,9 @@ from ...ensemble import Ensemble
 from ...errors import ConfigError
 from ..options import METHODS, fusion_options, fusion_settings, member_options, member_specs
 from .stats import mcnemar
-from .task import Question, Score, Split, Task, adaptive_weights, score, split_questions
+from .sweep import run_sweep
+from .systems import answerer, members_alone, system_label, systems_named
+from .task import Score, Split, Task, adaptive_weights, score, split_questions, write_records
 from .tasks import TASKS, tasks_named
 from .tools import run_tools_eval
 
@@ -86,18 +87,6 @@ def add_parser(sub: Any) -> None:
     ev.set_defaults(run=run_eval)
 
 
-def answerer(view: Ensemble, task: Task, batch_size: int) -> Callable[[list[str]], list[str]]:
-    """Prompts -> the view's greedy answers, cut at the first newline."""
-
-    def generate(prompts: list[str]) -> list[str]:
-        results = view.generate(
-            prompts, max_new_tokens=task.max_new_tokens, stop=["\n"], batch_size=batch_size
-        )
-        return [r.text for r in results]
-
-    return generate
-
-
 def _weights(raw: list[str] | None) -> list[float] | str | None:
     if raw is None:
         return None
@@ -109,51 +98,6 @@ def _weights(raw: list[str] | None) -> list[float] | str | None:
         raise ConfigError(
             f"--weights takes numbers (one per member) or 'adaptive', got {raw}."
         ) from None
-
-
-def members_alone(
-    ens: Ensemble,
-    task: Task,
-    shots: Sequence[Question],
-    questions: Sequence[Question],
-    bar: Any,
-    batch_size: int,
-    suffix: str = "",
-) -> list[Score]:
-    """Each member alone (main member, eta 0) on the questions, labelled name + suffix."""
-    return [
-        score(
-            task,
-            f"{m.name}{suffix}",
-            answerer(ens.with_fusion(main=i, eta=0, method="deepen"), task, batch_size),
-            shots,
-            questions,
-            bar.update,
-            batch_size,
-        )
-        for i, m in enumerate(ens.members)
-    ]
-
-
-def methods_named(raw: list[str] | None) -> list[str]:
-    """The methods of `--method` (`all`: every one); default DeePEn."""
-    if not raw:
-        return ["deepen"]
-    return list(METHODS) if "all" in raw else list(dict.fromkeys(raw))
-
-
-def systems_named(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(method, weighting) of every ensemble to score: each `--method` with each
-    `--weighting` (default: fixed).
-    """
-    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
-    return [(m, w) for m in methods_named(args.method) for w in weightings]
-
-
-def system_label(method: str, weighting: str, main: str) -> str:
-    """`union (main gemma-3-270m)`; `union+confidence (...)` with confidence weighting."""
-    suffix = "" if weighting == "fixed" else f"+{weighting}"
-    return f"{method}{suffix} (main {main})"
 
 
 def _run_tools(args: argparse.Namespace) -> int:
@@ -193,8 +137,6 @@ def run_eval(args: argparse.Namespace) -> int:
         weights=weights if isinstance(weights, list) else None,
     )
     if args.sweep_eta or args.sweep_method:
-        from .sweep import run_sweep
-
         return run_sweep(args, ens, tasks, splits, weights)
     per_task = len(ens.members) + len(systems)
     n_runs = sum(min(args.n, len(splits[t.name].test)) * per_task for t in tasks)
@@ -321,14 +263,6 @@ def results_table(summary: dict[str, Any]) -> str:
             cells.append(text)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_records(path: Path, scores: Sequence[Score]) -> None:
-    """Every answer of these scores, one JSON object per line."""
-    with path.open("w", encoding="utf-8") as f:
-        for s in scores:
-            for record in s.records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _weight_mode(weights: list[float] | str | None) -> str:

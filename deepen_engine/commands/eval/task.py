@@ -11,17 +11,20 @@ intervals, and DeePEn-Adapt's weights. The tasks themselves are in tasks.py.
   punctuation and extra spaces dropped, so `Bogotá` = `bogota`);
 - 95% confidence interval: Wilson score interval of the accuracy;
 - adaptive weights (DeePEn-Adapt): each member's weight is its dev-set accuracy alone,
-  normalised to sum 1: `w_i = acc_i / sum_j acc_j` (uniform if all are 0).
+  normalised to sum 1: `w_i = acc_i / sum_j acc_j` (uniform if all are 0);
+- records: every answer of a set of scores, one JSON object per line (`write_records`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
@@ -194,3 +197,11 @@ def score(
         if progress is not None:
             progress(len(chunk))
     return result
+
+
+def write_records(path: Path, scores: Sequence[Score]) -> None:
+    """Every answer of these scores, one JSON object per line."""
+    with path.open("w", encoding="utf-8") as f:
+        for s in scores:
+            for record in s.records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
