@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DeepenError
-from . import bench, demo, describe, evaluate, generate, serve
+from . import bench, demo, describe, generate, serve
+from . import eval as evaluation
 from .options import command_line_words
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, demo, evaluate, bench, describe, serve):
+    for module in (generate, demo, evaluation, bench, describe, serve):
         module.add_parser(sub)
     return parser
 

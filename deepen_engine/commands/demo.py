@@ -18,8 +18,8 @@ from typing import Any
 
 from ..ensemble import Ensemble
 from ..errors import ConfigError
-from .eval_task import Question, extract_answer, is_correct, split_questions
-from .eval_tasks import CAPITALS
+from .eval.task import Question, extract_answer, is_correct, split_questions
+from .eval.tasks import CAPITALS
 from .inputs import argument_text, unescape
 from .options import fusion_options, fusion_settings, member_options, member_specs
 

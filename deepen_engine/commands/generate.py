@@ -104,8 +104,7 @@ def _views(ens: Ensemble, prompts: list[Prompt], chat_rule: bool) -> list[Ensemb
     """The ensemble view for each prompt: with `chat_rule` (no --main), chat prompts are
     led by the engine's choice for chat (`default_chat_main`), text prompts by the main.
     """
-    lead = ens.default_chat_main()
-    chat = ens.with_fusion(main=lead) if chat_rule and lead != ens.fusion.main else ens
+    chat = ens.view(chat=True) if chat_rule else ens
     return [ens if isinstance(p, str) else chat for p in prompts]
 
 

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from deepen_engine.commands.bench_timing import kv_cache_mb, timed_decode
+from deepen_engine.commands.bench.timing import kv_cache_mb, timed_decode
 from deepen_engine.commands.cli import main
 from tests.conftest import member_args
 
@@ -77,7 +77,7 @@ def test_bench_table_output(tiny_folders, capsys):
 
 
 def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
-    from deepen_engine.commands.bench import fidelity
+    from deepen_engine.commands.bench.sections import fidelity
 
     biggest = max(len(m.vocab) for m in tiny_ensemble.members)
     full = tiny_ensemble.with_fusion(top_k=biggest, top_mass=1.0, candidates=biggest)
@@ -172,7 +172,7 @@ def test_bench_serving_runs_both_modes_on_one_workload(tiny_folders, capsys):
 
 
 def test_serving_workload_is_fixed_by_the_seed():
-    from deepen_engine.commands.bench_serving import workload
+    from deepen_engine.commands.bench.serving import workload
 
     first = workload(20, (8, 24), 4.0, seed=3)
     assert first == workload(20, (8, 24), 4.0, seed=3)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deepen_engine.commands import bench_ray
+from deepen_engine.commands.bench import ray as ray_bench
 from deepen_engine.commands.cli import main
 
 NAMES = ["big", "small"]
@@ -78,7 +78,7 @@ def test_summary_takes_medians_of_runs_and_of_each_rounds_ratios():
         _round(100, 40, 105, 150, 110),  # 1.1
     ]
     args = argparse.Namespace(batch_sizes=[1], new_tokens=8)
-    f = bench_ray._summary(here, ray, rounds, "big", args)
+    f = ray_bench._summary(here, ray, rounds, "big", args)
     m = f["median"]
     assert m["members_alone_ms"] == {"big": 100.0, "small": 50.0}
     assert m["ray_ms"] == 120 and m["in_process_ms"] == 160
@@ -93,4 +93,4 @@ def test_summary_takes_medians_of_runs_and_of_each_rounds_ratios():
     assert big["actor_cpu_share"] == 0.5  # 3 s of CPU over 6 s of Ray runs
     assert f["protocol"]["coordinator_cpu_share"] == 0.1
     rounds[1]["ray"]["tokens"] = [[1, 3]]
-    assert bench_ray._summary(here, ray, rounds, "big", args)["same_tokens_as_in_process"] is False
+    assert ray_bench._summary(here, ray, rounds, "big", args)["same_tokens_as_in_process"] is False

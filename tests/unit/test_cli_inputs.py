@@ -156,8 +156,8 @@ def test_engine_refuses_text_that_is_not_unicode(tiny_ensemble):
 
 
 def test_bench_needs_two_members_before_loading(capsys, monkeypatch):
-    from deepen_engine.commands import bench
+    from deepen_engine.commands.bench import command
 
-    monkeypatch.setattr(bench, "Ensemble", lambda *a, **k: pytest.fail("members were loaded"))
+    monkeypatch.setattr(command, "Ensemble", lambda *a, **k: pytest.fail("members were loaded"))
     assert main(["bench", "-m", "gemma-3-270m"]) == 2
     assert "give 2 or more" in capsys.readouterr().err

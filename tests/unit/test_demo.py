@@ -9,8 +9,8 @@ import pytest
 from deepen_engine import Ensemble, MemberSpec
 from deepen_engine.commands import demo
 from deepen_engine.commands.cli import main
-from deepen_engine.commands.eval_task import extract_answer, is_correct
-from deepen_engine.commands.eval_tasks import CAPITALS
+from deepen_engine.commands.eval.task import extract_answer, is_correct
+from deepen_engine.commands.eval.tasks import CAPITALS
 from tests.conftest import member_args
 
 

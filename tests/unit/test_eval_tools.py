@@ -1,4 +1,4 @@
-"""`deepen eval --task tools` (commands/eval_tools.py): seeded requests, the judging of
+"""`deepen eval --task tools` (commands/eval/tools.py): seeded requests, the judging of
 replies, and the command on the tiny members."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from deepen_engine import GenerationResult, ToolCall, Usage  # noqa: E402
 from deepen_engine.commands.cli import main  # noqa: E402
-from deepen_engine.commands.eval_tools import (  # noqa: E402
+from deepen_engine.commands.eval.tools import (  # noqa: E402
     TOOLS,
     ToolScore,
     lenient_call,

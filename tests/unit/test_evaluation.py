@@ -9,8 +9,8 @@ import pytest
 
 from deepen_engine import ConfigError
 from deepen_engine.commands.cli import main
-from deepen_engine.commands.eval_stats import mcnemar
-from deepen_engine.commands.eval_task import (
+from deepen_engine.commands.eval.stats import mcnemar
+from deepen_engine.commands.eval.task import (
     Question,
     adaptive_weights,
     is_correct,
@@ -18,7 +18,7 @@ from deepen_engine.commands.eval_task import (
     split_questions,
     wilson_interval,
 )
-from deepen_engine.commands.eval_tasks import (
+from deepen_engine.commands.eval.tasks import (
     ARITHMETIC,
     CAPITALS,
     COUNTRIES,
@@ -210,7 +210,7 @@ def test_eval_rejects_bad_weights(tiny_folders, capsys):
 
 
 def test_any_listed_spelling_scores():
-    from deepen_engine.commands.eval_task import score
+    from deepen_engine.commands.eval.task import score
 
     questions = [Question("Bolivia", ("Sucre", "La Paz")), Question("France", ("Paris",))]
     result = score(CAPITALS, "fake", lambda prompts: [" La Paz", " Lyon"], [], questions)

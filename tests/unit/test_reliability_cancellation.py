@@ -11,7 +11,7 @@ import gc
 
 import pytest
 
-from deepen_engine.commands.bench_timing import rss_mb
+from deepen_engine.commands.bench.timing import rss_mb
 from deepen_engine.decoding import member_batch as sync
 
 PROMPT = "Once upon a time there was a small model that learned to write stories. It"

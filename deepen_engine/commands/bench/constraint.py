@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from ..decoding.constraints import RowConstraint, apply_masks, constraint_vocab
-from ..ensemble import Ensemble
-from ..grammar import check_constraint
-from ..outputs import GenerationResult
+from ...decoding.constraints import RowConstraint, apply_masks, constraint_vocab
+from ...ensemble import Ensemble
+from ...grammar import check_constraint
+from ...outputs import GenerationResult
 
 ANY_TEXT = r"[\s\S]*"
 PROMPT = "Write a long list of short sentences about the sea, as a JSON array of strings:"

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from .bench_sections import PROMPTS
-from .bench_timing import member_alone
-from .options import fusion_settings, member_specs
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ..options import fusion_settings, member_specs
+from .sections import PROMPTS
+from .timing import member_alone
 
 TARGET = 1.25  # the Ray ensemble's ms/token over the slower member's alone, at most
 _WARM_UP_TOKENS = 4

@@ -1,5 +1,5 @@
 """The pieces every `deepen eval` task shares: questions, the seeded split, scoring,
-intervals, and DeePEn-Adapt's weights. The tasks themselves are in eval_tasks.py.
+intervals, and DeePEn-Adapt's weights. The tasks themselves are in tasks.py.
 
 - split: the questions shuffled with `random.Random(seed)`; the first `shots` are the
   few-shot examples, the next `dev_size` the dev set (for choosing settings and adaptive
@@ -11,20 +11,23 @@ intervals, and DeePEn-Adapt's weights. The tasks themselves are in eval_tasks.py
   punctuation and extra spaces dropped, so `Bogotá` = `bogota`);
 - 95% confidence interval: Wilson score interval of the accuracy;
 - adaptive weights (DeePEn-Adapt): each member's weight is its dev-set accuracy alone,
-  normalised to sum 1: `w_i = acc_i / sum_j acc_j` (uniform if all are 0).
+  normalised to sum 1: `w_i = acc_i / sum_j acc_j` (uniform if all are 0);
+- records: every answer of a set of scores, one JSON object per line (`write_records`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -194,3 +197,11 @@ def score(
         if progress is not None:
             progress(len(chunk))
     return result
+
+
+def write_records(path: Path, scores: Sequence[Score]) -> None:
+    """Every answer of these scores, one JSON object per line."""
+    with path.open("w", encoding="utf-8") as f:
+        for s in scores:
+            for record in s.records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -38,10 +38,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from ..outputs import GenerationResult
-from .eval_task import wilson_interval
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ...outputs import GenerationResult
+from .task import wilson_interval
 
 MAX_NEW_TOKENS = 48  # the longest expected call is 37 tokens (SmolLM2), 34 (Gemma-3)
 
@@ -328,7 +328,7 @@ def run_tools(
 def run_tools_eval(args: argparse.Namespace, ens: Ensemble) -> int:
     """`deepen eval --task tools`: score, write every reply, print the table or JSON."""
     if args.main is None:
-        ens = ens.with_fusion(main=ens.default_chat_main())  # the engine's chat rule
+        ens = ens.view(chat=True)  # the engine's chat rule
     n_runs = 2 * (len(ens.members) + 1) * args.n
     with tqdm(total=n_runs, desc="deepen eval tools", file=sys.stderr) as bar:
         scores = run_tools(ens, args.n, args.seed, args.batch_size, bar, args.tool_choice)

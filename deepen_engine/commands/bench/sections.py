@@ -1,5 +1,5 @@
 """The sections of `deepen bench` (each a key of its JSON output; docs/benchmarks.md
-describes every field): `speed`, `length`, `memory`, `fidelity`. See bench.py.
+describes every field): `speed`, `length`, `memory`, `fidelity`. See command.py.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from ..decoding.rows import StepRecord
-from ..ensemble import Ensemble
-from ..fusion import DeepenFuser
-from ..fusion.deepen import kept_non_anchors
-from ..fusion.reference import ReferenceFuser
-from .bench_timing import (
+from ...decoding.rows import StepRecord
+from ...ensemble import Ensemble
+from ...fusion import DeepenFuser
+from ...fusion.deepen import kept_non_anchors
+from ...fusion.reference import ReferenceFuser
+from .timing import (
     ensemble_run,
     kv_cache_mb,
     member_alone,

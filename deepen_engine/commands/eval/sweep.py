@@ -18,11 +18,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from .eval_task import Score, Split, Task, adaptive_weights, score
-from .evaluate import answerer, members_alone, methods_named, write_records
-from .plotting import plot_method_sweep
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ..plotting import plot_method_sweep
+from .systems import answerer, members_alone, methods_named
+from .task import Score, Split, Task, adaptive_weights, score, write_records
 
 Setting = tuple[str, str, int, int | None, float | None]  # method, weighting, main, steps, eta
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from ..config import GenerationConfig
-from ..decoding.decode import decode
-from ..decoding.member_batch import MemberBatch
-from ..decoding.rows import DecodeHooks, StepRecord
-from ..ensemble import Ensemble
-from ..members import Member
-from ..remote.batch import new_batch
+from ...config import GenerationConfig
+from ...decoding.decode import decode
+from ...decoding.member_batch import MemberBatch
+from ...decoding.rows import DecodeHooks, StepRecord
+from ...ensemble import Ensemble
+from ...members import Member
+from ...remote.batch import new_batch
 
 
 class _TokenClock:

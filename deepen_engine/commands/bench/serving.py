@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..ensemble import Ensemble
+from ...ensemble import Ensemble
 
 _PROMPTS = (
     "Q: What is the capital of Japan?\nA:",

@@ -4,14 +4,14 @@
     deepen eval --task all --method all --json           # 3 tasks x (members + 3 methods)
     deepen eval --main 1 --weights adaptive              # DeePEn-Adapt weights from dev
     deepen eval --task all --sweep-method deepen union unite --sweep-main 0 1   # dev set
-    deepen eval --task tools --n 60 --seed 0             # tool calls (eval_tools.py)
+    deepen eval --task tools --n 60 --seed 0             # tool calls (tools.py)
 
-For every task (eval_tasks.py) the members alone and every `--method` answer the same test
+For every task (tasks.py) the members alone and every `--method` answer the same test
 questions; each system's accuracy has a 95% Wilson interval and each ensemble an exact
-McNemar test against the best member alone on that task (eval_stats.py). Prints a table
+McNemar test against the best member alone on that task (stats.py). Prints a table
 (or `--json`), writes every answer to `--output` (JSONL), shows a progress bar on stderr.
 With `--sweep-eta` or `--sweep-method` the command scores settings on the dev sets only
-(eval_sweep.py).
+(sweep.py).
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..ensemble import Ensemble
-from ..errors import ConfigError
-from .eval_stats import mcnemar
-from .eval_task import Question, Score, Split, Task, adaptive_weights, score, split_questions
-from .eval_tasks import TASKS, tasks_named
-from .eval_tools import run_tools_eval
-from .options import METHODS, fusion_options, fusion_settings, member_options, member_specs
+from ...ensemble import Ensemble
+from ...errors import ConfigError
+from ..options import METHODS, fusion_options, fusion_settings, member_options, member_specs
+from .stats import mcnemar
+from .sweep import run_sweep
+from .systems import answerer, members_alone, system_label, systems_named
+from .task import Score, Split, Task, adaptive_weights, score, split_questions, write_records
+from .tasks import TASKS, tasks_named
+from .tools import run_tools_eval
 
 
 def add_parser(sub: Any) -> None:
@@ -49,7 +50,7 @@ def add_parser(sub: Any) -> None:
         nargs="+",
         metavar="TASK",
         help=f"tasks: {', '.join(TASKS)} or all (default: capitals); or tools alone: tool "
-        "calls with and without the grammar constraint (eval_tools.py; main: the chat rule "
+        "calls with and without the grammar constraint (eval/tools.py; main: the chat rule "
         "unless --main)",
     )
     ev.add_argument(
@@ -86,18 +87,6 @@ def add_parser(sub: Any) -> None:
     ev.set_defaults(run=run_eval)
 
 
-def answerer(view: Ensemble, task: Task, batch_size: int) -> Callable[[list[str]], list[str]]:
-    """Prompts -> the view's greedy answers, cut at the first newline."""
-
-    def generate(prompts: list[str]) -> list[str]:
-        results = view.generate(
-            prompts, max_new_tokens=task.max_new_tokens, stop=["\n"], batch_size=batch_size
-        )
-        return [r.text for r in results]
-
-    return generate
-
-
 def _weights(raw: list[str] | None) -> list[float] | str | None:
     if raw is None:
         return None
@@ -109,51 +98,6 @@ def _weights(raw: list[str] | None) -> list[float] | str | None:
         raise ConfigError(
             f"--weights takes numbers (one per member) or 'adaptive', got {raw}."
         ) from None
-
-
-def members_alone(
-    ens: Ensemble,
-    task: Task,
-    shots: Sequence[Question],
-    questions: Sequence[Question],
-    bar: Any,
-    batch_size: int,
-    suffix: str = "",
-) -> list[Score]:
-    """Each member alone (main member, eta 0) on the questions, labelled name + suffix."""
-    return [
-        score(
-            task,
-            f"{m.name}{suffix}",
-            answerer(ens.with_fusion(main=i, eta=0, method="deepen"), task, batch_size),
-            shots,
-            questions,
-            bar.update,
-            batch_size,
-        )
-        for i, m in enumerate(ens.members)
-    ]
-
-
-def methods_named(raw: list[str] | None) -> list[str]:
-    """The methods of `--method` (`all`: every one); default DeePEn."""
-    if not raw:
-        return ["deepen"]
-    return list(METHODS) if "all" in raw else list(dict.fromkeys(raw))
-
-
-def systems_named(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(method, weighting) of every ensemble to score: each `--method` with each
-    `--weighting` (default: fixed).
-    """
-    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
-    return [(m, w) for m in methods_named(args.method) for w in weightings]
-
-
-def system_label(method: str, weighting: str, main: str) -> str:
-    """`union (main gemma-3-270m)`; `union+confidence (...)` with confidence weighting."""
-    suffix = "" if weighting == "fixed" else f"+{weighting}"
-    return f"{method}{suffix} (main {main})"
 
 
 def _run_tools(args: argparse.Namespace) -> int:
@@ -193,8 +137,6 @@ def run_eval(args: argparse.Namespace) -> int:
         weights=weights if isinstance(weights, list) else None,
     )
     if args.sweep_eta or args.sweep_method:
-        from .eval_sweep import run_sweep
-
         return run_sweep(args, ens, tasks, splits, weights)
     per_task = len(ens.members) + len(systems)
     n_runs = sum(min(args.n, len(splits[t.name].test)) * per_task for t in tasks)
@@ -321,14 +263,6 @@ def results_table(summary: dict[str, Any]) -> str:
             cells.append(text)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_records(path: Path, scores: Sequence[Score]) -> None:
-    """Every answer of these scores, one JSON object per line."""
-    with path.open("w", encoding="utf-8") as f:
-        for s in scores:
-            for record in s.records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _weight_mode(weights: list[float] | str | None) -> str:

@@ -19,8 +19,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
-from .eval_task import Question, Task, extract_answer, is_correct
+from ...errors import ConfigError
+from .task import Question, Task, extract_answer, is_correct
 
 ARITHMETIC_RANGE = range(1, 21)  # operands of the arithmetic questions
 
