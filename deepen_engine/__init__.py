@@ -11,6 +11,7 @@ from .errors import (
     DeepenError,
     MemberError,
     MemberLoadError,
+    OutputCutError,
     QueueFullError,
     RequestTimeoutError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "MemberError",
     "MemberLoadError",
     "MemberSpec",
+    "OutputCutError",
     "QueueFullError",
     "RequestTimeoutError",
     "SchedulerConfig",

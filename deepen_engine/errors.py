@@ -53,6 +53,13 @@ class RequestTimeoutError(DeepenError, TimeoutError):
     """A request ran past its `GenerationConfig.timeout`; its rows were dropped."""
 
 
+class OutputCutError(DeepenError, ValueError):
+    """A constrained reply (structured output, a tool call) reached its token limit before
+    its JSON closed (`finish_reason` "length"): raise `max_tokens`. The adapters raise it
+    instead of returning part of an object.
+    """
+
+
 def explain_validation(owner: str, exc: ValidationError) -> str:
     """A pydantic `ValidationError` as one line per problem, each naming `owner`'s field:
     `FusionConfig.eta: Input should be greater than or equal to 0, got -1.`

@@ -26,6 +26,54 @@ other whitespace), so a model cannot wander into endless spaces and newlines ins
 structure."""
 
 
+JSON_INTEGER_DIGITS = 12
+"""Digits a JSON number may have before its point when the schema sets no bound on that
+side (`minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum`): at most 999,999,999,999.
+Without it a degenerate distribution can write `1000000...` until the token limit."""
+
+JSON_FRACTION_DIGITS = 6
+"""Digits a JSON `number` may have after its point when the schema has no `multipleOf`
+(the bound is `multipleOf: 1e-6`, which also keeps exponents out)."""
+
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# Not `not` or `if`: a bound inside them would widen what the schema allows.
+_SUBSCHEMAS = ("items", "additionalProperties", "then", "else", "contains")
+
+
+def bound_numbers(schema: Any) -> Any:
+    """A copy of a JSON schema whose numbers cannot run on (`JSON_INTEGER_DIGITS`,
+    `JSON_FRACTION_DIGITS`); the schema's own bounds and `multipleOf` take precedence.
+
+    Each side is bounded on its own: `{"type": "integer", "minimum": 0}` keeps its minimum
+    and gains `maximum: 999999999999`.
+    """
+    if isinstance(schema, list):
+        return [bound_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_LISTS or key in _SUBSCHEMAS:
+            out[key] = bound_numbers(value)
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: bound_numbers(sub) for name, sub in value.items()}
+        else:
+            out[key] = value
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    if "integer" in types or "number" in types:
+        largest = 10**JSON_INTEGER_DIGITS - 1
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            out["minimum"] = -largest
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            out["maximum"] = largest
+        if "number" in types and "multipleOf" not in schema:
+            out["multipleOf"] = 10.0**-JSON_FRACTION_DIGITS
+    return out
+
+
 def llguidance() -> ModuleType:
     """The llguidance module; `ConfigError` with the install command when it is missing."""
     try:
@@ -75,7 +123,8 @@ def grammar_text(field: str, value: Any) -> str:
             raise ConfigError(
                 f"json_schema must be a JSON schema as a dict, got {type(value).__name__}."
             )
-        return str(matcher.grammar_from_json_schema(json.dumps(value), overrides=JSON_OPTIONS))
+        schema = json.dumps(bound_numbers(value))
+        return str(matcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS))
     if field == "regex":
         return str(matcher.grammar_from_regex(value))
     return str(matcher.grammar_from_lark(value))

@@ -56,6 +56,17 @@ def _members_on_test_device():
     loading.load_local_member = original
 
 
+@pytest.fixture
+def benchmark():
+    """langchain-tests' `benchmark` fixture (its `test_init_time`) without pytest-benchmark,
+    which pyproject.toml turns off: the function runs once and its result is returned."""
+
+    def run_once(function, *args, **kwargs):
+        return function(*args, **kwargs)
+
+    return run_once
+
+
 # ChatML, as SmolLM2's tokenizer has it (without its default system prompt).
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..grammar import JSON_OPTIONS, ConstraintSpec, check_constraint
+from ..grammar import JSON_OPTIONS, ConstraintSpec, bound_numbers, check_constraint
 from ..outputs import StreamEvent, ToolCall
 
 TOOL_INSTRUCTION = (
@@ -118,7 +118,7 @@ class ToolSet:
         allowed = [t for t in self.tools if self.choice in ("auto", "required", t["name"])]
         calls = [_call_schema(t) for t in allowed]
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        schema = {**schema, "x-guidance": JSON_OPTIONS}
+        schema = {**bound_numbers(schema), "x-guidance": JSON_OPTIONS}
         parts = [json.dumps(form.prefix)] if form.prefix else []
         parts.append(f"%json {json.dumps(schema)}")
         parts += [json.dumps(form.suffix)] if form.suffix else []

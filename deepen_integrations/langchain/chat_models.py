@@ -32,7 +32,7 @@ from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.base import LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
@@ -42,7 +42,13 @@ from deepen_engine import Ensemble, GenerationConfig, StreamEvent
 from .._engine_calls import engine_astream, engine_stream
 from ._base import LANGCHAIN_CONFIG, PROVIDER, DeepEnBase, token_counts, usage_dict
 from ._messages import to_engine_messages
-from .tools import call_chunks, engine_tool_choice, structured_parser, structured_schema
+from .tools import (
+    call_chunks,
+    complete_reply,
+    engine_tool_choice,
+    structured_parser,
+    structured_schema,
+)
 
 __all__ = ["ChatDeepEn"]
 
@@ -171,7 +177,8 @@ class ChatDeepEn(DeepEnBase, BaseChatModel):
             llm = self.bind(
                 json_schema=structured_schema(schema, method), ls_structured_output_format=trace
             )
-        parser = structured_parser(schema, method, tool_name)
+        # A reply cut by max_tokens raises OutputCutError here, before the parser.
+        parser = RunnableLambda(complete_reply) | structured_parser(schema, method, tool_name)
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(

@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.messages import ToolCallChunk
+from langchain_core.messages import AIMessage, ToolCallChunk
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
@@ -41,9 +41,12 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from deepen_engine import ToolCall
 from deepen_engine.decoding.tools import closed
 
+from .._engine_calls import check_structure_complete
+
 __all__ = [
     "STRUCTURED_METHODS",
     "call_chunks",
+    "complete_reply",
     "engine_tool_choice",
     "structured_parser",
     "structured_schema",
@@ -119,3 +122,18 @@ def structured_parser(
     if is_model:
         return PydanticOutputParser(pydantic_object=schema)
     return JsonOutputParser()
+
+
+def complete_reply(message: AIMessage) -> AIMessage:
+    """The reply, checked before a structured parser reads it: `OutputCutError` (saying to
+    raise `max_tokens`) when `max_tokens` cut its JSON, never half an object.
+    """
+    tokens = message.usage_metadata["output_tokens"] if message.usage_metadata else 0
+    check_structure_complete(
+        message.response_metadata.get("finish_reason"),
+        message.content if isinstance(message.content, str) else "",
+        bool(message.tool_calls),
+        tokens,
+        "max_tokens",
+    )
+    return message

@@ -8,7 +8,7 @@ Data flow::
          (`STRUCTURED_INSTRUCTION`)
       -> chat(messages, json_schema=Output.model_json_schema(), closed: no other
          properties): the reply is JSON valid against the schema (docs/constraints.md)
-      -> Output.model_validate_json(reply)
+      -> OutputCutError if max_new_tokens cut the JSON, else Output.model_validate_json(reply)
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel
 
 from deepen_engine.decoding.tools import closed
+
+from .._engine_calls import check_structure_complete
 
 __all__ = ["STRUCTURED_INSTRUCTION", "StructuredPredict"]
 
@@ -56,7 +58,8 @@ class StructuredPredict:
         **prompt_args: Any,
     ) -> _M:
         """An `output_cls` instance for the prompt: the reply is constrained to its JSON
-        schema, so it parses unless `max_new_tokens` cuts it (then pydantic raises).
+        schema, so it parses; `OutputCutError` (saying to raise `max_new_tokens`) when
+        `max_new_tokens` cuts it, never half an object.
         """
         dispatcher.event(
             LLMStructuredPredictStartEvent(
@@ -65,6 +68,7 @@ class StructuredPredict:
         )
         messages, schema = _request(output_cls, prompt, prompt_args)
         response = self.chat(messages, json_schema=schema, **(llm_kwargs or {}))
+        _check_complete(response)
         result = output_cls.model_validate_json(response.message.content or "")
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result
@@ -84,6 +88,7 @@ class StructuredPredict:
         )
         messages, schema = _request(output_cls, prompt, prompt_args)
         response = await self.achat(messages, json_schema=schema, **(llm_kwargs or {}))
+        _check_complete(response)
         result = output_cls.model_validate_json(response.message.content or "")
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result
@@ -100,3 +105,15 @@ def _request(
         *prompt.format_messages(**prompt_args),
     ]
     return messages, schema
+
+
+def _check_complete(response: ChatResponse) -> None:
+    """`OutputCutError` when `max_new_tokens` cut the reply's JSON."""
+    raw = response.raw if isinstance(response.raw, dict) else {}
+    check_structure_complete(
+        raw.get("finish_reason"),
+        response.message.content or "",
+        False,
+        int(raw.get("usage", {}).get("completion_tokens", 0)),
+        "max_new_tokens",
+    )

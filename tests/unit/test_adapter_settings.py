@@ -214,3 +214,19 @@ def test_a_call_past_its_timeout_raises_and_the_next_call_is_served(tiny_ensembl
     else:
         text = fine.text if adapter is LlamaIndexLLM else fine
         assert text == tiny_ensemble.generate(PROMPT, max_new_tokens=4).text
+
+
+def test_structure_check_passes_whole_replies_and_names_the_setting():
+    from deepen_engine import OutputCutError
+    from deepen_integrations._engine_calls import check_structure_complete
+
+    check_structure_complete("eos", '{"a": 1', False, 5, "max_tokens")  # not a length stop
+    check_structure_complete("length", '{"a": 1}', False, 5, "max_tokens")  # closed at the limit
+    check_structure_complete("length", "", True, 5, "max_tokens")  # a whole tool call
+    with pytest.raises(OutputCutError) as caught:
+        check_structure_complete("length", '{"a": 1', False, 40, "max_new_tokens")
+    assert str(caught.value) == (
+        "The structured reply reached the token limit (40 tokens) before its JSON closed "
+        "(finish_reason 'length'): '{\"a\": 1'. Raise max_new_tokens (e.g. max_new_tokens=80) "
+        "so the object can be completed."
+    )

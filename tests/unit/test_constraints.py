@@ -249,3 +249,71 @@ def test_resumed_row_continues_its_grammar(tiny_ensemble):
     assert resumed.token_ids == whole.token_ids  # the resumed ids count in token_ids
     assert resumed.finish_reason == whole.finish_reason == "eos"
     assert re.fullmatch("[a-z]{2,6} [0-9]{1,3}", whole.text)
+
+
+def _allowed_after(member, spec, text: str) -> set[bytes]:
+    """The texts the grammar allows after `text`, fed one character at a time."""
+    row = RowConstraint(spec, constraint_vocab(member))
+    for ch in text:
+        for token in member.tokenizer(ch, add_special_tokens=False).input_ids:
+            row.advance(token)
+    masked = apply_masks(torch.zeros(1, len(member.vocab.texts)), [row])
+    allowed = (~torch.isinf(masked[0])).nonzero().flatten().tolist()
+    return {member.vocab.texts[i] for i in allowed if i not in member.eos_ids}
+
+
+def _one(kind: dict) -> dict:
+    return {"type": "object", "properties": {"x": kind}, "required": ["x"]}
+
+
+def test_numbers_are_bounded_by_default():
+    from deepen_engine.grammar import JSON_FRACTION_DIGITS, JSON_INTEGER_DIGITS, bound_numbers
+
+    assert (JSON_INTEGER_DIGITS, JSON_FRACTION_DIGITS) == (12, 6)
+    big = 10**12 - 1
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "f": {"type": ["number", "null"]},
+            "low": {"type": "integer", "minimum": 0},  # keeps its minimum, gains a maximum
+            "own": {"type": "number", "exclusiveMaximum": 5, "multipleOf": 0.5},
+            "items": {"type": "array", "items": {"type": "integer"}},
+            "ref": {"$ref": "#/$defs/d"},
+            "neither": {"not": {"type": "integer"}},  # a bound in `not` would widen it
+        },
+        "$defs": {"d": {"anyOf": [{"type": "number"}, {"type": "string"}]}},
+    }
+    out = bound_numbers(schema)
+    props = out["properties"]
+    assert props["n"] == {"type": "integer", "minimum": -big, "maximum": big}
+    assert props["f"] == {"type": ["number", "null"], "minimum": -big, "maximum": big,
+                          "multipleOf": 1e-6}  # fmt: skip
+    assert props["low"] == {"type": "integer", "minimum": 0, "maximum": big}
+    assert props["own"] == {"type": "number", "exclusiveMaximum": 5, "multipleOf": 0.5,
+                            "minimum": -big}  # fmt: skip
+    assert props["items"]["items"] == props["n"]
+    assert out["$defs"]["d"]["anyOf"][0]["maximum"] == big
+    assert props["neither"] == {"not": {"type": "integer"}}
+    assert schema["properties"]["n"] == {"type": "integer"}  # the caller's schema is kept
+
+
+def test_a_runaway_integer_must_end_at_the_digit_limit(tiny_ensemble):
+    main = tiny_ensemble.main
+    spec = check_constraint("json_schema", _one({"type": "integer"}))
+    digits = {str(d).encode() for d in range(10)}
+    assert digits & _allowed_after(main, spec, '{"x": 1' + "0" * 10)  # 11 digits: one more
+    after = _allowed_after(main, spec, '{"x": 1' + "0" * 11)  # 12 digits: the limit
+    assert not digits & after and b"}" in after
+    own = check_constraint("json_schema", _one({"type": "integer", "maximum": 10**15}))
+    assert digits & _allowed_after(main, own, '{"x": 1' + "0" * 14)  # the schema's bound
+
+
+def test_a_runaway_fraction_must_end_at_the_digit_limit(tiny_ensemble):
+    main = tiny_ensemble.main
+    spec = check_constraint("json_schema", _one({"type": "number"}))
+    digits = {str(d).encode() for d in range(10)}
+    assert digits & _allowed_after(main, spec, '{"x": 3.12345')
+    after = _allowed_after(main, spec, '{"x": 3.123456')
+    assert not digits & after and b"}" in after
+    assert b"e" not in _allowed_after(main, spec, '{"x": 3')

@@ -601,10 +601,16 @@ def test_json_mode_gives_an_object(tiny_ensemble):
 
 
 def test_structured_output_cut_short_is_a_parsing_error(tiny_ensemble):
+    from deepen_engine import OutputCutError
+
     chat = ChatDeepEn(ensemble=tiny_ensemble, max_tokens=3)
     out = chat.with_structured_output(Person, include_raw=True).invoke("Ada is 36.")
-    assert out["parsed"] is None and out["parsing_error"] is not None
+    assert out["parsed"] is None and isinstance(out["parsing_error"], OutputCutError)
     assert out["raw"].response_metadata["finish_reason"] == "length"
+    for method in ("json_schema", "function_calling", "json_mode"):
+        schema = None if method == "json_mode" else Person
+        with pytest.raises(OutputCutError, match=r"token limit \(3 tokens\).*Raise max_tokens"):
+            chat.with_structured_output(schema, method=method).invoke("Ada is 36.")
 
 
 class ScriptedEnsemble(Ensemble):

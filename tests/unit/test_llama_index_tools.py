@@ -175,6 +175,17 @@ def test_structured_predict_always_validates(tiny_ensemble, seed):
     assert asyncio.run(run()) == person
 
 
+def test_structured_predict_cut_short_says_to_raise_max_new_tokens(tiny_ensemble):
+    from deepen_engine import OutputCutError
+
+    llm = DeepEnLLM(ensemble=tiny_ensemble, max_new_tokens=3)
+    prompt = PromptTemplate("Describe {who}.")
+    with pytest.raises(OutputCutError, match=r"\(3 tokens\).*Raise max_new_tokens"):
+        llm.structured_predict(Person, prompt, who="Ada")
+    with pytest.raises(OutputCutError, match="Raise max_new_tokens"):
+        asyncio.run(llm.astructured_predict(Person, prompt, who="Ada"))
+
+
 def test_as_structured_llm(llm):
     structured = llm.as_structured_llm(Person)
     response = structured.chat([ChatMessage(role=MessageRole.USER, content="Ada, a pilot")])
