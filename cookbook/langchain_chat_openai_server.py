@@ -9,7 +9,8 @@ Usually you start the server yourself and point clients at it:
 This script does both: it starts `deepen serve` on a free port as a subprocess, waits until
 `/health` says the members are loaded, then runs a chat prompt through `ChatOpenAI`
 (whole, streamed, and three at once with `batch`, which the server batches together), and
-stops the server.
+stops the server. With `DEEPEN_BASE_URL=http://HOST:PORT` set, it talks to that running
+server instead of starting one (the integration tier points it at its own server).
 
 Run: `HF_HUB_OFFLINE=1 python cookbook/langchain_chat_openai_server.py`
 """
@@ -19,6 +20,7 @@ Run: `HF_HUB_OFFLINE=1 python cookbook/langchain_chat_openai_server.py`
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -53,7 +55,12 @@ def wait_until_ready(url: str, server: subprocess.Popen[bytes], seconds: float =
 
 
 def main() -> None:
-    """Start the server, chat through ChatOpenAI, stop the server."""
+    """Start the server (unless `DEEPEN_BASE_URL` names one), chat through ChatOpenAI, stop
+    the server.
+    """
+    if os.environ.get("DEEPEN_BASE_URL"):
+        chat_through(os.environ["DEEPEN_BASE_URL"].rstrip("/"))
+        return
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -62,22 +69,27 @@ def main() -> None:
     )
     try:
         wait_until_ready(url, server)
-        chat = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="deepen", max_tokens=24)
-        prompt = ChatPromptTemplate.from_messages(
-            [("system", "Answer in one short sentence."), ("human", "What is {thing}?")]
-        )
-        chain = prompt | chat
-        print("invoke:", chain.invoke({"thing": "the capital of France"}).content)
-        print("stream:", end=" ")
-        for chunk in chain.stream({"thing": "a cat"}):
-            print(chunk.content, end="", flush=True)
-        print()
-        things = [{"thing": "the sun"}, {"thing": "a river"}, {"thing": "bread"}]
-        for thing, answer in zip(things, chain.batch(things)):  # sent at once, batched
-            print(f"batch {thing['thing']}:", answer.content)
+        chat_through(url)
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def chat_through(url: str) -> None:
+    """A chat prompt through ChatOpenAI at `url`: whole, streamed, and batched."""
+    chat = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="deepen", max_tokens=24)
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer in one short sentence."), ("human", "What is {thing}?")]
+    )
+    chain = prompt | chat
+    print("invoke:", chain.invoke({"thing": "the capital of France"}).content)
+    print("stream:", end=" ")
+    for chunk in chain.stream({"thing": "a cat"}):
+        print(chunk.content, end="", flush=True)
+    print()
+    things = [{"thing": "the sun"}, {"thing": "a river"}, {"thing": "bread"}]
+    for thing, answer in zip(things, chain.batch(things)):  # sent at once, batched
+        print(f"batch {thing['thing']}:", answer.content)
     print("OK")
 
 

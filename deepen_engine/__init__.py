@@ -23,6 +23,7 @@ from .members import (
     cache_dir,
     display_name,
 )
+from .members.quiet import quiet_loading
 from .outputs import GenerationResult, StreamEvent, ToolCall, Usage
 from .remote import load_member
 
@@ -49,6 +50,7 @@ __all__ = [
     "Usage",
     "cache_dir",
     "display_name",
+    "quiet_loading",
     "load_member",
 ]
 

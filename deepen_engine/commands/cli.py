@@ -31,15 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepen",
         description="Token-level ensembles of local LMs with different vocabularies (DeePEn).",
     )
+    parser.add_argument("--version", action="version", version=f"deepen {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (generate, demo, evaluation, bench, describe, serve):
         module.add_parser(sub)
+    for command in sub.choices.values():  # main() reports unknown flags with its usage
+        command.set_defaults(command_parser=command)
     return parser
+
+
+def _version() -> str:
+    """The installed deepen distribution's version ("unknown" from a bare checkout)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("deepen")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `deepen` console script."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top level's (exits with status 2)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet(getattr(args, "verbose", False))
     try:
         return int(args.run(args))

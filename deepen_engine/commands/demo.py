@@ -22,6 +22,7 @@ from .eval.task import Question, extract_answer, is_correct, split_questions
 from .eval.tasks import CAPITALS
 from .inputs import argument_text, unescape
 from .options import fusion_options, fusion_settings, member_options, member_specs
+from .progress import announce_loading
 
 COUNTRIES = (
     "Spain",
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {n}.")
     shots, items = ([], []) if prompt else _questions()  # before loading: fail fast
     start = time.perf_counter()
-    ens = Ensemble(member_specs(args), **fusion_settings(args))
+    ens = Ensemble(announce_loading(member_specs(args)), **fusion_settings(args))
     loaded = time.perf_counter() - start
     # each member alone (main i, eta 0: the others are not run), then the ensemble
     systems = [(m.name, ens.with_fusion(main=i, eta=0)) for i, m in enumerate(ens.members)]

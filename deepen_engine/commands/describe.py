@@ -11,6 +11,7 @@ from typing import Any
 from ..alignment.vocabulary import find_anchors
 from ..remote import load_members
 from .options import member_options, member_specs
+from .progress import announce_loading
 
 
 def add_parser(sub: Any) -> None:
@@ -24,7 +25,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load and describe the members named by the arguments."""
-    members = load_members(member_specs(args))  # Ray actors, if any, load in parallel
+    specs = announce_loading(member_specs(args))
+    members = load_members(specs)  # Ray actors, if any, load in parallel
     rows = [
         {
             "name": m.name,

@@ -75,12 +75,20 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate for the prompts named by the arguments and print the results."""
     # every request setting is checked before the members load (seconds to minutes)
+    if args.stream and not args.json and args.prompts_file is None:
+        raise ConfigError(
+            "--stream prints JSON lines and needs --json or --prompts-file; without them a "
+            "single prompt's text is already printed as it comes (drop --stream, or add --json)."
+        )
     prompts = read_prompts(args)
     config = generation_settings(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}.")
     scheduler = SchedulerConfig(prefill_chunk=args.prefill_chunk)
-    ens = Ensemble(member_specs(args), scheduler=scheduler, **fusion_settings(args))
+    specs = member_specs(args)
+    if args.progress is not False:  # --no-progress: nothing on stderr
+        progress.announce_loading(specs)
+    ens = Ensemble(specs, scheduler=scheduler, **fusion_settings(args))
     views = _views(ens, prompts, args.main is None)
     plain = not args.json and args.prompts_file is None  # one prompt, text as it comes
     bars = progress.Bars(generation=not plain) if progress.wanted(args) else None

@@ -93,6 +93,8 @@ def read_prompts(args: argparse.Namespace) -> list[Prompt]:
         prompt = argument_text(prompt, "the prompt argument")
         if args.escape:
             prompt = unescape(prompt)
+        if not prompt:  # before check_prompts, whose words ("position 0") are Python's
+            raise ConfigError("the prompt is empty; give some text to continue.")
     return check_prompts([prompt])
 
 
@@ -118,6 +120,8 @@ def read_jsonl(path: str) -> list[Prompt]:
             raise ConfigError(
                 f"{path}:{n} must be an object with exactly one of 'prompt' or 'messages'."
             )
+        if item.get("prompt") == "":  # before check_prompts, whose words are Python's
+            raise ConfigError(f"{path}:{n}: the prompt is empty; give some text to continue.")
         try:
             prompts.extend(check_prompts([item.get("prompt", item.get("messages"))]))
         except ConfigError as exc:

@@ -17,10 +17,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..members import display_name
 from ..outputs import Progress
 
 DELAY = 1.0
 """Seconds a step runs before its bar appears (short steps print nothing)."""
+
+
+def announce_loading(specs: list[Any]) -> list[Any]:
+    """Say on stderr that the members are loading (a later load prints nothing else for
+    tens of seconds), as `deepen serve` does; the specs, unchanged.
+    """
+    names = ", ".join(display_name(s) for s in specs)
+    print(f"deepen: loading members {names} ...", file=sys.stderr, flush=True)
+    return specs
 
 
 def wanted(args: argparse.Namespace) -> bool:

@@ -27,8 +27,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def ensemble() -> Ensemble:
-    return Ensemble()  # default members, Gemma-3 first (main)
+def ensemble(default_ensemble) -> Ensemble:
+    return default_ensemble  # default members, Gemma-3 first (main); loaded once per run
 
 
 def test_members_and_anchors(ensemble):

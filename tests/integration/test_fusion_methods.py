@@ -12,8 +12,8 @@ PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:"]
 
 
 @pytest.fixture(scope="module")
-def ensemble():
-    return Ensemble()
+def ensemble(default_ensemble):
+    return default_ensemble
 
 
 @pytest.mark.parametrize("method", ["union", "unite"])

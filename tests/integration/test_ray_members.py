@@ -38,8 +38,8 @@ CHAT = [{"role": "user", "content": "What is the capital of Italy?"}]
 
 
 @pytest.fixture(scope="module")
-def local() -> Ensemble:
-    return Ensemble()  # the default members in this process
+def local(default_ensemble) -> Ensemble:
+    return default_ensemble  # the default members in this process, loaded once per run
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

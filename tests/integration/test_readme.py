@@ -2,8 +2,11 @@
 
 A snippet is skipped only when the line before its fence says why:
 `<!-- readme-test: skip: <reason> -->` (e.g. it installs packages, or reruns the suite).
-Each snippet runs in a fresh process from the repository root, as a reader would paste it,
-with this checkout first on PYTHONPATH and the environment's `deepen` on PATH.
+Each snippet runs from the repository root, as a reader would paste it, with this checkout
+first on PYTHONPATH. Python snippets and bash snippets made only of `deepen` command lines
+run in one process with the cookbook scripts (tests/integration/one_process.py, fixture
+`one_process`), so the default members load once for all of them; any other bash snippet
+runs in its own shell with the environment's `deepen` on PATH.
 """
 
 from __future__ import annotations
@@ -65,9 +68,23 @@ def test_the_readme_has_snippets_that_run():
 
 
 @pytest.mark.parametrize("snippet", snippets(), ids=lambda s: f"{s.language}-line{s.line}")
-def test_snippet_runs_as_written(snippet: Snippet):
+def test_snippet_runs_as_written(snippet: Snippet, request):
     if snippet.skip is not None:
         pytest.skip(snippet.skip)
+    from tests.integration.conftest import cli_lines
+
+    if snippet.language == "python" or cli_lines(snippet.code) is not None:
+        runs = request.getfixturevalue("one_process")
+        keys = [f"readme:{snippet.line}"] if snippet.language == "python" else [
+            f"readme:{snippet.line}:{k}" for k in range(len(cli_lines(snippet.code) or []))
+        ]
+        for key in keys:
+            run = runs[key]
+            assert run.rc == 0, f"README line {snippet.line} ({key}) failed:\n{run.stderr[-3000:]}"
+            assert run.stdout.strip(), f"README line {snippet.line} ({key}) printed nothing"
+            assert "Traceback" not in run.stderr
+            assert "Loading weights" not in run.stderr  # no library's loading bar (issue 24)
+        return
     command = (
         [sys.executable, "-c", snippet.code]
         if snippet.language == "python"

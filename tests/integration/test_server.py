@@ -15,8 +15,6 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
 from deepen_engine import Ensemble  # noqa: E402
-from deepen_engine.server import create_app  # noqa: E402
-from tests.conftest import running_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +23,13 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def ensemble() -> Ensemble:
-    ens = Ensemble()
-    yield ens
-    ens.close()
+def ensemble(default_ensemble) -> Ensemble:
+    return default_ensemble  # loaded once per run (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def server(ensemble):
-    with running_server(create_app(ensemble, model_name="deepen-default")) as url:
-        yield url
+def server(default_server):
+    return default_server  # one server per run, on the session's ensemble
 
 
 @pytest.fixture(scope="module")

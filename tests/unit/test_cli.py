@@ -146,3 +146,28 @@ def test_option_defaults_come_from_the_engine_settings(capsys, monkeypatch):
     help_text = capsys.readouterr().out
     line = next(x for x in help_text.splitlines() if x.startswith("  --max-new-tokens N"))
     assert line.endswith("Most tokens of the main member to generate (default: 128)")
+
+
+def test_first_hour_command_line(tiny_folders, capsys):
+    """Issue 24's command-line items: a loading line, --stream needs JSON, --version,
+    unknown flags with the subcommand's usage, an empty prompt in a user's words."""
+    assert main(["generate", "Hi", *member_args(tiny_folders), "--max-new-tokens", "2"]) == 0
+    names = ", ".join(f.rsplit("/", 1)[-1] for f in tiny_folders)
+    assert capsys.readouterr().err == f"deepen: loading members {names} ...\n"
+    assert main(["generate", "Hi", *member_args(tiny_folders), "--stream"]) == 2
+    err = capsys.readouterr().err
+    assert "--stream prints JSON lines and needs --json or --prompts-file" in err
+    assert "loading" not in err  # refused before any member loads
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0
+    assert capsys.readouterr().out.startswith("deepen ")
+    with pytest.raises(SystemExit) as unknown:
+        main(["generate", "Hi", "--max-tokens", "4"])
+    assert unknown.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: deepen generate ")
+    assert "deepen generate: error: unrecognized arguments: --max-tokens 4" in err
+    assert main(["generate", "", *member_args(tiny_folders)]) == 2
+    err = capsys.readouterr().err
+    assert err == "deepen: error: the prompt is empty; give some text to continue.\n"

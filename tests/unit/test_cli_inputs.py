@@ -113,7 +113,7 @@ def test_prompts_file_errors_name_the_line(no_loading, tmp_path, capsys):
     assert f"{path}:2 is not UTF-8 text: byte 15 (0xe9" in capsys.readouterr().err
     path.write_text('{"prompt": "fine"}\n\n{"prompt": ""}\n')
     assert main(["generate", "--prompts-file", str(path)]) == 2
-    assert f"{path}:3: prompt at position 0 is an empty string" in capsys.readouterr().err
+    assert f"{path}:3: the prompt is empty; give some text" in capsys.readouterr().err
     path.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
     assert main(["generate", "--prompts-file", str(path)]) == 2
     assert f"{path}:1: messages[0] has role 'robot'" in capsys.readouterr().err
@@ -122,7 +122,7 @@ def test_prompts_file_errors_name_the_line(no_loading, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["generate", ""], "prompt at position 0 is an empty string"),
+        (["generate", ""], "the prompt is empty; give some text to continue."),
         (["generate", "x", "--batch-size", "0"], "--batch-size must be >= 1, got 0."),
         (["generate", "x", "--top-p", "2"], "--top-p: Input should be less than or equal to 1"),
         (["generate", "x", "--stop", ""], "--stop: stop strings must not be empty"),

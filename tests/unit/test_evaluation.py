@@ -295,3 +295,18 @@ def test_eval_main_auto_leads_with_the_best_member_on_dev(tiny_folders, tmp_path
     with pytest.raises(SystemExit):  # argparse refuses it
         main(["eval", *member_args(tiny_folders), "--main", "first"])
     assert "give a member index or auto, got 'first'" in capsys.readouterr().err
+
+
+def test_eval_writes_into_the_cache_not_the_current_directory(
+    tiny_folders, tmp_path, monkeypatch, capsys
+):
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("DEEPEN_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    args = ["--n", "2", "--dev-size", "2", "--batch-size", "4", "--json"]
+    assert main(["eval", *member_args(tiny_folders), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["outputs"] == str(cache / "eval" / "deepen-eval.jsonl")
+    assert (cache / "eval" / "deepen-eval.jsonl").read_text().count("\n") > 0
+    assert list(work.iterdir()) == []

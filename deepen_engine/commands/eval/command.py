@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ...ensemble import Ensemble
 from ...errors import ConfigError
+from ...members import cache_dir
 from ..options import METHODS, fusion_options, fusion_settings, member_options, member_specs
+from ..progress import announce_loading
 from .stats import mcnemar
 from .sweep import run_sweep
 from .systems import answerer, members_alone, system_label, systems_named
@@ -69,7 +71,11 @@ def add_parser(sub: Any) -> None:
     ev.add_argument("--shots", type=int, default=4, help="few-shot examples (default 4)")
     ev.add_argument("--dev-size", type=int, default=50, help="dev questions (default 50)")
     ev.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
-    ev.add_argument("--output", default="deepen-eval.jsonl", help="per-question outputs (JSONL)")
+    ev.add_argument(
+        "--output",
+        help="per-question outputs (JSONL; default $DEEPEN_CACHE/eval/deepen-eval.jsonl, "
+        "not the current directory)",
+    )
     ev.add_argument(
         "--sweep-eta", type=float, nargs="+", help="sweep mode: DeePEn etas scored on dev"
     )
@@ -80,8 +86,8 @@ def add_parser(sub: Any) -> None:
     ev.add_argument("--sweep-main", type=int, nargs="+", help="sweep: main members (--main)")
     ev.add_argument(
         "--sweep-output",
-        default="deepen-sweep",
-        help="sweep: writes PREFIX.json, PREFIX.md (table) and PREFIX.png (plot)",
+        help="sweep: writes PREFIX.json, PREFIX.md (table) and PREFIX.png (plot) (default "
+        "$DEEPEN_CACHE/eval/deepen-sweep)",
     )
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ev.set_defaults(run=run_eval)
@@ -112,13 +118,18 @@ def _run_tools(args: argparse.Namespace) -> int:
         )
     method, weighting = systems[0]
     settings = fusion_settings(args) | {"method": method, "weighting": weighting}
-    return run_tools_eval(args, Ensemble(member_specs(args), **settings))
+    return run_tools_eval(args, Ensemble(announce_loading(member_specs(args)), **settings))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by the parsed `deepen eval` arguments."""
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}.")
+    # Outputs go to the cache unless named: nothing is left in the user's directory.
+    if args.output is None or args.sweep_output is None:
+        (cache_dir() / "eval").mkdir(parents=True, exist_ok=True)
+    args.output = args.output or str(cache_dir() / "eval" / "deepen-eval.jsonl")
+    args.sweep_output = args.sweep_output or str(cache_dir() / "eval" / "deepen-sweep")
     if args.task and "tools" in args.task:
         return _run_tools(args)  # no --main: the chat rule leads
     if args.main is None:
@@ -130,7 +141,7 @@ def run_eval(args: argparse.Namespace) -> int:
         t.name: split_questions(t.load(), args.seed, args.shots, args.dev_size) for t in tasks
     }
     ens = Ensemble(
-        member_specs(args),
+        announce_loading(member_specs(args)),
         **fusion_settings(args),
         method=systems[0][0],
         weighting=systems[0][1],
