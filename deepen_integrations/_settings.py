@@ -114,7 +114,7 @@ class DeepEnSettings(BaseModel):
         default=None, alias="ensemble", exclude=True, repr=False
     )
     """`ensemble=`: a ready `Ensemble` to use instead of loading `models`; share one between
-    wrappers (the engine serialises requests on it). The fusion settings given here apply
+    wrappers (its scheduler batches their requests together). The fusion settings given here apply
     to a cheap view of it (`Ensemble.with_fusion`); the given ensemble is unchanged."""
 
     method: Literal["deepen", "union", "unite"] | None = None

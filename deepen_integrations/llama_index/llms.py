@@ -17,7 +17,7 @@ Data flow (one request)::
       |  structured_predict: GenerationConfig.json_schema = the output class's schema
       |  first use only: Ensemble(models, **fusion settings), cached on the instance
       v
-    Ensemble.generate / stream / agenerate / astream   (engine lock: one request at a time)
+    Ensemble.stream / astream   (the scheduler batches concurrent requests together)
       |  GenerationResult / StreamEvent (text deltas; a final event with usage)
       v
     CompletionResponse / ChatResponse
@@ -116,8 +116,8 @@ class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
     e.g. `llm.complete(p, method="union")` or `llm.complete(p, eta=0)` (the main member
     alone; a cached view, nothing reloads); a call's `stop` adds to the field's. Other
     keywords LlamaIndex passes along are ignored.
-    Concurrent calls (threads or tasks) are safe: the engine runs one request at a time per
-    set of loaded members.
+    Concurrent calls (threads or tasks) are safe and share forward passes: the engine's
+    scheduler decodes them together in one batch (continuous batching).
     """
 
     chat_adapter = True
@@ -349,7 +349,7 @@ def _responses(
     wrap: Callable[[CompletionResponse], _R],
 ) -> Generator[_R, None, None]:
     """Engine events as cumulative responses (wrapped for chat); closing it closes the
-    engine stream, which frees the caches and the engine lock if stopped early.
+    engine stream, which frees the request's rows and caches if stopped early.
     """
     text = ""
     with closing(events):
