@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError, explain_validation
+from .errors import ConfigError, InvalidField, validation_error
 from .grammar import check_constraint
 
 
@@ -58,13 +58,13 @@ class _Settings(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(explain_validation(type(self).__name__, exc)) from None
+            raise validation_error(type(self).__name__, exc) from None
 
     def __setattr__(self, name: str, value: object) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            raise ConfigError(explain_validation(type(self).__name__, exc)) from None
+            raise validation_error(type(self).__name__, exc) from None
 
 
 Method = Literal["deepen", "union", "unite"]
@@ -188,9 +188,15 @@ class FusionConfig(_Settings):
     def check_members(self, n_members: int) -> None:
         """Raise `ConfigError` when `main` or `weights` do not fit `n_members` members."""
         if self.main >= n_members:
+            fix = (
+                f"is out of range for {n_members} members; give an index from 0 to "
+                f"{n_members - 1}."
+            )
             raise ConfigError(
-                f"FusionConfig.main={self.main} is out of range for {n_members} members; "
-                f"give an index from 0 to {n_members - 1}."
+                f"FusionConfig.main={self.main} {fix}",
+                field="main",
+                owner="FusionConfig",
+                reason=f"index {self.main} {fix}",
             )
         self.normalised_weights(n_members)
 
@@ -199,9 +205,15 @@ class FusionConfig(_Settings):
         if self.weights is None:
             return [1.0 / n_members] * n_members
         if len(self.weights) != n_members:
+            reason = (
+                f"has {len(self.weights)} values for {n_members} members; give one weight per "
+                "member, in the members' order."
+            )
             raise ConfigError(
-                f"FusionConfig.weights has {len(self.weights)} values for {n_members} members; "
-                "give one weight per member, in the members' order."
+                f"FusionConfig.weights {reason}",
+                field="weights",
+                owner="FusionConfig",
+                reason=reason,
             )
         total = sum(self.weights)
         return [w / total for w in self.weights]
@@ -293,9 +305,10 @@ class GenerationConfig(_Settings):
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
+            raise InvalidField(
+                "min_new_tokens",
                 f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
-                f"({self.max_new_tokens})"
+                f"({self.max_new_tokens})",
             )
         return self
 
@@ -303,11 +316,15 @@ class GenerationConfig(_Settings):
     def _check_constraint(self) -> GenerationConfig:
         given = [f for f in CONSTRAINT_FIELDS if getattr(self, f) is not None]
         if len(given) > 1:
-            raise ValueError(
-                f"give at most one of json_schema, regex and grammar; got {', '.join(given)}"
+            raise InvalidField(
+                given[1],
+                f"give at most one of json_schema, regex and grammar; got {', '.join(given)}",
             )
         if given:
-            check_constraint(given[0], getattr(self, given[0]))
+            try:
+                check_constraint(given[0], getattr(self, given[0]))
+            except ValueError as exc:  # named, so the server can say `response_format`
+                raise InvalidField(given[0], str(exc)) from None
         return self
 
     @property

@@ -17,7 +17,38 @@ class DeepenError(Exception):
 
 
 class ConfigError(DeepenError, ValueError):
-    """A setting or argument has a bad value; the message names it and the fix."""
+    """A setting or argument has a bad value; the message names it and the fix.
+
+    `field` and `owner` say which setting, as data (`field="eta", owner="FusionConfig"`),
+    so the server, the command line and the adapters name it in their own words (an API
+    parameter, a flag, an adapter field) without reading the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        owner: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        """The setting at fault (the first one, when several are), or None if unknown."""
+        self.owner = owner
+        """The settings class `field` belongs to (`"FusionConfig"`), or None."""
+        self.reason = reason if reason is not None else message
+        """What is wrong, without the `Owner.field: ` prefix (for rewording the name)."""
+
+
+class InvalidField(ValueError):
+    """A validator's `ValueError` about a check across fields, naming the field to blame
+    (pydantic gives such checks no location), so `ConfigError.field` is still set.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class MemberLoadError(DeepenError, ValueError):
@@ -58,6 +89,24 @@ class OutputCutError(DeepenError, ValueError):
     its JSON closed (`finish_reason` "length"): raise `max_tokens`. The adapters raise it
     instead of returning part of an object.
     """
+
+
+def validation_error(owner: str, exc: ValidationError) -> ConfigError:
+    """A pydantic `ValidationError` as a `ConfigError` worded by `explain_validation`, with
+    `field`, `owner` and `reason` of its first problem: the one place a settings class's
+    errors get their structured field.
+    """
+    err = exc.errors()[0]
+    error = err.get("ctx", {}).get("error")
+    field = str(err["loc"][0]) if err["loc"] else getattr(error, "field", None)
+    if isinstance(error, ConfigError):
+        field, reason = error.field or field, error.reason
+    elif err["type"] == "extra_forbidden":
+        reason = "no such setting; check the spelling."
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        reason = f"{msg}." if not err["loc"] else f"{msg}, got {err.get('input')!r}."
+    return ConfigError(explain_validation(owner, exc), field=field, owner=owner, reason=reason)
 
 
 def explain_validation(owner: str, exc: ValidationError) -> str:

@@ -360,18 +360,18 @@ def _check_generation(owner: str, generation: dict[str, Any]) -> GenerationConfi
 def _checked(
     owner: str, model: type[_Config], values: dict[str, Any], labels: dict[str, str]
 ) -> _Config:
-    """`model(**values)`; if the engine refuses, the error names the adapter's field (the
-    first value refused alone, else the settings together).
+    """`model(**values)`; if the engine refuses, the error names the adapter's field for
+    the engine's `ConfigError.field` (else the settings together).
     """
     try:
         return model(**values)
-    except ConfigError as together:
-        for key, value in values.items():
-            try:
-                model(**{key: value})
-            except ConfigError as exc:
-                raise ConfigError(f"{owner}.{labels.get(key, key)}: {exc}") from None
-        raise ConfigError(f"{owner}: {together}") from None
+    except ConfigError as exc:
+        if exc.field is not None and exc.field in values:
+            label = labels.get(exc.field, exc.field)
+            raise ConfigError(
+                f"{owner}.{label}: {exc}", field=label, owner=owner, reason=exc.reason
+            ) from None
+        raise ConfigError(f"{owner}: {exc}", owner=owner, reason=exc.reason) from None
 
 
 def _check_members(owner: str, fusion: FusionConfig, n: int) -> None:

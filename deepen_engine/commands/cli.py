@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import DeepenError
 from . import bench, demo, describe, generate, serve
 from . import eval as evaluation
-from .options import command_line_words
+from .options import command_line_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except DeepenError as exc:
         # hints name the flags, not the Python settings (`--truncation left`)
-        print(f"deepen: error: {command_line_words(str(exc))}", file=sys.stderr)
+        print(f"deepen: error: {command_line_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -274,6 +274,18 @@ _KEYWORD = re.compile(r"\b([a-z][a-z_]*)=('[^']*'|\[[^\]]*\]|[\w.\-]*\w)")
 _BARE = re.compile(r"(?<![\w.\-])([a-z]+(?:_[a-z]+)+)\b(?!=)")
 
 
+def command_line_error(exc: Exception) -> str:
+    """An error as the command line words it: a `ConfigError` about a setting that has a
+    flag is named by that flag, read from `ConfigError.field` (`--eta: Input should be
+    ...`); names inside the text (hints) are reworded by `command_line_words`.
+    """
+    if isinstance(exc, ConfigError) and exc.field is not None and exc.owner is not None:
+        flag = _FLAGS.get((exc.owner, exc.field))
+        if flag is not None:
+            return f"{flag}: {command_line_words(exc.reason)}"
+    return command_line_words(str(exc))
+
+
 def command_line_words(message: str) -> str:
     """An engine error message worded for the command line: the settings it names become
     the flags that set them (`truncation='left'` -> `--truncation left`,

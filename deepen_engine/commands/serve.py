@@ -2,14 +2,19 @@
 
     deepen serve                                   # the default members on 127.0.0.1:8000
     deepen serve --port 9000 --api-key secret --max-batch-size 16
+    deepen serve -m Org/A -m Org/B --shutdown-timeout 60
 
 The members load in the background; `/health` answers 503 until they are ready. Every
 client of the server shares the members' forward passes (continuous batching).
+`/metrics` is Prometheus text; each request is logged in one line with its id (also the
+`x-request-id` header). SIGTERM / SIGINT drains: new requests get 503, those in flight
+finish (up to `--shutdown-timeout`), the members are freed, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -58,6 +63,13 @@ def add_parser(sub: Any) -> None:
         help="seconds a request may take, waiting included; 408 past it (default: none)",
     )
     parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to let requests in flight finish while new ones get "
+        "503 (default: 30)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     parser.set_defaults(run=run)
@@ -66,9 +78,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start the server (blocks until interrupted)."""
     try:
-        import uvicorn
-
         from ..server import create_app
+        from ..server.runner import serve
     except ImportError as exc:
         raise ConfigError(
             f"deepen serve needs the server extra ({exc.name} is missing): "
@@ -76,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be from 1 to 65535, got {args.port}.")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
     scheduler = SchedulerConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     specs = member_specs(args)
     fusion = fusion_settings(args)
@@ -95,5 +108,17 @@ def run(args: argparse.Namespace) -> int:
         main=main,
     )
     print(f"deepen serve: http://{args.host}:{args.port}/v1 (members loading)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # one line per request (server/metrics.py), at --log-level like uvicorn's own
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    server_log = logging.getLogger("deepen.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(args.log_level.upper())
+    serve(
+        app,
+        args.host,
+        args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
     return 0

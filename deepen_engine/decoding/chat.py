@@ -45,20 +45,27 @@ def check_messages(messages: Any) -> list[Message]:
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ConfigError(
-            "messages must be a non-empty list of {'role': ..., 'content': ...} dicts."
+            "messages must be a non-empty list of {'role': ..., 'content': ...} dicts.",
+            field="messages",
         )
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ConfigError(f"messages[{i}] must be a dict, got {type(message).__name__}.")
+            raise ConfigError(
+                f"messages[{i}] must be a dict, got {type(message).__name__}.", field="messages"
+            )
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ConfigError(f"messages[{i}] has role {role!r}; use one of {list(ROLES)}.")
+            raise ConfigError(
+                f"messages[{i}] has role {role!r}; use one of {list(ROLES)}.", field="messages"
+            )
         calls = message.get("tool_calls") if role == "assistant" else None
         if content is None and calls:
             content = ""
         if not isinstance(content, str):
-            raise ConfigError(f"messages[{i}] needs a 'content' string, got {content!r}.")
+            raise ConfigError(
+                f"messages[{i}] needs a 'content' string, got {content!r}.", field="messages"
+            )
         check_text(content, f"messages[{i}]['content']")
         item: Message = {"role": role, "content": content}
         if calls:
@@ -78,7 +85,8 @@ def _check_call(i: int, j: int, call: Any) -> Message:
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
         raise ConfigError(
             f"messages[{i}].tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
-            f"'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}."
+            f"'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}.",
+            field="messages",
         )
     arguments = function.get("arguments") or {}
     if isinstance(arguments, str):
@@ -86,12 +94,14 @@ def _check_call(i: int, j: int, call: Any) -> Message:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             raise ConfigError(
-                f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {arguments!r}."
+                f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {arguments!r}.",
+                field="messages",
             ) from None
     if not isinstance(arguments, dict):
         raise ConfigError(
             f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object, got "
-            f"{arguments!r}."
+            f"{arguments!r}.",
+            field="messages",
         )
     return {
         "id": call.get("id") or f"call_{j}",

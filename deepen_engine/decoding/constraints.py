@@ -54,7 +54,9 @@ def spec_from_config(config: GenerationConfig) -> ConstraintSpec | None:
     try:
         return check_constraint(*given)
     except ValueError as exc:  # checked when the config was made; here only if changed
-        raise ConfigError(f"GenerationConfig.{exc}") from None
+        raise ConfigError(
+            f"GenerationConfig.{exc}", field=given[0], owner="GenerationConfig", reason=str(exc)
+        ) from None
 
 
 @dataclass
@@ -109,8 +111,8 @@ class RowConstraint:
         self.matcher = lib.LLMatcher(vocab.tokenizer, spec.grammar, log_level=0)
         if self.matcher.is_error():
             raise ConfigError(
-                f"{spec.source} cannot be compiled for this vocabulary: "
-                f"{self.matcher.get_error()}"
+                f"{spec.source} cannot be compiled for this vocabulary: {self.matcher.get_error()}",
+                field=spec.source,
             )
 
     @property

@@ -370,6 +370,7 @@ class BatchDecoder:
                 future.result()
         for batch, start in zip(batches, before):
             spent = batch.forward_seconds - start
+            batch.member.forward_seconds += spent
             for row in rows:
                 seconds = row.usage.forward_seconds
                 seconds[batch.member.name] = seconds.get(batch.member.name, 0.0) + spent

@@ -23,8 +23,8 @@ def fit_context(
     """
     if not ids:
         raise ConfigError(
-            f"Prompt {row} ({text!r}) is empty in member {member.name!r}'s tokens; give some "
-            "text."
+            f"Prompt {row} ({text!r}) is empty in member {member.name!r}'s tokens; give some text.",
+            field="prompt",
         )
     window = member.context_window
     if window is None:
@@ -34,7 +34,8 @@ def fit_context(
             raise ConfigError(
                 f"Prompt {row} is {len(ids)} tokens long in member {member.name!r}, whose "
                 f"context holds {window}; shorten the prompt, or pass truncation='left' to "
-                "drop its oldest tokens."
+                "drop its oldest tokens.",
+                field="prompt",
             )
         return ids
     room = window - config.max_new_tokens
@@ -46,6 +47,7 @@ def fit_context(
         raise ConfigError(
             f"max_new_tokens={config.max_new_tokens} leaves no room for prompt {row} in "
             f"member {member.name!r}, whose context holds {window}; lower max_new_tokens "
-            f"below {window - len(head)}."
+            f"below {window - len(head)}.",
+            field="max_new_tokens",
         )
     return head + ids[len(ids) - (room - len(head)) :]

@@ -86,15 +86,22 @@ class ToolSet:
         """
         if tools is None or (isinstance(tools, Sequence) and not tools):
             if tool_choice not in (None, "auto", "none"):
-                raise ConfigError(f"tool_choice={tool_choice!r} needs tools; give tools=[...].")
+                raise ConfigError(
+                    f"tool_choice={tool_choice!r} needs tools; give tools=[...].",
+                    field="tool_choice",
+                )
             return None
         if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
-            raise ConfigError(f"tools must be a list of function specs, got {tools!r}.")
+            raise ConfigError(
+                f"tools must be a list of function specs, got {tools!r}.", field="tools"
+            )
         specs = tuple(_tool_spec(i, t) for i, t in enumerate(tools))
         names = [t["name"] for t in specs]
         for name in names:
             if names.count(name) > 1:
-                raise ConfigError(f"tools has two tools named {name!r}; give each a new name.")
+                raise ConfigError(
+                    f"tools has two tools named {name!r}; give each a new name.", field="tools"
+                )
         choice = _choice(tool_choice, names)
         return None if choice == "none" else cls(specs, choice)
 
@@ -157,23 +164,26 @@ def _tool_spec(i: int, tool: Any) -> dict[str, Any]:
     if not isinstance(tool, Mapping) or not isinstance(tool.get("name"), str):
         raise ConfigError(
             f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
-            f"'parameters': {{...}}}}}}, got {tool!r}."
+            f"'parameters': {{...}}}}}}, got {tool!r}.",
+            field="tools",
         )
     name = tool["name"]
     if not _NAME.match(name):
         raise ConfigError(
-            f"tools[{i}] has name {name!r}; use 1-64 letters, digits, '_', '.' or '-'."
+            f"tools[{i}] has name {name!r}; use 1-64 letters, digits, '_', '.' or '-'.",
+            field="tools",
         )
     parameters = tool.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
         raise ConfigError(
             f"tools[{i}] ({name!r}) parameters must be a JSON schema of an object, got "
-            f"{parameters!r}."
+            f"{parameters!r}.",
+            field="tools",
         )
     try:
         check_constraint("json_schema", dict(parameters))
     except ValueError as exc:
-        raise ConfigError(f"tools[{i}] ({name!r}) parameters: {exc}.") from None
+        raise ConfigError(f"tools[{i}] ({name!r}) parameters: {exc}.", field="tools") from None
     return {
         "name": name,
         "description": str(tool.get("description") or ""),
@@ -192,8 +202,8 @@ def _choice(choice: Any, names: list[str]) -> str:
     if isinstance(choice, str) and choice in names:
         return choice
     raise ConfigError(
-        f"tool_choice={choice!r} is not 'auto', 'none', 'required' or one of the tools "
-        f"{names}."
+        f"tool_choice={choice!r} is not 'auto', 'none', 'required' or one of the tools {names}.",
+        field="tool_choice",
     )
 
 

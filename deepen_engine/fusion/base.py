@@ -155,6 +155,9 @@ class Fuser:
         skip = self.gate_mask(logits)  # (B,) bool, on the fusion device
         self.stats.rows += int(skip.numel())
         self.stats.gated += int(skip.sum())
+        if self.context is not None:
+            self.context.fusion_rows += int(skip.numel())
+            self.context.gated_rows += int(skip.sum())
         if bool(skip.all()):
             fused = main_logits
         elif not bool(skip.any()):

@@ -42,6 +42,10 @@ class FusionContext:
         self._keys: dict[int, list[bytes | None]] = {}
         self._digests: dict[int, str] = {}
         self.copies = DeviceCopies()  # the tables on the devices that read them
+        # row-steps every fuser of the ensemble (views included) was asked to fuse, and
+        # of those the gate skipped (the server's metrics; `FuseStats` is per fuser)
+        self.fusion_rows = 0
+        self.gated_rows = 0
 
     def keys(self, i: int) -> list[bytes | None]:
         """Member i's token id -> its text, `END` for its end tokens, None for other

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..alignment.vocabulary import CanonicalVocab
 from ..devices import device_problem
-from ..errors import ConfigError, explain_validation
+from ..errors import ConfigError, validation_error
 from .embedded import EMBEDDED
 
 # Special tokens that end an assistant turn, in the chat formats we know.
@@ -46,7 +46,7 @@ class MemberSpec(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(explain_validation("MemberSpec", exc)) from None
+            raise validation_error("MemberSpec", exc) from None
 
     source: Any
     name: str | None = None
@@ -144,6 +144,9 @@ class Member:
     # The link to the process that runs this member (a Ray actor, remote/backend.py),
     # or None when it runs here. `model` is then a `RemoteModel`: config and embeddings.
     remote: Any = None
+    # Seconds in this member's forward passes since it loaded, all requests together
+    # (the server's `deepen_member_forward_seconds_total`); added to by the decoding loop.
+    forward_seconds: float = 0.0
 
     @property
     def num_parameters(self) -> int:

@@ -1,16 +1,20 @@
 """The OpenAI-compatible HTTP app (Starlette): one ensemble behind `/v1/chat/completions`,
-`/v1/completions`, `/v1/models` and `/health`.
+`/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus) and `/openapi.json`
+with a `/docs` page.
 
-One request's way: API key check -> JSON body read (`protocol.py`) -> the ensemble view
-with the request's fusion settings -> `Ensemble.astream` (the scheduler batches it with
-every other request in flight) -> the answer in OpenAI's format (`responses.py`), whole or
-as server-sent events (`data: {chunk}` lines, then `data: [DONE]`).
+One request's way: API key check -> JSON body read and checked (`protocol.py`: an unknown
+field is a 400 naming it) -> the ensemble view with the request's fusion settings and the
+generation settings (`state.py`: one function each decides the defaults) ->
+`Ensemble.astream` (the scheduler batches it with every other request in flight) -> the
+answer in OpenAI's format (`responses.py`), whole or as server-sent events (`data: {chunk}`
+lines, then `data: [DONE]`). Each generation request gets an id (the client's
+`x-request-id`, else a new one), returned as the `x-request-id` header and logged in one
+line with its counts (`metrics.py`).
 
-Errors come as OpenAI error bodies: 400 for a bad parameter (named in `param`) or a prompt
-too long for a member, 401 for a wrong API key, 404 for an unknown path, 408 for a request
-past its timeout, 429 when the queue is full, 500 when a member fails, 503 while the
-ensemble loads. A client that disconnects, streaming or not, frees its rows at the next
-decoding step.
+Errors come as OpenAI error bodies (`errors.py`). A client that disconnects, streaming or
+not, frees its rows at the next decoding step. While the server drains for a shutdown
+(`ServerState.begin_drain`, wired to SIGTERM by `deepen serve`), new requests get 503 with
+`Retry-After` and those in flight finish.
 """
 
 from __future__ import annotations
@@ -18,65 +22,37 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
+import logging
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from ..config import GenerationConfig
 from ..ensemble import Ensemble
-from ..errors import ConfigError, MemberError, QueueFullError, RequestTimeoutError
+from ..errors import ConfigError
 from ..outputs import GenerationResult, StreamEvent, collect
+from .errors import (
+    RETRY_AFTER,
+    ClientGone,
+    Unauthorized,
+    error_payload,
+    error_response,
+    failure_reason,
+)
+from .metrics import CONTENT_TYPE, RequestMeter
+from .openapi import docs_page, openapi_document
 from .protocol import BadRequest, Call, parse_chat, parse_completion
 from .responses import Answer, error_body
+from .state import ServerState
 
-_ENGINE_TO_API = {
-    "max_new_tokens": "max_tokens",
-    "min_new_tokens": "min_tokens",
-    "top_k": "top_k",
-    "json_schema": "response_format",
-}
-
-
-class ServerState:
-    """The ensemble (once loaded) and the server's settings."""
-
-    def __init__(
-        self,
-        ensemble: Ensemble | None,
-        model_name: str | None,
-        api_key: str | None,
-        request_timeout: float | None,
-        main: int | None,
-    ) -> None:
-        self.ensemble = ensemble
-        self.load_error: str | None = None
-        self.model_name = model_name
-        self.api_key = api_key
-        self.request_timeout = request_timeout
-        self.main = main  # None: chat requests use the engine's chat rule
-
-    def name(self) -> str:
-        """The model name the server reports."""
-        if self.model_name:
-            return self.model_name
-        members = [m.name for m in self.ensemble.members] if self.ensemble else []
-        return "deepen:" + "+".join(members)
-
-    def view(self, call: Call) -> Ensemble:
-        """The ensemble with the request's fusion settings (`Ensemble.view`: the request's,
-        then the server's `--main`, then the ensemble's; chat led by the chat rule).
-        """
-        ens = self.ensemble
-        assert ens is not None
-        return ens.view(call.fusion, defaults={"main": self.main}, chat=call.chat)
+log = logging.getLogger("deepen.server")
 
 
 def create_app(
@@ -89,10 +65,11 @@ def create_app(
     main: int | None = None,
 ) -> Starlette:
     """The ASGI app serving `ensemble`, or the one `load()` returns (loaded in a thread at
-    startup; requests get 503 until it is ready).
+    startup; requests get 503 until it is ready, and it is closed, Ray actors included,
+    when the app shuts down).
 
     Args:
-        ensemble: a loaded ensemble to serve.
+        ensemble: a loaded ensemble to serve (the caller closes it).
         load: or a function that loads one (the server answers 503 until it returns).
         model_name: the name reported in responses and `/v1/models` (default
             `deepen:<member>+<member>`); requests may name any model.
@@ -111,12 +88,18 @@ def create_app(
         if load is not None:
             threading.Thread(target=_load, args=(state, load), daemon=True).start()
         yield
+        if load is not None and state.ensemble is not None:
+            state.ensemble.close()  # frees the members' caches and their Ray actors
+            log.info("deepen serve: members freed")
 
     routes = [
         Route("/health", _endpoint(state, _health, auth=False), methods=["GET"]),
+        Route("/metrics", _endpoint(state, _metrics, auth=False), methods=["GET"]),
+        Route("/openapi.json", _endpoint(state, _openapi, auth=False), methods=["GET"]),
+        Route("/docs", _endpoint(state, _docs, auth=False), methods=["GET"]),
         Route("/v1/models", _endpoint(state, _models), methods=["GET"]),
-        Route("/v1/chat/completions", _endpoint(state, _chat), methods=["POST"]),
-        Route("/v1/completions", _endpoint(state, _completions), methods=["POST"]),
+        Route("/v1/chat/completions", _generation(state, parse_chat), methods=["POST"]),
+        Route("/v1/completions", _generation(state, parse_completion), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
@@ -131,7 +114,7 @@ def _load(state: ServerState, load: Callable[[], Ensemble]) -> None:
         state.load_error = f"{type(exc).__name__}: {exc}"
 
 
-Handler = Callable[[ServerState, Request], Any]
+Handler = Callable[[ServerState, Request], Awaitable[Response]]
 
 
 def _endpoint(state: ServerState, handler: Handler, auth: bool = True) -> Any:
@@ -139,10 +122,36 @@ def _endpoint(state: ServerState, handler: Handler, auth: bool = True) -> Any:
         try:
             if auth:
                 _check_key(state, request)
-            result: Response = await handler(state, request)
-            return result
+            return await handler(state, request)
         except Exception as exc:
             return error_response(exc)
+
+    return endpoint
+
+
+def _generation(state: ServerState, parse: Callable[[Any], Call]) -> Any:
+    """A generation endpoint: the request id, the metering, the count of requests in
+    flight (a drain waits for it), and the error answer.
+    """
+    chat = parse is parse_chat
+
+    async def endpoint(request: Request) -> Response:
+        given = request.headers.get("x-request-id")
+        meter = RequestMeter(state.metrics, request.url.path, given[:128] if given else None)
+        entered = False
+        try:
+            _check_key(state, request)
+            state.enter()
+            entered = True
+            call = parse(await _body(request))
+            response = await _generate(state, request, call, meter)
+        except Exception as exc:
+            response = error_response(exc, chat)
+            meter.finish(response.status_code, failure_reason(exc))
+            if entered:
+                state.leave()
+        response.headers["x-request-id"] = meter.id
+        return response
 
     return endpoint
 
@@ -152,48 +161,35 @@ def _check_key(state: ServerState, request: Request) -> None:
         return
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-        raise _Unauthorized()
-
-
-class _Unauthorized(Exception):
-    pass
-
-
-class _Loading(Exception):
-    def __init__(self, state: ServerState) -> None:
-        failed = state.load_error
-        super().__init__(
-            f"the ensemble failed to load: {failed}"
-            if failed
-            else "the ensemble is still loading; retry in a few seconds."
-        )
+        raise Unauthorized()
 
 
 async def _health(state: ServerState, request: Request) -> Response:
-    if state.ensemble is None:
-        status = "error" if state.load_error else "loading"
-        return JSONResponse({"status": status, "message": str(_Loading(state))}, status_code=503)
-    return JSONResponse({"status": "ok", "model": state.name(), **state.ensemble.queue_state()})
+    try:
+        ensemble = state.ready()
+    except Exception as exc:
+        status = "error" if state.load_error else "draining" if state.draining else "loading"
+        body = {"status": status, "message": str(exc)}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER})
+    return JSONResponse({"status": "ok", "model": state.name(), **ensemble.queue_state()})
+
+
+async def _metrics(state: ServerState, request: Request) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _openapi(state: ServerState, request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def _docs(state: ServerState, request: Request) -> Response:
+    return HTMLResponse(docs_page())
 
 
 async def _models(state: ServerState, request: Request) -> Response:
-    _ready(state)
+    state.ready()
     model = {"id": state.name(), "object": "model", "created": 0, "owned_by": "deepen"}
     return JSONResponse({"object": "list", "data": [model]})
-
-
-def _ready(state: ServerState) -> Ensemble:
-    if state.ensemble is None:
-        raise _Loading(state)
-    return state.ensemble
-
-
-async def _chat(state: ServerState, request: Request) -> Response:
-    return await _generate(state, request, parse_chat(await _body(request)))
-
-
-async def _completions(state: ServerState, request: Request) -> Response:
-    return await _generate(state, request, parse_completion(await _body(request)))
 
 
 async def _body(request: Request) -> Any:
@@ -203,21 +199,34 @@ async def _body(request: Request) -> Any:
         raise BadRequest(None, "The request body is not valid JSON.") from None
 
 
-async def _generate(state: ServerState, request: Request, call: Call) -> Response:
-    _ready(state)
+async def _generate(
+    state: ServerState, request: Request, call: Call, meter: RequestMeter
+) -> Response:
     view = state.view(call)
-    generation = dict(call.generation)
-    if state.request_timeout is not None:
-        generation.setdefault("timeout", state.request_timeout)
-    config = GenerationConfig(**generation, logprobs=call.logprobs)
+    config = state.generation_config(call)
     answer = Answer(state.name(), call.chat)
+    meter.main = view.main.name
     prompt = call.prompts[0] if call.chat else call.prompts
     tools = {"tools": call.tools, "tool_choice": call.tool_choice} if call.tools else {}
-    events = view.astream(prompt, config, **tools)
+    events = _metered(view.astream(prompt, config, **tools), meter)
     if call.stream:
-        return await _stream(events, call, answer, view.main.name)
+        return await _stream(state, events, call, answer, meter)
     results = await _collect(request, events, len(call.prompts))
+    meter.finish(200)
+    state.leave()
     return JSONResponse(answer.full(results, view.main.name, call.logprobs is not None))
+
+
+async def _metered(
+    events: AsyncGenerator[StreamEvent, None], meter: RequestMeter
+) -> AsyncGenerator[StreamEvent, None]:
+    """The events, each noted by the request's meter."""
+    try:
+        async for event in events:
+            meter.event(event)
+            yield event
+    finally:
+        await events.aclose()
 
 
 async def _collect(
@@ -236,18 +245,18 @@ async def _collect(
                 return collect(task.result(), n_rows)
             if await request.is_disconnected():
                 task.cancel()  # the reader's cancellation frees the rows
-                raise _ClientGone()
+                raise ClientGone()
     finally:
         if not task.done():
             task.cancel()
 
 
-class _ClientGone(Exception):
-    pass
-
-
 async def _stream(
-    events: AsyncGenerator[StreamEvent, None], call: Call, answer: Answer, main: str
+    state: ServerState,
+    events: AsyncGenerator[StreamEvent, None],
+    call: Call,
+    answer: Answer,
+    meter: RequestMeter,
 ) -> Response:
     """Server-sent events; the first event is awaited first, so a request the engine
     refuses (say a prompt too long) still gets its 4xx status.
@@ -256,8 +265,9 @@ async def _stream(
         first = await anext(events)
     except StopAsyncIteration:
         first = None
+    outcome: list[str | None] = []  # set once the body ran to its end: None or a failure
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncGenerator[str, None]:
         usages = []
         try:
             if call.chat:
@@ -273,14 +283,37 @@ async def _stream(
                     if event.usage is not None:
                         usages.append(event.usage)
             if call.include_usage:
-                yield _sse(answer.usage_chunk(usages, main))
+                yield _sse(answer.usage_chunk(usages, meter.main))
+            outcome.append(None)
         except Exception as exc:  # after the headers: the error goes in the stream
-            yield _sse(_error_payload(exc)[1])
+            outcome.append(failure_reason(exc))
+            yield _sse(error_payload(exc, call.chat)[1])
         finally:
             await events.aclose()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    stream = body()
+
+    async def end() -> None:
+        await stream.aclose()  # a client gone mid-stream: frees the rows now
+        meter.finish(200, outcome[0] if outcome else "aborted")
+        state.leave()
+
+    return _EndingStream(stream, end)
+
+
+class _EndingStream(StreamingResponse):
+    """A stream that runs `end` once it is over, sent in full or cut by the client."""
+
+    def __init__(self, body: AsyncIterator[str], end: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._end = end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._end()
 
 
 async def _chain(
@@ -294,45 +327,6 @@ async def _chain(
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def error_response(exc: Exception) -> JSONResponse:
-    """The OpenAI error response for an exception."""
-    status, body = _error_payload(exc)
-    return JSONResponse(body, status_code=status)
-
-
-def _error_payload(exc: Exception) -> tuple[int, dict[str, Any]]:
-    if isinstance(exc, BadRequest):
-        return 400, error_body(exc.message, "invalid_request_error", exc.param)
-    if isinstance(exc, ConfigError):
-        return 400, error_body(str(exc), "invalid_request_error", _param_of(str(exc)))
-    if isinstance(exc, _Unauthorized):
-        message = "Incorrect API key provided; send it as 'Authorization: Bearer <key>'."
-        return 401, error_body(message, "authentication_error", None, "invalid_api_key")
-    if isinstance(exc, RequestTimeoutError):
-        return 408, error_body(str(exc), "timeout_error", None, "timeout")
-    if isinstance(exc, QueueFullError):
-        return 429, error_body(str(exc), "rate_limit_error", None, "queue_full")
-    if isinstance(exc, _Loading):
-        return 503, error_body(str(exc), "service_unavailable", None, "loading")
-    if isinstance(exc, _ClientGone):
-        return 499, error_body("the client closed the request.", "client_closed_request")
-    if isinstance(exc, MemberError):
-        return 500, error_body(str(exc), "server_error", None, "member_error")
-    return 500, error_body(f"{type(exc).__name__}: {exc}", "server_error")
-
-
-def _param_of(message: str) -> str | None:
-    """The API parameter an engine settings error names, if any."""
-    match = re.search(r"(?:GenerationConfig|FusionConfig)\.(\w+)", message)
-    if match:
-        field = match.group(1)
-        return _ENGINE_TO_API.get(field, field)
-    if message.startswith("Prompt "):
-        return "messages"
-    match = re.match(r"(tools|tool_choice|messages)\b", message)  # the engine's tool checks
-    return match.group(1) if match else None
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

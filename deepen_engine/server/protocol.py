@@ -14,7 +14,8 @@ Accepted and mapped: `max_completion_tokens` / `max_tokens`, `stop`, `temperatur
 `tool_calls` and `tool` messages, and `response_format` (`json_object`: any JSON object;
 `json_schema`: its `schema`, both through the engine's grammar constraint). Ignored:
 `model` (any name is served by the one ensemble), `user`, `metadata`, `store`,
-`service_tier`, `parallel_tool_calls` (a reply holds at most one call). Extra fields: the
+`service_tier`, `parallel_tool_calls` (a reply holds at most one call). Any other field is
+refused with a 400 naming it (`schema.py` lists the fields). Extra fields: the
 fusion settings `method`, `main`, `weights`, `weighting`, `eta`, `steps`, `tau`,
 `fusion_top_k`, `top_mass`, `candidates`, `unite_top_k`, `gate`, `gate_threshold`, and
 `top_k`, `min_tokens`, `truncation`, `timeout`, `regex`, `grammar` (output constraints,
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import REQUEST_FUSION_NAMES
+from .schema import unknown_field
 
 ROLES = {
     "system": "system",
@@ -82,7 +84,7 @@ class Call:
 
 def parse_chat(body: Any) -> Call:
     """A `/v1/chat/completions` body as a `Call`."""
-    body = _object(body)
+    body = _object(body, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "messages must be a non-empty list of message objects.")
@@ -122,7 +124,7 @@ def parse_chat(body: Any) -> Call:
 
 def parse_completion(body: Any) -> Call:
     """A `/v1/completions` body as a `Call` (one choice per prompt)."""
-    body = _object(body)
+    body = _object(body, chat=False)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts:
@@ -273,9 +275,15 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     )
 
 
-def _object(body: Any) -> dict[str, Any]:
+def _object(body: Any, chat: bool) -> dict[str, Any]:
+    """The body as a dict with only fields the endpoint knows (schema.py), as OpenAI's API
+    refuses a typo (`max_tokenz`) rather than ignoring it.
+    """
     if not isinstance(body, dict):
         raise BadRequest(None, "The request body must be a JSON object.")
+    unknown = unknown_field(body, chat)
+    if unknown is not None:
+        raise BadRequest(*unknown)
     return body
 
 

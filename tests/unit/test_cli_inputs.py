@@ -142,7 +142,7 @@ def test_errors_name_flags_not_python_settings(tiny_folders, capsys):
     assert "or pass --truncation left to drop its oldest tokens" in err
     assert "truncation='left'" not in err
     assert main(["generate", "x", "--main", "5", *member_args(tiny_folders)]) == 2
-    assert "deepen: error: --main 5 is out of range for 2 members" in capsys.readouterr().err
+    assert "deepen: error: --main: index 5 is out of range for 2 members" in capsys.readouterr().err
 
 
 def test_engine_refuses_text_that_is_not_unicode(tiny_ensemble):

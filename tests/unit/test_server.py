@@ -160,7 +160,26 @@ BAD_BODIES = [
         "stream_options",
         "stream=true",
     ),
-    ("chat", {"messages": MESSAGES, "eta": -1}, "eta", "FusionConfig.eta"),
+    ("chat", {"messages": MESSAGES, "eta": -1}, "eta", "eta: Input should be greater than or"),
+    ("chat", {"messages": MESSAGES, "fusion_top_k": 0}, "fusion_top_k", "fusion_top_k: "),
+    ("chat", {"messages": MESSAGES, "gate_threshold": 2}, "gate_threshold", "less than or"),
+    (
+        "chat",
+        {"messages": MESSAGES, "max_tokens": 2, "min_tokens": 5},
+        "min_tokens",
+        "min_new_tokens (5) must not exceed",
+    ),
+    (
+        "chat",
+        {
+            "messages": MESSAGES,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}},
+        },
+        "response_format",
+        "json_schema cannot be compiled",
+    ),
+    ("chat", {"messages": MESSAGES, "max_tokenz": 3}, "max_tokenz", "did you mean 'max_tokens'"),
+    ("completions", {"prompt": PROMPT, "temprature": 0}, "temprature", "Unrecognized request"),
     ("chat", {"messages": MESSAGES, "method": "vote"}, "method", "'deepen', 'union' or 'unite'"),
     ("chat", {"messages": MESSAGES, "main": 7}, "main", "out of range for 2 members"),
     ("chat", {"messages": MESSAGES, "weights": [1, 2, 3]}, "weights", "3 values for 2 members"),
@@ -177,7 +196,7 @@ BAD_BODIES = [
     ("completions", {"prompt": PROMPT, "echo": True}, "echo", "not supported"),
     ("completions", {"prompt": PROMPT, "best_of": 3}, "best_of", "not supported"),
     ("completions", {"prompt": PROMPT, "logprobs": 9}, "logprobs", "0 to 5"),
-    ("completions", {"prompt": "the river runs " * 400}, "messages", "truncation='left'"),
+    ("completions", {"prompt": "the river runs " * 400}, "prompt", "truncation='left'"),
 ]
 
 
@@ -193,6 +212,7 @@ def test_malformed_or_out_of_range_bodies_get_a_400_naming_the_parameter(
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert message in error["message"]
+    assert "Config" not in error["message"]  # API names, never a Python class
 
 
 def test_the_server_keeps_serving_after_bad_requests(server, client):
