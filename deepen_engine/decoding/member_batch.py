@@ -273,7 +273,9 @@ class MemberBatch:
         if self.logits is not None:
             self.logits = self.logits[index.to(self.logits.device)]
         if self.cache.get_seq_length() > 0:
-            self.cache.batch_select_indices(index.to(self.member.device))
+            for layer in self.cache.layers:  # each on its own device in a sharded member
+                if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                    layer.batch_select_indices(index.to(layer.keys.device))
 
     def merge(self, other: MemberBatch) -> None:
         """Append the rows of `other` (same member, prefilled) after this batch's rows.
@@ -329,12 +331,11 @@ class MemberBatch:
             slots = self.valid[b].nonzero().squeeze(1)
             index[b, length - len(slots) :] = slots
             valid[b, length - len(slots) :] = True
-        device = self.member.device
-        for layer in self.cache.layers:
+        for layer in self.cache.layers:  # each on its own device in a sharded member
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
-            layer.keys = _gather_slots(layer.keys, index.to(device))
-            layer.values = _gather_slots(layer.values, index.to(device))
+            layer.keys = _gather_slots(layer.keys, index.to(layer.keys.device))
+            layer.values = _gather_slots(layer.values, index.to(layer.values.device))
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = length
         self.valid = valid

@@ -81,7 +81,7 @@ class FusionContext:
         if key not in self._spaces:
             self._spaces[key] = [
                 RelativeSpace(
-                    m.model.get_input_embeddings().weight,
+                    m.input_embedding_weight(),
                     self.anchors.token_ids[i],
                     self.anchors.token_to_anchor[i],
                     tau=tau,
@@ -97,7 +97,7 @@ class FusionContext:
         if disk_rows == 0 or not self.anchors.texts:
             return None
         if i not in self._digests:
-            weight = self.members[i].model.get_input_embeddings().weight
+            weight = self.members[i].input_embedding_weight()
             self._digests[i] = embedding_digest(weight)
         return RowStore.for_space(
             cache_dir() / "relative-rows",

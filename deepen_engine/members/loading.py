@@ -36,6 +36,7 @@ from .member import (
     not_found_hint,
     object_name,
 )
+from .placement import check_module_names, input_device, load_keywords
 from .quiet import quiet_loading
 
 
@@ -55,10 +56,14 @@ def load_local_member(spec: MemberSpec) -> Member:
     if isinstance(source, tuple):
         model, tokenizer = _check_pair(source, spec.name)
         name, kind = spec.name or object_name(model), "object"
+        model = model.to(spec.device)
     else:
         with quiet_loading():  # deepen's own bar only (converting a GGUF file)
-            name, kind, tokenizer, model = _load_source(source, spec.name, dtype)
-    model = model.to(spec.device).eval()
+            name, kind, tokenizer, model = _load_source(source, spec, dtype)
+    model = model.eval()
+    # accelerate's map when it placed the modules (a strategy or dict map, or offload)
+    device_map = getattr(model, "hf_device_map", None) if spec.device_map is not None else None
+    device = input_device(model, device_map, spec.device)
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
     _check_round_trip(tokenizer, vocab, name)
     member = Member(
@@ -66,27 +71,34 @@ def load_local_member(spec: MemberSpec) -> Member:
         model=model,
         tokenizer=tokenizer,
         vocab=vocab,
-        device=torch.device(spec.device),
-        dtype=next(model.parameters()).dtype,
+        device=device,
+        dtype=_weights_dtype(model, dtype),
         source_kind=kind,
         load_seconds=time.perf_counter() - start,
         eos_ids=_eos_ids(model, tokenizer),
         cache_argument=_cache_argument(model),
         chat_template=spec.chat_template,
+        device_map=dict(device_map) if device_map else None,
     )
     return member
 
 
 def _load_source(
-    source: str | Path, name: str | None, dtype: torch.dtype
+    source: str | Path, spec: MemberSpec, dtype: torch.dtype
 ) -> tuple[str, str, Any, Any]:
     """(name, kind, tokenizer, model) of an embedded name, file, folder or hub id."""
-    default_name, kind, folder = _resolve(source)
-    name = name or default_name
+    default_name, kind, folder = _resolve(source, spec.dtype)
+    name = spec.name or default_name
     # a hub id: fail in seconds when it can come from neither the cache nor the hub
     local_only = kind == "hub" and hub_access(folder, not_found_hint(folder))
+    if isinstance(spec.device_map, dict):
+        try:
+            check_module_names(folder, spec.device_map, local_only)
+        except ValueError as exc:
+            raise ConfigError(f"MemberSpec.{exc} (member {name!r})") from None
     try:
-        tokenizer, model = _load_folder_or_hub(folder, name, dtype, local_only)
+        kwargs = load_keywords(spec, dtype)
+        tokenizer, model = _load_folder_or_hub(folder, name, kwargs, local_only)
     except MemberLoadError as exc:
         if kind != "hub":
             raise
@@ -97,15 +109,19 @@ def _load_source(
     return name, kind, tokenizer, model
 
 
-def _resolve(source: str | Path) -> tuple[str, str, str]:
-    """(display name, kind, folder or hub id to load) for a str or path source."""
+def _resolve(source: str | Path, dtype: str = "float32") -> tuple[str, str, str]:
+    """(display name, kind, folder or hub id to load) for a str or path source; a GGUF
+    source is converted once per `dtype` (a float32 and a bfloat16 folder side by side).
+    """
     text = str(source)
+    # float32 folders keep their old names (caches made before dtypes were kept)
+    suffix = "" if dtype == "float32" else f"-{dtype}"
     if text in EMBEDDED:
         entry = EMBEDDED[text]
         key = f"{text}-{entry.version()}" if entry.installed() else text
-        folder = cache_dir() / "models" / key
+        folder = cache_dir() / "models" / (key + suffix)
         if not (folder / "config.json").is_file():
-            _convert_gguf(embedded_gguf(text), folder, text)
+            _convert_gguf(embedded_gguf(text), folder, text, DTYPES[dtype])
         return text, "embedded", str(folder)
     path = Path(text).expanduser()
     if path.exists():
@@ -114,9 +130,9 @@ def _resolve(source: str | Path) -> tuple[str, str, str]:
             digest = hashlib.sha256(
                 f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
             ).hexdigest()[:16]
-            folder = cache_dir() / "models" / f"{path.stem}-{digest}"
+            folder = cache_dir() / "models" / f"{path.stem}-{digest}{suffix}"
             if not (folder / "config.json").is_file():
-                _convert_gguf(path, folder, text)
+                _convert_gguf(path, folder, text, DTYPES[dtype])
             return path.name, "gguf", str(folder)
         if path.is_dir():
             return path.name, "folder", str(path)
@@ -131,8 +147,10 @@ def _resolve(source: str | Path) -> tuple[str, str, str]:
     return text, "hub", text
 
 
-def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
-    """Dequantise a GGUF file once into a transformers folder (atomic: tmp dir + rename)."""
+def _convert_gguf(gguf: Path, folder: Path, name: str, dtype: torch.dtype) -> None:
+    """Dequantise a GGUF file once into a transformers folder of `dtype` weights (atomic:
+    tmp dir + rename).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +171,7 @@ def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
             bar.set_postfix_str("weights")
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+                    str(gguf.parent), gguf_file=gguf.name, dtype=dtype
                 )
             except ValueError as exc:
                 raise MemberLoadError(
@@ -162,7 +180,7 @@ def _convert_gguf(gguf: Path, folder: Path, name: str) -> None:
                 ) from exc
             bar.update()
             bar.set_postfix_str("saving")
-            # The weights are plain float32 now; without clearing the GGUF quantisation
+            # The weights are plain `dtype` tensors now; without clearing the GGUF quantisation
             # marker save_pretrained refuses to write them.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
@@ -211,9 +229,11 @@ def _read_once(path: Path) -> Iterator[None]:
 
 
 def _load_folder_or_hub(
-    where: str, name: str, dtype: torch.dtype, local_only: bool = False
+    where: str, name: str, kwargs: dict[str, Any], local_only: bool = False
 ) -> tuple[Any, Any]:
-    """Tokenizer and model from a folder or a hub id (`local_only`: the cache alone)."""
+    """Tokenizer and model from a folder or a hub id (`local_only`: the cache alone),
+    the model loaded with the `from_pretrained` keywords `kwargs` (placement.py).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -221,10 +241,15 @@ def _load_folder_or_hub(
     except Exception as exc:
         raise MemberLoadError(f"Member {name!r}: the tokenizer could not be loaded: {exc}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, local_files_only=local_only
-        )
+        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=local_only, **kwargs)
     except ValueError as exc:
+        placing = PLACEMENT_WORDS & set(kwargs)
+        if placing and any(word in str(exc) for word in PLACEMENT_WORDS):
+            field = sorted(placing)[0]
+            raise ConfigError(
+                f"Member {name!r}: MemberSpec.{field}: transformers could not place the weights: "
+                f"{exc}"
+            ) from exc
         raise MemberLoadError(
             f"Member {name!r} is not a causal language model transformers can load: {exc}"
         ) from exc
@@ -249,6 +274,19 @@ def _check_pair(pair: tuple[Any, ...], name: str | None) -> tuple[Any, Any]:
             "load it with AutoTokenizer.from_pretrained(...)."
         )
     return model, tokenizer
+
+
+PLACEMENT_WORDS = frozenset({"device_map", "max_memory", "offload_folder", "quantization_config"})
+
+
+def _weights_dtype(model: Any, asked: torch.dtype) -> torch.dtype:
+    """The dtype the member computes in: its first real floating-point parameter's (a
+    quantized member's int8/uint8 storage and offloaded meta weights aside), else `asked`.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.device.type != "meta":
+            return p.dtype
+    return asked
 
 
 def _vocab_rows(model: Any) -> int:

@@ -18,6 +18,17 @@ from ..alignment.vocabulary import CanonicalVocab
 from ..devices import device_problem
 from ..errors import ConfigError, validation_error
 from .embedded import EMBEDDED
+from .placement import (
+    LOADING_FIELDS,
+    STRATEGIES,
+    check_cuda_for,
+    check_device_map,
+    check_max_memory,
+    check_model_kwargs,
+    input_embedding_weight,
+    is_bitsandbytes,
+    member_devices,
+)
 
 # Special tokens that end an assistant turn, in the chat formats we know.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|eom_id|>")
@@ -52,9 +63,30 @@ class MemberSpec(BaseModel):
     name: str | None = None
     """Display name; default: the embedded name, the file or folder name, or the hub id."""
     device: str = "cpu"
-    """Torch device of the member, e.g. `cpu`, `cuda:0`."""
+    """Torch device of the member, e.g. `cpu`, `cuda:0`; its weights load straight there.
+    A member spread over several devices gives `device_map` instead."""
     dtype: str = "float32"
-    """Weights' dtype: `float32`, `bfloat16` or `float16`."""
+    """Weights' dtype: `float32`, `bfloat16` or `float16`, used as the weights load (a
+    GGUF member is converted once per dtype)."""
+    device_map: str | dict[str, int | str] | None = None
+    """Where the member's modules run, as accelerate places them: `auto` / `balanced` /
+    `balanced_low_0` / `sequential` (fill the GPUs, then the CPU, then disk, within
+    `max_memory`), one device (`cuda:1`), or a dict of module name -> device (a CUDA index,
+    `cpu`, `cuda:N`, or `disk`). `None`: the whole member on `device`."""
+    max_memory: dict[int | str, int | str] | None = None
+    """With a `device_map` strategy: the most each device may hold, e.g.
+    `{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}` (sizes as bytes or `"150MiB"`)."""
+    offload_folder: str | None = None
+    """With a `device_map`: the folder for the weights offloaded to `disk`."""
+    quantization: Literal["8bit", "4bit"] | None = None
+    """Quantize the weights as they load with bitsandbytes (int8, or NF4 computing in
+    `dtype`); needs a CUDA GPU and `pip install 'deepen[quantization]'`."""
+    quantization_config: Any = None
+    """A ready transformers quantization config (e.g. `BitsAndBytesConfig(...)`, or its
+    dict), instead of `quantization`."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further `from_pretrained` keywords (`attn_implementation`, `revision`,
+    `trust_remote_code`, ...); not the ones the fields above set."""
     chat_template: str | None = None
     """Jinja chat template for this member, replacing its tokenizer's (see decoding/chat.py for the
     fallback when neither exists)."""
@@ -91,6 +123,71 @@ class MemberSpec(BaseModel):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         return value
 
+    @field_validator("device_map")
+    @classmethod
+    def _check_device_map(cls, value: Any) -> Any:
+        return None if value is None else check_device_map(value)
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _check_max_memory(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            raise ValueError(
+                f"max_memory={value!r} must be a non-empty dict of device -> size, e.g. "
+                "{0: '20GiB', 'cpu': '60GiB'}"
+            )
+        return check_max_memory(value)
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _check_model_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_model_kwargs(value)
+
+    @model_validator(mode="after")
+    def _check_loading(self) -> MemberSpec:
+        given = self.model_fields_set
+        if isinstance(self.source, tuple) and (given & (LOADING_FIELDS | {"model_kwargs"})):
+            named = ", ".join(sorted(given & (LOADING_FIELDS | {"model_kwargs"})))
+            raise ValueError(
+                f"{named} apply when deepen loads the model; a ready (model, tokenizer) pair is "
+                "loaded already: pass those settings to its from_pretrained, or give its folder"
+            )
+        if self.device_map is not None and "device" in given:
+            raise ValueError(
+                f"device={self.device!r} and device_map={self.device_map!r} both place the "
+                "member; give one (device_map='cuda:1' is the same as device='cuda:1')"
+            )
+        strategy = isinstance(self.device_map, str) and self.device_map in STRATEGIES
+        if self.max_memory is not None and not strategy:
+            raise ValueError(
+                f"max_memory applies to a device_map strategy ('auto', 'balanced', ...), but "
+                f"device_map={self.device_map!r}; add device_map='auto'"
+            )
+        if self.offload_folder is not None and self.device_map is None:
+            raise ValueError(
+                "offload_folder applies with a device_map that offloads to disk; add "
+                "device_map='auto' (with max_memory) or a dict map with 'disk' entries"
+            )
+        if isinstance(self.device_map, dict) and "disk" in self.device_map.values():
+            if self.offload_folder is None:
+                raise ValueError(
+                    "device_map puts modules on 'disk' but offload_folder is not set; give "
+                    "offload_folder='/path/with/room'"
+                )
+        if self.quantization is not None and self.quantization_config is not None:
+            raise ValueError(
+                f"quantization={self.quantization!r} and quantization_config both quantize; "
+                "give one"
+            )
+        if self.placement == "local":  # a Ray actor's CUDA is checked where it runs
+            if self.quantization is not None:
+                check_cuda_for(f"quantization={self.quantization!r}")
+            elif self.quantization_config is not None and is_bitsandbytes(self.quantization_config):
+                check_cuda_for("quantization_config (bitsandbytes)")
+        return self
+
     @model_validator(mode="after")
     def _check_placement(self) -> MemberSpec:
         ray_only = RAY_FIELDS & self.model_fields_set
@@ -113,7 +210,7 @@ class MemberSpec(BaseModel):
                 "name, a .gguf file, a model folder or a hub id, not a ready object"
             )
         on_gpu = self.device.startswith("cuda")
-        if self.num_gpus > 0 and not on_gpu:
+        if self.num_gpus > 0 and not on_gpu and self.device_map is None:
             raise ValueError(
                 f"num_gpus={self.num_gpus} reserves a GPU but device={self.device!r}; add "
                 "device='cuda' (Ray makes the actor's GPU its cuda:0)"
@@ -147,6 +244,19 @@ class Member:
     # Seconds in this member's forward passes since it loaded, all requests together
     # (the server's `deepen_member_forward_seconds_total`); added to by the decoding loop.
     forward_seconds: float = 0.0
+    # accelerate's placement of a sharded or offloaded member (module -> device), else
+    # None. `device` is then where its input ids go; its logits come back from its last
+    # layer's device (fusion reads them where they are).
+    device_map: dict[str, Any] | None = None
+
+    @property
+    def devices(self) -> frozenset[str]:
+        """Every device the member runs layers on (`disk` and CPU offload count as `cpu`)."""
+        return member_devices(self.device_map, self.device)
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        """The (V, d) input embeddings with their values, offloaded ones included."""
+        return input_embedding_weight(self.model)
 
     @property
     def num_parameters(self) -> int:

@@ -116,7 +116,7 @@ class MemberActor:
 
     def embeddings(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop-1 of the input embedding matrix, (n, d), in the model's dtype."""
-        weight = self._loaded().model.get_input_embeddings().weight
+        weight = self._loaded().input_embedding_weight()
         return weight.detach()[start:stop].cpu().clone()
 
     def step(self, request: StepRequest) -> StepReply:

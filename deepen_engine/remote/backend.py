@@ -29,7 +29,20 @@ from .batch import LinkStats
 from .cluster import check_resources, cluster_address, connect
 from .protocol import Open, StepReply, StepRequest
 
-_LOCAL_FIELDS = ("source", "name", "device", "dtype", "chat_template")
+_LOCAL_FIELDS = (
+    "source",
+    "name",
+    "device",
+    "dtype",
+    "chat_template",
+    # how the weights load, applied inside the actor (members/placement.py)
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "quantization",
+    "quantization_config",
+    "model_kwargs",
+)
 _EMBEDDING_CHUNK_BYTES = 64 * 2**20  # input embeddings come over in pieces this large
 _RESTART_POLL_SECONDS = 0.5  # how often to ask whether a restarting actor is back
 _actor_class: Any = None  # ray.remote(MemberActor), made on first use
@@ -179,7 +192,8 @@ class RayMembers:
         global _actor_class
         if _actor_class is None:
             _actor_class = self.ray.remote(MemberActor)
-        local = {k: getattr(spec, k) for k in _LOCAL_FIELDS}
+        # the fields the user gave (device and device_map exclude each other)
+        local = {k: getattr(spec, k) for k in _LOCAL_FIELDS if k in spec.model_fields_set}
         local["source"] = str(spec.source)
         return _actor_class.options(
             num_cpus=spec.num_cpus,
