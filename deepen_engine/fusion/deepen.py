@@ -32,6 +32,24 @@ from ..config import FusionConfig
 from .base import Fuser, register
 from .context import FusionContext
 from .search import Q_FLOOR, adamw_search
+from .tables import MemberTables
+
+
+def kept_by_mass(
+    top_p: torch.Tensor, total: torch.Tensor, top_mass: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of each row's most probable non-anchor tokens enter (step 1's mass bound).
+
+    top_p: (B, k) their probabilities, most probable first; total: (B,) the row's whole
+    non-anchor probability. Tokens enter while the non-anchor mass not yet entered exceeds
+    `1 - top_mass`. Returns the kept probabilities (B, k) (0 where not kept) and the
+    probability left out per row (B,).
+    """
+    before = total[:, None] - (top_p.cumsum(-1) - top_p)  # mass not entered before j
+    keep = (before > 1.0 - top_mass) & (top_p > 0)
+    kept_p = torch.where(keep, top_p, 0.0)
+    leftout = (total - kept_p.sum(-1)).clamp(min=0.0)
+    return kept_p, leftout
 
 
 def kept_non_anchors(
@@ -42,16 +60,12 @@ def kept_non_anchors(
     probs: (B, V) probabilities (special tokens at 0); is_anchor: (V,) bool. Tokens enter
     while the non-anchor mass not yet entered exceeds `1 - top_mass`, at most `top_k`.
     Returns ids (B, k), their probabilities (B, k) (0 where not kept) and the probability
-    left out per row (B,).
+    left out per row (B,). (The fuser computes the same from logits, `_relative`.)
     """
     rest = torch.where(is_anchor, 0.0, probs)  # (B, V) non-anchor probabilities
     k = min(top_k, rest.shape[-1])
     top_p, top_ids = rest.topk(k, dim=-1)  # (B, k) sorted
-    total = rest.sum(-1, keepdim=True)  # (B, 1)
-    before = total - (top_p.cumsum(-1) - top_p)  # non-anchor mass not entered before j
-    keep = (before > 1.0 - top_mass) & (top_p > 0)
-    kept_p = torch.where(keep, top_p, 0.0)
-    leftout = (total.squeeze(-1) - kept_p.sum(-1)).clamp(min=0.0)
+    kept_p, leftout = kept_by_mass(top_p, rest.sum(-1), top_mass)
     return top_ids, kept_p, leftout
 
 
@@ -82,6 +96,10 @@ class DeepenFuser(Fuser):
         super().__init__(anchors, end_ids, config)
         self.spaces = list(spaces)
         self.has_text = list(has_text)
+        self.tables = [
+            MemberTables.build(space.token_to_anchor, text)
+            for space, text in zip(self.spaces, self.has_text)
+        ]
 
     def logits_needed(self, member: int) -> int | None:
         """How many of member `member`'s top logits per row `fuse` reads (with their log
@@ -108,19 +126,23 @@ class DeepenFuser(Fuser):
         cfg = self.config
         batch = main_logits.shape[0]
         # 1-2. relative distributions of every member, aggregated with the weights.
-        proposals: list[torch.Tensor] = []  # per member (B, C) anchor index or -1, CPU
+        proposals: list[torch.Tensor | None] = []  # per helper (B, C) anchor index or -1, CPU
         r = torch.zeros(batch, len(self.anchors), device=device)  # (B, A)
         weight_sum = torch.zeros(batch, 1, device=device)  # (B, 1)
         weights = self.row_weights(logits)  # (B, N)
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
-            probs = torch.softmax(member_logits.float().to(space.device), dim=-1)  # (B, V_i)
-            probs = torch.where(self.on(self.has_text[i], space.device), probs, 0.0)
-            r_i = self._relative(probs, space).to(device)  # (B, A), rows sum to 1 or 0
+            x = member_logits.float().to(space.device)  # (B, V_i)
+            lse = x.logsumexp(-1, keepdim=True)  # (B, 1): log of the softmax's normaliser
+            r_i = self._relative(x, lse, i, space).to(device)  # (B, A), rows sum to 1 or 0
             w = weights[:, i : i + 1]  # (B, 1)
             r += w * r_i
             weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float()
-            c = min(cfg.candidates, probs.shape[-1])
-            top_p, top_ids = probs.topk(c, dim=-1)  # (B, C) proposals: anchors among them
+            if i == self.main:  # the main member's own top tokens are step 3's
+                proposals.append(None)
+                continue
+            c = min(cfg.candidates, x.shape[-1])
+            top_x, top_ids = (x + self.on(self.tables[i].text_bias, space.device)).topk(c, dim=-1)
+            top_p = (top_x - lse).exp()  # (B, C) proposals (no special token): anchors among them
             proposal = torch.where(top_p > 0, space.token_to_anchor[top_ids], -1)
             proposals.append(proposal.cpu())  # read row by row on the CPU (_candidates)
         r = r / weight_sum.clamp(min=1e-30)
@@ -143,26 +165,38 @@ class DeepenFuser(Fuser):
         no_candidates = ~valid.any(-1)
         return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
 
-    def _relative(self, probs: torch.Tensor, space: RelativeSpace) -> torch.Tensor:
-        """(B, A) relative distributions of probabilities (B, V) (step 1), normalised; on
-        the space's device, where `probs` are.
+    def _relative(
+        self, x: torch.Tensor, lse: torch.Tensor, i: int, space: RelativeSpace
+    ) -> torch.Tensor:
+        """(B, A) relative distributions of member i's logits x (B, V) (step 1), normalised;
+        lse (B, 1) is their log-sum-exp. On the space's device, where `x` is.
+
+        Probabilities are `exp(x - lse)`, read only where needed: gathered at the anchor
+        tokens, and at the top non-anchor tokens (one add of a 0/-inf table and one
+        top-k). The non-anchor mass for the bound is what the anchor and special tokens
+        leave of 1, so no pass masks or sums the whole vocabulary.
         """
         cfg = self.config
-        anchor = space.token_to_anchor  # (V,)
-        is_anchor = anchor >= 0
-        out = torch.zeros(probs.shape[0], space.num_anchors, device=probs.device)
-        index = anchor.clamp(min=0).expand_as(probs)  # (B, V)
-        out.scatter_add_(1, index, torch.where(is_anchor, probs, 0.0))
-        ids, kept_p, _ = kept_non_anchors(probs, is_anchor, cfg.top_k, cfg.top_mass)
+        tables = self.tables[i]
+        dev = x.device
+        p_anchor = (x.index_select(1, self.on(tables.anchor_tokens, dev)) - lse).exp()  # (B, n_a)
+        out = torch.zeros(x.shape[0], space.num_anchors, device=dev)  # (B, A)
+        out.index_add_(1, self.on(tables.anchor_index, dev), p_anchor)
+        k = min(cfg.top_k, x.shape[-1])
+        top_x, ids = (x + self.on(tables.non_anchor_bias, dev)).topk(k, dim=-1)  # (B, k)
+        top_p = (top_x - lse).exp()  # 0 past the last non-anchor token
+        special = (x.index_select(1, self.on(tables.no_text, dev)) - lse).exp().sum(-1)  # (B,)
+        total = (1.0 - p_anchor.sum(-1) - special).clamp(min=0.0)  # (B,) non-anchor mass
+        kept_p, _ = kept_by_mass(top_p, total, cfg.top_mass)
         b_idx, j_idx = (kept_p > 0).nonzero(as_tuple=True)
         if b_idx.numel():  # rows ascending, distinct ids per row (topk)
             tokens = ids[b_idx, j_idx].tolist()
-            out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], probs.shape[0])
+            out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], x.shape[0])
         mass = out.sum(-1, keepdim=True)
         return torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
 
     def _candidates(
-        self, top: torch.Tensor, proposals: list[torch.Tensor]
+        self, top: torch.Tensor, proposals: list[torch.Tensor | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Main top tokens (top: (B, C)) plus main tokens of proposed anchors; no specials.
         A few ids per row, read one by one: all on the CPU (the caller moves them).
@@ -172,8 +206,8 @@ class DeepenFuser(Fuser):
         rows: list[list[int]] = []
         for b in range(top.shape[0]):
             ids = top[b].tolist()
-            for i, prop in enumerate(proposals):
-                if i == self.main:
+            for prop in proposals:
+                if prop is None:  # the main member
                     continue
                 anchors = prop[b][prop[b] >= 0]
                 ids.extend(main_anchor_ids[anchors].tolist())

@@ -381,12 +381,39 @@ def test_fast_path_counts_every_anchor_token():
     non-anchor token (top_k=1) enters on top: r = (p_anchors + p_v rel(v)) / kept mass."""
     fuser = _fuser(top_k=1, top_mass=0.999)
     space = fuser.spaces[0]
-    probs = torch.softmax(torch.randn(1, MAIN_V, generator=torch.Generator().manual_seed(1)), -1)
-    probs[:, EOS] = 0.0
-    r = fuser._relative(probs, space)[0]
+    logits = torch.randn(1, MAIN_V, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(logits, -1)
+    probs[:, EOS] = 0.0  # a special token never enters
+    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space)[0]
     best = NUM_ANCHORS + 1 + int(probs[0, NUM_ANCHORS + 1 :].argmax())  # top non-anchor id
     expected = torch.zeros(NUM_ANCHORS)
     for v in range(1, NUM_ANCHORS + 1):  # main id 1 + a is anchor a
         expected[v - 1] += probs[0, v]
     expected += probs[0, best] * space.exact_rows(torch.tensor([best]))[0]
     torch.testing.assert_close(r, expected / expected.sum(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("top_k", "top_mass"), [(1, 0.999), (2, 0.9), (4, 1.0), (4, 0.5)])
+def test_relative_from_logits_equals_relative_from_probabilities(top_k, top_mass):
+    """`_relative` reads the logits at the anchor tokens and the top non-anchor tokens only
+    (no full-vocabulary mask); it equals the formula on the masked probabilities, with the
+    tokens `kept_non_anchors` picks."""
+    from deepen_engine.fusion.deepen import kept_non_anchors
+
+    fuser = _fuser(top_k=top_k, top_mass=top_mass)
+    space = fuser.spaces[0]
+    logits = torch.randn(3, MAIN_V, generator=torch.Generator().manual_seed(top_k)) * 2
+    logits[1, EOS] = 6.0  # a row where the special token holds most of the probability
+    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space)
+    probs = torch.softmax(logits, -1)
+    probs[:, EOS] = 0.0
+    is_anchor = space.token_to_anchor >= 0
+    ids, kept, _ = kept_non_anchors(probs, is_anchor, top_k, top_mass)
+    for b in range(3):
+        expected = torch.zeros(NUM_ANCHORS)
+        expected.index_add_(0, space.token_to_anchor[is_anchor], probs[b, is_anchor])
+        for j in range(ids.shape[1]):
+            if kept[b, j] > 0:
+                row = space.exact_rows(ids[b, j : j + 1])[0]
+                expected += probs[b, ids[b, j]] * row
+        torch.testing.assert_close(r[b], expected / expected.sum(), atol=1e-6, rtol=0)
