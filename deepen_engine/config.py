@@ -128,10 +128,18 @@ class FusionConfig(_Settings):
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
-    weighting: Literal["fixed", "confidence"] = "fixed"
+    weighting: Literal["fixed", "confidence", "prompt"] = "fixed"
     """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
     per row and step, each member's weight times its top probability, renormalised, so a
-    sure member outweighs an unsure one (every method)."""
+    sure member outweighs an unsure one (every method). `"prompt"` (PackLLM-sim): per row,
+    fixed for the row, each member's weight times `exp(-bpb / weight_temperature)`,
+    renormalised, where bpb is the member's bits per byte of the row's prompt, scored in
+    its prefill (fusion/weights.py)."""
+
+    weight_temperature: float = Field(0.1, gt=0)
+    """Temperature of `weighting="prompt"`: the lower, the more the member that reads the
+    prompt best (lowest bits per byte) dominates; a gap of one temperature in bits per
+    byte is a weight ratio of e."""
 
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the inverse search (reference: 0.01)."""
@@ -214,6 +222,7 @@ REQUEST_FUSION_NAMES: dict[str, str] = {
     "main": "main",
     "weights": "weights",
     "weighting": "weighting",
+    "weight_temperature": "weight_temperature",
     "eta": "eta",
     "steps": "steps",
     "tau": "tau",

@@ -80,6 +80,9 @@ class Row:
     start: float = field(default_factory=time.perf_counter)
     constraint: RowConstraint | None = None  # the row's grammar state, if constrained
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not handed out yet
+    prompt_scores: dict[int, float | None] = field(default_factory=dict)
+    """Bits per byte of the prompt by ensemble member index (decoding/prompt_scores.py),
+    when the row's fusion reads them."""
     _device_generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
     def generator_on(self, device: torch.device) -> torch.Generator:
