@@ -72,6 +72,11 @@ METHODS: tuple[str, ...] = get_args(Method)
 """The fusion methods, in the order commands list them."""
 
 
+Weighting = Literal["fixed", "confidence", "prompt"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+"""How the member weights apply (`FusionConfig.weighting`), in the order commands list them."""
+
+
 class FusionConfig(_Settings):
     """How the members' next-token distributions are fused.
 
@@ -128,7 +133,7 @@ class FusionConfig(_Settings):
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
-    weighting: Literal["fixed", "confidence", "prompt"] = "fixed"
+    weighting: Weighting = "fixed"
     """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
     per row and step, each member's weight times its top probability, renormalised, so a
     sure member outweighs an unsure one (every method). `"prompt"` (PackLLM-sim): per row,

@@ -126,9 +126,14 @@ class DeepEnSettings(BaseModel):
     """Per-step gate that skips fusion (`FusionConfig.gate`, default `"off"`). `None`: the
     ensemble's."""
 
-    weighting: Literal["fixed", "confidence"] | None = None
-    """How the weights apply at each step (`FusionConfig.weighting`, default `"fixed"`).
+    weighting: Literal["fixed", "confidence", "prompt"] | None = None
+    """How the weights apply at each step (`FusionConfig.weighting`, default `"fixed"`);
+    `"prompt"`: per request, from how well each member reads the prompt (bits per byte).
     `None`: the ensemble's."""
+
+    weight_temperature: float | None = None
+    """Temperature of `weighting="prompt"` (`FusionConfig.weight_temperature`, default
+    0.1; lower: the member that reads the prompt best dominates). `None`: the ensemble's."""
 
     gate_threshold: float | None = None
     """Top probability of the main member from which `gate="confident"` skips fusion

@@ -165,5 +165,12 @@ def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:
             "forward_seconds": {k: round(v, 4) for k, v in usage.forward_seconds.items()},
             "fusion_seconds": round(usage.fusion_seconds, 4),
             "total_seconds": round(usage.total_seconds, 4),
+            # each member's bits per byte of the prompt (weighting="prompt"; else empty)
+            "prompt_bits_per_byte": _rounded(usage.prompt_bits_per_byte),
         },
     }
+
+
+def _rounded(scores: dict[str, float | None]) -> dict[str, float | None]:
+    """Prompt scores to 4 decimals (None kept: a prompt too short to score)."""
+    return {k: None if v is None else round(v, 4) for k, v in scores.items()}

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import FusionConfig, GenerationConfig, SchedulerConfig
+from ..config import WEIGHTINGS, FusionConfig, GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 from .inputs import stop_strings
@@ -152,13 +152,14 @@ def fusion_options(
         parser.add_argument(
             "--weighting",
             nargs="+",
-            choices=["fixed", "confidence"],
+            choices=list(WEIGHTINGS),
             default=None,
             help="how the weights apply per step (FusionConfig.weighting); several: each "
             "method with each (default: fixed)",
         )
     else:
-        _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
+        _option(parser, FusionConfig, "weighting", choices=list(WEIGHTINGS))
+    _option(parser, FusionConfig, "weight_temperature", type=float)
     _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
     _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
@@ -234,6 +235,7 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "gate": args.gate,
         "gate_threshold": args.gate_threshold,
+        "weight_temperature": args.weight_temperature,
         "top_mass": args.top_mass,
         "unite_top_k": args.unite_top_k,
         "eta": args.eta,
