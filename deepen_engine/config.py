@@ -127,8 +127,11 @@ class FusionConfig(_Settings):
     steps: int = Field(5, ge=0)
     """Optimiser steps of the inverse search (T). `0` means the main member alone."""
 
-    main: int = Field(0, ge=0)
-    """Index of the member whose vocabulary the fused token is chosen from."""
+    main: int | Literal["auto"] = 0
+    """Index of the member whose vocabulary the fused token is chosen from (the leader).
+    `"auto"`: per row, the member that reads the row's prompt best (lowest bits per byte;
+    chat rows among the members with a chat template), fixed for the row; it costs one
+    extra prefill (decoding/leaders.py)."""
 
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
@@ -184,6 +187,20 @@ class FusionConfig(_Settings):
             raise ValueError(problem)
         return value
 
+    @field_validator("main")
+    @classmethod
+    def _check_main(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"main must be a member index >= 0 or 'auto', got {value}")
+        return value
+
+    @property
+    def leader(self) -> int:
+        """The fixed leader's index; with `main="auto"` the first member (each row's
+        leader is chosen when it joins; see decoding/leaders.py).
+        """
+        return self.main if isinstance(self.main, int) else 0
+
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, value: list[float] | None) -> list[float] | None:
@@ -200,7 +217,7 @@ class FusionConfig(_Settings):
 
     def check_members(self, n_members: int) -> None:
         """Raise `ConfigError` when `main` or `weights` do not fit `n_members` members."""
-        if self.main >= n_members:
+        if isinstance(self.main, int) and self.main >= n_members:
             raise ConfigError(
                 f"FusionConfig.main={self.main} is out of range for {n_members} members; "
                 f"give an index from 0 to {n_members - 1}."

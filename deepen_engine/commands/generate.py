@@ -156,7 +156,7 @@ def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:
         "index": event.index,
         "text": text,
         "finish_reason": event.finish_reason,
-        "main": ens.main.name,
+        "main": usage.leader or ens.main.name,
         "members": [m.name for m in ens.members],
         "usage": {
             "completion_tokens": usage.completion_tokens,

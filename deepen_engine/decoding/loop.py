@@ -38,14 +38,13 @@ from functools import partial
 
 import torch
 
-from ..errors import ConfigError
-from ..fusion.weights import prompt_weights
 from ..members import Member
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
+from .row_scores import fuse_rows, note_scores, start_scoring
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
@@ -124,7 +123,7 @@ class BatchDecoder:
                 row.usage.prompt_tokens[member.name] = len(row_ids)
                 member_ids.append(row_ids)
             ids.append(member_ids)
-        return Prepared(rows=rows, ids=ids, resume=[item.resume for item in new])
+        return Prepared(rows, ids, [item.resume for item in new], [i.prompt_scores for i in new])
 
     def _constraint(self, item: NewRow) -> RowConstraint | None:
         """The new row's grammar state over the main member's vocabulary, if constrained."""
@@ -138,10 +137,8 @@ class BatchDecoder:
         if not prepared.rows:
             return
         fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
-        score = self._scores_needed(prepared.rows)
         try:
-            for batch in fresh:
-                batch.score_prompts = score  # the prefill also scores the prompts
+            start_scoring(fresh, self.members, prepared.rows)  # if their fusion reads scores
             for b, ids in enumerate(prepared.resume):
                 if ids:
                     self._resume(fresh, prepared.rows[b], b, list(ids))
@@ -150,30 +147,10 @@ class BatchDecoder:
             for batch in fresh:
                 batch.free()
             raise
-        if score:
-            for b, row in enumerate(prepared.rows):
-                for batch, i in zip(fresh, self.member_index):
-                    bpb = batch.rows[b].score.bits_per_byte
-                    row.prompt_scores[i] = bpb
-                    row.usage.prompt_bits_per_byte[batch.member.name] = bpb
+        note_scores(prepared, fresh, self.member_index)
         for batch, new in zip(self.batches, fresh):
             batch.merge(new)
         self.rows.extend(prepared.rows)
-
-    def _scores_needed(self, rows: Sequence[Row]) -> bool:
-        """Whether the prefill of these rows scores their prompts (some row's fusion reads
-        the scores); members in Ray actors cannot score yet.
-        """
-        if len(self.members) == 1 or not any(r.fuser.config.weighting == "prompt" for r in rows):
-            return False
-        remote = [m.name for m in self.members if m.remote is not None]
-        if remote:
-            raise ConfigError(
-                f"weighting='prompt' is not supported yet with members in Ray actors "
-                f"({', '.join(remote)}); use weighting='fixed' or 'confidence', or load them "
-                "in this process."
-            )
-        return True
 
     def _resume(self, fresh: list[MemberBatch], row: Row, b: int, ids: list[int]) -> None:
         """Row b of the fresh batches continues after main-member ids it generated."""
@@ -238,35 +215,16 @@ class BatchDecoder:
         for b, row in enumerate(self.rows):
             groups.setdefault(id(row.fuser), []).append(b)
         if len(groups) == 1:
-            return self.rows[0].fuser.fuse(logits, self._row_weights(range(len(self.rows))))
+            return fuse_rows(self.rows, logits)
         # several fusers: the rows meet on the main member's device (each fuser fused on
         # its own fusion device)
         device = main_logits.device
         fused = torch.empty(main_logits.shape, dtype=torch.float32, device=device)
         for rows in groups.values():
             index = torch.tensor(rows)
-            part = self.rows[rows[0]].fuser.fuse(
-                [x[index.to(x.device)] for x in logits], self._row_weights(rows)
-            )
+            part = fuse_rows([self.rows[b] for b in rows], [x[index.to(x.device)] for x in logits])
             fused[index.to(device)] = part.to(device)
         return fused
-
-    def _row_weights(self, rows: Sequence[int]) -> torch.Tensor | None:
-        """(b, N) prompt weights of these batch rows (one fuser), or None when their
-        fusion does not read prompt scores (fusion/weights.py).
-        """
-        fuser = self.rows[rows[0]].fuser
-        cfg = fuser.config
-        if cfg.weighting != "prompt":
-            return None
-        fixed = fuser.weights.tolist()
-        scores = [self.rows[b].prompt_scores for b in rows]
-        return torch.tensor(
-            [
-                prompt_weights([s.get(i) for i in range(len(fixed))], fixed, cfg.weight_temperature)
-                for s in scores
-            ]
-        )
 
     def _choose(self, fused: torch.Tensor) -> list[int]:
         """Each row's token, rows with the same sampling settings sampled together."""

@@ -80,7 +80,7 @@ class Fuser:
     ) -> None:
         self.anchors = anchors
         self.config = config
-        self.main = config.main
+        self.main = config.leader  # "auto" configs are turned into one fuser per leader
         self.end_ids = [torch.tensor(sorted(e), dtype=torch.long) for e in end_ids]
         # one weight per member (a single member has no anchors, but a weight of 1)
         self.weights = torch.tensor(config.normalised_weights(len(end_ids)))

@@ -54,7 +54,7 @@ class ServerState:
         model_name: str | None,
         api_key: str | None,
         request_timeout: float | None,
-        main: int | None,
+        main: int | str | None,
     ) -> None:
         self.ensemble = ensemble
         self.load_error: str | None = None
@@ -86,7 +86,7 @@ def create_app(
     model_name: str | None = None,
     api_key: str | None = None,
     request_timeout: float | None = None,
-    main: int | None = None,
+    main: int | str | None = None,
 ) -> Starlette:
     """The ASGI app serving `ensemble`, or the one `load()` returns (loaded in a thread at
     startup; requests get 503 until it is ready).

@@ -146,3 +146,61 @@ def test_bad_weighting_settings_name_the_value():
         FusionConfig(weighting="prompt", weight_temperature=0)
     with pytest.raises(ConfigError, match="weighting"):
         FusionConfig(weighting="perplexity")
+
+
+# ---------------------------------------------------------------- main="auto"
+
+
+def test_auto_leads_each_row_with_the_member_the_scores_say(tiny_ensemble):
+    scored = tiny_ensemble.with_fusion(weighting="prompt")
+    auto = tiny_ensemble.with_fusion(main="auto")
+    results = auto.generate(PROMPTS, max_new_tokens=8)
+    names = [m.name for m in tiny_ensemble.members]
+    leaders = set()
+    for prompt, result in zip(PROMPTS, results):
+        bpb = scored.generate(prompt, max_new_tokens=1).usage.prompt_bits_per_byte
+        best = lowest_score([bpb[n] for n in names], [0, 1])
+        assert best is not None
+        assert result.usage.leader == names[best]
+        leaders.add(best)
+        # the row is exactly what that leader gives with the same settings otherwise
+        expected = tiny_ensemble.with_fusion(main=best).generate(prompt, max_new_tokens=8)
+        assert (result.token_ids, result.text) == (expected.token_ids, expected.text)
+    again = auto.generate(PROMPTS, max_new_tokens=8)
+    assert [r.token_ids for r in again] == [r.token_ids for r in results]
+    # the scores that chose the leader are reported
+    for prompt, result in zip(PROMPTS, results):
+        bpb = scored.generate(prompt, max_new_tokens=1).usage.prompt_bits_per_byte
+        assert result.usage.prompt_bits_per_byte == pytest.approx(bpb)
+
+
+def test_auto_rows_with_different_leaders_in_one_request(tiny_ensemble):
+    """Rows of one request led by different members (found by the scores) each give what
+    they give alone."""
+    auto = tiny_ensemble.with_fusion(main="auto", method="union")
+    texts = PROMPTS + ["Once upon a time there was", "1, 2, 3, 4, 5,", "Bonjour, je suis"]
+    results = auto.generate(texts, max_new_tokens=6)
+    if len({r.usage.leader for r in results}) < 2:
+        pytest.skip("these random members agree on the leader of every prompt")
+    for text, result in zip(texts, results):
+        assert auto.generate(text, max_new_tokens=6).token_ids == result.token_ids
+
+
+def test_auto_chat_rows_lead_with_a_chat_member(tiny_ensemble):
+    chat = [r for r, m in enumerate(tiny_ensemble.members) if m.tokenizer.chat_template]
+    auto = tiny_ensemble.with_fusion(main="auto")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    result = auto.generate(messages, max_new_tokens=4)
+    assert result.usage.leader in {tiny_ensemble.members[i].name for i in chat}
+
+
+def test_auto_refuses_tools_and_a_bad_main_names_the_value(tiny_ensemble):
+    with pytest.raises(ConfigError, match="main='auto' with tools"):
+        tiny_ensemble.with_fusion(main="auto").generate(
+            [{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    with pytest.raises(ConfigError, match="main"):
+        FusionConfig(main="best")
+    with pytest.raises(ConfigError, match="main"):
+        FusionConfig(main=-1)

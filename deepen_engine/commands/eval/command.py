@@ -111,7 +111,7 @@ def _run_tools(args: argparse.Namespace) -> int:
             "--weighting and a numbered --main (or none: the chat rule)."
         )
     method, weighting = systems[0]
-    settings = fusion_settings(args) | {"method": method, "weighting": weighting}
+    settings = fusion_settings(args, compare=True) | {"method": method, "weighting": weighting}
     return run_tools_eval(args, Ensemble(member_specs(args), **settings))
 
 
@@ -131,7 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     ens = Ensemble(
         member_specs(args),
-        **fusion_settings(args),
+        **fusion_settings(args, compare=True),
         method=systems[0][0],
         weighting=systems[0][1],
         weights=weights if isinstance(weights, list) else None,
