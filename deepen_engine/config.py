@@ -72,6 +72,11 @@ METHODS: tuple[str, ...] = get_args(Method)
 """The fusion methods, in the order commands list them."""
 
 
+Weighting = Literal["fixed", "confidence", "prompt"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+"""How the member weights apply (`FusionConfig.weighting`), in the order commands list them."""
+
+
 class FusionConfig(_Settings):
     """How the members' next-token distributions are fused.
 
@@ -122,16 +127,27 @@ class FusionConfig(_Settings):
     steps: int = Field(5, ge=0)
     """Optimiser steps of the inverse search (T). `0` means the main member alone."""
 
-    main: int = Field(0, ge=0)
-    """Index of the member whose vocabulary the fused token is chosen from."""
+    main: int | Literal["auto"] = 0
+    """Index of the member whose vocabulary the fused token is chosen from (the leader).
+    `"auto"`: per row, the member that reads the row's prompt best (lowest bits per byte;
+    chat rows among the members with a chat template), fixed for the row; it costs one
+    extra prefill (decoding/leaders.py)."""
 
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
-    weighting: Literal["fixed", "confidence"] = "fixed"
+    weighting: Weighting = "fixed"
     """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
     per row and step, each member's weight times its top probability, renormalised, so a
-    sure member outweighs an unsure one (every method)."""
+    sure member outweighs an unsure one (every method). `"prompt"` (PackLLM-sim): per row,
+    fixed for the row, each member's weight times `exp(-bpb / weight_temperature)`,
+    renormalised, where bpb is the member's bits per byte of the row's prompt, scored in
+    its prefill (fusion/weights.py)."""
+
+    weight_temperature: float = Field(0.1, gt=0)
+    """Temperature of `weighting="prompt"`: the lower, the more the member that reads the
+    prompt best (lowest bits per byte) dominates; a gap of one temperature in bits per
+    byte is a weight ratio of e."""
 
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the inverse search (reference: 0.01)."""
@@ -171,6 +187,20 @@ class FusionConfig(_Settings):
             raise ValueError(problem)
         return value
 
+    @field_validator("main")
+    @classmethod
+    def _check_main(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"main must be a member index >= 0 or 'auto', got {value}")
+        return value
+
+    @property
+    def leader(self) -> int:
+        """The fixed leader's index; with `main="auto"` the first member (each row's
+        leader is chosen when it joins; see decoding/leaders.py).
+        """
+        return self.main if isinstance(self.main, int) else 0
+
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, value: list[float] | None) -> list[float] | None:
@@ -187,7 +217,7 @@ class FusionConfig(_Settings):
 
     def check_members(self, n_members: int) -> None:
         """Raise `ConfigError` when `main` or `weights` do not fit `n_members` members."""
-        if self.main >= n_members:
+        if isinstance(self.main, int) and self.main >= n_members:
             fix = (
                 f"is out of range for {n_members} members; give an index from 0 to "
                 f"{n_members - 1}."
@@ -226,6 +256,7 @@ REQUEST_FUSION_NAMES: dict[str, str] = {
     "main": "main",
     "weights": "weights",
     "weighting": "weighting",
+    "weight_temperature": "weight_temperature",
     "eta": "eta",
     "steps": "steps",
     "tau": "tau",

@@ -129,8 +129,8 @@ class Ensemble:
         """
         wanted = {k: v for k, v in (defaults or {}).items() if v is not None}
         wanted.update({k: v for k, v in (request or {}).items() if v is not None})
-        if chat and "main" not in wanted:
-            wanted["main"] = self.default_chat_main()
+        if chat and "main" not in wanted and self.fusion.main != "auto":
+            wanted["main"] = self.default_chat_main()  # "auto" already picks a chat member
         changes = {k: v for k, v in wanted.items() if getattr(self.fusion, k) != v}
         if not changes:
             return self
@@ -147,7 +147,7 @@ class Ensemble:
     @property
     def main(self) -> Member:
         """The member whose vocabulary the fused tokens come from."""
-        return self.members[self.fusion.main]
+        return self.members[self.fusion.leader]  # main="auto": each row's is in its usage
 
     def default_chat_main(self) -> int:
         """The main member for chat when the user chose none: the first member with a chat
@@ -161,7 +161,7 @@ class Ensemble:
         for i, member in enumerate(self.members):
             if member.chat_template or getattr(member.tokenizer, "chat_template", None):
                 return i
-        return self.fusion.main
+        return self.fusion.leader
 
     def stream(
         self,
@@ -244,9 +244,15 @@ class Ensemble:
     ) -> Request:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
         cfg = call.config
+        auto = self.fusion.main == "auto"
+        if auto and call.tools is not None:
+            raise ConfigError(
+                "main='auto' with tools is not supported yet: the leader's chat template "
+                "decides how a call is written; give main as a member index."
+            )
         request = Request(
             rows=[],
-            main=self.fusion.main,
+            main=None if auto else self.fusion.leader,
             run_helpers=not self.fuser.is_identity,
             sink=sink,
             progress=progress,

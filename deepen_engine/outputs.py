@@ -43,6 +43,13 @@ class Usage:
     """Time in fusion, sampling and sync (everything but forwards), for the whole batch."""
     total_seconds: float = 0.0
     """Wall time from the start of the batch to this row's end."""
+    leader: str = ""
+    """The member that wrote the row (its main member; with `main="auto"` chosen per row)."""
+    prompt_bits_per_byte: dict[str, float | None] = field(default_factory=dict)
+    """Each member's negative log-likelihood of its own prompt tokens, in bits per UTF-8
+    byte, by member name (lower: the member reads the prompt better); filled for rows whose
+    fusion reads it (`FusionConfig.weighting="prompt"`), None for a prompt too short to
+    score. See decoding/prompt_scores.py."""
 
     def token_counts(self, main: str) -> dict[str, int]:
         """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
+from .decoding.leaders import assign_leaders
 from .decoding.loop import BatchDecoder
 from .decoding.rows import DecodeHooks, NewRow, Row
 from .errors import ConfigError, QueueFullError, RequestTimeoutError
@@ -47,8 +48,8 @@ messages as its prompts are read and after each step. Called from the worker thr
 class Request:
     """One call's rows, where its events go, and its limits."""
 
-    rows: list[NewRow]  # every row of the request, in prompt order
-    main: int
+    rows: list[NewRow]  # every row of the request (main="auto": ordered by leader)
+    main: int | None  # None: main="auto", each row's leader chosen at admission
     run_helpers: bool
     sink: Sink
     batch_size: int | None = None  # most rows of this request running at once
@@ -61,11 +62,25 @@ class Request:
     released: bool = False
     progress: bool = False  # whether the reader wants ("progress", Progress) messages
     generated: int = 0  # tokens chosen for the request's rows so far
+    led: bool = False  # main="auto": the rows' leaders are chosen
 
     @property
     def key(self) -> tuple[int, bool]:
-        """Requests with the same key can share a batch."""
+        """Requests with the same key can share a batch (main="auto": the key of the next
+        row to admit, whose leader is chosen by then).
+        """
+        if self.main is None:
+            row = self.rows[min(self.admitted, len(self.rows) - 1)]
+            return (row.fuser.main, not row.fuser.is_identity)
         return (self.main, self.run_helpers)
+
+    def same_key(self, start: int, take: int) -> int:
+        """How many of the `take` rows from `start` share the row at `start`'s leader."""
+        if self.main is None:
+            lead = self.rows[start].fuser.main
+            rows = self.rows[start : start + take]
+            return next((n for n, r in enumerate(rows) if r.fuser.main != lead), len(rows))
+        return take
 
     def fail(self, error: BaseException) -> None:
         """Hand the reader an error, once."""
@@ -202,6 +217,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Admit waiting rows into the running batch (see the module docstring)."""
         chosen: list[tuple[Request, list[NewRow]]] = []
+        self._lead_waiting()
         with self._cond:
             if not self._waiting:
                 return
@@ -213,10 +229,11 @@ class Scheduler:
             for request in list(self._waiting):
                 if room <= 0:
                     break
-                if request.key != self._key:
-                    continue
+                if (request.main is None and not request.led) or request.key != self._key:
+                    continue  # an auto request's leaders are chosen first
                 cap = len(request.rows) if request.batch_size is None else request.batch_size
                 take = min(room, cap - request.running, len(request.rows) - request.admitted)
+                take = request.same_key(request.admitted, take) if take > 0 else take
                 if take <= 0:
                     continue
                 rows = request.rows[request.admitted : request.admitted + take]
@@ -227,6 +244,20 @@ class Scheduler:
                 if request.admitted == len(request.rows):
                     self._waiting.remove(request)
         self._join(chosen)
+
+    def _lead_waiting(self) -> None:
+        """Choose the leader of every row of waiting main="auto" requests (a prefill per
+        member scores their prompts: decoding/leaders.py); a bad prompt fails its request.
+        """
+        with self._cond:
+            todo = [r for r in self._waiting if r.main is None and not r.led]
+        for request in todo:
+            try:
+                request.rows = assign_leaders(self.members, request.rows, self.config.prefill_chunk)
+                request.led = True
+            except BaseException as exc:
+                self._abandon(request, exc)
+                self._release_if_out(request)
 
     def _join(self, chosen: list[tuple[Request, list[NewRow]]]) -> None:
         decoder = self._decoder
@@ -248,6 +279,7 @@ class Scheduler:
             for ids, more_ids in zip(merged.ids, more.ids):
                 ids.extend(more_ids)
             merged.resume.extend(more.resume)
+            merged.scores.extend(more.scores)
         try:
             decoder.join(merged)
         except BaseException as exc:  # a member failed at the prefill: these rows fail
@@ -307,8 +339,8 @@ class Scheduler:
             self._decoder.close()
         self._decoder = BatchDecoder(
             self.members,
-            request.main,
-            request.run_helpers,
+            request.key[0],
+            request.key[1],
             DecodeHooks(on_prefill=self._prefill_progress),
             prefill_chunk=self.config.prefill_chunk,
         )

@@ -126,19 +126,25 @@ class DeepEnSettings(BaseModel):
     """Per-step gate that skips fusion (`FusionConfig.gate`, default `"off"`). `None`: the
     ensemble's."""
 
-    weighting: Literal["fixed", "confidence"] | None = None
-    """How the weights apply at each step (`FusionConfig.weighting`, default `"fixed"`).
+    weighting: Literal["fixed", "confidence", "prompt"] | None = None
+    """How the weights apply at each step (`FusionConfig.weighting`, default `"fixed"`);
+    `"prompt"`: per request, from how well each member reads the prompt (bits per byte).
     `None`: the ensemble's."""
+
+    weight_temperature: float | None = None
+    """Temperature of `weighting="prompt"` (`FusionConfig.weight_temperature`, default
+    0.1; lower: the member that reads the prompt best dominates). `None`: the ensemble's."""
 
     gate_threshold: float | None = None
     """Top probability of the main member from which `gate="confident"` skips fusion
     (`FusionConfig.gate_threshold`, default 0.9). `None`: the ensemble's."""
 
-    main: int | None = None
+    main: int | Literal["auto"] | None = None
     """Index of the member whose vocabulary the answer is written in. `None`: for chat
     adapters (LangChain's `ChatDeepEn`, LlamaIndex's `DeepEnLLM`) the engine's rule,
     `Ensemble.default_chat_main()` (the first member with a chat template; SmolLM2 for the
-    default members); for LangChain's `DeepEnLLM` the ensemble's main (member 0 by default)."""
+    default members); for LangChain's `DeepEnLLM` the ensemble's main (member 0 by default).
+    `"auto"`: per prompt, the member that reads it best (`FusionConfig.main`)."""
 
     weights: list[float] | None = None
     """One non-negative weight per member (normalised to sum 1). `None`: the ensemble's

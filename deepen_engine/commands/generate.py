@@ -164,7 +164,7 @@ def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:
         "index": event.index,
         "text": text,
         "finish_reason": event.finish_reason,
-        "main": ens.main.name,
+        "main": usage.leader or ens.main.name,
         "members": [m.name for m in ens.members],
         "usage": {
             "completion_tokens": usage.completion_tokens,
@@ -173,5 +173,12 @@ def result_json(ens: Ensemble, event: StreamEvent, text: str) -> dict[str, Any]:
             "forward_seconds": {k: round(v, 4) for k, v in usage.forward_seconds.items()},
             "fusion_seconds": round(usage.fusion_seconds, 4),
             "total_seconds": round(usage.total_seconds, 4),
+            # each member's bits per byte of the prompt (weighting="prompt"; else empty)
+            "prompt_bits_per_byte": _rounded(usage.prompt_bits_per_byte),
         },
     }
+
+
+def _rounded(scores: dict[str, float | None]) -> dict[str, float | None]:
+    """Prompt scores to 4 decimals (None kept: a prompt too short to score)."""
+    return {k: None if v is None else round(v, 4) for k, v in scores.items()}

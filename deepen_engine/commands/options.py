@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import FusionConfig, GenerationConfig, SchedulerConfig
+from ..config import WEIGHTINGS, FusionConfig, GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 from .inputs import stop_strings
@@ -120,7 +120,8 @@ def fusion_options(
     """
     parser = argparse.ArgumentParser(add_help=False)
     extra = "; default: for chat prompts the first member with a chat template, else 0"
-    main_help = None if main_default is not None else f"index of the main member ({extra[2:]})"
+    main_help = "index of the main member, or auto: per prompt, the member that reads it best "
+    main_help += "(lowest bits per byte)" + (f" ({extra[2:]})" if main_default is None else "")
     if methods:
         main_help = "index of the main member, or auto: on each task the best member alone on "
         main_help += "the dev set (default: 0"
@@ -130,7 +131,7 @@ def fusion_options(
         parser,
         FusionConfig,
         "main",
-        type=_main_index if methods else int,
+        type=_main_index,
         metavar="INDEX",
         default=main_default,
         help=main_help,
@@ -152,13 +153,14 @@ def fusion_options(
         parser.add_argument(
             "--weighting",
             nargs="+",
-            choices=["fixed", "confidence"],
+            choices=list(WEIGHTINGS),
             default=None,
             help="how the weights apply per step (FusionConfig.weighting); several: each "
             "method with each (default: fixed)",
         )
     else:
-        _option(parser, FusionConfig, "weighting", choices=["fixed", "confidence"])
+        _option(parser, FusionConfig, "weighting", choices=list(WEIGHTINGS))
+    _option(parser, FusionConfig, "weight_temperature", type=float)
     _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
     _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
@@ -229,11 +231,15 @@ def member_specs(args: argparse.Namespace, ray: bool | None = None) -> list[Memb
     return [MemberSpec(source=s, device=args.device, dtype=args.dtype, **extra) for s in sources]
 
 
-def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """FusionConfig keywords from the parsed fusion options (`main` only when given)."""
+def fusion_settings(args: argparse.Namespace, compare: bool = False) -> dict[str, Any]:
+    """FusionConfig keywords from the parsed fusion options (`main` only when given;
+    `--main auto` is `main="auto"`, except for a comparing command (`compare`), whose own
+    choice it is).
+    """
     out: dict[str, Any] = {
         "gate": args.gate,
         "gate_threshold": args.gate_threshold,
+        "weight_temperature": args.weight_temperature,
         "top_mass": args.top_mass,
         "unite_top_k": args.unite_top_k,
         "eta": args.eta,
@@ -247,8 +253,10 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("method", "weighting"):  # a command comparing several passes a list
         if isinstance(getattr(args, key), str):
             out[key] = getattr(args, key)
-    if isinstance(args.main, int):  # None: the command's rule; "auto": the command's choice
+    if isinstance(args.main, int):  # None: the command's rule
         out["main"] = args.main
+    elif args.main == "auto" and not compare:  # a comparing command chooses on its dev set
+        out["main"] = "auto"
     weights = getattr(args, "weights", None)
     if isinstance(weights, list) and all(isinstance(w, float) for w in weights):
         out["weights"] = weights

@@ -44,6 +44,7 @@ from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
+from .row_scores import fuse_rows, note_scores, start_scoring
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .text import TextAssembler
@@ -126,7 +127,7 @@ class BatchDecoder:
                 row.usage.prompt_tokens[member.name] = len(row_ids)
                 member_ids.append(row_ids)
             ids.append(member_ids)
-        return Prepared(rows=rows, ids=ids, resume=[item.resume for item in new])
+        return Prepared(rows, ids, [item.resume for item in new], [i.prompt_scores for i in new])
 
     def _constraint(self, item: NewRow) -> RowConstraint | None:
         """The new row's grammar state over the main member's vocabulary, if constrained."""
@@ -141,6 +142,7 @@ class BatchDecoder:
             return
         fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
         try:
+            start_scoring(fresh, self.members, prepared.rows)  # if their fusion reads scores
             for b, ids in enumerate(prepared.resume):
                 if ids:
                     self._resume(fresh, prepared.rows[b], b, list(ids))
@@ -149,6 +151,7 @@ class BatchDecoder:
             for batch in fresh:
                 batch.free()
             raise
+        note_scores(prepared, fresh, self.member_index)
         for batch, new in zip(self.batches, fresh):
             batch.merge(new)
         self.rows.extend(prepared.rows)
@@ -216,14 +219,14 @@ class BatchDecoder:
         for b, row in enumerate(self.rows):
             groups.setdefault(id(row.fuser), []).append(b)
         if len(groups) == 1:
-            return self.rows[0].fuser.fuse(logits)
+            return fuse_rows(self.rows, logits)
         # several fusers: the rows meet on the main member's device (each fuser fused on
         # its own fusion device)
         device = main_logits.device
         fused = torch.empty(main_logits.shape, dtype=torch.float32, device=device)
         for rows in groups.values():
             index = torch.tensor(rows)
-            part = self.rows[rows[0]].fuser.fuse([x[index.to(x.device)] for x in logits])
+            part = fuse_rows([self.rows[b] for b in rows], [x[index.to(x.device)] for x in logits])
             fused[index.to(device)] = part.to(device)
         return fused
 

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from ..errors import MemberError
 from ..members import Member
+from .prompt_scores import RowScore, score_pass, score_width
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
 PREFILL_CHUNK = 512  # positions a row feeds per forward pass (`SchedulerConfig.prefill_chunk`)
@@ -49,6 +50,7 @@ class RowIds:
     cached: int = 0  # leading ids held in the cache
     fed_positions: int = 0  # positions fed after the prompt (the sync cost)
     ends: list[int] = field(default_factory=list)  # helper: byte end of each generated id
+    score: RowScore = field(default_factory=RowScore)  # the prompt's score (prompt_scores.py)
 
     @property
     def generated_ids(self) -> list[int]:
@@ -77,6 +79,9 @@ class MemberBatch:
         # set by the loop before each forward. A batch in another process sends only those
         # (remote/batch.py); this one keeps the full logits anyway.
         self.logits_needed: int | None = None
+        # Whether the prefill scores the rows' prompts (decoding/prompt_scores.py); set by
+        # the loop for rows whose fusion reads the scores.
+        self.score_prompts = False
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -177,7 +182,10 @@ class MemberBatch:
             pending = max((len(r.ids) - r.cached for r in self.rows), default=0)
             if pending == 0:
                 return
-            done += self._forward_once(min(pending, self.chunk) if self.chunk else pending)
+            limit = min(pending, self.chunk) if self.chunk else pending
+            if self._scoring():  # every position's logits are kept: bound their memory
+                limit = score_width(len(self.rows), len(self.member.vocab), limit)
+            done += self._forward_once(limit)
             if on_fed is not None:
                 on_fed(min(done, total), total)
 
@@ -193,6 +201,7 @@ class MemberBatch:
         input_ids, chunk_valid, positions = self._chunk(pending, width)
         mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
         device = self.member.device
+        scoring = self._scoring()
         try:
             with torch.no_grad():  # not inference_mode: caches are edited in place later
                 out = self.member.model(
@@ -200,7 +209,7 @@ class MemberBatch:
                     attention_mask=mask.long().to(device),
                     position_ids=positions.to(device),
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=width if scoring else 1,
                     **{self.member.cache_argument: self.cache},
                 )
         except Exception as exc:
@@ -215,6 +224,16 @@ class MemberBatch:
             ) from exc
         # float32 for fusion whatever the member's dtype; kept on the member's device
         # (fusion reads it there: deepen_engine/devices.py)
+        if scoring:  # (B, W, V): each prompt token's log-likelihood, before the rows move on
+            score_pass(
+                out.logits,
+                pending,
+                [r.cached for r in self.rows],
+                [r.ids for r in self.rows],
+                [len(r.prompt_ids) for r in self.rows],
+                self.member.vocab.texts,
+                [r.score for r in self.rows],
+            )
         logits = out.logits[:, -1, :].float()  # (B, V)
         if logits.device.type == "cuda":  # forward_seconds counts the kernels, not launches
             torch.cuda.synchronize(logits.device)
@@ -231,6 +250,10 @@ class MemberBatch:
             r.cached += len(ids)
         self.forward_seconds += time.perf_counter() - start
         return fed
+
+    def _scoring(self) -> bool:
+        """Whether the next pass keeps every position's logits to score prompt tokens."""
+        return self.score_prompts and any(r.score.next < len(r.prompt_ids) for r in self.rows)
 
     def _make_room(self, width: int, limit: int) -> None:
         """Squeeze holes out of the cache where they would cost (see the module docstring)."""

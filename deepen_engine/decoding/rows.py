@@ -62,6 +62,9 @@ class NewRow:
     seed: int | None = None  # None: the config's seed, else a fresh random one
     constraint: ConstraintSpec | None = None
     """The row's output constraint; None: the config's (json_schema, regex, grammar)."""
+    prompt_scores: dict[int, float | None] = field(default_factory=dict)
+    """Bits per byte of the prompt by member index, when scored before the row joined
+    (`main="auto"`, decoding/leaders.py)."""
 
 
 @dataclass
@@ -80,6 +83,9 @@ class Row:
     start: float = field(default_factory=time.perf_counter)
     constraint: RowConstraint | None = None  # the row's grammar state, if constrained
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not handed out yet
+    prompt_scores: dict[int, float | None] = field(default_factory=dict)
+    """Bits per byte of the prompt by ensemble member index (decoding/prompt_scores.py),
+    when the row's fusion reads them."""
     _device_generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
     def generator_on(self, device: torch.device) -> torch.Generator:
@@ -112,6 +118,8 @@ class Prepared:
     rows: list[Row]
     ids: list[list[list[int]]]  # [member run][row] prompt ids
     resume: list[Sequence[int]]
+    scores: list[dict[int, float | None]] = field(default_factory=list)
+    """Each row's prompt scores from before it joined (`main="auto"`), by member index."""
 
 
 def token_logprob(texts: Sequence[bytes | None], token: int, value: float) -> TokenLogprob:

@@ -80,13 +80,14 @@ class Fuser:
     ) -> None:
         self.anchors = anchors
         self.config = config
-        self.main = config.main
+        self.main = config.leader  # "auto" configs are turned into one fuser per leader
         self.end_ids = [torch.tensor(sorted(e), dtype=torch.long) for e in end_ids]
         # one weight per member (a single member has no anchors, but a weight of 1)
         self.weights = torch.tensor(config.normalised_weights(len(end_ids)))
         self.main_eos_ids = self.end_ids[self.main]
         self.context: FusionContext | None = None  # set by build: what with_config reuses
         self.stats = FuseStats()
+        self._given: torch.Tensor | None = None  # (B, N) row weights of the current `fuse`
         # the tables above on other devices (shared with the context's fusers by `_make`)
         self.copies = DeviceCopies()
         self._fusion_device = (
@@ -141,12 +142,24 @@ class Fuser:
         """One of the fuser's constant tables on `device` (itself when it is there)."""
         return self.copies.on(table, device)
 
-    def fuse(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    def fuse(
+        self, logits: Sequence[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fused logits in the main member's vocabulary, on the fusion device.
 
         logits: per member (B, V_i) next-token logits, each on its member's device.
+        weights: (B, N) each row's member weights (`weighting="prompt"`: the loop computes
+        them from the rows' prompt scores); None: the fixed weights.
         Returns (B, V_main) float32.
         """
+        self._given = weights
+        try:
+            return self._fuse_gated(logits)
+        finally:
+            self._given = None
+
+    def _fuse_gated(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`fuse` once the call's row weights are set: the gate, then the method."""
         device = self.fusion_device(logits)
         main_logits = logits[self.main].float().to(device)  # (B, V)
         if self.is_identity:
@@ -164,6 +177,8 @@ class Fuser:
             fused = self._fuse_rows(logits)
         else:
             keep = (~skip).nonzero().squeeze(1)
+            if self._given is not None:  # the kept rows' own weights
+                self._given = self._given[keep.to(self._given.device)]
             fused = main_logits.clone()
             fused[keep] = self._fuse_rows([x[keep.to(x.device)] for x in logits])
         if fused.device.type == "cuda":
@@ -201,6 +216,13 @@ class Fuser:
         """
         batch = logits[self.main].shape[0]
         device = self.fusion_device(logits)
+        if self.config.weighting == "prompt":
+            if self._given is None:
+                raise RuntimeError(
+                    "weighting='prompt' needs each row's prompt scores; fuse through the "
+                    "decoding loop (Ensemble.generate), which scores the prompts."
+                )
+            return self._given.to(device)
         fixed = self.on(self.weights, device)[None, :].expand(batch, -1)  # (B, N)
         if self.config.weighting == "fixed":
             return fixed

@@ -62,7 +62,7 @@ def create_app(
     model_name: str | None = None,
     api_key: str | None = None,
     request_timeout: float | None = None,
-    main: int | None = None,
+    main: int | str | None = None,
 ) -> Starlette:
     """The ASGI app serving `ensemble`, or the one `load()` returns (loaded in a thread at
     startup; requests get 503 until it is ready, and it is closed, Ray actors included,

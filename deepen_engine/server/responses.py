@@ -115,12 +115,18 @@ def wire_call(call: ToolCall) -> dict[str, Any]:
     }
 
 
-def usage_of(usages: list[Usage], main: str) -> dict[str, int]:
-    """Summed OpenAI usage of several rows."""
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+def usage_of(usages: list[Usage], main: str) -> dict[str, Any]:
+    """Summed OpenAI usage of several rows; with `weighting="prompt"` also the extra field
+    `prompt_bits_per_byte`: each member's prompt score (member name -> bits per byte) for
+    one row, a list of them in row order for several.
+    """
+    total: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for usage in usages:
         for key, value in usage.token_counts(main).items():
             total[key] += value
+    scores = [dict(u.prompt_bits_per_byte) for u in usages]
+    if any(scores):
+        total["prompt_bits_per_byte"] = scores[0] if len(scores) == 1 else scores
     return total
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import Method
+from ..config import Method, Weighting
 
 
 class _Body(BaseModel):
@@ -65,12 +65,17 @@ class _Common(_Body):
     # deepen's extras: fusion (FusionConfig, see config.REQUEST_FUSION_NAMES)
     method: Method | None = None
     """Fusion rule: deepen, union (GaC) or unite (UniTE)."""
-    main: int | None = Field(None, ge=0)
-    """Index of the member whose vocabulary the answer is written in."""
+    main: int | Literal["auto"] | None = Field(None, ge=0)
+    """Index of the member whose vocabulary the answer is written in; `"auto"`: the member
+    that reads the prompt best (lowest bits per byte)."""
     weights: list[float] | None = None
     """One non-negative weight per member."""
-    weighting: Literal["fixed", "confidence"] | None = None
-    """`fixed` weights, or scaled per step by each member's top probability."""
+    weighting: Weighting | None = None
+    """`fixed` weights, scaled per step by each member's top probability (`confidence`),
+    or by how well each member reads the prompt (`prompt`)."""
+    weight_temperature: float | None = Field(None, gt=0)
+    """`weighting="prompt"`: temperature of the softmax over the members' prompt bits per
+    byte."""
     eta: float | None = Field(None, ge=0)
     """DeePEn inverse-search learning rate; 0: the main member alone."""
     steps: int | None = Field(None, ge=0)

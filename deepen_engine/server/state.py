@@ -28,7 +28,7 @@ class ServerState:
         model_name: str | None,
         api_key: str | None,
         request_timeout: float | None,
-        main: int | None,
+        main: int | str | None,
     ) -> None:
         self.ensemble = ensemble
         self.load_error: str | None = None

@@ -150,7 +150,7 @@ class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
         if self.is_loaded:
             main = self.ensemble.main.name
         else:
-            main = names[self.main] if self.main is not None else "auto"
+            main = names[self.main] if isinstance(self.main, int) else "auto"
         return LLMMetadata(
             context_window=window,
             num_output=self.max_new_tokens,

@@ -117,7 +117,7 @@ def _run_tools(args: argparse.Namespace) -> int:
             "--weighting and a numbered --main (or none: the chat rule)."
         )
     method, weighting = systems[0]
-    settings = fusion_settings(args) | {"method": method, "weighting": weighting}
+    settings = fusion_settings(args, compare=True) | {"method": method, "weighting": weighting}
     return run_tools_eval(args, Ensemble(announce_loading(member_specs(args)), **settings))
 
 
@@ -142,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     ens = Ensemble(
         announce_loading(member_specs(args)),
-        **fusion_settings(args),
+        **fusion_settings(args, compare=True),
         method=systems[0][0],
         weighting=systems[0][1],
         weights=weights if isinstance(weights, list) else None,

@@ -1,0 +1,206 @@
+"""Prompt scores (decoding/prompt_scores.py) and prompt-scored weights (fusion/weights.py)
+on tiny members with different tokenizers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deepen_engine import ConfigError, FusionConfig
+from deepen_engine.decoding.member_batch import MemberBatch
+from deepen_engine.decoding.prompt_scores import SCORE_LOGITS_BUDGET, score_width
+from deepen_engine.fusion.weights import lowest_score, prompt_weights
+
+PROMPTS = [
+    "The capital of France is Paris. The capital of Peru is",
+    "Q: What is 12 + 7?\nA: 19\nQ: What is 3 + 4?\nA:",
+    "def add(a, b):\n    return a + b",
+]
+
+
+def _direct_bpb(member, text: str) -> float:
+    """Bits per byte of `text` in `member`, computed directly: one forward over the whole
+    prompt, every token from the second on with text, NLL in bits over its bytes."""
+    ids = member.tokenizer(text).input_ids
+    with torch.no_grad():
+        logits = member.model(input_ids=torch.tensor([ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    nll, size = 0.0, 0
+    for t in range(1, len(ids)):
+        data = member.vocab.texts[ids[t]]
+        if data:
+            nll -= float(logp[t - 1, ids[t]])
+            size += len(data)
+    return nll / math.log(2) / size
+
+
+def _scored_batch(member, texts: list[str], chunk: int) -> MemberBatch:
+    batch = MemberBatch(member, [member.tokenizer(t).input_ids for t in texts])
+    batch.chunk = chunk
+    batch.score_prompts = True
+    batch.forward()
+    return batch
+
+
+@pytest.mark.parametrize("m", [0, 1], ids=["llama-bpe", "gemma3-sp"])
+def test_bits_per_byte_equals_a_direct_computation(tiny_ensemble, m):
+    member = tiny_ensemble.members[m]
+    batch = _scored_batch(member, PROMPTS, chunk=0)
+    for row, prompt in zip(batch.rows, PROMPTS):
+        assert row.score.bits_per_byte == pytest.approx(_direct_bpb(member, prompt), rel=1e-4)
+    batch.free()
+
+
+@pytest.mark.parametrize("m", [0, 1], ids=["llama-bpe", "gemma3-sp"])
+def test_chunked_prefill_scores_as_one_pass(tiny_ensemble, m):
+    member = tiny_ensemble.members[m]
+    whole = _scored_batch(member, PROMPTS, chunk=0)
+    chunked = _scored_batch(member, PROMPTS, chunk=3)
+    for a, b in zip(whole.rows, chunked.rows):
+        assert b.score.bits_per_byte == pytest.approx(a.score.bits_per_byte, rel=1e-4)
+        assert (b.score.bytes, b.score.tokens) == (a.score.bytes, a.score.tokens)
+    # and the next-token logits after the prompt are the same
+    assert torch.allclose(whole.require_logits(), chunked.require_logits(), atol=1e-4)
+    whole.free()
+    chunked.free()
+
+
+def test_the_bytes_scored_are_the_prompt_after_its_first_token(tiny_ensemble):
+    for member in tiny_ensemble.members:
+        batch = _scored_batch(member, PROMPTS, chunk=0)
+        for row, prompt in zip(batch.rows, PROMPTS):
+            ids = member.tokenizer(prompt).input_ids
+            covered = b"".join(member.vocab.texts[t] or b"" for t in ids[1:])
+            assert row.score.bytes == len(covered)
+            assert covered and prompt.encode().endswith(covered)
+        batch.free()
+
+
+def test_score_width_bounds_the_logits_kept():
+    assert score_width(1, 1000, 512) == 512
+    assert score_width(4, 262_144, 512) == SCORE_LOGITS_BUDGET // (4 * 262_144)
+    assert score_width(10_000, 262_144, 512) == 1
+
+
+def test_prompt_weights_are_a_softmax_of_minus_bpb_over_temperature():
+    w = prompt_weights([0.4, 0.7], [0.5, 0.5], 0.1)
+    assert w == pytest.approx([1 / (1 + math.exp(-3.0)), math.exp(-3.0) / (1 + math.exp(-3.0))])
+    # the fixed weights are the prior
+    w = prompt_weights([0.4, 0.4], [0.75, 0.25], 0.1)
+    assert w == pytest.approx([0.75, 0.25])
+    # no score for some member: the fixed weights
+    assert prompt_weights([None, 0.3], [0.5, 0.5], 0.1) == [0.5, 0.5]
+    assert lowest_score([0.9, 0.3, 0.5], [0, 1, 2]) == 1
+    assert lowest_score([0.9, 0.3, 0.5], [0, 2]) == 2
+    assert lowest_score([0.9, None], [0, 1]) is None
+
+
+def test_prompt_weighting_reports_each_members_score(tiny_ensemble):
+    ens = tiny_ensemble.with_fusion(weighting="prompt")
+    result = ens.generate(PROMPTS[0], max_new_tokens=4)
+    scores = result.usage.prompt_bits_per_byte
+    assert list(scores) == ["tiny-llama", "tiny-gemma"]
+    for member in ens.members:
+        assert scores[member.name] == pytest.approx(_direct_bpb(member, PROMPTS[0]), rel=1e-4)
+    # fixed weighting does not pay for the scores
+    assert tiny_ensemble.generate(PROMPTS[0], max_new_tokens=4).usage.prompt_bits_per_byte == {}
+
+
+@pytest.mark.parametrize("method", ["deepen", "union", "unite"])
+def test_prompt_weights_per_row_in_one_batch_equal_each_row_alone(tiny_ensemble, method):
+    ens = tiny_ensemble.with_fusion(weighting="prompt", weight_temperature=0.05, method=method)
+    together = ens.generate(PROMPTS, max_new_tokens=10)
+    for prompt, row in zip(PROMPTS, together):
+        alone = ens.generate(prompt, max_new_tokens=10)
+        assert alone.token_ids == row.token_ids
+        assert alone.usage.prompt_bits_per_byte == pytest.approx(row.usage.prompt_bits_per_byte)
+
+
+def test_prompt_weighting_changes_the_fusion(tiny_ensemble):
+    """Prompt weights differ per row from uniform ones, so some output differs."""
+    uniform = [r.token_ids for r in tiny_ensemble.generate(PROMPTS, max_new_tokens=12)]
+    ens = tiny_ensemble.with_fusion(weighting="prompt", weight_temperature=0.01)
+    scored = [r.token_ids for r in ens.generate(PROMPTS, max_new_tokens=12)]
+    assert scored != uniform
+
+
+def test_a_sharp_temperature_follows_the_better_reader(tiny_ensemble):
+    """At a tiny temperature the row's weight is all on its lowest-bpb member: with that
+    member as main, the fusion is that member alone."""
+    for prompt in PROMPTS:
+        ens = tiny_ensemble.with_fusion(weighting="prompt", weight_temperature=1e-4)
+        bpb = ens.generate(prompt, max_new_tokens=1).usage.prompt_bits_per_byte
+        best = lowest_score([bpb[m.name] for m in ens.members], [0, 1])
+        assert best is not None
+        led = ens.with_fusion(main=best, method="union")
+        alone = ens.with_fusion(main=best, eta=0)
+        assert led.generate(prompt, max_new_tokens=8).token_ids == (
+            alone.generate(prompt, max_new_tokens=8).token_ids
+        )
+
+
+def test_bad_weighting_settings_name_the_value():
+    with pytest.raises(ConfigError, match="weight_temperature"):
+        FusionConfig(weighting="prompt", weight_temperature=0)
+    with pytest.raises(ConfigError, match="weighting"):
+        FusionConfig(weighting="perplexity")
+
+
+# ---------------------------------------------------------------- main="auto"
+
+
+def test_auto_leads_each_row_with_the_member_the_scores_say(tiny_ensemble):
+    scored = tiny_ensemble.with_fusion(weighting="prompt")
+    auto = tiny_ensemble.with_fusion(main="auto")
+    results = auto.generate(PROMPTS, max_new_tokens=8)
+    names = [m.name for m in tiny_ensemble.members]
+    leaders = set()
+    for prompt, result in zip(PROMPTS, results):
+        bpb = scored.generate(prompt, max_new_tokens=1).usage.prompt_bits_per_byte
+        best = lowest_score([bpb[n] for n in names], [0, 1])
+        assert best is not None
+        assert result.usage.leader == names[best]
+        leaders.add(best)
+        # the row is exactly what that leader gives with the same settings otherwise
+        expected = tiny_ensemble.with_fusion(main=best).generate(prompt, max_new_tokens=8)
+        assert (result.token_ids, result.text) == (expected.token_ids, expected.text)
+    again = auto.generate(PROMPTS, max_new_tokens=8)
+    assert [r.token_ids for r in again] == [r.token_ids for r in results]
+    # the scores that chose the leader are reported
+    for prompt, result in zip(PROMPTS, results):
+        bpb = scored.generate(prompt, max_new_tokens=1).usage.prompt_bits_per_byte
+        assert result.usage.prompt_bits_per_byte == pytest.approx(bpb)
+
+
+def test_auto_rows_with_different_leaders_in_one_request(tiny_ensemble):
+    """Rows of one request led by different members (found by the scores) each give what
+    they give alone."""
+    auto = tiny_ensemble.with_fusion(main="auto", method="union")
+    texts = PROMPTS + ["Once upon a time there was", "1, 2, 3, 4, 5,", "Bonjour, je suis"]
+    results = auto.generate(texts, max_new_tokens=6)
+    if len({r.usage.leader for r in results}) < 2:
+        pytest.skip("these random members agree on the leader of every prompt")
+    for text, result in zip(texts, results):
+        assert auto.generate(text, max_new_tokens=6).token_ids == result.token_ids
+
+
+def test_auto_chat_rows_lead_with_a_chat_member(tiny_ensemble):
+    chat = [r for r, m in enumerate(tiny_ensemble.members) if m.tokenizer.chat_template]
+    auto = tiny_ensemble.with_fusion(main="auto")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    result = auto.generate(messages, max_new_tokens=4)
+    assert result.usage.leader in {tiny_ensemble.members[i].name for i in chat}
+
+
+def test_auto_refuses_tools_and_a_bad_main_names_the_value(tiny_ensemble):
+    with pytest.raises(ConfigError, match="main='auto' with tools"):
+        tiny_ensemble.with_fusion(main="auto").generate(
+            [{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    with pytest.raises(ConfigError, match="main"):
+        FusionConfig(main="best")
+    with pytest.raises(ConfigError, match="main"):
+        FusionConfig(main=-1)
