@@ -43,6 +43,10 @@ class Usage:
     """Time in fusion, sampling and sync (everything but forwards), for the whole batch."""
     total_seconds: float = 0.0
     """Wall time from the start of the batch to this row's end."""
+    drafted_tokens: int = 0
+    """Speculative decoding (`GenerationConfig.speculate`): tokens the main member drafted."""
+    accepted_tokens: int = 0
+    """Speculative decoding: drafted tokens the fused distribution kept."""
 
     def token_counts(self, main: str) -> dict[str, int]:
         """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the

@@ -44,8 +44,9 @@ from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
-from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
+from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob, row_generator
 from .sampling import Sampler, suppress_end_tokens
+from .speculative import Speculator, check_speculation
 from .text import TextAssembler
 
 
@@ -76,6 +77,7 @@ class BatchDecoder:
         places = {("ray", m.name) if m.remote else ("device", str(m.device)) for m in self.members}
         parallel = len(places) == len(self.members) > 1
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
+        self.speculator = Speculator(self)  # speculative steps (`GenerationConfig.speculate`)
 
     def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
         """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""
@@ -90,6 +92,7 @@ class BatchDecoder:
         """Tokenise and check new rows for every member run; raises `ConfigError` naming
         the first bad row, before anything changes.
         """
+        check_speculation(self.members, new)
         rows = []
         for item in new:
             seed = item.seed if item.seed is not None else item.config.seed
@@ -169,6 +172,8 @@ class BatchDecoder:
         """Choose every row's next token; the events that makes final, by row. Finished
         rows leave the batch.
         """
+        if self.speculator.wanted():  # some row drafts: decoding/speculative.py
+            return self.speculator.step()
         t0 = time.perf_counter()
         rows = self.rows
         # fuse the next-token distributions into the main vocabulary, row by row settings.
@@ -245,24 +250,9 @@ class BatchDecoder:
             return
         index = torch.tensor(asking, device=fused.device)
         logp = torch.log_softmax(fused[index].float(), dim=-1)  # (b, V) on the device
-        texts = self.main_member.vocab.texts
+        texts, eos = self.main_member.vocab.texts, self.main_member.eos_ids
         for logp_b, b in zip(logp, asking):
-            row, token = self.rows[b], tokens[b]
-            if token in self.main_member.eos_ids:
-                continue  # an end token is not text: not listed
-            top_k = row.config.logprobs or 0
-            top = logp_b.topk(top_k) if top_k else None
-            alternatives = (
-                [
-                    token_logprob(texts, i, v)
-                    for v, i in zip(top.values.tolist(), top.indices.tolist())
-                ]
-                if top
-                else []
-            )
-            entry = token_logprob(texts, token, float(logp_b[token]))
-            entry.top = alternatives
-            row.logprobs.append(entry)
+            note_logprob(self.rows[b], logp_b, tokens[b], texts, eos)
 
     def _append(self, tokens: list[int]) -> dict[int, str]:
         """Append each row's token to the main member and its text; {batch row: reason}
