@@ -36,9 +36,9 @@ Members in Ray actors are refused (their batches return top logits of one positi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -46,13 +46,26 @@ from ..errors import ConfigError
 from ..members import Member
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
+from .acceptance import accept_draft
 from .constraints import apply_masks
 from .member_batch import MemberBatch, RowIds, _common_prefix
-from .rows import NewRow, Row, note_logprob
+from .rows import DecodeHooks, NewRow, Row, note_logprob
 from .sampling import Sampler, suppress_end_tokens
 
-if TYPE_CHECKING:
-    from .loop import BatchDecoder
+
+class Decoder(Protocol):
+    """What a speculative step uses of the decoding loop (`loop.BatchDecoder`)."""
+
+    rows: list[Row]
+    batches: list[MemberBatch]
+    members: list[Member]
+    main: int
+    main_member: Member
+    hooks: DecodeHooks
+
+    def _finish(self, b: int, reason: str) -> Iterator[StreamEvent]: ...
+
+    def _keep(self, keep: list[int]) -> None: ...
 
 
 def check_speculation(members: Sequence[Member], new: Sequence[NewRow]) -> None:
@@ -86,7 +99,7 @@ class _Draft:
 class Speculator:
     """Speculative steps of a `BatchDecoder` (see the module docstring)."""
 
-    def __init__(self, decoder: BatchDecoder) -> None:
+    def __init__(self, decoder: Decoder) -> None:
         self.dec = decoder
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
 
@@ -126,7 +139,10 @@ class Speculator:
         events: list[tuple[Row, StreamEvent]] = []
         finished: dict[int, str] = {}
         for b, row in enumerate(dec.rows):
-            kept = self._accept(row, drafts[b], fused[where[b] : where[b] + drafts[b].positions])
+            d, sampler = drafts[b], _sampler(row)
+            gen = None if sampler.greedy else row.generator_on(fused.device)
+            mine = fused[where[b] : where[b] + d.positions]  # (P, V)
+            kept = accept_draft(sampler, mine, d.tokens, d.q, gen)
             reason = self._apply(b, row, drafts[b], kept, fused[where[b] :])
             self._adapt(row, drafts[b], kept, lengths[b])
             if reason is not None:
@@ -286,35 +302,6 @@ class Speculator:
         eos = torch.tensor(sorted(dec.main_member.eos_ids), dtype=torch.long, device=fused.device)
         fused = suppress_end_tokens(fused, eos, torch.tensor(early, device=fused.device))
         return fused, where
-
-    # --- 5. accept ------------------------------------------------------------------------
-
-    def _accept(self, row: Row, d: _Draft, fused: torch.Tensor) -> list[int]:
-        """The tokens the fused distribution keeps at the row's positions (fused: (P, V))."""
-        sampler = _sampler(row)
-        kept: list[int] = []
-        for t in range(d.positions):
-            drafted = d.tokens[t] if t < len(d.tokens) else None
-            if sampler.greedy:
-                token = int(fused[t].argmax())
-            else:
-                p = sampler.probs(fused[t][None])[0]  # (V,)
-                gen = row.generator_on(p.device)
-                if drafted is None:
-                    token = int(torch.multinomial(p, 1, generator=gen))
-                else:
-                    q = d.q[t].to(p.device)
-                    u = float(torch.rand(1, generator=gen, device=p.device))
-                    if u * float(q[drafted]) < float(p[drafted]):
-                        token = drafted  # accepted with probability min(1, p/q)
-                    else:
-                        rest = (p - q).clamp(min=0)  # normalise(max(0, p - q))
-                        rest = rest if float(rest.sum()) > 0 else p
-                        token = int(torch.multinomial(rest / rest.sum(), 1, generator=gen))
-            kept.append(token)
-            if token != drafted:
-                break
-        return kept
 
     # --- 6. apply -------------------------------------------------------------------------
 
