@@ -47,6 +47,8 @@ class Usage:
     """Speculative decoding (`GenerationConfig.speculate`): tokens the main member drafted."""
     accepted_tokens: int = 0
     """Speculative decoding: drafted tokens the fused distribution kept."""
+    drafts: int = 0
+    """Speculative decoding: steps in which the row drafted."""
 
     def token_counts(self, main: str) -> dict[str, int]:
         """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the

@@ -362,6 +362,7 @@ class Speculator:
         accepted = _common_prefix(d.tokens, kept)
         row.usage.drafted_tokens += len(d.tokens)
         row.usage.accepted_tokens += accepted
+        row.usage.drafts += 1
         grow = accepted >= len(d.tokens)
         nxt = length + 1 if grow else max(1, accepted + 1)
         self.length[id(row)] = min(row.config.speculate, nxt)

@@ -6,6 +6,7 @@ output distributed as without speculation."""
 from __future__ import annotations
 
 import argparse
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -240,3 +241,30 @@ def test_ray_members_are_refused_with_speculation():
     with pytest.raises(ConfigError, match=r"speculate=2 \(row 1\) is not supported yet"):
         check_speculation(members, [row])  # type: ignore[arg-type]
     check_speculation(members, [NewRow(prompts=[], config=GenerationConfig(), fuser=None)])  # type: ignore[arg-type]
+
+
+def test_bench_speculative_section(tiny_folders, capsys):
+    from deepen_engine.commands.cli import main
+    from tests.conftest import member_args
+
+    flags = ["--speculative-only", "--new-tokens", "6", "--speculative-repeats", "2", "--json"]
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    section = figures["speculative"]
+    assert (section["speculate"], section["rounds"], section["new_tokens"]) == (4, 2, 6)
+    rows = section["rows"]
+    assert [(r["batch_size"], r["kind"]) for r in rows] == [
+        (1, "greedy"), (1, "sampled"), (8, "greedy"), (8, "sampled")
+    ]  # fmt: skip
+    for r in rows:
+        assert r["speedup"] == pytest.approx(
+            r["speculative_tokens_per_s"] / r["standard_tokens_per_s"], rel=0.02
+        )
+        assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 0
+        assert r["ratio_to_slower_member"] > 0
+    assert [r["same_tokens"] for r in rows if r["kind"] == "greedy"] == [True, True]
+    one = ["--speculative-only", "--new-tokens", "3", "--speculative-repeats", "1"]
+    assert main(["bench", *member_args(tiny_folders), *one, "--speculative-batch-sizes", "2"]) == 0
+    assert "spec tok/s" in capsys.readouterr().out
+    assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
+    assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
