@@ -333,6 +333,14 @@ class GenerationConfig(_Settings):
     """Constrain the output to this context-free grammar, in llguidance's Lark syntax
     (`start: ...`; `%json {schema}` embeds a JSON schema). `None`: no constraint."""
 
+    speculate: int = Field(0, ge=0, le=16)
+    """Speculative fused decoding: the main member drafts up to this many tokens alone,
+    every helper reads the draft in one forward pass, and the fused distribution keeps the
+    longest agreeing prefix (decoding/speculative.py). Greedy output is identical to `0`,
+    sampled output has the same distribution. The draft length adapts per row to its
+    acceptance rate, within this maximum. `0`: off. Rows with an output constraint or
+    members in Ray actors decode without it (constraints) or are refused (Ray)."""
+
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:
         if self.min_new_tokens > self.max_new_tokens:

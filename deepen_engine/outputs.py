@@ -50,6 +50,12 @@ class Usage:
     byte, by member name (lower: the member reads the prompt better); filled for rows whose
     fusion reads it (`FusionConfig.weighting="prompt"`), None for a prompt too short to
     score. See decoding/prompt_scores.py."""
+    drafted_tokens: int = 0
+    """Speculative decoding (`GenerationConfig.speculate`): tokens the main member drafted."""
+    accepted_tokens: int = 0
+    """Speculative decoding: drafted tokens the fused distribution kept."""
+    drafts: int = 0
+    """Speculative decoding: steps in which the row drafted."""
 
     def token_counts(self, main: str) -> dict[str, int]:
         """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the

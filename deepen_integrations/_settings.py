@@ -67,6 +67,7 @@ GENERATION_FIELDS = (
     "truncation",
     "stop",
     "timeout",
+    "speculate",
 )
 # GenerationConfig fields a call may set that are no adapter field: the output constraint
 # (structured output binds them, e.g. `chat.bind(json_schema={...})`).
@@ -218,6 +219,11 @@ class DeepEnSettings(BaseModel):
     stop: list[str] | None = None
     """Strings that end generation; the text is cut exactly before the first one. A call's
     `stop` adds to these. Default `None`: none."""
+
+    speculate: int = _DEFAULTS.speculate
+    """Speculative fused decoding: the main member drafts up to this many tokens, the
+    fused distribution verifies them (same greedy text, same sampled distribution).
+    Default `0`: off."""
 
     timeout: float | None = _DEFAULTS.timeout
     """Seconds a call may take, waiting for other requests included; past it the call

@@ -198,6 +198,7 @@ def generation_options() -> argparse.ArgumentParser:
     _option(parser, GenerationConfig, "top_k", type=int)
     _option(parser, GenerationConfig, "seed", type=int)
     _option(parser, GenerationConfig, "truncation", choices=["error", "left"])
+    _option(parser, GenerationConfig, "speculate", type=int, metavar="K")
     parser.add_argument(
         "--escape",
         action=argparse.BooleanOptionalAction,
@@ -274,6 +275,7 @@ def generation_settings(args: argparse.Namespace) -> GenerationConfig:
         top_k=args.top_k,
         seed=args.seed,
         truncation=args.truncation,
+        speculate=args.speculate,
     )
 
 

@@ -45,8 +45,9 @@ from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .row_scores import fuse_rows, note_scores, start_scoring
-from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, row_generator, token_logprob
+from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob, row_generator
 from .sampling import Sampler, suppress_end_tokens
+from .speculative import Speculator, check_speculation
 from .text import TextAssembler
 
 
@@ -81,6 +82,7 @@ class BatchDecoder:
         ]
         parallel = len(self.members) > 1 and len(set().union(*places)) == sum(map(len, places))
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
+        self.speculator = Speculator(self)  # speculative steps (`GenerationConfig.speculate`)
 
     def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
         """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""
@@ -95,6 +97,7 @@ class BatchDecoder:
         """Tokenise and check new rows for every member run; raises `ConfigError` naming
         the first bad row, before anything changes.
         """
+        check_speculation(self.members, new)
         rows = []
         for item in new:
             seed = item.seed if item.seed is not None else item.config.seed
@@ -176,6 +179,8 @@ class BatchDecoder:
         """Choose every row's next token; the events that makes final, by row. Finished
         rows leave the batch.
         """
+        if self.speculator.wanted():  # some row drafts: decoding/speculative.py
+            return self.speculator.step()
         t0 = time.perf_counter()
         rows = self.rows
         # fuse the next-token distributions into the main vocabulary, row by row settings.
@@ -252,24 +257,9 @@ class BatchDecoder:
             return
         index = torch.tensor(asking, device=fused.device)
         logp = torch.log_softmax(fused[index].float(), dim=-1)  # (b, V) on the device
-        texts = self.main_member.vocab.texts
+        texts, eos = self.main_member.vocab.texts, self.main_member.eos_ids
         for logp_b, b in zip(logp, asking):
-            row, token = self.rows[b], tokens[b]
-            if token in self.main_member.eos_ids:
-                continue  # an end token is not text: not listed
-            top_k = row.config.logprobs or 0
-            top = logp_b.topk(top_k) if top_k else None
-            alternatives = (
-                [
-                    token_logprob(texts, i, v)
-                    for v, i in zip(top.values.tolist(), top.indices.tolist())
-                ]
-                if top
-                else []
-            )
-            entry = token_logprob(texts, token, float(logp_b[token]))
-            entry.top = alternatives
-            row.logprobs.append(entry)
+            note_logprob(self.rows[b], logp_b, tokens[b], texts, eos)
 
     def _append(self, tokens: list[int]) -> dict[int, str]:
         """Append each row's token to the main member and its text; {batch row: reason}

@@ -82,6 +82,10 @@ class MemberBatch:
         # Whether the prefill scores the rows' prompts (decoding/prompt_scores.py); set by
         # the loop for rows whose fusion reads the scores.
         self.score_prompts = False
+        # Speculative verification (decoding/speculative.py): when true, each forward keeps
+        # the logits after every fed position, by row: (first position, (n, V) logits).
+        self.keep_fed_logits = False
+        self.fed_logits: list[list[tuple[int, torch.Tensor]]] = []
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -111,7 +115,12 @@ class MemberBatch:
         `text` is the row's whole generated text; it only grows between calls. Only its
         tail is re-tokenised: from a word boundary at least `_TAIL_TOKENS` tokens back.
         """
-        r = self.rows[row]
+        self.apply_plan(row, self.plan_sync(self.rows[row], text))
+
+    def plan_sync(self, r: RowIds, text: str) -> tuple[list[int], list[int]]:
+        """The ids and byte ends `sync_text` would give row ids `r` for `text` (a text
+        that extends the one `r` holds), without changing anything.
+        """
         data = text.encode("utf-8")
         generated = r.ids[len(r.prompt_ids) :]
         cut = self._safe_cut(generated)
@@ -123,7 +132,14 @@ class MemberBatch:
         ends = r.ends[:cut]
         for token in tail:
             ends.append((ends[-1] if ends else 0) + len(texts[token] or b""))
-        r.ends = ends
+        return target, ends
+
+    def apply_plan(self, row: int, plan: tuple[list[int], list[int]]) -> None:
+        """Make a row's ids and byte ends a plan's (`plan_sync`), rolling the cache back
+        to the first id that differs.
+        """
+        r = self.rows[row]
+        target, r.ends = plan
         keep = _common_prefix(r.ids, target)
         if keep == len(target) and keep < len(r.ids):
             keep -= 1  # a shorter tokenisation: re-feed its last id to get fresh logits
@@ -209,7 +225,7 @@ class MemberBatch:
                     attention_mask=mask.long().to(device),
                     position_ids=positions.to(device),
                     use_cache=True,
-                    logits_to_keep=width if scoring else 1,
+                    logits_to_keep=width if scoring or self.keep_fed_logits else 1,
                     **{self.member.cache_argument: self.cache},
                 )
         except Exception as exc:
@@ -235,6 +251,11 @@ class MemberBatch:
                 [r.score for r in self.rows],
             )
         logits = out.logits[:, -1, :].float()  # (B, V)
+        if self.keep_fed_logits:  # every fed position's logits, (n, V) per row
+            for b, (r, ids) in enumerate(zip(self.rows, pending)):
+                if ids:
+                    kept = out.logits[b, width - len(ids) :, :].float()
+                    self.fed_logits[b].append((r.cached, kept))
         if logits.device.type == "cuda":  # forward_seconds counts the kernels, not launches
             torch.cuda.synchronize(logits.device)
         if self.logits is not None:  # rows that fed nothing keep their logits

@@ -130,6 +130,26 @@ def token_logprob(texts: Sequence[bytes | None], token: int, value: float) -> To
     )
 
 
+def note_logprob(
+    row: Row, logp: torch.Tensor, token: int, texts: Sequence[bytes | None], eos: frozenset[int]
+) -> None:
+    """Note a chosen token's log-probability (and the row's top alternatives) from the
+    (V,) log-probabilities it was chosen from; an end token is not text: not listed.
+    """
+    if token in eos:
+        return
+    top_k = row.config.logprobs or 0
+    top = logp.topk(top_k) if top_k else None
+    alternatives = (
+        [token_logprob(texts, i, v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        if top
+        else []
+    )
+    entry = token_logprob(texts, token, float(logp[token]))
+    entry.top = alternatives
+    row.logprobs.append(entry)
+
+
 def row_generator(seed: int) -> torch.Generator:
     """A row's own random stream."""
     gen = torch.Generator(device="cpu")

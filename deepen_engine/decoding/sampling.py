@@ -52,6 +52,14 @@ class Sampler:
         # 1. greedy.
         if self.greedy:
             return logits.argmax(-1).tolist()
+        # 2.-4. temperature, top-k, top-p.
+        probs = self.probs(logits)
+        # 5. one draw per row from its own generator.
+        draws = [torch.multinomial(probs[b], 1, generator=gen) for b, gen in enumerate(generators)]
+        return torch.cat(draws).tolist() if draws else []
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) float32 probabilities each row draws from (steps 2-4; not greedy)."""
         # 2. temperature.
         scores = logits.float() / self.temperature  # (B, V)
         # 3. top-k.
@@ -66,7 +74,4 @@ class Sampler:
             drop_sorted = before >= self.top_p
             drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        # 5. one draw per row from its own generator.
-        probs = scores.softmax(-1)
-        draws = [torch.multinomial(probs[b], 1, generator=gen) for b, gen in enumerate(generators)]
-        return torch.cat(draws).tolist() if draws else []
+        return scores.softmax(-1)

@@ -34,6 +34,18 @@ class TextAssembler:
         self._check_stop(search_from=before)
         return self.text[before:]
 
+    def preview(self, pieces: Sequence[bytes]) -> list[str]:
+        """The text after adding each of `pieces` in turn (stop strings not applied),
+        without adding them: a speculative draft's texts.
+        """
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.setstate(self._decoder.getstate())
+        text, out = self.text, []
+        for data in pieces:
+            text += decoder.decode(data)
+            out.append(text)
+        return out
+
     def finish(self) -> str:
         """Flush bytes of an incomplete character (as U+FFFD) at the end of generation."""
         if self.stopped:

@@ -49,6 +49,7 @@ _GENERATION_EXTRAS = {
     "timeout": "timeout",
     "regex": "regex",
     "grammar": "grammar",
+    "speculate": "speculate",
 }
 _NOT_SUPPORTED = {
     "presence_penalty": 0,

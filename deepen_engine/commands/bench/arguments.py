@@ -18,6 +18,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         _length_arguments,
         _fidelity_arguments,
         _constraint_arguments,
+        _speculative_arguments,
         _serving_arguments,
         _ray_arguments,
         _scheduler_arguments,
@@ -83,6 +84,34 @@ def _constraint_arguments(bench: argparse.ArgumentParser) -> None:
     )
     bench.add_argument(
         "--constraint-repeats", type=int, default=5, help="constraint section: run pairs (5)"
+    )
+
+
+def _speculative_arguments(bench: argparse.ArgumentParser) -> None:
+    """The `speculative` section: speculative against standard decoding."""
+    bench.add_argument(
+        "--speculative",
+        action="store_true",
+        help="also measure speculative decoding (speculate=K) against standard decoding",
+    )
+    bench.add_argument(
+        "--speculative-only", action="store_true", help="measure only speculative decoding"
+    )
+    bench.add_argument(
+        "--speculate-k", type=int, default=4, help="speculative section: draft length K (4)"
+    )
+    bench.add_argument(
+        "--speculative-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="speculative section: batch sizes (1 8)",
+    )
+    bench.add_argument(
+        "--speculative-repeats",
+        type=int,
+        default=3,
+        help="speculative section: interleaved rounds (3)",
     )
 
 
@@ -179,3 +208,11 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--leftout-mass must be in [0, 1), got {args.leftout_mass}.")
     if args.constraint_repeats < 1:
         raise ConfigError(f"--constraint-repeats must be >= 1, got {args.constraint_repeats}.")
+    if not 1 <= args.speculate_k <= 16:
+        raise ConfigError(f"--speculate-k must be from 1 to 16, got {args.speculate_k}.")
+    if args.speculative_repeats < 1:
+        raise ConfigError(f"--speculative-repeats must be >= 1, got {args.speculative_repeats}.")
+    if any(b < 1 for b in args.speculative_batch_sizes):
+        raise ConfigError(
+            f"--speculative-batch-sizes must all be >= 1, got {args.speculative_batch_sizes}."
+        )

@@ -25,6 +25,9 @@ Sections (each a key of the JSON output; docs/benchmarks.md describes every fiel
 - `constraint` (only when asked: `--constraint`, or `--constraint-only` for it alone): ms
   per token with a JSON-schema constraint against the same run without one, per main
   member (constraint.py).
+- `speculative` (only when asked: `--speculative`, or `--speculative-only`): speculative
+  decoding (`speculate=K`) against standard decoding at batch 1 and 8, greedy and sampled
+  (speculative.py).
 
 Every run uses `min_new_tokens`, so all rows generate exactly the asked number of tokens.
 Timings on a shared CPU vary by 10-30% from run to run: compare figures from one run.
@@ -51,6 +54,7 @@ from .constraint import constraint_cost
 from .ray import print_ray, run_ray
 from .sections import PROMPTS, fidelity, gate_check, length_curve, memory, speed
 from .serving import print_serving, serving
+from .speculative import speculative_cost, speculative_table
 from .tables import constraint_table, print_table
 from .timing import rss_mb
 
@@ -90,9 +94,15 @@ def run(args: argparse.Namespace) -> int:
         figures = _constraint_section(ens, args)
         print(json.dumps(figures) if args.json else constraint_table(figures))
         return 0
+    if args.speculative_only:
+        figures = {"members": [m.name for m in ens.members], **_speculative_section(ens, args)}
+        print(json.dumps(figures) if args.json else speculative_table(figures))
+        return 0
     figures = _measure(ens, args, rss_start)
     if args.constraint:
         figures.update(_constraint_section(ens, args))
+    if args.speculative:
+        figures.update(_speculative_section(ens, args))
     if args.plot:
         plot_bench(figures, args.plot)
         figures["plot"] = args.plot
@@ -177,6 +187,19 @@ def _measure(ens: Ensemble, args: argparse.Namespace, rss_start: float) -> dict[
             figures["gate"] = gate_check(ens, PROMPTS, args.gate_tokens, tick)
             seconds["gate"] = round(time.perf_counter() - start, 1)
     return figures
+
+
+def _speculative_section(ens: Ensemble, args: argparse.Namespace) -> dict[str, Any]:
+    """The speculative section, with a progress bar on stderr."""
+    sizes = args.speculative_batch_sizes
+    with tqdm(total=2 * len(sizes), desc="deepen bench speculative", file=sys.stderr) as bar:
+
+        def tick() -> None:
+            bar.update(1)
+
+        k, repeats = args.speculate_k, args.speculative_repeats
+        section = speculative_cost(ens, sizes, args.new_tokens, k, repeats, tick)
+    return {"speculative": section}
 
 
 def _constraint_section(ens: Ensemble, args: argparse.Namespace) -> dict[str, Any]:

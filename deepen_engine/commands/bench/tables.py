@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .speculative import speculative_table
+
 
 def constraint_table(f: dict[str, Any]) -> str:
     """ms/token with and without a constraint, one row per main member."""
@@ -68,5 +70,7 @@ def print_table(f: dict[str, Any]) -> None:
         )
     if "constraint" in f:
         print("\n" + constraint_table(f))
+    if "speculative" in f:
+        print("\n" + speculative_table(f))
     if "plot" in f:
         print(f"plot: {f['plot']}")

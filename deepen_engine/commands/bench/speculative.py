@@ -1,0 +1,118 @@
+"""The `speculative` section of `deepen bench`: speculative fused decoding
+(`GenerationConfig.speculate`, decoding/speculative.py) against standard decoding
+(docs/benchmarks.md).
+
+For each batch size and each kind (`greedy`; `sampled`: temperature 0.7, seed 0), `repeats`
+rounds of three runs on the bench's prompts, exactly n tokens per row, interleaved so the
+machine's noise hits all alike: the slower member alone (transformers `generate`, greedy,
+its KV cache), the ensemble with `speculate=0`, and with `speculate=k`. Reported, medians
+over the rounds:
+
+- `standard_tokens_per_s`, `speculative_tokens_per_s` and their ratio `speedup`;
+- `acceptance_rate`: drafted tokens the fused distribution kept / drafted tokens;
+- `mean_accepted_length`: kept drafted tokens per draft;
+- `ratio_to_slower_member`: speculative ms/token / the slower member's alone;
+- `same_tokens` (greedy): the speculative runs' token ids equal the standard runs'.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ...ensemble import Ensemble
+from .sections import PROMPTS
+from .timing import member_alone
+
+KINDS: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "sampled": {"temperature": 0.7, "seed": 0},
+}
+
+
+def speculative_cost(
+    ens: Ensemble,
+    batch_sizes: Sequence[int],
+    n: int,
+    k: int,
+    repeats: int,
+    tick: Callable[[], None],
+) -> dict[str, Any]:
+    """Figures of every batch size and kind (see the module docstring)."""
+    rows = []
+    for size in batch_sizes:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(size)]
+        for kind, settings in KINDS.items():
+            rows.append(_one(ens, prompts, n, k, repeats, kind, settings))
+            tick()
+    return {"new_tokens": n, "speculate": k, "rounds": repeats, "rows": rows}
+
+
+def _one(
+    ens: Ensemble,
+    prompts: list[str],
+    n: int,
+    k: int,
+    repeats: int,
+    kind: str,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    tokens = n * len(prompts)
+    ens.generate(prompts, max_new_tokens=2, speculate=k, **settings)  # warm up
+    seconds: dict[str, list[float]] = {"slower": [], "standard": [], "speculative": []}
+    drafted = accepted = drafts = 0
+    same = True
+    for _ in range(repeats):
+        seconds["slower"].append(
+            max(member_alone(m, prompts, n, warm_up=False)[-1] for m in ens.members)
+        )
+        runs = {}
+        for name, spec in (("standard", 0), ("speculative", k)):
+            start = time.perf_counter()
+            runs[name] = ens.generate(
+                prompts, max_new_tokens=n, min_new_tokens=n, speculate=spec, **settings
+            )
+            seconds[name].append(time.perf_counter() - start)
+        for r in runs["speculative"]:
+            drafted += r.usage.drafted_tokens
+            accepted += r.usage.accepted_tokens
+            drafts += r.usage.drafts
+        standard_ids = [r.token_ids for r in runs["standard"]]
+        same = same and standard_ids == [r.token_ids for r in runs["speculative"]]
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    out: dict[str, Any] = {
+        "batch_size": len(prompts),
+        "kind": kind,
+        "standard_tokens_per_s": round(tokens / med["standard"], 2),
+        "speculative_tokens_per_s": round(tokens / med["speculative"], 2),
+        "speedup": round(med["standard"] / med["speculative"], 3),
+        "acceptance_rate": round(accepted / drafted, 3) if drafted else None,
+        "mean_accepted_length": round(accepted / drafts, 2) if drafts else None,
+        "ratio_to_slower_member": round(med["speculative"] / med["slower"], 3),
+        "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
+    }
+    if kind == "greedy":
+        out["same_tokens"] = same
+    return out
+
+
+def speculative_table(f: dict[str, Any]) -> str:
+    """Standard against speculative decoding, one line per batch size and kind."""
+    s = f["speculative"]
+    lines = [
+        f"speculative decoding, speculate={s['speculate']}, {s['new_tokens']} new tokens "
+        f"(medians of {s['rounds']} interleaved rounds)",
+        f"{'batch':>5} {'kind':8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
+        f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'same':>6}",
+    ]
+    for r in s["rows"]:
+        rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
+        length = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
+        lines.append(
+            f"{r['batch_size']:>5} {r['kind']:8}{r['standard_tokens_per_s']:>10.2f}"
+            f"{r['speculative_tokens_per_s']:>11.2f}{r['speedup']:>8.2f}{rate:>8}{length:>9}"
+            f"{r['ratio_to_slower_member']:>12.2f}{str(r.get('same_tokens', '-')):>6}"
+        )
+    return "\n".join(lines)

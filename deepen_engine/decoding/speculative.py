@@ -1,0 +1,393 @@
+"""Speculative fused decoding across vocabularies (`GenerationConfig.speculate`).
+
+The main member drafts a few tokens alone; every helper then reads the drafted text in one
+forward pass, and the fused distribution at every drafted position decides how much of the
+draft to keep (Fu et al. 2025, arXiv 2502.01662, for members of one vocabulary; here the
+helpers' tokenisations differ). One speculative step, for all rows of the batch:
+
+1. Draft: each speculating row's main member picks up to k tokens from its own logits
+   (argmax, or a draw from its own sampling distribution q), one forward per token, all
+   rows together; a draft stops at an end token. Rows that do not speculate draft nothing.
+2. Plan: for every helper and every drafted position t, the ids the helper's incremental
+   sync would give the text of the first t drafted tokens (`MemberBatch.plan_sync`); the
+   helper is synced to the longest draft that fits its window, and one forward pass keeps
+   the logits after every fed position.
+3. Positions: position t (the next token after t drafted ones) is verifiable while, for
+   every helper, the ids of the text at t are a prefix of the ids fed and their last
+   position was fed in this forward (the sync's own boundary); the first position that is
+   not verifiable ends the row's verification. Position 0 is the step a plain decoder
+   would take (the helpers' current logits).
+4. Fuse all verifiable positions of all rows at once, each row with its own fuser; mask
+   end tokens before `min_new_tokens` and a constrained row's grammar (constrained rows
+   do not draft).
+5. Accept: greedy, keep drafted tokens while the fused argmax equals them and emit the
+   fused argmax at the first mismatch; sampled, accept drafted x with probability
+   min(1, p(x)/q(x)), else draw from normalise(max(0, p - q)); after the last drafted
+   token, draw from p. Output equals (greedy) or is distributed as (sampled) the plain
+   decoder's.
+6. Apply the kept tokens one by one as the plain step does (end tokens, stop strings,
+   grammar end, max_new_tokens, logprobs); roll every member's cache back to the kept text
+   (the main member's logits after its last kept draft are restored, helpers re-sync from
+   their state before the draft); adapt each row's draft length to its acceptance.
+
+Members in Ray actors are refused (their batches return top logits of one position only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..errors import ConfigError
+from ..members import Member
+from ..outputs import StreamEvent
+from ..remote.batch import new_batch
+from .acceptance import accept_draft
+from .constraints import apply_masks
+from .member_batch import MemberBatch, RowIds, _common_prefix
+from .row_scores import fuse_rows
+from .rows import DecodeHooks, NewRow, Row, note_logprob
+from .sampling import Sampler, suppress_end_tokens
+
+
+class Decoder(Protocol):
+    """What a speculative step uses of the decoding loop (`loop.BatchDecoder`)."""
+
+    rows: list[Row]
+    batches: list[MemberBatch]
+    members: list[Member]
+    main: int
+    main_member: Member
+    hooks: DecodeHooks
+
+    def _finish(self, b: int, reason: str) -> Iterator[StreamEvent]: ...
+
+    def _keep(self, keep: list[int]) -> None: ...
+
+
+def check_speculation(members: Sequence[Member], new: Sequence[NewRow]) -> None:
+    """Raise `ConfigError` for a speculating row of an ensemble with members in Ray actors."""
+    remote = [m.name for m in members if m.remote is not None]
+    for item in new:
+        if item.config.speculate and remote:
+            raise ConfigError(
+                f"speculate={item.config.speculate} (row {item.index}) is not supported yet "
+                f"with members in Ray actors ({', '.join(remote)}): set speculate=0, or load "
+                "the members in process."
+            )
+
+
+@dataclass
+class _Draft:
+    """One row's draft and what verifying it needs."""
+
+    tokens: list[int] = field(default_factory=list)  # drafted main-member ids
+    main_logits: list[torch.Tensor] = field(default_factory=list)  # (V,) after 0..n fed drafts
+    q: list[torch.Tensor] = field(default_factory=list)  # (V,) draft distribution (sampled)
+    texts: list[str] = field(default_factory=list)  # text after 0..n drafted tokens
+    positions: int = 1  # verifiable positions (step 3)
+
+    @property
+    def fed(self) -> int:
+        """Drafted tokens the main member was fed (an end token is not)."""
+        return len(self.main_logits) - 1
+
+
+class Speculator:
+    """Speculative steps of a `BatchDecoder` (see the module docstring)."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.dec = decoder
+        self.length: dict[int, int] = {}  # id(row) -> its current draft length
+
+    def wanted(self) -> bool:
+        """Whether some row would draft this step (else the plain step runs)."""
+        return any(self._draft_length(b) > 0 for b in range(len(self.dec.rows)))
+
+    def _draft_length(self, b: int) -> int:
+        """Row b's draft length now: its adaptive length, 0 where speculation is off (one
+        member run, a constraint, measuring hooks), short of max_new_tokens and windows.
+        """
+        dec, row = self.dec, self.dec.rows[b]
+        k = row.config.speculate
+        plain_hooks = dec.hooks.on_step is None and dec.hooks.helper_batch is new_batch
+        if not k or row.constraint is not None or len(dec.members) == 1 or not plain_hooks:
+            return 0
+        k = min(self.length.setdefault(id(row), k), row.config.max_new_tokens - row.generated - 1)
+        window = dec.main_member.context_window
+        if window is not None:
+            k = min(k, window - len(dec.batches[dec.main].rows[b].ids))
+        return max(k, 0)
+
+    def step(self) -> list[tuple[Row, StreamEvent]]:
+        """One speculative step for every row; the events it makes final (as
+        `BatchDecoder.step`).
+        """
+        dec, t0 = self.dec, time.perf_counter()
+        forward0 = [batch.forward_seconds for batch in dec.batches]
+        lengths = [self._draft_length(b) for b in range(len(dec.rows))]
+        # 1. draft with the main member alone.
+        drafts = self._draft(lengths)
+        # 2.-3. helpers read the drafts in one forward; which positions they verify.
+        helper_logits = self._verify_forwards(drafts)
+        # 4. fuse every verifiable position of every row.
+        fused, where = self._fuse(drafts, helper_logits)  # (N, V_main)
+        # 5.-6. accept, apply, roll back, finish.
+        events: list[tuple[Row, StreamEvent]] = []
+        finished: dict[int, str] = {}
+        for b, row in enumerate(dec.rows):
+            d, sampler = drafts[b], _sampler(row)
+            gen = None if sampler.greedy else row.generator_on(fused.device)
+            mine = fused[where[b] : where[b] + d.positions]  # (P, V)
+            kept = accept_draft(sampler, mine, d.tokens, d.q, gen)
+            reason = self._apply(b, row, drafts[b], kept, fused[where[b] :])
+            self._adapt(row, drafts[b], kept, lengths[b])
+            if reason is not None:
+                finished[b] = reason
+        spent = time.perf_counter() - t0
+        for batch, start in zip(dec.batches, forward0):
+            forwards = batch.forward_seconds - start
+            spent -= forwards
+            for row in dec.rows:
+                seconds = row.usage.forward_seconds
+                seconds[batch.member.name] = seconds.get(batch.member.name, 0.0) + forwards
+        for b, row in enumerate(dec.rows):
+            row.usage.fusion_seconds += spent
+            if b in finished:
+                events.extend((row, e) for e in dec._finish(b, finished[b]))
+            elif delta := row.text.delta():
+                event = StreamEvent(delta=delta, index=row.index, logprobs=row.take_logprobs())
+                events.append((row, event))
+        dec._keep([b for b in range(len(dec.rows)) if b not in finished])
+        live = {id(row) for row in dec.rows}
+        self.length = {key: k for key, k in self.length.items() if key in live}
+        return events
+
+    # --- 1. draft ------------------------------------------------------------------------
+
+    def _draft(self, lengths: list[int]) -> list[_Draft]:
+        """Each row's draft: up to `lengths[b]` main-member tokens, one forward per token."""
+        dec = self.dec
+        main = dec.batches[dec.main]
+        logits = main.require_logits()  # (B, V)
+        drafts = [_Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
+        eos = torch.tensor(sorted(dec.main_member.eos_ids), dtype=torch.long)
+        for r in range(max(lengths, default=0)):
+            fed = False
+            for b, row in enumerate(dec.rows):
+                d = drafts[b]
+                if r >= lengths[b] or len(d.tokens) != r or d.fed < r:
+                    continue  # done: its length reached, or it drafted an end token
+                scores = d.main_logits[-1][None]  # (1, V)
+                early = torch.tensor([row.generated + r < row.config.min_new_tokens])
+                scores = suppress_end_tokens(scores, eos.to(scores.device), early.to(scores.device))
+                sampler = _sampler(row)
+                if sampler.greedy:
+                    token = int(scores[0].argmax())
+                else:
+                    q = sampler.probs(scores)[0]  # (V,)
+                    token = int(torch.multinomial(q, 1, generator=row.generator_on(q.device)))
+                    d.q.append(q)
+                d.tokens.append(token)
+                if token not in dec.main_member.eos_ids:
+                    main.append(b, token)
+                    fed = True
+            if not fed:
+                break
+            main.forward()
+            logits = main.require_logits()
+            for b in range(len(dec.rows)):
+                d = drafts[b]
+                if len(d.tokens) == r + 1 and d.tokens[-1] not in dec.main_member.eos_ids:
+                    d.main_logits.append(logits[b])
+        texts = dec.main_member.vocab.texts
+        for b, row in enumerate(dec.rows):
+            d = drafts[b]
+            pieces = [texts[t] or b"" for t in d.tokens[: d.fed]]
+            d.texts = [row.text.text, *row.text.preview(pieces)]
+        return drafts
+
+    # --- 2.-3. verification forwards -----------------------------------------------------
+
+    def _verify_forwards(self, drafts: list[_Draft]) -> list[list[list[torch.Tensor]]]:
+        """Sync every helper to each row's drafted text in one forward; per helper, per row,
+        the (V_i,) logits at each verifiable position (`_Draft.positions` is cut to the
+        positions every helper verifies). Helpers' ids before the draft are kept in
+        `self.before` for the roll-back.
+        """
+        dec = self.dec
+        out: list[list[list[torch.Tensor]]] = []
+        self.before: list[list[RowIds]] = []
+        for d in drafts:
+            d.positions = d.fed + 1
+        for i, batch in enumerate(dec.batches):
+            if i == dec.main:
+                out.append([])
+                self.before.append([])
+                continue
+            now = batch.require_logits()  # (B, V_i) position 0
+            before = [_copy(r) for r in batch.rows]
+            plans = [
+                [batch.plan_sync(before[b], text) for text in d.texts[1 : d.positions]]
+                for b, d in enumerate(drafts)
+            ]
+            for b, d in enumerate(drafts):  # feed no more than the member's window holds
+                window = batch.member.context_window
+                while d.positions > 1 and not _fits(plans[b][d.positions - 2][0], window):
+                    d.positions -= 1
+                if d.positions > 1:
+                    batch.apply_plan(b, plans[b][d.positions - 2])
+            batch.keep_fed_logits, batch.fed_logits = True, [[] for _ in batch.rows]
+            try:
+                batch.forward()
+            finally:
+                batch.keep_fed_logits = False
+            found: list[list[torch.Tensor]] = []
+            for b, d in enumerate(drafts):
+                row_logits = [now[b]]
+                fed_ids = batch.rows[b].ids
+                for t in range(1, d.positions):
+                    ids = plans[b][t - 1][0]
+                    at = _fed_logits(batch, b, len(ids) - 1)
+                    if at is None or ids != fed_ids[: len(ids)]:
+                        break  # not a boundary this helper's own sync makes: stop here
+                    row_logits.append(at)
+                d.positions = len(row_logits)
+                found.append(row_logits)
+            batch.fed_logits = []
+            out.append(found)
+            self.before.append(before)
+        return out
+
+    # --- 4. fuse --------------------------------------------------------------------------
+
+    def _fuse(
+        self, drafts: list[_Draft], helper_logits: list[list[list[torch.Tensor]]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Fused (N, V_main) logits of every row's verifiable positions (row b's start at
+        `where[b]`), masked as the plain step masks them.
+        """
+        dec = self.dec
+        where, n = [], 0
+        for d in drafts:
+            where.append(n)
+            n += d.positions
+        owners = [(b, t) for b, d in enumerate(drafts) for t in range(d.positions)]
+        stacked = []
+        for i in range(len(dec.members)):
+            if i == dec.main:
+                parts = [drafts[b].main_logits[t] for b, t in owners]
+            else:
+                parts = [helper_logits[i][b][t] for b, t in owners]
+            stacked.append(torch.stack(parts))  # (N, V_i)
+        groups: dict[int, list[int]] = {}
+        for p, (b, _) in enumerate(owners):
+            groups.setdefault(id(dec.rows[b].fuser), []).append(p)
+        # each position fused with its row's weights (`weighting="prompt"`: per row)
+        if len(groups) == 1:
+            fused = fuse_rows([dec.rows[b] for b, _ in owners], stacked)
+        else:
+            device = stacked[dec.main].device
+            fused = torch.empty(stacked[dec.main].shape, dtype=torch.float32, device=device)
+            for positions in groups.values():
+                index = torch.tensor(positions)
+                part = fuse_rows(
+                    [dec.rows[owners[p][0]] for p in positions],
+                    [x[index.to(x.device)] for x in stacked],
+                )
+                fused[index.to(device)] = part.to(device)
+        rows = dec.rows
+        fused = apply_masks(fused, [rows[b].constraint if t == 0 else None for b, t in owners])
+        early = [rows[b].generated + t < rows[b].config.min_new_tokens for b, t in owners]
+        eos = torch.tensor(sorted(dec.main_member.eos_ids), dtype=torch.long, device=fused.device)
+        fused = suppress_end_tokens(fused, eos, torch.tensor(early, device=fused.device))
+        return fused, where
+
+    # --- 6. apply -------------------------------------------------------------------------
+
+    def _apply(
+        self, b: int, row: Row, d: _Draft, kept: list[int], fused: torch.Tensor
+    ) -> str | None:
+        """Take the kept tokens as the plain step would and roll every member back to
+        them; the row's finish reason, or None while it runs on.
+        """
+        dec = self.dec
+        member = dec.main_member
+        texts, eos = member.vocab.texts, member.eos_ids
+        reason: str | None = None
+        appended: list[int] = []
+        for t, token in enumerate(kept):
+            if row.config.logprobs is not None:
+                note_logprob(row, torch.log_softmax(fused[t].float(), -1), token, texts, eos)
+            row.generated += 1
+            row.usage.completion_tokens += 1
+            if token in eos:
+                reason = "eos"
+                break
+            appended.append(token)
+            row.text.add(texts[token] or b"")
+            if row.constraint is not None:
+                row.constraint.advance(token)
+            if row.text.stopped:
+                reason = "stop"
+            elif row.constraint is not None and row.constraint.finished:
+                reason = "eos"
+            elif row.generated >= row.config.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                break
+        # the main member: its ids before the draft, then the appended tokens
+        main = dec.batches[dec.main]
+        start = len(main.rows[b].ids) - d.fed
+        same = _common_prefix(d.tokens[: d.fed], appended)
+        main.replace_ids(b, start + same, appended[same:])
+        if same == len(appended) and main.logits is not None:
+            main.logits[b] = d.main_logits[same]  # logits after its last kept draft
+        if reason is not None:
+            return reason
+        # helpers: re-sync from their ids before the draft to the row's text
+        for i, batch in enumerate(dec.batches):
+            if i != dec.main:
+                batch.apply_plan(b, batch.plan_sync(self.before[i][b], row.text.text))
+            if not batch.fits(b):
+                return "length"
+        return None
+
+    def _adapt(self, row: Row, d: _Draft, kept: list[int], length: int) -> None:
+        """Next draft length: one longer after a fully kept draft, else the kept length
+        plus one (at least 1), within the row's `speculate`.
+        """
+        if not length:
+            return
+        accepted = _common_prefix(d.tokens, kept)
+        row.usage.drafted_tokens += len(d.tokens)
+        row.usage.accepted_tokens += accepted
+        row.usage.drafts += 1
+        grow = accepted >= len(d.tokens)
+        nxt = length + 1 if grow else max(1, accepted + 1)
+        self.length[id(row)] = min(row.config.speculate, nxt)
+
+
+def _sampler(row: Row) -> Sampler:
+    cfg = row.config
+    return Sampler(cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def _fits(ids: list[int], window: int | None) -> bool:
+    return window is None or len(ids) <= window
+
+
+def _copy(r: RowIds) -> RowIds:
+    return RowIds(prompt_ids=r.prompt_ids, ids=list(r.ids), cached=r.cached, ends=list(r.ends))
+
+
+def _fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None:
+    """Row b's logits after `position`, if this forward fed it."""
+    for first, block in batch.fed_logits[b]:
+        if first <= position < first + block.shape[0]:
+            return block[position - first]
+    return None

@@ -1,0 +1,270 @@
+"""Speculative fused decoding (decoding/speculative.py) on tiny members whose tokenizers
+split words differently (byte-level BPE main or helper, SentencePiece the other): greedy
+output identical to `speculate=0` in every setting, caches exact after roll-backs, sampled
+output distributed as without speculation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from deepen_engine import ConfigError, GenerationConfig
+from deepen_engine.commands.options import generation_options, generation_settings
+from deepen_engine.config import METHODS
+from deepen_engine.decoding.loop import BatchDecoder
+from deepen_engine.decoding.rows import NewRow
+from deepen_engine.decoding.speculative import check_speculation
+from deepen_engine.server.protocol import parse_completion
+
+PROMPTS = [
+    "The capital of France is",
+    "Q: What is 12 + 7?\nA:",
+    "def add(a, b):",
+    "Once upon a time there was",
+]
+
+
+def _same(base, out):
+    assert [r.text for r in out] == [r.text for r in base]
+    assert [r.token_ids for r in out] == [r.token_ids for r in base]
+    assert [r.finish_reason for r in out] == [r.finish_reason for r in base]
+
+
+def _usage(results):
+    drafted = sum(r.usage.drafted_tokens for r in results)
+    return drafted, sum(r.usage.accepted_tokens for r in results)
+
+
+@pytest.mark.parametrize("main", [0, 1], ids=["bpe-main", "sp-main"])
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_output_equals_plain_decoding(tiny_ensemble, method, main):
+    view = tiny_ensemble.view({"method": method, "main": main})
+    base = view.generate(PROMPTS, max_new_tokens=24)
+    assert _usage(base) == (0, 0)
+    accepted = 0
+    for k in (2, 4, 8):
+        out = view.generate(PROMPTS, max_new_tokens=24, speculate=k)
+        _same(base, out)
+        drafted, kept = _usage(out)
+        assert drafted > kept  # some drafts were rejected: both paths ran
+        accepted += kept
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("gate", ["agree", "confident"])
+def test_greedy_equality_with_the_gate(tiny_ensemble, gate):
+    view = tiny_ensemble.view({"gate": gate, "gate_threshold": 0.05, "main": 1})
+    base = view.generate(PROMPTS, max_new_tokens=20)
+    _same(base, view.generate(PROMPTS, max_new_tokens=20, speculate=4))
+
+
+def test_stop_strings_min_tokens_and_end_tokens(tiny_ensemble):
+    view = tiny_ensemble.view({"main": 1})
+    plain = view.generate(PROMPTS, max_new_tokens=30)
+    # a stop string from the middle of each row's own text: it fires inside a draft
+    stops = [r.text[len(r.text) // 2 : len(r.text) // 2 + 2] for r in plain if len(r.text) > 6]
+    settings = {"max_new_tokens": 30, "stop": stops, "min_new_tokens": 5}
+    base = view.generate(PROMPTS, **settings)
+    assert "stop" in [r.finish_reason for r in base]
+    for k in (2, 8):
+        _same(base, view.generate(PROMPTS, speculate=k, **settings))
+
+
+def test_streaming_and_logprobs_equal_plain_decoding(tiny_ensemble):
+    view = tiny_ensemble.view({"main": 1})
+    base = view.generate(PROMPTS[:2], max_new_tokens=20, logprobs=2)
+    out = view.generate(PROMPTS[:2], max_new_tokens=20, logprobs=2, speculate=4)
+    _same(base, out)
+    for a, b in zip(base, out):
+        assert a.logprobs is not None and b.logprobs is not None
+        assert [(e.id, [t.id for t in e.top]) for e in a.logprobs] == [
+            (e.id, [t.id for t in e.top]) for e in b.logprobs
+        ]
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+    deltas: dict[int, str] = {0: "", 1: ""}
+    for event in view.stream(PROMPTS[:2], max_new_tokens=20, speculate=4):
+        deltas[event.index] += event.delta
+    assert [deltas[0], deltas[1]] == [r.text for r in base]
+
+
+def test_constrained_rows_decode_without_drafts_and_equal_plain(tiny_ensemble):
+    view = tiny_ensemble.view({"main": 1})
+    settings = {"max_new_tokens": 24, "regex": r"[a-z ]{3,12}![0-9]{2}"}
+    base = view.generate(PROMPTS[:2], **settings)
+    out = view.generate(PROMPTS[:2], speculate=4, **settings)
+    _same(base, out)
+    assert _usage(out) == (0, 0)
+
+
+def _drive(ensemble, joins, configs, check=None):
+    """Drive a BatchDecoder by hand: rows join before the steps in `joins`; the token ids
+    of every row by prompt index. `check(decoder)` runs after every advance.
+    """
+    fuser = ensemble.fuser
+    decoder = BatchDecoder(ensemble.members, fuser.main)
+    ids: dict[int, list[int]] = {}
+    try:
+        for step in range(80):
+            if step in joins:
+                new = [
+                    NewRow(
+                        prompts=[(PROMPTS[p], True)] * 2, config=configs[p], fuser=fuser, index=p
+                    )
+                    for p in joins[step]
+                ]
+                decoder.join(decoder.prepare(new))
+            if not decoder.rows and step > max(joins):
+                break
+            for _, event in decoder.step() if decoder.rows else []:
+                if event.finish_reason is not None:
+                    ids[event.index] = event.token_ids
+            if decoder.rows:
+                decoder.advance()
+                if check is not None:
+                    check(decoder)
+    finally:
+        decoder.close()
+    return ids
+
+
+def test_rows_of_different_k_joining_mid_flight_equal_each_alone(tiny_ensemble):
+    configs = [
+        GenerationConfig(max_new_tokens=14, speculate=8),
+        GenerationConfig(max_new_tokens=9, speculate=0),
+        GenerationConfig(max_new_tokens=16, speculate=2, stop=["e "]),
+        GenerationConfig(max_new_tokens=12, speculate=4, regex=r"[a-z]{2,6}[.!]"),
+    ]
+    ids = _drive(tiny_ensemble, {0: [0, 1], 2: [2], 5: [3]}, configs)
+    assert sorted(ids) == [0, 1, 2, 3]
+    for p, got in ids.items():
+        plain = configs[p].model_copy(update={"speculate": 0})
+        assert got == tiny_ensemble.generate(PROMPTS[p], plain).token_ids
+
+
+def test_rolled_back_caches_equal_a_fresh_prefill(tiny_ensemble):
+    """After every speculative step and advance, each member's logits for each row equal
+    a fresh forward over that row's ids, and each helper's ids equal its tokenisation of
+    prompt + text."""
+    checked = []
+
+    def check(decoder):
+        for batch in decoder.batches:
+            member = batch.member
+            for b, row in enumerate(batch.rows):
+                with torch.inference_mode():
+                    fresh = member.model(input_ids=torch.tensor([row.ids])).logits[0, -1]
+                torch.testing.assert_close(batch.logits[b], fresh.float(), atol=1e-4, rtol=1e-4)
+                if member is not decoder.main_member:
+                    text = decoder.rows[b].text.text
+                    tail = member.tokenizer(text, add_special_tokens=False).input_ids
+                    assert row.ids == row.prompt_ids + tail
+        checked.append(1)
+
+    configs = [GenerationConfig(max_new_tokens=20, speculate=k) for k in (8, 4, 2, 8)]
+    ids = _drive(tiny_ensemble.view({"main": 1}), {0: [0, 1, 2], 3: [3]}, configs, check)
+    assert len(ids) == 4 and len(checked) > 5
+
+
+def _sampled_ids(ensemble, config, seeds):
+    """Token ids of one prompt's rows, one row per seed, decoded in one batch."""
+    fuser = ensemble.fuser
+    decoder = BatchDecoder(ensemble.members, fuser.main)
+    prompt = [("The capital of France is", True)] * 2
+    rows = [
+        NewRow(prompts=prompt, config=config, fuser=fuser, index=i, seed=s)
+        for i, s in enumerate(seeds)
+    ]
+    out: dict[int, tuple[int, ...]] = {}
+    drafted = accepted = 0
+    try:
+        decoder.join(decoder.prepare(rows))
+        while decoder.rows:
+            for _, event in decoder.step():
+                if event.finish_reason is not None:
+                    assert event.usage is not None and event.token_ids is not None
+                    out[event.index] = tuple(event.token_ids)
+                    drafted += event.usage.drafted_tokens
+                    accepted += event.usage.accepted_tokens
+            if decoder.rows:
+                decoder.advance()
+    finally:
+        decoder.close()
+    return [out[i] for i in range(len(seeds))], drafted, accepted
+
+
+def test_sampled_output_has_the_plain_distribution(tiny_ensemble):
+    """Chi-square test of homogeneity on the first three tokens of 800 seeded rows, with
+    and without speculation, where drafts are often rejected (unite fusion moves the
+    distribution away from the main member's). Seeded: the test is deterministic."""
+    view = tiny_ensemble.view({"method": "unite", "main": 1})
+    counts: list[dict[tuple[int, ...], int]] = []
+    for k, seeds in ((0, range(800)), (2, range(10_000, 10_800))):
+        cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=3, speculate=k)
+        ids, drafted, accepted = _sampled_ids(view, cfg, seeds)
+        if k:
+            assert drafted > accepted > 0
+        tally: dict[tuple[int, ...], int] = {}
+        for key in ids:
+            tally[key] = tally.get(key, 0) + 1
+        counts.append(tally)
+    keys = sorted(set(counts[0]) | set(counts[1]))
+    common = [key for key in keys if counts[0].get(key, 0) + counts[1].get(key, 0) >= 10]
+    rare = [key for key in keys if key not in common]
+    table = [[c.get(key, 0) for key in common] for c in counts]
+    if rare:  # the rare outcomes pooled in one column
+        for c, line in zip(counts, table):
+            line.append(sum(c.get(key, 0) for key in rare))
+    assert len(common) >= 5
+    _, p_value, _, _ = chi2_contingency(table)
+    assert p_value > 0.01, (p_value, table)
+
+
+def test_speculate_is_validated_and_reaches_every_entry_point():
+    with pytest.raises(ConfigError, match="speculate"):
+        GenerationConfig(speculate=-1)
+    with pytest.raises(ConfigError, match="speculate"):
+        GenerationConfig(speculate=17)
+    parser = argparse.ArgumentParser(parents=[generation_options()])
+    assert generation_settings(parser.parse_args(["--speculate", "4"])).speculate == 4
+    assert parse_completion({"prompt": "x", "speculate": 3}).generation["speculate"] == 3
+
+
+def test_ray_members_are_refused_with_speculation():
+    members = [SimpleNamespace(name="a", remote=None), SimpleNamespace(name="b", remote=object())]
+    row = NewRow(prompts=[], config=GenerationConfig(speculate=2), fuser=None, index=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"speculate=2 \(row 1\) is not supported yet"):
+        check_speculation(members, [row])  # type: ignore[arg-type]
+    check_speculation(members, [NewRow(prompts=[], config=GenerationConfig(), fuser=None)])  # type: ignore[arg-type]
+
+
+def test_bench_speculative_section(tiny_folders, capsys):
+    from deepen_engine.commands.cli import main
+    from tests.conftest import member_args
+
+    flags = ["--speculative-only", "--new-tokens", "6", "--speculative-repeats", "2", "--json"]
+    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    section = figures["speculative"]
+    assert (section["speculate"], section["rounds"], section["new_tokens"]) == (4, 2, 6)
+    rows = section["rows"]
+    assert [(r["batch_size"], r["kind"]) for r in rows] == [
+        (1, "greedy"), (1, "sampled"), (8, "greedy"), (8, "sampled")
+    ]  # fmt: skip
+    for r in rows:
+        assert r["speedup"] == pytest.approx(
+            r["speculative_tokens_per_s"] / r["standard_tokens_per_s"], rel=0.02
+        )
+        assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 0
+        assert r["ratio_to_slower_member"] > 0
+    assert [r["same_tokens"] for r in rows if r["kind"] == "greedy"] == [True, True]
+    one = ["--speculative-only", "--new-tokens", "3", "--speculative-repeats", "1"]
+    assert main(["bench", *member_args(tiny_folders), *one, "--speculative-batch-sizes", "2"]) == 0
+    assert "spec tok/s" in capsys.readouterr().out
+    assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
+    assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
