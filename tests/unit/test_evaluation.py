@@ -1,5 +1,6 @@
-"""`deepen eval`: the tasks (capitals, countries, arithmetic), scoring, intervals, the paired
-test, adaptive weights, the split, and runs of the command on tiny members."""
+"""`deepen eval`: the tasks (capitals, countries, arithmetic, demonyms), scoring, intervals,
+the paired test, the oracle, adaptive weights, the split, and runs of the command on tiny
+members."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 
 from deepen_engine import ConfigError
 from deepen_engine.commands.cli import main
-from deepen_engine.commands.eval.stats import mcnemar
+from deepen_engine.commands.eval.stats import mcnemar, oracle
 from deepen_engine.commands.eval.task import (
     Question,
+    Score,
     adaptive_weights,
     is_correct,
     normalise,
@@ -22,10 +24,12 @@ from deepen_engine.commands.eval.tasks import (
     ARITHMETIC,
     CAPITALS,
     COUNTRIES,
+    DEMONYMS,
     first_integer_matches,
     load_arithmetic,
     load_capitals,
     load_countries,
+    load_demonyms,
     tasks_named,
 )
 from tests.conftest import member_args
@@ -117,9 +121,55 @@ def test_arithmetic_task_is_fixed_and_right():
     assert not first_integer_matches(" eighty", ("85",))
 
 
+def test_demonyms_task():
+    questions = load_demonyms()
+    assert questions == load_demonyms()  # the same questions, in the same order, every time
+    assert len(questions) == 239
+    assert [q.subject for q in questions] == sorted(q.subject for q in questions)
+    by_country = {q.subject: q for q in questions}
+    assert by_country["France"].answers == ("French",)
+    assert by_country["The Bahamas"].answers == ("Bahamian",)
+    assert "Serbia and Montenegro" not in by_country  # `Serbian/Montenegrin`: left out
+    assert all(len(q.answers) == 1 and "/" not in q.answer for q in questions)
+    assert DEMONYMS.prompt([by_country["France"]], by_country["The Bahamas"]) == (
+        "Q: What is a person from France called?\nA: French\n\n"
+        "Q: What is a person from The Bahamas called?\nA:"
+    )
+    # exact match after normalisation: case, accents, punctuation, the first line only
+    assert DEMONYMS.check(" bahamian.\nQ: What", by_country["The Bahamas"].answers)
+    assert DEMONYMS.check(" Sao Toméan", ("Sao Tomean",))
+    assert not DEMONYMS.check(" Bahamas", by_country["The Bahamas"].answers)
+    assert not DEMONYMS.check(" Bahamian people", by_country["The Bahamas"].answers)
+    # the seed-0 split: 4 shots, 50 dev, the other 185 for test; disjoint, seeded
+    split = split_questions(questions, 0)
+    assert (len(split.shots), len(split.dev), len(split.test)) == (4, 50, 185)
+    assert split == split_questions(load_demonyms(), 0)
+    assert len({q.subject for q in split.shots + split.dev + split.test}) == 239
+
+
+def test_oracle_counts_questions_any_member_answers():
+    def scored(name: str, marks: list[bool]) -> Score:
+        records = [{"correct": m} for m in marks]
+        return Score(system=name, correct=sum(marks), total=len(marks), records=records)
+
+    a = scored("a", [True, False, False, True])
+    b = scored("b", [False, True, False, True])
+    best = oracle([a, b])
+    assert (best.correct, best.total, best.accuracy) == (3, 4, 0.75)
+    assert oracle([a]).correct == 2
+    with pytest.raises(ValueError, match="same questions"):
+        oracle([a, scored("c", [True])])
+
+
 def test_tasks_by_name():
     assert tasks_named(None) == [CAPITALS]
-    assert [t.name for t in tasks_named(["all"])] == ["capitals", "countries", "arithmetic"]
+    assert [t.name for t in tasks_named(["all"])] == [
+        "capitals",
+        "countries",
+        "arithmetic",
+        "demonyms",
+    ]
+    assert tasks_named(["demonyms"]) == [DEMONYMS]
     with pytest.raises(ConfigError, match="'trivia' is not a task"):
         tasks_named(["trivia"])
 
@@ -171,7 +221,12 @@ def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
     assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
-    assert [t["task"] for t in summary["tasks"]] == ["capitals", "countries", "arithmetic"]
+    assert [t["task"] for t in summary["tasks"]] == [
+        "capitals",
+        "countries",
+        "arithmetic",
+        "demonyms",
+    ]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     for task in summary["tasks"]:
         systems = [r["system"] for r in task["results"]]
@@ -200,7 +255,7 @@ def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
     # the table prints every task and system
     assert main(["eval", *member_args(tiny_folders), *args]) == 0
     table = capsys.readouterr().out
-    assert "| system | capitals (4) | countries (4) | arithmetic (4) |" in table
+    assert "| system | capitals (4) | countries (4) | arithmetic (4) | demonyms (4) |" in table
     assert table.count("\n| unite (main") == 1
 
 
@@ -310,3 +365,28 @@ def test_eval_writes_into_the_cache_not_the_current_directory(
     assert summary["outputs"] == str(cache / "eval" / "deepen-eval.jsonl")
     assert (cache / "eval" / "deepen-eval.jsonl").read_text().count("\n") > 0
     assert list(work.iterdir()) == []
+
+
+def test_eval_members_alone_on_dev(tiny_folders, tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    args = ["--task", "demonyms", "--systems", "members", "--split", "dev", "--dev-size", "5"]
+    args += ["--n", "4", "--batch-size", "4", "--output", str(out)]
+    assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
+    assert summary["split"] == "dev" and summary["methods"] == []
+    (task,) = summary["tasks"]
+    assert [r["system"] for r in task["results"]] == names and task["comparisons"] == []
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    dev = split_questions(load_demonyms(), 0, 4, 5).dev[:4]
+    assert [r["subject"] for r in records] == [q.subject for q in dev] * 2
+    either = [a["correct"] or b["correct"] for a, b in zip(records[:4], records[4:])]
+    assert task["oracle"]["correct"] == sum(either) and task["oracle"]["total"] == 4
+    assert main(["eval", *member_args(tiny_folders), *args]) == 0
+    assert "| oracle (any member right) |" in capsys.readouterr().out
+
+
+def test_eval_dev_split_refuses_choosing_on_dev(tiny_folders, capsys):
+    args = ["--split", "dev", "--weights", "adaptive"]
+    assert main(["eval", *member_args(tiny_folders), *args]) == 2
+    assert "--split dev answers the dev questions" in capsys.readouterr().err

@@ -29,10 +29,19 @@ from ...errors import ConfigError
 from ...members import cache_dir
 from ..options import METHODS, fusion_options, fusion_settings, member_options, member_specs
 from ..progress import announce_loading
-from .stats import mcnemar
+from .stats import mcnemar, oracle
 from .sweep import run_sweep
 from .systems import answerer, members_alone, system_label, systems_named
-from .task import Score, Split, Task, adaptive_weights, score, split_questions, write_records
+from .task import (
+    Question,
+    Score,
+    Split,
+    Task,
+    adaptive_weights,
+    score,
+    split_questions,
+    write_records,
+)
 from .tasks import TASKS, tasks_named
 from .tools import run_tools_eval
 
@@ -65,6 +74,20 @@ def add_parser(sub: Any) -> None:
         choices=["auto", "required"],
         default="auto",
         help="tools task: auto (the model may answer in text; default) or required",
+    )
+    ev.add_argument(
+        "--systems",
+        choices=["all", "members"],
+        default="all",
+        help="all: members alone and every ensemble (default); members: members alone only "
+        "(a cheap look at a task: their accuracies and the oracle)",
+    )
+    ev.add_argument(
+        "--split",
+        choices=["test", "dev"],
+        default="test",
+        help="the questions answered: test (default) or dev (for exploring a task; not with "
+        "--weights adaptive or --main auto, which choose on dev)",
     )
     ev.add_argument("--n", type=int, default=150, help="test questions per task (default 150)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the question split (default 0)")
@@ -135,6 +158,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.main is None:
         args.main = 0
     weights = _weights(args.weights)
+    if args.split == "dev" and (weights == "adaptive" or args.main == "auto"):
+        raise ConfigError(
+            "--split dev answers the dev questions, which --weights adaptive and --main auto "
+            "choose from: drop one of them."
+        )
     tasks = tasks_named(args.task)
     systems = systems_named(args)
     splits = {
@@ -149,8 +177,10 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     if args.sweep_eta or args.sweep_method:
         return run_sweep(args, ens, tasks, splits, weights)
+    if args.systems == "members":
+        systems = []
     per_task = len(ens.members) + len(systems)
-    n_runs = sum(min(args.n, len(splits[t.name].test)) * per_task for t in tasks)
+    n_runs = sum(min(args.n, len(_asked(splits[t.name], args))) * per_task for t in tasks)
     if weights == "adaptive" or args.main == "auto":
         n_runs += sum(len(ens.members) * len(splits[t.name].dev) for t in tasks)
     reports, records = [], []
@@ -164,6 +194,7 @@ def run_eval(args: argparse.Namespace) -> int:
     summary = {
         "seed": args.seed,
         "shots": args.shots,
+        "split": args.split,
         "members": [m.name for m in ens.members],
         "main": "auto" if args.main == "auto" else ens.main.name,
         "methods": list(dict.fromkeys(m for m, _ in systems)),
@@ -194,7 +225,7 @@ def _run_task(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any], list[Score]]:
     """One task: members alone, then each method; the report and every score."""
-    test = split.test[: args.n]
+    test = _asked(split, args)[: args.n]
     dev_scores: list[Score] = []
     view = ens
     if weights == "adaptive" or args.main == "auto":
@@ -236,9 +267,15 @@ def _run_task(
         "results": [s.summary() for s in alone + fused],
         "best_member": best.system,
         "best_member_accuracy": round(best.accuracy, 4),
+        "oracle": oracle(alone).summary(),
         "comparisons": comparisons,
     }
     return report, dev_scores + alone + fused
+
+
+def _asked(split: Split, args: argparse.Namespace) -> list[Question]:
+    """The questions the systems answer: the test set, or the dev set with --split dev."""
+    return split.dev if args.split == "dev" else split.test
 
 
 def _correct(s: Score) -> list[bool]:
@@ -250,7 +287,8 @@ def results_table(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
     systems = list(dict.fromkeys(r["system"] for t in tasks for r in t["results"]))
     lines = [
-        f"seed {summary['seed']}, {summary['shots']}-shot, greedy; 95% Wilson intervals; "
+        f"seed {summary['seed']}, {summary['split']} questions, {summary['shots']}-shot, "
+        "greedy; 95% Wilson intervals; "
         "ensembles: points over the best member alone, exact McNemar p",
         "",
         "| system | " + " | ".join(f"{t['task']} ({t['test_questions']})" for t in tasks) + " |",
@@ -273,6 +311,12 @@ def results_table(summary: dict[str, Any]) -> str:
                 text += f" ({c['minus_best_member'] * 100:+.1f}, {shown})"
             cells.append(text)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    cells = []
+    for t in tasks:  # the ceiling of any way of choosing between the members' answers
+        o = t["oracle"]
+        over = (o["accuracy"] - t["best_member_accuracy"]) * 100
+        cells.append(f"{o['accuracy']:.1%} ({over:+.1f} over the best member)")
+    lines.append("| oracle (any member right) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,9 @@ Only the discordant questions tell the systems apart: `b` answered right by the 
 wrong by the reference (the best member alone), `c` the other way round. Under the null
 hypothesis (equal accuracy) each discordant question is a fair coin, so the two-sided
 p-value is `min(1, 2 * P(X <= min(b, c)))` for `X ~ Binomial(b + c, 1/2)`.
+
+The oracle of the members is the ceiling of any way of choosing between their answers: a
+question counts when at least one member alone answers it right.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+from .task import Score
 
 
 def mcnemar(system: Sequence[bool], reference: Sequence[bool]) -> dict[str, Any]:
@@ -29,3 +34,13 @@ def mcnemar(system: Sequence[bool], reference: Sequence[bool]) -> dict[str, Any]
         "significant": p < 0.05,
         "verdict": "same" if p >= 0.05 else ("better" if b > c else "worse"),
     }
+
+
+def oracle(members: Sequence[Score]) -> Score:
+    """Questions answered right by at least one member alone (the same questions, in order)."""
+    if not members or len({s.total for s in members}) != 1:
+        totals = [s.total for s in members]
+        raise ValueError(f"the oracle needs members scored on the same questions, got {totals}")
+    rows = zip(*(s.records for s in members))
+    correct = sum(1 for answers in rows if any(r["correct"] for r in answers))
+    return Score(system="oracle (any member right)", correct=correct, total=members[0].total)

@@ -7,7 +7,14 @@ with its own few-shot template and scorer:
   are left out). A world-region task was tried first and dropped: with four few-shot
   examples both default members answered one region for every country (16% on dev);
 - `arithmetic`: the sum of two whole numbers from 1 to 20 (all 400 pairs; two-digit sums
-  left both default members near 0%); the first integer of the answer must equal the sum.
+  left both default members near 0%); the first integer of the answer must equal the sum;
+- `demonyms`: what a person from a country is called (`countryinfo`'s demonym; compound
+  demonyms such as `Serbian/Montenegrin` left out). Chosen as the fourth task because the
+  default members are complementary on it, not ordered: on the seed-0 dev questions each
+  member is right on several questions the other misses (docs/evaluation.md, "The fourth
+  task"). Number words, Roman numerals, month and letter arithmetic, larger-of-two,
+  parity, ISO codes and currency codes were measured first and dropped (one member far
+  ahead, both near 0%, or the same answers from both).
 
 Each task's questions come in a fixed order; `split_questions` shuffles them with the
 seed of the run.
@@ -73,6 +80,19 @@ def load_arithmetic() -> list[Question]:
     ]
 
 
+def load_demonyms() -> list[Question]:
+    """Every country with a single demonym in `countryinfo` -> that demonym, sorted."""
+    out = {}
+    for c in _countries():
+        name, demonym = c.name(), c.info().get("demonym")
+        if not (name and isinstance(demonym, str) and demonym.strip()):
+            continue
+        if "/" in demonym:
+            continue  # `Serbian/Montenegrin`: two answers in one, no single right reply
+        out[name] = Question(subject=name, answers=(demonym.strip(),))
+    return [out[k] for k in sorted(out)]
+
+
 def first_integer_matches(output: str, answers: Sequence[str]) -> bool:
     """The first integer on the answer's first line equals an accepted answer."""
     found = re.search(r"-?\d+", extract_answer(output).replace(",", ""))
@@ -101,7 +121,14 @@ ARITHMETIC = Task(
     check=first_integer_matches,
     max_new_tokens=6,
 )
-TASKS = {t.name: t for t in (CAPITALS, COUNTRIES, ARITHMETIC)}
+DEMONYMS = Task(
+    name="demonyms",
+    title="what a person from a country is called (countryinfo)",
+    template="Q: What is a person from {subject} called?\nA:",
+    load=load_demonyms,
+    check=is_correct,
+)
+TASKS = {t.name: t for t in (CAPITALS, COUNTRIES, ARITHMETIC, DEMONYMS)}
 
 
 def tasks_named(names: Sequence[str] | None) -> list[Task]:
