@@ -1,7 +1,8 @@
 """`deepen eval`: few-shot tasks for each member alone and for the ensemble, by method.
 
     deepen eval --n 150 --seed 0                         # capitals, DeePEn, Gemma-3 main
-    deepen eval --task all --method all --json           # 3 tasks x (members + 3 methods)
+    deepen eval --task all --method all --json           # 4 tasks x (members + 3 methods)
+    deepen eval --task demonyms --systems members --split dev   # members + oracle on dev
     deepen eval --main 1 --weights adaptive              # DeePEn-Adapt weights from dev
     deepen eval --task all --sweep-method deepen union unite --sweep-main 0 1   # dev set
     deepen eval --task tools --n 60 --seed 0             # tool calls (tools.py)
@@ -89,7 +90,9 @@ def add_parser(sub: Any) -> None:
         help="the questions answered: test (default) or dev (for exploring a task; not with "
         "--weights adaptive or --main auto, which choose on dev)",
     )
-    ev.add_argument("--n", type=int, default=150, help="test questions per task (default 150)")
+    ev.add_argument(
+        "--n", type=int, default=150, help="test (or --split dev) questions per task (default 150)"
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of the question split (default 0)")
     ev.add_argument("--shots", type=int, default=4, help="few-shot examples (default 4)")
     ev.add_argument("--dev-size", type=int, default=50, help="dev questions (default 50)")

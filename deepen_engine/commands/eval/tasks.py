@@ -14,7 +14,7 @@ with its own few-shot template and scorer:
   member is right on several questions the other misses (docs/evaluation.md, "The fourth
   task"). Number words, Roman numerals, month and letter arithmetic, larger-of-two,
   parity, ISO codes and currency codes were measured first and dropped (one member far
-  ahead, both near 0%, or the same answers from both).
+  ahead, both near 0%, or the same answers from both; scripts/eval_candidates.py).
 
 Each task's questions come in a fixed order; `split_questions` shuffles them with the
 seed of the run.
