@@ -8,6 +8,7 @@ Pipeline of `DeepenFuser._fuse_rows`, for a batch of rows:
    scatter, no cost); non-anchor tokens, whose rows cost a softmax over the anchors each,
    enter in order of probability until those left out hold at most `1 - top_mass` of the
    probability, at most `top_k` of them (`kept_non_anchors`). Special tokens never enter.
+   Probabilities are read from the logits only where needed (`_relative`, tables.py).
 2. Aggregate `r = sum_i w_i r_i` (`Fuser.row_weights`, renormalised over members that
    kept any mass).
 3. Candidates: the main member's top `candidates` tokens, plus its tokens for every anchor
