@@ -8,6 +8,7 @@ Pipeline of `DeepenFuser._fuse_rows`, for a batch of rows:
    scatter, no cost); non-anchor tokens, whose rows cost a softmax over the anchors each,
    enter in order of probability until those left out hold at most `1 - top_mass` of the
    probability, at most `top_k` of them (`kept_non_anchors`). Special tokens never enter.
+   Probabilities are read from the logits only where needed (`_relative`, tables.py).
 2. Aggregate `r = sum_i w_i r_i` (`Fuser.row_weights`, renormalised over members that
    kept any mass).
 3. Candidates: the main member's top `candidates` tokens, plus its tokens for every anchor
@@ -228,6 +229,10 @@ class DeepenFuser(Fuser):
     ) -> torch.Tensor:
         """AdamW on `KL(r || softmax(z) @ R)` with the reference schedule. z: (B, M), on
         the fusion device; the main member's rows come from its space's device.
+
+        A row whose candidates are all anchors (one-hot rows) has q and r mattering only
+        at its candidates' own anchors: its gradient is a (M, M) product. Only rows with a
+        non-anchor candidate work over all anchors, each with its own dense rows.
         """
         cfg = self.config
         space = self.spaces[self.main]
@@ -235,35 +240,32 @@ class DeepenFuser(Fuser):
         device = z.device
         anchor = self.on(space.token_to_anchor, device)[cand_ids]  # (B, M)
         one_hot = (anchor >= 0) & valid
-        dense = (anchor < 0) & valid
-        d_b, d_j = dense.nonzero(as_tuple=True)
-        dense_rows = space.non_anchor_rows(cand_ids[d_b, d_j].tolist()).to(device)  # (n, A)
         anchor_idx = anchor.clamp(min=0)
+        # rows with one-hot candidates only: (B, M, M) "same anchor" and r at the candidates
+        same = ((anchor[:, :, None] == anchor[:, None, :]) & one_hot[:, None, :]).float()
+        r_at = torch.where(one_hot, r.gather(1, anchor_idx), 0.0)  # (B, M)
+        # rows with a non-anchor candidate: D of them, n dense rows in all
+        dense = (anchor < 0) & valid  # (B, M)
+        rows_d = dense.any(-1).nonzero().squeeze(1)  # (D,)
+        e_b, e_j = dense[rows_d].nonzero(as_tuple=True)  # (n,): entry -> its row in D, column
+        dense_rows = space.non_anchor_rows(cand_ids[rows_d][e_b, e_j].tolist()).to(device)
+        r_d, idx_d, one_hot_d = r[rows_d], anchor_idx[rows_d], one_hot[rows_d]  # (D, A), (D, M)
 
-        if not d_b.numel():
-            # Only one-hot rows: q and r matter only at the candidates' own anchors, so the
-            # search runs on (B, M) tensors instead of (B, A). Same numbers as below.
-            same = (anchor[:, :, None] == anchor[:, None, :]) & one_hot[:, None, :]  # (B,M,M)
-            r_at = torch.where(one_hot, r.gather(1, anchor_idx), 0.0)  # (B, M)
-
-            def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
-                q_at = (same.float() @ s[:, :, None]).squeeze(-1)  # (B, M)
-                ratio = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
-                return torch.where(one_hot, -ratio, 0.0) / num_anchors
-        else:
-            n_dense = torch.arange(d_b.numel(), device=device)
-            owner = torch.zeros(r.shape[0], d_b.numel(), device=device)  # (B, n) row b owns i
-            owner[d_b, n_dense] = 1.0
-
-            def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
-                # q = softmax(z) @ R over the anchors: one-hot rows scatter, dense rows as
-                # one (B, n) @ (n, A) product.
-                q = torch.zeros_like(r).scatter_add_(1, anchor_idx, torch.where(one_hot, s, 0.0))
-                q.addmm_(owner * s[d_b, d_j][None, :], dense_rows)
-                ratio = torch.where(q > Q_FLOOR, r / q.clamp(min=Q_FLOOR), 0.0)  # (B, A)
-                # u_j = dL/ds_j = -(1/A) * R_j . (r / q)
-                u = torch.where(one_hot, -ratio.gather(1, anchor_idx), 0.0)
-                u[d_b, d_j] = -(ratio @ dense_rows.T)[d_b, n_dense]
-                return u / num_anchors
+        def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
+            q_at = (same @ s[:, :, None]).squeeze(-1)  # (B, M) q at each candidate's anchor
+            ratio_at = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
+            u = torch.where(one_hot, -ratio_at, 0.0)  # (B, M) dL/ds * A
+            if rows_d.numel():
+                # q = softmax(z) @ R over all anchors: one-hot rows scatter, each dense row
+                # added to its own batch row only.
+                s_d = s[rows_d]  # (D, M)
+                q = torch.zeros_like(r_d).scatter_add_(1, idx_d, torch.where(one_hot_d, s_d, 0.0))
+                q.index_add_(0, e_b, dense_rows * s_d[e_b, e_j][:, None])
+                ratio = torch.where(q > Q_FLOOR, r_d / q.clamp(min=Q_FLOOR), 0.0)  # (D, A)
+                # u_j = dL/ds_j * A = -R_j . (r / q)
+                u_d = torch.where(one_hot_d, -ratio.gather(1, idx_d), 0.0)
+                u_d[e_b, e_j] = -(dense_rows * ratio.index_select(0, e_b)).sum(-1)
+                u[rows_d] = u_d
+            return u / num_anchors
 
         return adamw_search(z, valid, gradient_of_s, cfg)

@@ -1,0 +1,98 @@
+"""Fusion alone, on recorded steps: CPU time of `Fuser.fuse` at batch 1 and 8, and whether
+two checkouts fuse to the same tokens.
+
+1. `record`: decode the bench's 8 prompts greedily with the default pair (batch 8) and keep
+   every step's member logits (one file, about 10 MB per step).
+2. `time`: fuse the recorded steps as batches of 8 and row by row, after one warm-up pass
+   (relative rows cached); CPU seconds of this process per fusion, one torch thread, so a
+   machine shared with other work measures the work done, not the wait.
+3. `save` / `compare`: the fused logits of every recorded step (batch 8 and each row
+   alone), then the greedy tokens and largest logit difference against a saved file.
+
+Run each checkout's copy by putting it first on the path (A/B of two commits):
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py record steps.pt --tokens 16
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py time steps.pt --repeat 3
+    HF_HUB_OFFLINE=1 PYTHONPATH=../old python scripts/fusion_cost.py save steps.pt old.pt
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py compare steps.pt old.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from deepen_engine import Ensemble
+from deepen_engine.commands.bench.sections import PROMPTS
+
+
+def _record(path: str, tokens: int) -> None:
+    ens = Ensemble()
+    steps: list[list[torch.Tensor]] = []
+    fuse = ens.fuser.fuse
+
+    def recording(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        steps.append([x.detach().clone() for x in logits])
+        return fuse(logits)
+
+    ens.fuser.fuse = recording  # type: ignore[method-assign]
+    ens.generate(list(PROMPTS), max_new_tokens=tokens, min_new_tokens=tokens)
+    torch.save(steps, path)
+    print(f"{len(steps)} steps of batch {steps[0][0].shape[0]} -> {path}")
+
+
+def _fusions(ens: Ensemble, steps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Fused logits of every step as a batch, then of each of its rows alone."""
+    out = []
+    for step in steps:
+        out.append(ens.fuser.fuse(step))
+        out.extend(ens.fuser.fuse([x[b : b + 1] for x in step]) for b in range(len(step[0])))
+    return out
+
+
+def main() -> None:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["record", "time", "save", "compare"])
+    parser.add_argument("steps", help="file of recorded steps")
+    parser.add_argument("fused", nargs="?", help="save/compare: file of fused logits")
+    parser.add_argument("--tokens", type=int, default=16, help="record: steps to record")
+    parser.add_argument("--repeat", type=int, default=3, help="time: passes timed")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.action == "record":
+        _record(args.steps, args.tokens)
+        return
+    steps = torch.load(args.steps)
+    ens = Ensemble()
+    if args.action == "time":
+        batch = len(steps[0][0])
+        rows = [[x[b : b + 1] for x in step] for step in steps for b in range(batch)]
+        for s in steps + rows:  # warm-up: every relative row cached
+            ens.fuser.fuse(s)
+        for name, runs in ((f"batch {batch}", steps), ("batch 1", rows)):
+            per = []
+            for _ in range(args.repeat):
+                start = time.process_time()
+                for s in runs:
+                    ens.fuser.fuse(s)
+                per.append((time.process_time() - start) * 1000 / len(runs))
+            print(f"{name}: {statistics.median(per):.2f} CPU ms per fusion (runs {per})")
+    elif args.action == "save":
+        torch.save(_fusions(ens, steps), args.fused)
+    else:
+        saved = torch.load(args.fused)
+        now = _fusions(ens, steps)
+        same = sum(int((a.argmax(-1) == b.argmax(-1)).all()) for a, b in zip(now, saved))
+        worst = max(float((a - b).abs().max()) for a, b in zip(now, saved))
+        print(
+            f"same greedy tokens in {same}/{len(now)} fusions; largest logit difference {worst:.3g}"
+        )
+
+
+if __name__ == "__main__":
+    main()
