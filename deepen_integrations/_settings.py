@@ -108,7 +108,9 @@ class DeepEnSettings(BaseModel):
 
     models: list[Any] | None = None
     """Members to load, in order: embedded names (`gemma-3-270m`, `smollm2-135m-instruct`),
-    `.gguf` files, model folders, hub ids, `(model, tokenizer)` pairs or `MemberSpec`s.
+    `.gguf` files, model folders, hub ids, `(model, tokenizer)` pairs, or `MemberSpec`s
+    (or dicts of their fields) for a member's device, `device_map`, `max_memory`,
+    `quantization`, ... (docs/big-members.md).
     `None`: the embedded default members. Loaded on first use. Not with `ensemble`."""
 
     shared_ensemble: Ensemble | None = Field(

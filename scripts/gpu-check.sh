@@ -12,7 +12,7 @@
 #   PY=$VENV/bin/python   the Python that runs the steps; with SKIP_INSTALL=1 it can be a
 #                         system Python whose packages (and deepen's missing ones, installed
 #                         from local wheels with `pip install --target DIR`) are on PYTHONPATH
-#   STEPS="gpu-tier unit-tier-on-gpu bench"   the steps to run (a subset, in that order)
+#   STEPS="gpu-tier unit-tier-on-gpu sharded bench"   the steps to run (a subset, in order)
 #   LIMITS="300 300 420"  seconds allowed to the gpu tier, the unit tier and each bench run
 #   GPU_MARKS=gpu         the gpu tier's marker expression ("gpu and not integration": the
 #                         tiny members alone, for a machine without the model packages)
@@ -107,7 +107,7 @@ else
   fi
 fi
 PY=${PY:-$VENV/bin/python}
-STEPS=" ${STEPS:-gpu-tier unit-tier-on-gpu bench} "
+STEPS=" ${STEPS:-gpu-tier unit-tier-on-gpu sharded bench} "
 GPU_MARKS=${GPU_MARKS:-gpu}
 read -r GPU_LIMIT UNIT_LIMIT BENCH_LIMIT <<<"${LIMITS:-300 300 420}"
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -141,7 +141,25 @@ wants unit-tier-on-gpu && step unit-tier-on-gpu "$UNIT_LIMIT" env DEEPEN_TEST_DE
   "$PY" -m pytest tests/unit -m "not integration" -q -rf -p no:cacheprovider \
   --continue-on-collection-errors --junitxml="$OUT/unit-tier-on-gpu.xml"
 
-# 3. deepen bench on the GPU: members alone, their sum, the ensemble, the fusion share.
+# 3. The default pair with device_map="auto" (accelerate places every member; issue 25):
+#    the same greedy text as both members on one device, bfloat16.
+wants sharded && step sharded "$BENCH_LIMIT" "$PY" - <<'PY'
+from deepen_engine import DEFAULT_MEMBERS, Ensemble, MemberSpec
+
+prompts = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
+places = [("device_map=auto", {"device_map": "auto"}), ("device=cuda", {"device": "cuda"})]
+runs = {}
+for label, place in places:
+    ens = Ensemble([MemberSpec(source=n, dtype="bfloat16", **place) for n in DEFAULT_MEMBERS])
+    print(label, [(m.name, str(m.device), m.device_map) for m in ens.members])
+    runs[label] = [r.text for r in ens.generate(prompts, max_new_tokens=32)]
+    print(runs[label])
+same = runs["device_map=auto"] == runs["device=cuda"]
+print("same greedy text:", same)
+raise SystemExit(0 if same else 1)
+PY
+
+# 4. deepen bench on the GPU: members alone, their sum, the ensemble, the fusion share.
 for dtype in float32 bfloat16; do
   wants bench || break
   step "bench-$dtype" "$BENCH_LIMIT" "$PY" -m deepen_engine.commands.cli bench --device "$DEVICE" \

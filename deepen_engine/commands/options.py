@@ -18,6 +18,7 @@ from ..config import WEIGHTINGS, FusionConfig, GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 from .inputs import stop_strings
+from .member_settings import apply_member_options, read_members_file
 
 _FLAGS: dict[tuple[str, str], str] = {}
 """(settings class, field) -> its command-line flag, for every option made by `_option`."""
@@ -81,6 +82,19 @@ def member_options() -> argparse.ArgumentParser:
         dest="models",
         metavar="MODEL",
         help="several members at once (same list as --model)",
+    )
+    parser.add_argument(
+        "--members-file",
+        metavar="FILE",
+        help="the members as a JSON list or TOML [[members]] tables, each a source and any "
+        "MemberSpec fields (device_map, max_memory, dtype, ...); instead of --model",
+    )
+    parser.add_argument(
+        "--member-option",
+        action="append",
+        metavar="[INDEX:]FIELD=VALUE",
+        help="a MemberSpec field for every member, or member INDEX only, e.g. device_map=auto, "
+        "'max_memory={\"0\": \"20GiB\", \"cpu\": \"60GiB\"}', 1:dtype=bfloat16; repeatable",
     )
     _option(parser, MemberSpec, "device", help="torch device of every member (default: cpu)")
     _option(
@@ -229,7 +243,17 @@ def member_specs(args: argparse.Namespace, ray: bool | None = None) -> list[Memb
         flags = ", ".join("--" + o.replace("_", "-") for o in RAY_OPTIONS if getattr(args, o))
         raise ConfigError(f"{flags} apply to members in Ray actors: add --ray.")
     extra = {"placement": "ray", **given} if placed else {}
-    return [MemberSpec(source=s, device=args.device, dtype=args.dtype, **extra) for s in sources]
+    members_file = getattr(args, "members_file", None)
+    if members_file and args.models:
+        raise ConfigError("give the members with --model or with --members-file, not both.")
+    if members_file:
+        members = read_members_file(members_file)
+    else:
+        # --device only when given or needed: a device_map option excludes it
+        place = {"device": args.device} if args.device != "cpu" else {}
+        members = [{"source": s, **place, "dtype": args.dtype} for s in sources]
+    members = apply_member_options(members, getattr(args, "member_option", None))
+    return [MemberSpec(**{**extra, **m}) for m in members]
 
 
 def fusion_settings(args: argparse.Namespace, compare: bool = False) -> dict[str, Any]:

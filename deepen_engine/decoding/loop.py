@@ -74,12 +74,9 @@ class BatchDecoder:
         self.main_member = self.members[self.main]
         self.rows: list[Row] = []  # the running rows, in batch order
         self.batches = [self._batch(i, []) for i in range(len(self.members))]
-        # members in their own processes (Ray actors) each count as a device of their own;
-        # members run in parallel only when no two share a device (a sharded one has several)
-        places = [
-            {("ray", m.name)} if m.remote else {("device", d) for d in m.devices}
-            for m in self.members
-        ]
+        # in parallel only when no two members share a device (a sharded member has several;
+        # a Ray actor counts as a device of its own)
+        places = [{m.name} if m.remote else m.devices for m in self.members]
         parallel = len(self.members) > 1 and len(set().union(*places)) == sum(map(len, places))
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
         self.speculator = Speculator(self)  # speculative steps (`GenerationConfig.speculate`)

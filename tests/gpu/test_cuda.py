@@ -213,3 +213,67 @@ def test_default_pair_in_bfloat16_answers(default_pair):
     assert {m.dtype for m in half.members} == {torch.bfloat16}
     result = half.generate("The capital of France is", max_new_tokens=8)
     assert "Paris" in result.text
+
+
+# --- members spread over devices, quantized members (members/placement.py) -------------
+
+
+def _folder_ensemble(folders: list[str], first: dict, **fusion) -> Ensemble:
+    """The tiny pair from its folders, the first member placed by `first`."""
+    members = [MemberSpec(source=folders[0], **first), MemberSpec(source=folders[1])]
+    return Ensemble(members, min_anchors=50, **fusion)
+
+
+def test_a_member_split_over_gpu_and_cpu_gives_the_cpu_tokens(tiny_folders, on_cpu, tmp_path):
+    split = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    ens = _folder_ensemble(tiny_folders, {"device_map": split})
+    member = ens.members[0]
+    assert member.device == torch.device("cuda:0")
+    assert member.devices == frozenset({"cuda:0", "cpu"})
+    expected = _ids(on_cpu.generate(PROMPTS, max_new_tokens=N))
+    assert _ids(ens.generate(PROMPTS, max_new_tokens=N)) == expected
+    # batched rows: each cache layer is indexed on its own device
+    assert [ens.generate(p, max_new_tokens=N).token_ids for p in PROMPTS] == expected
+
+
+def test_device_map_auto_with_a_small_gpu_budget_offloads_and_matches(
+    tiny_folders, on_cpu, tmp_path
+):
+    ens = _folder_ensemble(
+        tiny_folders,
+        {"device_map": "auto", "max_memory": {0: 40_000, "cpu": "1GiB"},
+         "offload_folder": str(tmp_path)},
+    )  # fmt: skip
+    places = set(ens.members[0].device_map.values())
+    assert 0 in places and places - {0}  # some modules on the GPU, the rest offloaded
+    assert _ids(ens.generate(PROMPTS, max_new_tokens=N)) == _ids(
+        on_cpu.generate(PROMPTS, max_new_tokens=N)
+    )
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_members_run(tiny_folders, bits):
+    pytest.importorskip("bitsandbytes")
+    ens = _folder_ensemble(tiny_folders, {"quantization": bits, "dtype": "bfloat16"})
+    linear = ens.members[0].model.model.layers[0].mlp.down_proj
+    assert type(linear).__name__ == ("Linear8bitLt" if bits == "8bit" else "Linear4bit")
+    results = ens.generate(PROMPTS, max_new_tokens=N)
+    assert all(r.token_ids and r.finish_reason in ("eos", "length") for r in results)
+
+
+@pytest.mark.integration
+def test_default_pair_with_device_map_auto_equals_one_device(default_pair):
+    _, cuda = default_pair
+    auto = Ensemble([MemberSpec(source=name, device_map="auto") for name in DEFAULT_MEMBERS])
+    assert all(m.device.type == "cuda" for m in auto.members)
+    prompts = ["The capital of France is", "Q: What is the capital of Japan?\nA:"]
+    assert _ids(auto.generate(prompts, max_new_tokens=16)) == _ids(
+        cuda.generate(prompts, max_new_tokens=16)
+    )

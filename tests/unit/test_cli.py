@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deepen_engine import Ensemble, MemberSpec
+from deepen_engine import ConfigError, Ensemble, MemberSpec
 from deepen_engine.commands.cli import main
 from tests.conftest import member_args
 
@@ -171,3 +171,57 @@ def test_first_hour_command_line(tiny_folders, capsys):
     assert main(["generate", "", *member_args(tiny_folders)]) == 2
     err = capsys.readouterr().err
     assert err == "deepen: error: the prompt is empty; give some text to continue.\n"
+
+
+def test_member_options_and_members_file(tmp_path):
+    """--member-option sets any MemberSpec field, for every member or one; --members-file
+    lists members with their own fields (JSON or TOML)."""
+    import argparse
+
+    from deepen_engine.commands.options import member_options, member_specs
+
+    parser = argparse.ArgumentParser(parents=[member_options()])
+    args = parser.parse_args(
+        [
+            "-m", "a-hub/model", "-m", "b-hub/model",
+            "--member-option", "device_map=auto",
+            "--member-option", 'max_memory={"cpu": "150MiB"}',
+            "--member-option", "1:dtype=bfloat16",
+        ]
+    )  # fmt: skip
+    first, second = member_specs(args)
+    assert (first.device_map, first.max_memory, first.dtype) == (
+        "auto",
+        {"cpu": "150MiB"},
+        "float32",
+    )
+    assert (second.device_map, second.dtype) == ("auto", "bfloat16")
+    bad = parser.parse_args(["-m", "x/y", "--member-option", "device_map=fast"])
+    with pytest.raises(ConfigError, match="device_map='fast' is neither a strategy"):
+        member_specs(bad)
+    for option, message in [
+        ("2:dtype=bfloat16", "member 2 does not exist"),
+        ("dtype", "FIELD=VALUE"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            member_specs(parser.parse_args(["-m", "x/y", "--member-option", option]))
+    toml = tmp_path / "members.toml"
+    toml.write_text(
+        '[[members]]\nsource = "x/big"\ndevice_map = "auto"\noffload_folder = "/tmp/o"\n'
+        '[members.max_memory]\ncpu = "1GiB"\n\n'
+        '[[members]]\nsource = "y/small"\ndtype = "bfloat16"\n'
+    )
+    specs = member_specs(parser.parse_args(["--members-file", str(toml)]))
+    assert [(s.source, s.device_map, s.max_memory, s.dtype) for s in specs] == [
+        ("x/big", "auto", {"cpu": "1GiB"}, "float32"),
+        ("y/small", None, None, "bfloat16"),
+    ]
+    listed = tmp_path / "members.json"
+    listed.write_text(json.dumps([{"source": "x/a", "model_kwargs": {"revision": "main"}}]))
+    (spec,) = member_specs(parser.parse_args(["--members-file", str(listed)]))
+    assert spec.model_kwargs == {"revision": "main"}
+    with pytest.raises(ConfigError, match="not both"):
+        member_specs(parser.parse_args(["--members-file", str(listed), "-m", "x/b"]))
+    listed.write_text('[{"name": "no source"}]')
+    with pytest.raises(ConfigError, match="member 0 must be a table with a source"):
+        member_specs(parser.parse_args(["--members-file", str(listed)]))

@@ -153,3 +153,18 @@ def test_gguf_conversions_are_kept_per_dtype(tmp_path, monkeypatch):
     assert [d for _, d in made] == [torch.float32, torch.bfloat16]
     loading._resolve(str(gguf), "bfloat16")  # converted once per dtype
     assert len(made) == 2
+
+
+def test_adapters_take_placement_fields(tiny_folders, tmp_path):
+    from deepen_integrations.langchain import DeepEnLLM
+    from deepen_integrations.llama_index import DeepEnLLM as LlamaIndexLLM
+
+    plain = Ensemble([MemberSpec(source=f) for f in tiny_folders], min_anchors=50)
+    expected = plain.generate(PROMPTS[0], max_new_tokens=6).text
+    offloaded = _offloaded(tiny_folders[0], tmp_path).model_dump(exclude_unset=True)
+    models = [offloaded, tiny_folders[1]]  # a dict of MemberSpec fields, and a folder
+    langchain = DeepEnLLM(models=models, min_anchors=50, max_tokens=6)
+    assert langchain.invoke(PROMPTS[0]) == expected
+    assert "disk" in langchain.ensemble.members[0].device_map.values()
+    llama_index = LlamaIndexLLM(models=models, min_anchors=50, max_new_tokens=6)
+    assert llama_index.complete(PROMPTS[0]).text == expected

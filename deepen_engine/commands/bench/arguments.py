@@ -23,6 +23,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         _ray_arguments,
         _scheduler_arguments,
         _gate_arguments,
+        _load_arguments,
         _output_arguments,
     ):
         group(bench)
@@ -138,7 +139,8 @@ def _serving_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--seed", type=int, default=0, help="--serving: workload seed (0)")
     bench.add_argument(
         "--repeat", type=int, default=1,
-        help="--serving: interleaved repeats of both runs; figures are medians (1)",
+        help="--serving: interleaved repeats of both runs; figures are medians; --load: "
+        "interleaved loads of each member, the median kept (1)",
     )  # fmt: skip
 
 
@@ -171,6 +173,15 @@ def _gate_arguments(bench: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_arguments(bench: argparse.ArgumentParser) -> None:
+    """`--load`: each member's load time and peak memory (load.py)."""
+    bench.add_argument(
+        "--load", action="store_true",
+        help="only measure loading: per member, seconds and peak RSS against its weights' "
+        "size in --dtype, each load in a fresh process (one member is enough)",
+    )  # fmt: skip
+
+
 def _output_arguments(bench: argparse.ArgumentParser) -> None:
     """What the command writes: a plot, JSON instead of tables."""
     bench.add_argument("--plot", help="write a PNG of ms/token against new tokens here")
@@ -179,6 +190,11 @@ def _output_arguments(bench: argparse.ArgumentParser) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse bad flags before any model loads."""
+    if args.load and (args.ray or args.serving or args.plot or args.constraint_only):
+        raise ConfigError(
+            "--load is a benchmark of its own: leave out --ray, --serving, --constraint-only "
+            "and --plot."
+        )
     if args.ray and (args.serving or args.plot):
         raise ConfigError("--ray is a benchmark of its own: leave out --serving and --plot.")
     if args.rounds < 1:

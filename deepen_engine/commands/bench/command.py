@@ -5,6 +5,7 @@ comes to the full computation.
     deepen bench --json --plot bench.png          # every figure as JSON, and a plot
     deepen bench --constraint-only --json         # what a JSON-schema constraint costs
     deepen bench --ray                            # members in Ray actors (ray.py)
+    deepen bench --load --dtype bfloat16          # load time and peak memory (load.py)
 
 Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
 
@@ -51,6 +52,7 @@ from ..options import fusion_options, fusion_settings, member_options, member_sp
 from ..plotting import plot_bench
 from .arguments import add_arguments, check_flags
 from .constraint import constraint_cost
+from .load import load_costs, load_table
 from .ray import print_ray, run_ray
 from .sections import PROMPTS, fidelity, gate_check, length_curve, memory, speed
 from .serving import print_serving, serving
@@ -76,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         args.new_tokens = 32 if args.ray else 64
     check_flags(args)
     specs = member_specs(args)
+    if args.load:
+        rows = load_costs(specs, args.repeat)
+        print(json.dumps({"load": rows}) if args.json else load_table(rows))
+        return 0
     if len(specs) < 2:  # before loading: a mistake costs no load time
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
     if args.ray:
