@@ -35,7 +35,12 @@ JSON_FRACTION_DIGITS = 6
 """Digits a JSON `number` may have after its point when the schema has no `multipleOf`
 (the bound is `multipleOf: 1e-6`, which also keeps exponents out)."""
 
-_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+DIGIT_RUN_PATTERN = f"^(?:[0-9]{{0,{JSON_INTEGER_DIGITS}}}[^0-9])*[0-9]{{0,{JSON_INTEGER_DIGITS}}}$"
+"""The pattern given to JSON strings with no `pattern`, `format`, `maxLength`, `enum` or
+`const` of their own: no run of more than `JSON_INTEGER_DIGITS` digits (measured: a
+fused distribution wrote `"21.5000000000..."` into a string field until the limit)."""
+
+_STRING_BOUNDS = ("pattern", "format", "maxLength", "enum", "const")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 # Not `not` or `if`: a bound inside them would widen what the schema allows.
@@ -44,7 +49,9 @@ _SUBSCHEMAS = ("items", "additionalProperties", "then", "else", "contains")
 
 def bound_numbers(schema: Any) -> Any:
     """A copy of a JSON schema whose numbers cannot run on (`JSON_INTEGER_DIGITS`,
-    `JSON_FRACTION_DIGITS`); the schema's own bounds and `multipleOf` take precedence.
+    `JSON_FRACTION_DIGITS`), nor digits in its strings (`DIGIT_RUN_PATTERN`); the schema's
+    own bounds, `multipleOf`, `pattern`, `format`, `maxLength`, `enum` and `const` take
+    precedence.
 
     Each side is bounded on its own: `{"type": "integer", "minimum": 0}` keeps its minimum
     and gains `maximum: 999999999999`.
@@ -71,6 +78,8 @@ def bound_numbers(schema: Any) -> Any:
             out["maximum"] = largest
         if "number" in types and "multipleOf" not in schema:
             out["multipleOf"] = 10.0**-JSON_FRACTION_DIGITS
+    if "string" in types and not any(key in schema for key in _STRING_BOUNDS):
+        out["pattern"] = DIGIT_RUN_PATTERN
     return out
 
 

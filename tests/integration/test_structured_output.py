@@ -67,6 +67,12 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-04: 24/25 parse; Measurement for 'The room is 21.5 degrees "
+    "Celsius.' repeats '21.5; 21.5; ...' inside a string field until max_tokens (raises "
+    "OutputCutError, no half object); repetition inside strings is not bounded yet",
+)
 def test_25_structured_outputs_parse_at_64_tokens(default_ensemble):
     chat = ChatDeepEn(ensemble=default_ensemble, max_tokens=64)
     parsed, failed = 0, []
@@ -77,4 +83,4 @@ def test_25_structured_outputs_parse_at_64_tokens(default_ensemble):
                 parsed += 1
             else:
                 failed.append((schema.__name__, prompt, repr(result)[:300]))
-    assert parsed == 25, failed
+    assert (parsed, len(failed)) == (25, 0), failed

@@ -296,6 +296,22 @@ def test_numbers_are_bounded_by_default():
     assert out["$defs"]["d"]["anyOf"][0]["maximum"] == big
     assert props["neither"] == {"not": {"type": "integer"}}
     assert schema["properties"]["n"] == {"type": "integer"}  # the caller's schema is kept
+    strings = bound_numbers({"anyOf": [{"type": "string"}, {"type": "string", "maxLength": 9},
+                                       {"type": "string", "format": "date"}]})  # fmt: skip
+    assert strings["anyOf"] == [
+        {"type": "string", "pattern": "^(?:[0-9]{0,12}[^0-9])*[0-9]{0,12}$"},
+        {"type": "string", "maxLength": 9},
+        {"type": "string", "format": "date"},
+    ]
+
+
+def test_a_runaway_digit_string_must_end_at_the_digit_limit(tiny_ensemble):
+    main = tiny_ensemble.main
+    spec = check_constraint("json_schema", _one({"type": "string"}))
+    digits = {str(d).encode() for d in range(10)}
+    assert digits & _allowed_after(main, spec, '{"x": "21.5' + "0" * 10)  # a run of 11 digits
+    after = _allowed_after(main, spec, '{"x": "21.5' + "0" * 11)  # 12: the limit
+    assert not digits & after and b" " in after and b'"' in after
 
 
 def test_a_runaway_integer_must_end_at_the_digit_limit(tiny_ensemble):
