@@ -178,6 +178,7 @@ class BatchDecoder:
         """
         if self.speculator.wanted():  # some row drafts: decoding/speculative.py
             return self.speculator.step()
+        self.speculator.catch_up()  # helpers' ids left for a speculative step that is not
         t0 = time.perf_counter()
         rows = self.rows
         # fuse the next-token distributions into the main vocabulary, row by row settings.
@@ -319,8 +320,11 @@ class BatchDecoder:
     # --- rows out, forwards -------------------------------------------------------------
 
     def advance(self) -> None:
-        """Feed every member the positions its cache lacks, for every running row."""
-        self._forward(self.batches, self.rows)
+        """Feed every member the positions its cache lacks, for every running row (helpers
+        wait when the next step is speculative: its verification forward feeds them).
+        """
+        wait = self.speculator.helpers_wait()  # never with Ray members (logits_needed)
+        self._forward([self.batches[self.main]] if wait else self.batches, self.rows)
 
     def remove(self, leaving: Sequence[Row]) -> None:
         """Drop rows without finishing them (their reader left); frees their cache rows."""
@@ -349,8 +353,9 @@ class BatchDecoder:
         the passes it took part in; `report` hears each member's progress (the prefill's
         `DecodeHooks.on_prefill`).
         """
-        for batch, i in zip(batches, self.member_index):
-            batch.logits_needed = _logits_needed(rows, i)  # what a remote member sends
+        for batch in batches:  # what a remote member sends
+            i = self.member_index[[m is batch.member for m in self.members].index(True)]
+            batch.logits_needed = _logits_needed(rows, i)
         before = [batch.forward_seconds for batch in batches]
         feeds = [
             partial(batch.forward, None if report is None else partial(report, batch.member, rows))

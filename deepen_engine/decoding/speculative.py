@@ -1,36 +1,19 @@
-"""Speculative fused decoding across vocabularies (`GenerationConfig.speculate`).
+"""Speculative fused decoding across vocabularies (`GenerationConfig.speculate`; the full
+account, guarantees and limits are in docs/speculative.md). One step, for all rows:
 
-The main member drafts a few tokens alone; every helper then reads the drafted text in one
-forward pass, and the fused distribution at every drafted position decides how much of the
-draft to keep (Fu et al. 2025, arXiv 2502.01662, for members of one vocabulary; here the
-helpers' tokenisations differ). One speculative step, for all rows of the batch:
-
-1. Draft: each speculating row's main member picks up to k tokens from its own logits
-   (argmax, or a draw from its own sampling distribution q), one forward per token, all
-   rows together; a draft stops at an end token. Rows that do not speculate draft nothing.
-2. Plan: for every helper and every drafted position t, the ids the helper's incremental
-   sync would give the text of the first t drafted tokens (`MemberBatch.plan_sync`); the
-   helper is synced to the longest draft that fits its window, and one forward pass keeps
-   the logits after every fed position.
-3. Positions: position t (the next token after t drafted ones) is verifiable while, for
-   every helper, the ids of the text at t are a prefix of the ids fed and their last
-   position was fed in this forward (the sync's own boundary); the first position that is
-   not verifiable ends the row's verification. Position 0 is the step a plain decoder
-   would take (the helpers' current logits).
-4. Fuse all verifiable positions of all rows at once, each row with its own fuser; mask
-   end tokens before `min_new_tokens` and a constrained row's grammar (constrained rows
-   do not draft).
-5. Accept: greedy, keep drafted tokens while the fused argmax equals them and emit the
-   fused argmax at the first mismatch; sampled, accept drafted x with probability
-   min(1, p(x)/q(x)), else draw from normalise(max(0, p - q)); after the last drafted
-   token, draw from p. Output equals (greedy) or is distributed as (sampled) the plain
-   decoder's.
-6. Apply the kept tokens one by one as the plain step does (end tokens, stop strings,
-   grammar end, max_new_tokens, logprobs); roll every member's cache back to the kept text
-   (the main member's logits after its last kept draft are restored, helpers re-sync from
-   their state before the draft); adapt each row's draft length to its acceptance.
-
-Members in Ray actors are refused (their batches return top logits of one position only).
+1. Draft: each speculating row's main member proposes up to k tokens alone (argmax, or a
+   draw from its own sampling distribution q), one forward per token, all rows together.
+2. Verify: every helper is synced to the drafted text (`MemberBatch.plan_sync`) and reads
+   it in one forward that keeps the logits after every fed position.
+3. Boundaries: position t (after t drafted tokens) is verifiable while, for every helper,
+   the ids of the text at t are a prefix of the ids fed, their last position fed in this
+   forward; the first other position ends the row's verification. Position 0 is the step
+   a plain decoder takes.
+4. Fuse every verifiable position at once, each row with its own fuser; mask as the plain
+   step does (constrained rows do not draft).
+5. Accept (acceptance.py): the greedy prefix rule, or rejection sampling against q.
+6. Apply the kept tokens as the plain step would; roll every member back to them; adapt
+   each row's draft length to its acceptance.
 """
 
 from __future__ import annotations
@@ -107,6 +90,18 @@ class Speculator:
     def wanted(self) -> bool:
         """Whether some row would draft this step (else the plain step runs)."""
         return any(self._draft_length(b) > 0 for b in range(len(self.dec.rows)))
+
+    def helpers_wait(self) -> bool:
+        """Whether the helpers' next ids may wait for the next step's verification forward
+        (one forward fewer per step): true when that step will be speculative.
+        """
+        return self.wanted()
+
+    def catch_up(self) -> None:
+        """Feed helpers' ids left waiting (a plain step follows a speculative one)."""
+        for i, batch in enumerate(self.dec.batches):
+            if i != self.dec.main and any(r.cached < len(r.ids) for r in batch.rows):
+                batch.forward()
 
     def _draft_length(self, b: int) -> int:
         """Row b's draft length now: its adaptive length, 0 where speculation is off (one
@@ -229,8 +224,10 @@ class Speculator:
                 out.append([])
                 self.before.append([])
                 continue
-            now = batch.require_logits()  # (B, V_i) position 0
             before = [_copy(r) for r in batch.rows]
+            # rows whose last ids wait for this forward (`helpers_wait`): position 0 is read
+            # off it, unless the draft re-tokenises those ids; then they are fed first
+            waiting = [r.cached < len(r.ids) for r in batch.rows]
             plans = [
                 [batch.plan_sync(before[b], text) for text in d.texts[1 : d.positions]]
                 for b, d in enumerate(drafts)
@@ -239,6 +236,14 @@ class Speculator:
                 window = batch.member.context_window
                 while d.positions > 1 and not _fits(plans[b][d.positions - 2][0], window):
                     d.positions -= 1
+            if any(
+                waiting[b] and d.positions > 1 and not _starts(plans[b][d.positions - 2][0], r.ids)
+                for b, (d, r) in enumerate(zip(drafts, before))
+            ):
+                batch.forward()
+                waiting = [False] * len(waiting)
+            now = batch.require_logits()  # (B, V_i) position 0 of rows not waiting
+            for b, d in enumerate(drafts):
                 if d.positions > 1:
                     batch.apply_plan(b, plans[b][d.positions - 2])
             batch.keep_fed_logits, batch.fed_logits = True, [[] for _ in batch.rows]
@@ -248,7 +253,9 @@ class Speculator:
                 batch.keep_fed_logits = False
             found: list[list[torch.Tensor]] = []
             for b, d in enumerate(drafts):
-                row_logits = [now[b]]
+                first = _fed_logits(batch, b, len(before[b].ids) - 1) if waiting[b] else now[b]
+                assert first is not None  # a waiting row feeds at least its last id
+                row_logits = [first]
                 fed_ids = batch.rows[b].ids
                 for t in range(1, d.positions):
                     ids = plans[b][t - 1][0]
@@ -381,13 +388,17 @@ def _fits(ids: list[int], window: int | None) -> bool:
     return window is None or len(ids) <= window
 
 
+def _starts(ids: list[int], prefix: list[int]) -> bool:
+    return ids[: len(prefix)] == prefix
+
+
 def _copy(r: RowIds) -> RowIds:
     return RowIds(prompt_ids=r.prompt_ids, ids=list(r.ids), cached=r.cached, ends=list(r.ends))
 
 
 def _fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None:
     """Row b's logits after `position`, if this forward fed it."""
-    for first, block in batch.fed_logits[b]:
+    for first, block in reversed(batch.fed_logits[b]):  # the latest feed of a position
         if first <= position < first + block.shape[0]:
             return block[position - first]
     return None
