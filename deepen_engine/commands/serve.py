@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         request_timeout=args.request_timeout,
         main=main,
+        close_at_shutdown=True,
     )
     print(f"deepen serve: http://{args.host}:{args.port}/v1 (members loading)", file=sys.stderr)
     # one line per request (server/metrics.py), at --log-level like uvicorn's own

@@ -63,10 +63,10 @@ def create_app(
     api_key: str | None = None,
     request_timeout: float | None = None,
     main: int | str | None = None,
+    close_at_shutdown: bool = False,
 ) -> Starlette:
     """The ASGI app serving `ensemble`, or the one `load()` returns (loaded in a thread at
-    startup; requests get 503 until it is ready, and it is closed, Ray actors included,
-    when the app shuts down).
+    startup; requests get 503 until it is ready).
 
     Args:
         ensemble: a loaded ensemble to serve (the caller closes it).
@@ -78,6 +78,9 @@ def create_app(
             a request's own `timeout` field overrides it.
         main: the main member for every request (default: the engine's chat rule for chat
             requests, the ensemble's main member for completions).
+        close_at_shutdown: close the ensemble (its members' caches and Ray actors) when the
+            app shuts down (`deepen serve` does; an ensemble shared with other code is
+            left open by default).
     """
     if (ensemble is None) == (load is None):
         raise ConfigError("create_app needs an ensemble or a load function, not both.")
@@ -88,7 +91,7 @@ def create_app(
         if load is not None:
             threading.Thread(target=_load, args=(state, load), daemon=True).start()
         yield
-        if load is not None and state.ensemble is not None:
+        if close_at_shutdown and state.ensemble is not None:
             state.ensemble.close()  # frees the members' caches and their Ray actors
             log.info("deepen serve: members freed")
 

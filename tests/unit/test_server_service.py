@@ -221,7 +221,7 @@ def test_a_drain_refuses_new_requests_and_finishes_those_in_flight(tiny_pair):
 
     members = [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")]
     ens = Ensemble(members, min_anchors=50)
-    app = create_app(load=lambda: ens)
+    app = create_app(load=lambda: ens, close_at_shutdown=True)
     state = app.state.deepen
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

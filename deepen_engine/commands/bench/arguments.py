@@ -9,6 +9,7 @@ import argparse
 from ...config import SchedulerConfig
 from ...errors import ConfigError
 from .sections import PROMPTS, WINDOW
+from .soak_faults import SOAK_KINDS
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         _constraint_arguments,
         _speculative_arguments,
         _serving_arguments,
+        _soak_arguments,
         _ray_arguments,
         _scheduler_arguments,
         _gate_arguments,
@@ -144,6 +146,42 @@ def _serving_arguments(bench: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _soak_arguments(bench: argparse.ArgumentParser) -> None:
+    """`--soak`: a load-and-fault run against a `deepen serve` on loopback (soak.py)."""
+    bench.add_argument(
+        "--soak",
+        action="store_true",
+        help="run the soak instead: start deepen serve on 127.0.0.1, load it with clients "
+        "that also disconnect, send malformed bodies and time out, then check it",
+    )
+    bench.add_argument(
+        "--soak-clients", type=int, default=16, help="--soak: concurrent clients (16)"
+    )
+    bench.add_argument(
+        "--soak-seconds", type=float, default=60.0, help="--soak: seconds of load (60)"
+    )
+    bench.add_argument(
+        "--soak-tokens", type=int, default=12, help="--soak: max_tokens per request (12)"
+    )
+    bench.add_argument(
+        "--soak-kinds", nargs="+", default=list(SOAK_KINDS), choices=SOAK_KINDS,
+        help=f"--soak: well-formed request kinds ({' '.join(SOAK_KINDS)})",
+    )  # fmt: skip
+    for share, default, what in (
+        ("malformed", 0.15, "requests with a malformed body"),
+        ("disconnect", 0.25, "streams dropped after the first chunk"),
+        ("timeouts", 0.05, "requests whose timeout is too short"),
+    ):
+        bench.add_argument(
+            f"--soak-{share}", type=float, default=default,
+            help=f"--soak: share of {what} ({default})",
+        )  # fmt: skip
+    bench.add_argument(
+        "--soak-rss-limit", type=float, default=5.0,
+        help="--soak: most server RSS growth after the warm-up, in percent (5)",
+    )  # fmt: skip
+
+
 def _ray_arguments(bench: argparse.ArgumentParser) -> None:
     """`--ray` (a member option): its interleaved rounds."""
     bench.add_argument(
@@ -208,6 +246,19 @@ def check_flags(args: argparse.Namespace) -> None:
         )
     if args.repeat < 1:
         raise ConfigError(f"--repeat must be >= 1, got {args.repeat}.")
+    if args.soak and (args.serving or args.ray or args.plot):
+        raise ConfigError("--soak is a run of its own: leave out --serving, --ray and --plot.")
+    if args.soak_clients < 1 or args.soak_seconds <= 0 or args.soak_tokens < 1:
+        raise ConfigError(
+            "--soak-clients and --soak-tokens must be >= 1 and --soak-seconds > 0, got "
+            f"{args.soak_clients}, {args.soak_tokens} and {args.soak_seconds}."
+        )
+    shares = (args.soak_malformed, args.soak_disconnect, args.soak_timeouts)
+    if any(s < 0 for s in shares) or sum(shares) > 1:
+        raise ConfigError(
+            "--soak-malformed, --soak-disconnect and --soak-timeouts must be >= 0 and sum to "
+            f"at most 1, got {' + '.join(map(str, shares))}."
+        )
     if args.arrival_rate <= 0:
         raise ConfigError(f"--arrival-rate must be > 0, got {args.arrival_rate}.")
     if args.new_tokens < 1:

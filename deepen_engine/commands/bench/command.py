@@ -6,6 +6,7 @@ comes to the full computation.
     deepen bench --constraint-only --json         # what a JSON-schema constraint costs
     deepen bench --ray                            # members in Ray actors (ray.py)
     deepen bench --load --dtype bfloat16          # load time and peak memory (load.py)
+    deepen bench --soak --json                    # load and faults against deepen serve
 
 Sections (each a key of the JSON output; docs/benchmarks.md describes every field):
 
@@ -56,6 +57,7 @@ from .load import load_costs, load_table
 from .ray import print_ray, run_ray
 from .sections import PROMPTS, fidelity, gate_check, length_curve, memory, speed
 from .serving import print_serving, serving
+from .soak import print_soak, run_soak
 from .speculative import speculative_cost, speculative_table
 from .tables import constraint_table, print_table
 from .timing import rss_mb
@@ -84,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if len(specs) < 2:  # before loading: a mistake costs no load time
         raise ConfigError("deepen bench compares an ensemble with its members: give 2 or more.")
+    if args.soak:  # its own server process loads the members
+        figures = run_soak(args)
+        if args.json:
+            print(json.dumps(figures, ensure_ascii=False))
+        else:
+            print_soak(figures)
+        return 0 if figures["soak"]["passed"] else 1
     if args.ray:
         figures = run_ray(args)
         if args.json:
