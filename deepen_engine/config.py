@@ -187,12 +187,13 @@ class FusionConfig(_Settings):
             raise ValueError(problem)
         return value
 
-    @field_validator("main")
+    @field_validator("main", mode="before")
     @classmethod
-    def _check_main(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"main must be a member index >= 0 or 'auto', got {value}")
-        return value
+    def _check_main(cls, value: object) -> object:
+        index = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if index or value == "auto":
+            return value
+        raise ValueError("Input should be a member index >= 0 or 'auto'")
 
     @property
     def leader(self) -> int:

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from statistics import mean
+from typing import Any
 
 from deepen_engine import Ensemble, GenerationConfig
 from deepen_engine.commands.eval.systems import answerer
@@ -35,10 +36,19 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=None, help="most questions per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument(
+        "--fusion",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help="also score the ensemble with these fusion settings (e.g. main=auto "
+        "weighting=prompt weight_temperature=0.02); numbers are read as numbers",
+    )
+    parser.add_argument("--skip-scores", action="store_true", help="no prompt-score columns")
     args = parser.parse_args()
     ens = Ensemble()
     names = [m.name for m in ens.members]
-    report = {"seed": args.seed, "split": args.split, "members": names, "tasks": {}}
+    report: dict[str, Any] = {"seed": args.seed, "split": args.split, "members": names, "tasks": {}}
     for name in args.task:
         task = TASKS[name]
         split = split_questions(task.load(), args.seed)
@@ -51,6 +61,16 @@ def main() -> int:
             for start in range(0, len(prompts), args.batch_size):
                 outputs += ask(prompts[start : start + args.batch_size])
             right.append([task.check(o, q.answers) for o, q in zip(outputs, questions)])
+        if args.fusion is not None:
+            fused = ens.with_fusion(**dict(_setting(kv) for kv in args.fusion))
+            ask = answerer(fused, task, args.batch_size)
+            outputs = []
+            for start in range(0, len(prompts), args.batch_size):
+                outputs += ask(prompts[start : start + args.batch_size])
+            right.append([task.check(o, q.answers) for o, q in zip(outputs, questions)])
+        if args.skip_scores:
+            _print_ensemble(name, names, right, args, report)
+            continue
         config = GenerationConfig()
         rows = [
             NewRow([(p, True)] * len(names), config, ens.fuser, index=b)
@@ -73,11 +93,48 @@ def main() -> int:
         }
         report["tasks"][name] = figures
         print(name, json.dumps(figures), file=sys.stderr, flush=True)
+        if args.fusion is not None:
+            _print_ensemble(name, names, right, args, report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
     return 0
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """`key=value` -> (key, value as int, float or text)."""
+    key, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _print_ensemble(
+    name: str,
+    names: list[str],
+    right: list[list[bool]],
+    args: argparse.Namespace,
+    report: dict[str, Any],
+) -> None:
+    """The ensemble's accuracy and its gains and losses against the best member alone."""
+    n = len(right[0])
+    alone = right[: len(names)]
+    best = max(range(len(names)), key=lambda i: sum(alone[i]))
+    fused = right[len(names)]
+    figures = {
+        "fusion": args.fusion,
+        "ensemble": 100 * sum(fused) / n,
+        "best_member": names[best],
+        "best_member_accuracy": 100 * sum(alone[best]) / n,
+        "gained": sum(f and not a for f, a in zip(fused, alone[best])),
+        "lost": sum(a and not f for f, a in zip(fused, alone[best])),
+    }
+    report["tasks"].setdefault(name, {})["ensemble"] = figures
+    print(name, json.dumps(figures), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

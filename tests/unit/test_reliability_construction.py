@@ -189,7 +189,7 @@ def test_bad_weights(tiny_pair, weights, match, no_loading):
             {"main": 2},
             r"FusionConfig.main=2 is out of range for 2 members; give an index from 0 to 1",
         ),
-        ({"main": -1}, r"FusionConfig.main: Input should be greater than or equal to 0, got -1"),
+        ({"main": -1}, r"FusionConfig.main: Input should be a member index >= 0 or 'auto', got -1"),
         ({"eta": -0.1}, r"FusionConfig.eta: Input should be greater than or equal to 0, got -0.1"),
         ({"steps": -1}, r"FusionConfig.steps: Input should be greater than or equal to 0, got -1"),
         ({"top_k": 0}, r"FusionConfig.top_k: Input should be greater than or equal to 1, got 0"),
