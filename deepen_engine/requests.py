@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from .config import GenerationConfig, check_text
+from .config import GenerationConfig
 from .decoding.chat import check_messages, render
 from .decoding.prompts import MemberPrompt
 from .decoding.tools import CallForm, ToolSet
 from .errors import ConfigError
 from .grammar import ConstraintSpec
 from .members import Member, MemberSpec, display_name, source_key
+from .text_checks import check_text
 
 Conversation = list[dict[str, Any]]  # chat messages: [{"role": ..., "content": ...}, ...]
 Prompt = str | Conversation  # a text, or a chat conversation

@@ -23,8 +23,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..config import check_text
 from ..errors import ConfigError
+from ..text_checks import check_text
 
 if TYPE_CHECKING:  # tools.py imports the grammar layer; chat only needs its type
     from .tools import ToolSet

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from ..errors import MemberError
 from ..members import Member
+from .cache_ops import common_prefix, gather_slots, left_pad, left_pad_mask
 from .prompt_scores import RowScore, score_pass, score_width
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
@@ -140,7 +141,7 @@ class MemberBatch:
         """
         r = self.rows[row]
         target, r.ends = plan
-        keep = _common_prefix(r.ids, target)
+        keep = common_prefix(r.ids, target)
         if keep == len(target) and keep < len(r.ids):
             keep -= 1  # a shorter tokenisation: re-feed its last id to get fresh logits
         r.ids = target
@@ -335,12 +336,12 @@ class MemberBatch:
             return
         width = max(self.valid.shape[1], other.valid.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
             mine.values = torch.cat(
-                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+                [left_pad(mine.values, width), left_pad(theirs.values, width)]
             )
         self.valid = torch.cat(
-            [_left_pad_mask(self.valid, width), _left_pad_mask(other.valid, width)]
+            [left_pad_mask(self.valid, width), left_pad_mask(other.valid, width)]
         )
         self.rows = self.rows + other.rows
         if self.logits is not None and other.logits is not None:
@@ -378,39 +379,8 @@ class MemberBatch:
         for layer in self.cache.layers:  # each on its own device in a sharded member
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
-            layer.keys = _gather_slots(layer.keys, index.to(layer.keys.device))
-            layer.values = _gather_slots(layer.values, index.to(layer.values.device))
+            layer.keys = gather_slots(layer.keys, index.to(layer.keys.device))
+            layer.values = gather_slots(layer.values, index.to(layer.values.device))
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = length
         self.valid = valid
-
-
-def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
-    """States (B, H, T, D) -> (B, H, width, D), zeros on the left."""
-    missing = width - states.shape[2]
-    if missing == 0:
-        return states
-    pad = states.new_zeros(states.shape[0], states.shape[1], missing, states.shape[3])
-    return torch.cat([pad, states], dim=2)
-
-
-def _left_pad_mask(valid: torch.Tensor, width: int) -> torch.Tensor:
-    """Mask (B, T) -> (B, width), False on the left."""
-    missing = width - valid.shape[1]
-    if missing == 0:
-        return valid
-    return torch.cat([valid.new_zeros(valid.shape[0], missing), valid], dim=1)
-
-
-def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """States (B, H, T, D), index (B, T') -> (B, H, T', D)."""
-    heads, dim = states.shape[1], states.shape[3]
-    return states.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -30,11 +30,13 @@ from ..members import Member
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .acceptance import accept_draft
+from .cache_ops import common_prefix
 from .constraints import apply_masks
-from .member_batch import MemberBatch, RowIds, _common_prefix
+from .drafts import copy_ids, fed_logits, fits, row_sampler, starts
+from .member_batch import MemberBatch, RowIds
 from .row_scores import fuse_rows
 from .rows import DecodeHooks, NewRow, Row, note_logprob
-from .sampling import Sampler, suppress_end_tokens
+from .sampling import suppress_end_tokens
 
 
 class Decoder(Protocol):
@@ -135,7 +137,7 @@ class Speculator:
         events: list[tuple[Row, StreamEvent]] = []
         finished: dict[int, str] = {}
         for b, row in enumerate(dec.rows):
-            d, sampler = drafts[b], _sampler(row)
+            d, sampler = drafts[b], row_sampler(row)
             gen = None if sampler.greedy else row.generator_on(fused.device)
             mine = fused[where[b] : where[b] + d.positions]  # (P, V)
             kept = accept_draft(sampler, mine, d.tokens, d.q, gen)
@@ -180,7 +182,7 @@ class Speculator:
                 scores = d.main_logits[-1][None]  # (1, V)
                 early = torch.tensor([row.generated + r < row.config.min_new_tokens])
                 scores = suppress_end_tokens(scores, eos.to(scores.device), early.to(scores.device))
-                sampler = _sampler(row)
+                sampler = row_sampler(row)
                 if sampler.greedy:
                     token = int(scores[0].argmax())
                 else:
@@ -224,7 +226,7 @@ class Speculator:
                 out.append([])
                 self.before.append([])
                 continue
-            before = [_copy(r) for r in batch.rows]
+            before = [copy_ids(r) for r in batch.rows]
             # rows whose last ids wait for this forward (`helpers_wait`): position 0 is read
             # off it, unless the draft re-tokenises those ids; then they are fed first
             waiting = [r.cached < len(r.ids) for r in batch.rows]
@@ -234,10 +236,10 @@ class Speculator:
             ]
             for b, d in enumerate(drafts):  # feed no more than the member's window holds
                 window = batch.member.context_window
-                while d.positions > 1 and not _fits(plans[b][d.positions - 2][0], window):
+                while d.positions > 1 and not fits(plans[b][d.positions - 2][0], window):
                     d.positions -= 1
             if any(
-                waiting[b] and d.positions > 1 and not _starts(plans[b][d.positions - 2][0], r.ids)
+                waiting[b] and d.positions > 1 and not starts(plans[b][d.positions - 2][0], r.ids)
                 for b, (d, r) in enumerate(zip(drafts, before))
             ):
                 batch.forward()
@@ -253,13 +255,13 @@ class Speculator:
                 batch.keep_fed_logits = False
             found: list[list[torch.Tensor]] = []
             for b, d in enumerate(drafts):
-                first = _fed_logits(batch, b, len(before[b].ids) - 1) if waiting[b] else now[b]
+                first = fed_logits(batch, b, len(before[b].ids) - 1) if waiting[b] else now[b]
                 assert first is not None  # a waiting row feeds at least its last id
                 row_logits = [first]
                 fed_ids = batch.rows[b].ids
                 for t in range(1, d.positions):
                     ids = plans[b][t - 1][0]
-                    at = _fed_logits(batch, b, len(ids) - 1)
+                    at = fed_logits(batch, b, len(ids) - 1)
                     if at is None or ids != fed_ids[: len(ids)]:
                         break  # not a boundary this helper's own sync makes: stop here
                     row_logits.append(at)
@@ -350,7 +352,7 @@ class Speculator:
         # the main member: its ids before the draft, then the appended tokens
         main = dec.batches[dec.main]
         start = len(main.rows[b].ids) - d.fed
-        same = _common_prefix(d.tokens[: d.fed], appended)
+        same = common_prefix(d.tokens[: d.fed], appended)
         main.replace_ids(b, start + same, appended[same:])
         if same == len(appended) and main.logits is not None:
             main.logits[b] = d.main_logits[same]  # logits after its last kept draft
@@ -370,35 +372,10 @@ class Speculator:
         """
         if not length:
             return
-        accepted = _common_prefix(d.tokens, kept)
+        accepted = common_prefix(d.tokens, kept)
         row.usage.drafted_tokens += len(d.tokens)
         row.usage.accepted_tokens += accepted
         row.usage.drafts += 1
         grow = accepted >= len(d.tokens)
         nxt = length + 1 if grow else max(1, accepted + 1)
         self.length[id(row)] = min(row.config.speculate, nxt)
-
-
-def _sampler(row: Row) -> Sampler:
-    cfg = row.config
-    return Sampler(cfg.temperature, cfg.top_k, cfg.top_p)
-
-
-def _fits(ids: list[int], window: int | None) -> bool:
-    return window is None or len(ids) <= window
-
-
-def _starts(ids: list[int], prefix: list[int]) -> bool:
-    return ids[: len(prefix)] == prefix
-
-
-def _copy(r: RowIds) -> RowIds:
-    return RowIds(prompt_ids=r.prompt_ids, ids=list(r.ids), cached=r.cached, ends=list(r.ends))
-
-
-def _fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None:
-    """Row b's logits after `position`, if this forward fed it."""
-    for first, block in reversed(batch.fed_logits[b]):  # the latest feed of a position
-        if first <= position < first + block.shape[0]:
-            return block[position - first]
-    return None

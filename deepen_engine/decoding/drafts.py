@@ -1,0 +1,40 @@
+"""Small helpers of speculative decoding (speculative.py): a row's sampler, window and
+prefix checks, copies of a row's ids, and the logits a verification forward kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .member_batch import MemberBatch, RowIds
+from .rows import Row
+from .sampling import Sampler
+
+
+def row_sampler(row: Row) -> Sampler:
+    """The row's sampler (its temperature, top-k and top-p)."""
+    cfg = row.config
+    return Sampler(cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def fits(ids: list[int], window: int | None) -> bool:
+    """Whether `ids` fit a context window (None: no window)."""
+    return window is None or len(ids) <= window
+
+
+def starts(ids: list[int], prefix: list[int]) -> bool:
+    """Whether `ids` begin with `prefix`."""
+    return ids[: len(prefix)] == prefix
+
+
+def copy_ids(r: RowIds) -> RowIds:
+    """A copy of a row's ids that later edits of the row leave alone."""
+    return RowIds(prompt_ids=r.prompt_ids, ids=list(r.ids), cached=r.cached, ends=list(r.ends))
+
+
+def fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None:
+    """Row b's logits after `position`, if this forward fed it."""
+    for first, block in reversed(batch.fed_logits[b]):  # the latest feed of a position
+        if first <= position < first + block.shape[0]:
+            return block[position - first]
+    return None
