@@ -163,8 +163,9 @@ class RequestMeter:
         m.http.labels(self.endpoint, str(status)).inc()
         if failure is not None:
             m.failure.labels(failure).inc()
-        for reason in self.reasons:
-            m.success.labels(reason).inc()
+        else:  # a request counts once: a stream dropped after its rows ended is aborted
+            for reason in self.reasons:
+                m.success.labels(reason).inc()
         prompt = sum(u.token_counts(self.main)["prompt_tokens"] for u in self.usages)
         generated = sum(u.completion_tokens for u in self.usages)
         m.prompt_tokens.inc(prompt)

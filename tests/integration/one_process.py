@@ -83,10 +83,14 @@ def run_item(item: str) -> int:
     """Run one item with this process's streams already redirected; its exit status."""
     kind, _, body = item.partition(":")
     if kind == "py":
-        sys.path.insert(0, str(Path(body).parent))  # as `python PATH` puts it first
+        # as `python PATH` runs it: its folder first on the path, argv holding it alone
+        # (a script that reads sys.argv[1:] must not see this runner's arguments)
+        sys.path.insert(0, str(Path(body).parent))
+        saved_argv, sys.argv = sys.argv, [body]
         try:
             runpy.run_path(body, run_name="__main__")
         finally:
+            sys.argv = saved_argv
             sys.path.remove(str(Path(body).parent))
         return 0
     if kind == "cli":

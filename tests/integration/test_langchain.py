@@ -195,6 +195,12 @@ class TestChatDeepEnIntegration(ChatModelIntegrationTests):
     test_structured_output = _xfail("test_structured_output", _REPEATS)
     test_structured_output_async = _xfail("test_structured_output_async", _REPEATS)
     test_structured_output_pydantic_2_v1 = _xfail("test_structured_output_pydantic_2_v1", _REPEATS)
+    # Since issue 24 a cut object raises OutputCutError instead of reaching the parser, so
+    # the variants LangChain's lenient JSON parser used to accept fail the same way.
+    test_structured_output_optional_param = _xfail(
+        "test_structured_output_optional_param", _REPEATS + "; now OutputCutError"
+    )
+    test_json_mode = _xfail("test_json_mode", _REPEATS + "; now OutputCutError")
     test_bind_runnables_as_tools = _xfail(
         "test_bind_runnables_as_tools",
         "content: the answer_style argument runs on ('Greeting style of speaking. This is a "
