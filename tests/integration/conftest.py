@@ -20,13 +20,16 @@ import pytest
 from deepen_engine import EMBEDDED, Ensemble
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _members_load_once() -> None:
+@pytest.fixture(scope="package", autouse=True)
+def _members_load_once() -> Iterator[None]:
     """A second load of the same member in this process (an adapter's lazy `Ensemble()`, a
-    test's new `Ensemble()`) reuses the first one's weights and tokenizer."""
+    test's new `Ensemble()`) reuses the first one's weights and tokenizer. For this tier
+    only: the plain loader is back before the unit tier runs in the same process."""
     from tests.integration.one_process import share_member_loads
 
-    share_member_loads()
+    restore = share_member_loads()
+    yield
+    restore()
 
 
 def _members_installed() -> bool:

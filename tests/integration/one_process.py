@@ -24,12 +24,14 @@ import runpy
 import shlex
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def share_member_loads() -> None:
-    """Make a second load of the same local member spec return the first one's member."""
+def share_member_loads() -> Callable[[], None]:
+    """Make a second load of the same local member spec return the first one's member;
+    returns what puts the plain loader back."""
     from deepen_engine.members import loading
 
     original = loading.load_local_member
@@ -44,6 +46,11 @@ def share_member_loads() -> None:
         return loaded[key]
 
     loading.load_local_member = load_once
+
+    def restore() -> None:
+        loading.load_local_member = original
+
+    return restore
 
 
 def close_open_ensembles() -> None:
