@@ -199,7 +199,9 @@ class Ensemble:
         member reads the prompts (in chunks of `SchedulerConfig.prefill_chunk` positions)
         and after each step, for progress bars.
         """
-        call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
+        call = check_request(
+            self.members, self.main, prompt, config, batch_size, overrides, tools, tool_choice
+        )
         events = read(self._scheduler, self._submitter(call, tool_constraint, progress), progress)
         return events if call.tools is None else tool_events(events, call.tools, call.form)
 
@@ -222,7 +224,9 @@ class Ensemble:
         rows after the current step; a request still waiting to start never starts.
         `progress` as in `stream`, called on the event loop.
         """
-        call = self._request(prompt, config, batch_size, overrides, tools, tool_choice)
+        call = check_request(
+            self.members, self.main, prompt, config, batch_size, overrides, tools, tool_choice
+        )
         events = aread(self._scheduler, self._submitter(call, tool_constraint, progress), progress)
         return events if call.tools is None else atool_events(events, call.tools, call.form)
 
@@ -321,20 +325,6 @@ class Ensemble:
         events = [e async for e in stream]
         results = collect(iter(events), len(check_prompts(prompt)))
         return results[0] if is_single(prompt) else results
-
-    def _request(
-        self,
-        prompt: Prompt | Sequence[Prompt],
-        config: GenerationConfig | None,
-        batch_size: int | None,
-        overrides: dict[str, Any],
-        tools: Any = None,
-        tool_choice: Any = None,
-    ) -> CheckedRequest:
-        """Check a request and render its prompts for every member."""
-        return check_request(
-            self.members, self.main, prompt, config, batch_size, overrides, tools, tool_choice
-        )
 
     def render(
         self, messages: Conversation, tools: Any = None, tool_choice: Any = None
