@@ -94,7 +94,7 @@ def member_options() -> argparse.ArgumentParser:
         action="append",
         metavar="[INDEX:]FIELD=VALUE",
         help="a MemberSpec field for every member, or member INDEX only, e.g. device_map=auto, "
-        "'max_memory={\"0\": \"20GiB\", \"cpu\": \"60GiB\"}', 1:dtype=bfloat16; repeatable",
+        '\'max_memory={"0": "20GiB", "cpu": "60GiB"}\', 1:dtype=bfloat16; repeatable',
     )
     _option(parser, MemberSpec, "device", help="torch device of every member (default: cpu)")
     _option(
@@ -130,22 +130,21 @@ def fusion_options(
     """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
     main member (the chat rule); `weights=False` leaves `--weights` to the command;
     `methods=True` lets `--method` take several methods (or `all`) and `--weighting`
-    several weightings, for the command to compare, and `--main` take `auto`.
+    several weightings, for the command to compare, and `--main` take `dev` as well.
     """
     parser = argparse.ArgumentParser(add_help=False)
     extra = "; default: for chat prompts the first member with a chat template, else 0"
     main_help = "index of the main member, or auto: per prompt, the member that reads it best "
     main_help += "(lowest bits per byte)" + (f" ({extra[2:]})" if main_default is None else "")
     if methods:
-        main_help = "index of the main member, or auto: on each task the best member alone on "
-        main_help += "the dev set (default: 0"
+        main_help += ", or dev: on each task the best member alone on the dev set (default: 0"
         tools = "; --task tools: the first member with a chat template"
         main_help += (tools if main_default is None else "") + ")"
     _option(
         parser,
         FusionConfig,
         "main",
-        type=_main_index,
+        type=_compared_main if methods else _main_index,
         metavar="INDEX",
         default=main_default,
         help=main_help,
@@ -158,8 +157,7 @@ def fusion_options(
             nargs="+",
             choices=[*METHODS, "all"],
             default=None,
-            help="fusion methods to compare, each on the same questions, or all "
-            "(default: deepen)",
+            help="fusion methods to compare, each on the same questions, or all (default: deepen)",
         )
     else:
         _option(parser, FusionConfig, "method", choices=list(METHODS))
@@ -190,13 +188,27 @@ def fusion_options(
 
 
 def _main_index(text: str) -> int | str:
-    """`--main` of a comparing command: a member index, or `auto`."""
+    """`--main`: a member index, or `auto` (per prompt, the lowest bits per byte)."""
     if text == "auto":
         return text
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"give a member index or auto, got {text!r}") from None
+
+
+def _compared_main(text: str) -> int | str:
+    """`--main` of a comparing command: an index, `auto`, or `dev` (the command's choice:
+    the best member alone on its dev set).
+    """
+    if text == "dev":
+        return text
+    try:
+        return _main_index(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"give a member index, auto or dev, got {text!r}"
+        ) from None
 
 
 def generation_options() -> argparse.ArgumentParser:
@@ -256,10 +268,9 @@ def member_specs(args: argparse.Namespace, ray: bool | None = None) -> list[Memb
     return [MemberSpec(**{**extra, **m}) for m in members]
 
 
-def fusion_settings(args: argparse.Namespace, compare: bool = False) -> dict[str, Any]:
+def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """FusionConfig keywords from the parsed fusion options (`main` only when given;
-    `--main auto` is `main="auto"`, except for a comparing command (`compare`), whose own
-    choice it is).
+    `--main auto` is `main="auto"`; a comparing command's `--main dev` is its own choice).
     """
     out: dict[str, Any] = {
         "gate": args.gate,
@@ -280,7 +291,7 @@ def fusion_settings(args: argparse.Namespace, compare: bool = False) -> dict[str
             out[key] = getattr(args, key)
     if isinstance(args.main, int):  # None: the command's rule
         out["main"] = args.main
-    elif args.main == "auto" and not compare:  # a comparing command chooses on its dev set
+    elif args.main == "auto":  # per request; "dev": the comparing command's choice
         out["main"] = "auto"
     weights = getattr(args, "weights", None)
     if isinstance(weights, list) and all(isinstance(w, float) for w in weights):

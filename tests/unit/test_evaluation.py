@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from deepen_engine import ConfigError
+from deepen_engine import ConfigError, Ensemble, MemberSpec
 from deepen_engine.commands.cli import main
 from deepen_engine.commands.eval.stats import mcnemar, oracle
 from deepen_engine.commands.eval.task import (
@@ -311,7 +311,8 @@ def test_sweep_on_tiny_members(tiny_folders, tmp_path, capsys):
 def test_sweep_rejects_bad_values(tiny_folders, capsys):
     base = ["eval", *member_args(tiny_folders), "--sweep-eta", "0.1"]
     assert main([*base, "--sweep-main", "2"]) == 2
-    assert "--sweep-main [2] out of range for 2 members; give 0 to 1." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--sweep-main [2] out of range for 2 members; give 0 to 1 or auto." in err
     assert main(["eval", *member_args(tiny_folders), "--sweep-eta", "-1"]) == 2
     assert "--sweep-eta values must be >= 0, got [-1.0]." in capsys.readouterr().err
 
@@ -336,12 +337,12 @@ def test_eval_and_sweep_with_each_weighting(tiny_folders, tmp_path, capsys):
     assert f"| unite+confidence main={names[0]} |" in (tmp_path / "s.md").read_text()
 
 
-def test_eval_main_auto_leads_with_the_best_member_on_dev(tiny_folders, tmp_path, capsys):
+def test_eval_main_dev_leads_with_the_best_member_on_dev(tiny_folders, tmp_path, capsys):
     args = ["--n", "3", "--dev-size", "4", "--batch-size", "4", "--task", "capitals"]
-    args += ["--main", "auto", "--method", "union", "--output", str(tmp_path / "a.jsonl")]
+    args += ["--main", "dev", "--method", "union", "--output", str(tmp_path / "a.jsonl")]
     assert main(["eval", *member_args(tiny_folders), *args, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["main"] == "auto"
+    assert summary["main"] == "dev"
     (task,) = summary["tasks"]
     dev = [d["accuracy"] for d in task["dev"]]
     best = summary["members"][dev.index(max(dev))]
@@ -349,7 +350,59 @@ def test_eval_main_auto_leads_with_the_best_member_on_dev(tiny_folders, tmp_path
     assert task["results"][-1]["system"] == f"union (main {best})"
     with pytest.raises(SystemExit):  # argparse refuses it
         main(["eval", *member_args(tiny_folders), "--main", "first"])
-    assert "give a member index or auto, got 'first'" in capsys.readouterr().err
+    assert "give a member index, auto or dev, got 'first'" in capsys.readouterr().err
+
+
+def test_eval_main_auto_is_the_per_prompt_leader(tiny_folders, tmp_path, capsys):
+    """`--main auto` in eval is the engine's rule (each question's lowest-bpb member), the
+    same answers as `Ensemble.with_fusion(main="auto")`."""
+    out = tmp_path / "a.jsonl"
+    args = ["--n", "3", "--dev-size", "2", "--batch-size", "4", "--task", "capitals"]
+    args += ["--main", "auto", "--weighting", "prompt", "--output", str(out), "--json"]
+    assert main(["eval", *member_args(tiny_folders), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    (task,) = summary["tasks"]
+    assert summary["main"] == task["main"] == "auto"
+    assert task["dev"] == []  # nothing chosen on dev
+    label = "deepen+prompt (main auto)"
+    assert task["results"][-1]["system"] == label
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    fused = [r for r in records if r["system"] == label]
+    view = Ensemble(
+        [MemberSpec(source=f) for f in tiny_folders],
+        main="auto",
+        weighting="prompt",
+        min_anchors=50,
+    )
+    split = split_questions(CAPITALS.load(), 0, 4, 2)
+    prompts = [CAPITALS.prompt(split.shots, q) for q in split.test[:3]]
+    texts = [r.text for r in view.generate(prompts, max_new_tokens=CAPITALS.max_new_tokens,
+                                           stop=["\n"], batch_size=4)]  # fmt: skip
+    assert [r["output"] for r in fused] == texts
+
+
+def test_sweep_over_prompt_temperatures_and_auto_leader(tiny_folders, tmp_path, capsys):
+    names = [f.rsplit("/", 1)[-1] for f in tiny_folders]
+    args = ["--dev-size", "3", "--batch-size", "4", "--task", "capitals", "--json"]
+    args += ["--sweep-method", "union", "--sweep-main", "auto", "1", "--weighting", "prompt"]
+    args += ["--sweep-weight-temperature", "0.01", "1", "--sweep-output", str(tmp_path / "s")]
+    args += ["--output", str(tmp_path / "a.jsonl")]
+    assert main(["eval", *member_args(tiny_folders), *args]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    rows = [(r["main"], r["weighting"], r["weight_temperature"]) for r in sweep["rows"]]
+    assert rows == [
+        ("auto", "prompt", 0.01), ("auto", "prompt", 1.0),
+        (names[1], "prompt", 0.01), (names[1], "prompt", 1.0),
+    ]  # fmt: skip
+    table = (tmp_path / "s.md").read_text()
+    assert "| union+prompt T=0.01 main=auto |" in table
+    assert f"| union+prompt T=1 main={names[1]} |" in table
+    bad = ["eval", *member_args(tiny_folders), "--sweep-weight-temperature", "0.1"]
+    assert main(bad) == 2
+    assert "--sweep-weight-temperature needs --weighting prompt." in capsys.readouterr().err
+    assert main([*bad, "0", "--weighting", "prompt"]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep-weight-temperature values must be > 0, got [0.1, 0.0]." in err
 
 
 def test_eval_writes_into_the_cache_not_the_current_directory(

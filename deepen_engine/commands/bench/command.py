@@ -136,7 +136,14 @@ def _header(ens: Ensemble) -> dict[str, Any]:
         "fusion": {
             k: getattr(ens.fusion, k)
             for k in (
-                "method", "weighting", "gate", "eta", "steps", "top_k", "top_mass", "unite_top_k"
+                "method",
+                "weighting",
+                "gate",
+                "eta",
+                "steps",
+                "top_k",
+                "top_mass",
+                "unite_top_k",
             )
         },
         "device": str(ens.main.device),

@@ -90,8 +90,7 @@ def _one_main(view: Ensemble, n: int, repeats: int, tick: Callable[[], None]) ->
         },
         # the last run of each kind: where its time went (member forwards, the rest)
         "forward_ms_per_token": {
-            k: round(sum(r.usage.forward_seconds.values()) / n * 1e3, 1)
-            for k, r in results.items()
+            k: round(sum(r.usage.forward_seconds.values()) / n * 1e3, 1) for k, r in results.items()
         },
         "fusion_ms_per_token": {
             k: round(r.usage.fusion_seconds / n * 1e3, 1) for k, r in results.items()

@@ -88,7 +88,7 @@ def add_parser(sub: Any) -> None:
         choices=["test", "dev"],
         default="test",
         help="the questions answered: test (default) or dev (for exploring a task; not with "
-        "--weights adaptive or --main auto, which choose on dev)",
+        "--weights adaptive or --main dev, which choose on dev)",
     )
     ev.add_argument(
         "--n", type=int, default=150, help="test (or --split dev) questions per task (default 150)"
@@ -109,7 +109,19 @@ def add_parser(sub: Any) -> None:
     ev.add_argument(
         "--sweep-method", nargs="+", choices=METHODS, help="sweep mode: methods scored on dev"
     )
-    ev.add_argument("--sweep-main", type=int, nargs="+", help="sweep: main members (--main)")
+    ev.add_argument(
+        "--sweep-main",
+        type=_sweep_main,
+        nargs="+",
+        help="sweep: main members (--main): indexes, or auto (per question, the member that "
+        "reads its prompt best)",
+    )
+    ev.add_argument(
+        "--sweep-weight-temperature",
+        type=float,
+        nargs="+",
+        help="sweep: temperatures of --weighting prompt (FusionConfig.weight_temperature)",
+    )
     ev.add_argument(
         "--sweep-output",
         help="sweep: writes PREFIX.json, PREFIX.md (table) and PREFIX.png (plot) (default "
@@ -117,6 +129,15 @@ def add_parser(sub: Any) -> None:
     )
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ev.set_defaults(run=run_eval)
+
+
+def _sweep_main(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give member indexes or auto, got {text!r}") from None
 
 
 def _weights(raw: list[str] | None) -> list[float] | str | None:
@@ -137,13 +158,13 @@ def _run_tools(args: argparse.Namespace) -> int:
     if args.task != ["tools"]:
         raise ConfigError(f"--task tools runs alone; got --task {' '.join(args.task)}.")
     systems = systems_named(args)
-    if len(systems) > 1 or args.main == "auto":
+    if len(systems) > 1 or args.main == "dev":
         raise ConfigError(
             "--task tools compares one ensemble with its members: give one --method, one "
-            "--weighting and a numbered --main (or none: the chat rule)."
+            "--weighting and a numbered --main or auto (or none: the chat rule)."
         )
     method, weighting = systems[0]
-    settings = fusion_settings(args, compare=True) | {"method": method, "weighting": weighting}
+    settings = fusion_settings(args) | {"method": method, "weighting": weighting}
     return run_tools_eval(args, Ensemble(announce_loading(member_specs(args)), **settings))
 
 
@@ -161,9 +182,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.main is None:
         args.main = 0
     weights = _weights(args.weights)
-    if args.split == "dev" and (weights == "adaptive" or args.main == "auto"):
+    if args.split == "dev" and (weights == "adaptive" or args.main == "dev"):
         raise ConfigError(
-            "--split dev answers the dev questions, which --weights adaptive and --main auto "
+            "--split dev answers the dev questions, which --weights adaptive and --main dev "
             "choose from: drop one of them."
         )
     tasks = tasks_named(args.task)
@@ -173,18 +194,18 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     ens = Ensemble(
         announce_loading(member_specs(args)),
-        **fusion_settings(args, compare=True),
+        **fusion_settings(args),
         method=systems[0][0],
         weighting=systems[0][1],
         weights=weights if isinstance(weights, list) else None,
     )
-    if args.sweep_eta or args.sweep_method:
+    if args.sweep_eta or args.sweep_method or args.sweep_weight_temperature:
         return run_sweep(args, ens, tasks, splits, weights)
     if args.systems == "members":
         systems = []
     per_task = len(ens.members) + len(systems)
     n_runs = sum(min(args.n, len(_asked(splits[t.name], args))) * per_task for t in tasks)
-    if weights == "adaptive" or args.main == "auto":
+    if weights == "adaptive" or args.main == "dev":
         n_runs += sum(len(ens.members) * len(splits[t.name].dev) for t in tasks)
     reports, records = [], []
     with tqdm(total=n_runs, desc="deepen eval", file=sys.stderr) as bar:
@@ -199,7 +220,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "shots": args.shots,
         "split": args.split,
         "members": [m.name for m in ens.members],
-        "main": "auto" if args.main == "auto" else ens.main.name,
+        "main": args.main if args.main in ("auto", "dev") else ens.main.name,
         "methods": list(dict.fromkeys(m for m, _ in systems)),
         "weightings": list(dict.fromkeys(w for _, w in systems)),
         "fusion": {
@@ -231,13 +252,13 @@ def _run_task(
     test = _asked(split, args)[: args.n]
     dev_scores: list[Score] = []
     view = ens
-    if weights == "adaptive" or args.main == "auto":
+    if weights == "adaptive" or args.main == "dev":
         dev = split.dev
         dev_scores = members_alone(ens, task, split.shots, dev, bar, args.batch_size, " (dev)")
         dev_accuracy = [s.accuracy for s in dev_scores]
         if weights == "adaptive":
             view = view.with_fusion(weights=adaptive_weights(dev_accuracy))
-        if args.main == "auto":  # the best member alone on dev leads (the first of equals)
+        if args.main == "dev":  # the best member alone on dev leads (the first of equals)
             view = view.with_fusion(main=dev_accuracy.index(max(dev_accuracy)))
     alone = members_alone(ens, task, split.shots, test, bar, args.batch_size)
     best = max(alone, key=lambda s: s.accuracy)  # the first of equals: member order
@@ -245,7 +266,7 @@ def _run_task(
     comparisons = []
     for method, weighting in systems:
         method_view = view.with_fusion(method=method, weighting=weighting)
-        label = system_label(method, weighting, view.main.name)
+        label = system_label(method, weighting, _leader(view))
         answer = answerer(method_view, task, args.batch_size)
         result = score(task, label, answer, split.shots, test, bar.update, args.batch_size)
         fused.append(result)
@@ -264,7 +285,7 @@ def _run_task(
         "task": task.name,
         "title": task.title,
         "test_questions": len(test),
-        "main": view.main.name,
+        "main": _leader(view),
         "weights": [round(w, 4) for w in view.fusion.normalised_weights(len(ens.members))],
         "dev": [s.summary() for s in dev_scores],
         "results": [s.summary() for s in alone + fused],
@@ -274,6 +295,11 @@ def _run_task(
         "comparisons": comparisons,
     }
     return report, dev_scores + alone + fused
+
+
+def _leader(view: Ensemble) -> str:
+    """The leading member's name, or `auto` (each question's own, from its prompt)."""
+    return "auto" if view.fusion.main == "auto" else view.main.name
 
 
 def _asked(split: Split, args: argparse.Namespace) -> list[Question]:

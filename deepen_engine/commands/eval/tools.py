@@ -203,8 +203,10 @@ def lenient_call(text: str) -> tuple[str, Any] | None:
 def _same(got: Any, want: Any) -> bool:
     """Equal arguments: numbers by value, strings case-folded and stripped, recursively."""
     if isinstance(want, dict):
-        return isinstance(got, dict) and got.keys() == want.keys() and all(
-            _same(got[k], want[k]) for k in want
+        return (
+            isinstance(got, dict)
+            and got.keys() == want.keys()
+            and all(_same(got[k], want[k]) for k in want)
         )
     if isinstance(want, str):
         return isinstance(got, str) and got.strip().casefold() == want.casefold()
