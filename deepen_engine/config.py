@@ -54,6 +54,11 @@ WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 """How the member weights apply (`FusionConfig.weighting`), in the order commands list them."""
 
 
+PromptScore = Literal["whole", "second-half"]
+PROMPT_SCORES: tuple[str, ...] = get_args(PromptScore)
+"""The prompt spans a prompt score may read (`FusionConfig.prompt_score`)."""
+
+
 class FusionConfig(_Settings):
     """How the members' next-token distributions are fused.
 
@@ -126,6 +131,12 @@ class FusionConfig(_Settings):
     prompt best (lowest bits per byte) dominates; a gap of one temperature in bits per
     byte is a weight ratio of e."""
 
+    prompt_score: PromptScore = "whole"
+    """Which of the prompt's tokens the prompt score reads (`weighting="prompt"` and
+    `main="auto"`): `"whole"`, every token, or `"second-half"`, the tokens from the middle
+    byte of the prompt's text on, each read with all the prompt before it: how well the
+    member has taken in the first half (decoding/prompt_scores.py)."""
+
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the inverse search (reference: 0.01)."""
 
@@ -197,8 +208,7 @@ class FusionConfig(_Settings):
         """Raise `ConfigError` when `main` or `weights` do not fit `n_members` members."""
         if isinstance(self.main, int) and self.main >= n_members:
             fix = (
-                f"is out of range for {n_members} members; give an index from 0 to "
-                f"{n_members - 1}."
+                f"is out of range for {n_members} members; give an index from 0 to {n_members - 1}."
             )
             raise ConfigError(
                 f"FusionConfig.main={self.main} {fix}",
@@ -235,6 +245,7 @@ REQUEST_FUSION_NAMES: dict[str, str] = {
     "weights": "weights",
     "weighting": "weighting",
     "weight_temperature": "weight_temperature",
+    "prompt_score": "prompt_score",
     "eta": "eta",
     "steps": "steps",
     "tau": "tau",

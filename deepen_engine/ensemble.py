@@ -46,7 +46,6 @@ from .scheduler import Request, Scheduler, Sink
 VIEW_CACHE = 32  # fusion views `Ensemble.view` keeps per ensemble
 
 
-
 class Ensemble:
     """A token-level ensemble of causal LMs with different vocabularies (DeePEn).
 

@@ -138,6 +138,11 @@ class DeepEnSettings(BaseModel):
     """Temperature of `weighting="prompt"` (`FusionConfig.weight_temperature`, default
     0.1; lower: the member that reads the prompt best dominates). `None`: the ensemble's."""
 
+    prompt_score: Literal["whole", "second-half"] | None = None
+    """The prompt's tokens the prompt score reads (`FusionConfig.prompt_score`, default
+    `"whole"`): all of them, or those from the middle of the prompt's text on. `None`: the
+    ensemble's."""
+
     gate_threshold: float | None = None
     """Top probability of the main member from which `gate="confident"` skips fusion
     (`FusionConfig.gate_threshold`, default 0.9). `None`: the ensemble's."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import WEIGHTINGS, FusionConfig, GenerationConfig, SchedulerConfig
+from ..config import PROMPT_SCORES, WEIGHTINGS, FusionConfig, GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..members import DEFAULT_MEMBERS, DTYPES, MemberSpec
 from .inputs import stop_strings
@@ -173,6 +173,7 @@ def fusion_options(
     else:
         _option(parser, FusionConfig, "weighting", choices=list(WEIGHTINGS))
     _option(parser, FusionConfig, "weight_temperature", type=float)
+    _option(parser, FusionConfig, "prompt_score", choices=list(PROMPT_SCORES))
     _option(parser, FusionConfig, "gate", choices=["off", "agree", "confident"])
     _option(parser, FusionConfig, "gate_threshold", type=float)
     _option(parser, FusionConfig, "eta", type=float)
@@ -276,6 +277,7 @@ def fusion_settings(args: argparse.Namespace) -> dict[str, Any]:
         "gate": args.gate,
         "gate_threshold": args.gate_threshold,
         "weight_temperature": args.weight_temperature,
+        "prompt_score": args.prompt_score,
         "top_mass": args.top_mass,
         "unite_top_k": args.unite_top_k,
         "eta": args.eta,

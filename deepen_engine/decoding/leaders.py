@@ -45,6 +45,8 @@ def score_rows(
         batch = MemberBatch(member, ids)
         batch.chunk = chunk
         batch.score_prompts = True
+        for row_ids, row in zip(batch.rows, rows):
+            row_ids.score.span = row.fuser.config.prompt_score
         try:
             batch.forward()
             for b, r in enumerate(batch.rows):

@@ -142,7 +142,7 @@ class BatchDecoder:
             return
         fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
         try:
-            start_scoring(fresh, self.members, prepared.rows)  # if their fusion reads scores
+            start_scoring(fresh, self.members, prepared)  # if their fusion reads scores
             for b, ids in enumerate(prepared.resume):
                 if ids:
                     self._resume(fresh, prepared.rows[b], b, list(ids))

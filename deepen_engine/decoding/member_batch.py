@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from ..errors import MemberError
 from ..members import Member
 from .cache_ops import common_prefix, gather_slots, left_pad, left_pad_mask
-from .prompt_scores import RowScore, score_pass, score_width
+from .prompt_scores import RowScore, logits_kept, score_pass, score_width
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
 PREFILL_CHUNK = 512  # positions a row feeds per forward pass (`SchedulerConfig.prefill_chunk`)
@@ -200,6 +200,9 @@ class MemberBatch:
             if pending == 0:
                 return
             limit = min(pending, self.chunk) if self.chunk else pending
+            if self.score_prompts:
+                for r in self.rows:
+                    r.score.begin(r.prompt_ids, self.member.vocab.texts)
             if self._scoring():  # every position's logits are kept: bound their memory
                 limit = score_width(len(self.rows), len(self.member.vocab), limit)
             done += self._forward_once(limit)
@@ -219,6 +222,11 @@ class MemberBatch:
         mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
         device = self.member.device
         scoring = self._scoring()
+        keep = 1
+        if self.keep_fed_logits:
+            keep = width
+        elif scoring:
+            keep = logits_kept(pending, [r.cached for r in self.rows], [r.score for r in self.rows])
         try:
             with torch.no_grad():  # not inference_mode: caches are edited in place later
                 out = self.member.model(
@@ -226,7 +234,7 @@ class MemberBatch:
                     attention_mask=mask.long().to(device),
                     position_ids=positions.to(device),
                     use_cache=True,
-                    logits_to_keep=width if scoring or self.keep_fed_logits else 1,
+                    logits_to_keep=keep,
                     **{self.member.cache_argument: self.cache},
                 )
         except Exception as exc:
@@ -241,7 +249,7 @@ class MemberBatch:
             ) from exc
         # float32 for fusion whatever the member's dtype; kept on the member's device
         # (fusion reads it there: deepen_engine/devices.py)
-        if scoring:  # (B, W, V): each prompt token's log-likelihood, before the rows move on
+        if scoring:  # (B, keep, V): each prompt token's log-likelihood, before the rows move on
             score_pass(
                 out.logits,
                 pending,
@@ -337,9 +345,7 @@ class MemberBatch:
         width = max(self.valid.shape[1], other.valid.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
-            mine.values = torch.cat(
-                [left_pad(mine.values, width), left_pad(theirs.values, width)]
-            )
+            mine.values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)])
         self.valid = torch.cat(
             [left_pad_mask(self.valid, width), left_pad_mask(other.valid, width)]
         )

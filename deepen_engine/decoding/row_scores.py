@@ -19,12 +19,17 @@ from .rows import Prepared, Row
 
 
 def start_scoring(
-    batches: Sequence[MemberBatch], members: Sequence[Member], rows: Sequence[Row]
+    batches: Sequence[MemberBatch], members: Sequence[Member], prepared: Prepared
 ) -> None:
     """Make the new rows' prefill score their prompts when some row's fusion reads the
-    scores (and helpers run); members in Ray actors cannot score yet.
+    scores and has none yet (a `main="auto"` row was scored before it joined), each row
+    over its `prompt_score` span; members in Ray actors cannot score yet.
     """
-    if len(members) == 1 or not any(r.fuser.config.weighting == "prompt" for r in rows):
+    rows = prepared.rows
+    before = prepared.scores or [{}] * len(rows)
+    if len(members) == 1 or not any(
+        r.fuser.config.weighting == "prompt" and not scored for r, scored in zip(rows, before)
+    ):
         return
     remote = [m.name for m in members if m.remote is not None]
     if remote:
@@ -35,11 +40,11 @@ def start_scoring(
         )
     for batch in batches:
         batch.score_prompts = True
+        for ids, row in zip(batch.rows, rows):
+            ids.score.span = row.fuser.config.prompt_score
 
 
-def note_scores(
-    prepared: Prepared, batches: Sequence[MemberBatch], index: Sequence[int]
-) -> None:
+def note_scores(prepared: Prepared, batches: Sequence[MemberBatch], index: Sequence[int]) -> None:
     """What the prefilled rows' results report: their leader, and their prompt scores
     (from before they joined, `main="auto"`, or from this prefill if it scored; `index`:
     the ensemble indices of the members run).

@@ -227,10 +227,7 @@ class Fuser:
         if self.config.weighting == "fixed":
             return fixed
         top = torch.stack(
-            [
-                (x.float().max(-1).values - x.float().logsumexp(-1)).exp().to(device)
-                for x in logits
-            ],
+            [(x.float().max(-1).values - x.float().logsumexp(-1)).exp().to(device) for x in logits],
             -1,
         )  # (B, N) each member's top probability
         scaled = fixed * top

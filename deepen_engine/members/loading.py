@@ -147,9 +147,7 @@ def _resolve(source: str | Path, dtype: str = "float32") -> tuple[str, str, str]
     return text, "hub", text
 
 
-def _convert_gguf(
-    gguf: Path, folder: Path, name: str, dtype: torch.dtype = torch.float32
-) -> None:
+def _convert_gguf(gguf: Path, folder: Path, name: str, dtype: torch.dtype = torch.float32) -> None:
     """Dequantise a GGUF file once into a transformers folder of `dtype` weights (atomic:
     tmp dir + rename).
     """

@@ -16,8 +16,8 @@ Accepted and mapped: `max_completion_tokens` / `max_tokens`, `stop`, `temperatur
 `model` (any name is served by the one ensemble), `user`, `metadata`, `store`,
 `service_tier`, `parallel_tool_calls` (a reply holds at most one call). Any other field is
 refused with a 400 naming it (`schema.py` lists the fields). Extra fields: the
-fusion settings `method`, `main`, `weights`, `weighting`, `weight_temperature`, `eta`,
-`steps`, `tau`,
+fusion settings `method`, `main`, `weights`, `weighting`, `weight_temperature`, `prompt_score`,
+`eta`, `steps`, `tau`,
 `fusion_top_k`, `top_mass`, `candidates`, `unite_top_k`, `gate`, `gate_threshold`, and
 `top_k`, `min_tokens`, `truncation`, `timeout`, `regex`, `grammar` (output constraints,
 as `GenerationConfig`). Refused with a 400 saying so: features deepen does not have (`n` >

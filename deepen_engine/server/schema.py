@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import Method, Weighting
+from ..config import Method, PromptScore, Weighting
 
 
 class _Body(BaseModel):
@@ -78,6 +78,8 @@ class _Common(_Body):
     weight_temperature: float | None = Field(None, gt=0)
     """`weighting="prompt"`: temperature of the softmax over the members' prompt bits per
     byte."""
+    prompt_score: PromptScore | None = None
+    """The prompt's tokens the prompt score reads: `whole` or `second-half`."""
     eta: float | None = Field(None, ge=0)
     """DeePEn inverse-search learning rate; 0: the main member alone."""
     steps: int | None = Field(None, ge=0)

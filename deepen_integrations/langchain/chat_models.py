@@ -185,9 +185,7 @@ class ChatDeepEn(DeepEnBase, BaseChatModel):
             parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
         )
         failed = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=llm) | parsed.with_fallbacks(
-            [failed], exception_key="parsing_error"
-        )
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # --- generation -----------------------------------------------------------------------
 

@@ -108,9 +108,7 @@ def structured_schema(schema: Any, method: str) -> dict[str, Any]:
     return dict(closed(convert_to_json_schema(schema)))
 
 
-def structured_parser(
-    schema: Any, method: str, tool_name: str | None
-) -> OutputParserLike[Any]:
+def structured_parser(schema: Any, method: str, tool_name: str | None) -> OutputParserLike[Any]:
     """The parser of a structured reply: a pydantic class gives its instances, any other
     schema a dict; with "function_calling" the forced call's arguments are parsed.
     """

@@ -36,10 +36,28 @@ def _direct_bpb(member, text: str) -> float:
     return nll / math.log(2) / size
 
 
-def _scored_batch(member, texts: list[str], chunk: int) -> MemberBatch:
+def _direct_second_half_bpb(member, text: str) -> float | None:
+    """The same over the tokens that start at or after the middle byte of the text."""
+    ids = member.tokenizer(text).input_ids
+    with torch.no_grad():
+        logits = member.model(input_ids=torch.tensor([ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    sizes = [len(member.vocab.texts[t] or b"") for t in ids]
+    middle = sum(sizes) / 2
+    nll, size = 0.0, 0
+    for t in range(1, len(ids)):
+        if sum(sizes[:t]) >= middle and sizes[t]:
+            nll -= float(logp[t - 1, ids[t]])
+            size += sizes[t]
+    return nll / math.log(2) / size if size else None
+
+
+def _scored_batch(member, texts: list[str], chunk: int, span: str = "whole") -> MemberBatch:
     batch = MemberBatch(member, [member.tokenizer(t).input_ids for t in texts])
     batch.chunk = chunk
     batch.score_prompts = True
+    for row in batch.rows:
+        row.score.span = span
     batch.forward()
     return batch
 
@@ -51,6 +69,49 @@ def test_bits_per_byte_equals_a_direct_computation(tiny_ensemble, m):
     for row, prompt in zip(batch.rows, PROMPTS):
         assert row.score.bits_per_byte == pytest.approx(_direct_bpb(member, prompt), rel=1e-4)
     batch.free()
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("m", [0, 1], ids=["llama-bpe", "gemma3-sp"])
+def test_second_half_score_equals_a_direct_computation(tiny_ensemble, m, chunk):
+    """Scored in one pass or in chunks of 4, with logits kept only where a token of the
+    second half is predicted, the score is the direct one; the next-token logits are those
+    of an unscored prefill."""
+    member = tiny_ensemble.members[m]
+    batch = _scored_batch(member, PROMPTS, chunk=chunk, span="second-half")
+    plain = MemberBatch(member, [member.tokenizer(t).input_ids for t in PROMPTS])
+    plain.forward()
+    for row, prompt in zip(batch.rows, PROMPTS):
+        direct = _direct_second_half_bpb(member, prompt)
+        assert direct is not None
+        assert row.score.bits_per_byte == pytest.approx(direct, rel=1e-4)
+        assert row.score.bytes < len(prompt.encode()) * 0.6
+    assert torch.allclose(batch.require_logits(), plain.require_logits(), atol=1e-4)
+    batch.free()
+    plain.free()
+
+
+def test_a_prompt_of_one_token_has_no_second_half_score(tiny_ensemble):
+    member = tiny_ensemble.members[0]
+    assert len(member.tokenizer("A").input_ids) == 1
+    batch = _scored_batch(member, ["A"], chunk=0, span="second-half")
+    assert batch.rows[0].score.bits_per_byte is None
+    batch.free()
+
+
+def test_the_second_half_score_leads_and_weights_the_rows(tiny_ensemble):
+    """`prompt_score="second-half"` reports and uses the second half's scores."""
+    view = tiny_ensemble.with_fusion(weighting="prompt", prompt_score="second-half")
+    (result,) = view.generate([PROMPTS[1]], max_new_tokens=2)
+    for member in tiny_ensemble.members:
+        expected = _direct_second_half_bpb(member, PROMPTS[1])
+        assert result.usage.prompt_bits_per_byte[member.name] == pytest.approx(expected, rel=1e-4)
+    auto = view.with_fusion(main="auto")
+    (led,) = auto.generate([PROMPTS[1]], max_new_tokens=2)
+    scores = [_direct_second_half_bpb(m, PROMPTS[1]) for m in tiny_ensemble.members]
+    assert led.usage.leader == tiny_ensemble.members[scores.index(min(scores))].name
+    with pytest.raises(ConfigError, match="prompt_score"):
+        tiny_ensemble.with_fusion(prompt_score="last")
 
 
 @pytest.mark.parametrize("m", [0, 1], ids=["llama-bpe", "gemma3-sp"])
