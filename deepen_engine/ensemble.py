@@ -162,6 +162,13 @@ class Ensemble:
                 return i
         return self.fusion.leader
 
+    def _tools_leader(self) -> Ensemble:
+        """With tools, `main="auto"` leads with `default_chat_main()`: the leader's chat
+        template writes and parses the calls, so it is fixed before the prompt is read
+        (with one chat member, as the default pair, that is the member auto picks).
+        """
+        return self.view({"main": self.default_chat_main()})
+
     def stream(
         self,
         prompt: Prompt | Sequence[Prompt],
@@ -198,6 +205,11 @@ class Ensemble:
         member reads the prompts (in chunks of `SchedulerConfig.prefill_chunk` positions)
         and after each step, for progress bars.
         """
+        if tools is not None and self.fusion.main == "auto":
+            return self._tools_leader().stream(
+                prompt, config, batch_size=batch_size, tools=tools, tool_choice=tool_choice,
+                tool_constraint=tool_constraint, progress=progress, **overrides,
+            )  # fmt: skip
         call = check_request(
             self.members, self.main, prompt, config, batch_size, overrides, tools, tool_choice
         )
@@ -223,6 +235,11 @@ class Ensemble:
         rows after the current step; a request still waiting to start never starts.
         `progress` as in `stream`, called on the event loop.
         """
+        if tools is not None and self.fusion.main == "auto":
+            return self._tools_leader().astream(
+                prompt, config, batch_size=batch_size, tools=tools, tool_choice=tool_choice,
+                tool_constraint=tool_constraint, progress=progress, **overrides,
+            )  # fmt: skip
         call = check_request(
             self.members, self.main, prompt, config, batch_size, overrides, tools, tool_choice
         )
@@ -248,11 +265,6 @@ class Ensemble:
         """Queue a request for the scheduler (raises `QueueFullError` at once if full)."""
         cfg = call.config
         auto = self.fusion.main == "auto"
-        if auto and call.tools is not None:
-            raise ConfigError(
-                "main='auto' with tools is not supported yet: the leader's chat template "
-                "decides how a call is written; give main as a member index."
-            )
         request = Request(
             rows=[],
             main=None if auto else self.fusion.leader,

@@ -255,12 +255,36 @@ def test_auto_chat_rows_lead_with_a_chat_member(tiny_ensemble):
     assert result.usage.leader in {tiny_ensemble.members[i].name for i in chat}
 
 
-def test_auto_refuses_tools_and_a_bad_main_names_the_value(tiny_ensemble):
-    with pytest.raises(ConfigError, match="main='auto' with tools"):
-        tiny_ensemble.with_fusion(main="auto").generate(
-            [{"role": "user", "content": "hi"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        )
+@pytest.mark.parametrize("weighting", ["fixed", "prompt"])
+def test_auto_with_tools_leads_with_the_chat_rule(tiny_ensemble, weighting):
+    """The calls are written in the leader's chat format, fixed before the prompt is read:
+    auto with tools is `default_chat_main()`, with the same weights otherwise."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    settings = {"weighting": weighting, "weight_temperature": 0.05}
+    auto = tiny_ensemble.with_fusion(main="auto", **settings)
+    lead = tiny_ensemble.default_chat_main()
+    fixed = tiny_ensemble.with_fusion(main=lead, **settings)
+    for choice in ("auto", "required"):
+        kwargs = {"tools": tools, "tool_choice": choice, "max_new_tokens": 24}
+        got, expected = auto.generate(messages, **kwargs), fixed.generate(messages, **kwargs)
+        assert (got.text, got.tool_calls) == (expected.text, expected.tool_calls)
+        assert got.usage.leader == tiny_ensemble.members[lead].name
+
+
+def test_a_bad_main_names_the_value():
     with pytest.raises(ConfigError, match="main"):
         FusionConfig(main="best")
     with pytest.raises(ConfigError, match="main"):
