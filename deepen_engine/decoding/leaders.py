@@ -12,7 +12,8 @@ row's leader before the row joins a batch:
 2. `lowest_score`: the row's leader is the member with the lowest bits per byte; a chat row
    chooses among the members with a chat template (a base model does not follow a
    conversation), any member if none has one. A prompt too short to score (one text
-   token) keeps the first allowed member.
+   token) keeps the first allowed member. A row with one allowed member (a chat row when
+   one member has a template, as the default pair) is not scored here at all.
 3. `assign_leaders`: the row's fuser becomes the ensemble's settings with that `main`
    (one fuser per leader, shared by the request's rows), and the rows are ordered by
    leader (events carry each row's prompt position, so order does not show), so the
@@ -74,17 +75,18 @@ def assign_leaders(
     """
     if not rows:
         return rows
-    if len(members) == 1:
-        leaders = [0] * len(rows)
-    else:
-        scores = score_rows(members, rows, chunk)
-        chat = chat_capable(members)
-        leaders = []
-        for row, row_scores in zip(rows, scores):
-            allowed = list(range(len(members))) if row.prompts[0][1] else chat
-            best = lowest_score(row_scores, allowed)
-            leaders.append(allowed[0] if best is None else best)
-            row.prompt_scores = dict(enumerate(row_scores))  # reported with the result
+    chat = chat_capable(members)
+    # a row with one possible leader (one member, or a chat row and one chat member)
+    # needs no scoring prefill: its prefill scores it if its weights need the scores
+    allowed = [list(range(len(members))) if row.prompts[0][1] else chat for row in rows]
+    leaders = [a[0] for a in allowed]
+    open_rows = [b for b, a in enumerate(allowed) if len(a) > 1]
+    if open_rows:
+        scores = score_rows(members, [rows[b] for b in open_rows], chunk)
+        for b, row_scores in zip(open_rows, scores):
+            best = lowest_score(row_scores, allowed[b])
+            leaders[b] = allowed[b][0] if best is None else best
+            rows[b].prompt_scores = dict(enumerate(row_scores))  # reported with the result
     fusers: dict[tuple[int, int], Fuser] = {}
     for row, leader in zip(rows, leaders):
         key = (id(row.fuser), leader)

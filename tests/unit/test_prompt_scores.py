@@ -255,6 +255,27 @@ def test_auto_chat_rows_lead_with_a_chat_member(tiny_ensemble):
     assert result.usage.leader in {tiny_ensemble.members[i].name for i in chat}
 
 
+def test_auto_chat_row_with_one_chat_member_is_not_scored_twice(tiny_ensemble, monkeypatch):
+    """With one chat member the chat row's leader is known: no scoring prefill runs, the
+    row's own prefill scores it for its weights, and it equals that leader fixed."""
+    from deepen_engine.decoding import leaders
+
+    chat = [r for r, m in enumerate(tiny_ensemble.members) if m.tokenizer.chat_template]
+    assert len(chat) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored before joining")
+
+    monkeypatch.setattr(leaders, "score_rows", refuse)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    settings = {"weighting": "prompt", "weight_temperature": 0.05}
+    auto = tiny_ensemble.with_fusion(main="auto", **settings).generate(messages, max_new_tokens=6)
+    fixed = tiny_ensemble.with_fusion(main=chat[0], **settings).generate(messages, max_new_tokens=6)
+    assert (auto.token_ids, auto.usage.leader) == (fixed.token_ids, fixed.usage.leader)
+    assert auto.usage.prompt_bits_per_byte == fixed.usage.prompt_bits_per_byte
+    assert len(auto.usage.prompt_bits_per_byte) == 2
+
+
 @pytest.mark.parametrize("weighting", ["fixed", "prompt"])
 def test_auto_with_tools_leads_with_the_chat_rule(tiny_ensemble, weighting):
     """The calls are written in the leader's chat format, fixed before the prompt is read:
