@@ -7,8 +7,9 @@ row's leader before the row joins a batch:
 
 1. `score_rows`: every member prefills the rows' prompts once, scoring them
    (decoding/prompt_scores.py: bits per UTF-8 byte of the member's own tokens), then frees
-   that cache. This is one prefill more than a fixed leader costs: the row's batch prefills
-   its prompt again when it joins (reusing this cache is future work).
+   that cache; a member in a Ray actor prefills and scores in its actor (remote/batch.py).
+   This is one prefill more than a fixed leader costs: the row's batch prefills its prompt
+   again when it joins (reusing this cache is future work).
 2. `lowest_score`: the row's leader is the member with the lowest bits per byte; a chat row
    chooses among the members with a chat template (a base model does not follow a
    conversation), any member if none has one. A prompt too short to score (one text
@@ -27,7 +28,8 @@ from collections.abc import Sequence
 from ..fusion import Fuser
 from ..fusion.weights import lowest_score
 from ..members import Member
-from .member_batch import PREFILL_CHUNK, MemberBatch
+from ..remote.batch import new_batch
+from .member_batch import PREFILL_CHUNK
 from .prompts import fit_context
 from .rows import NewRow
 
@@ -43,7 +45,7 @@ def score_rows(
             text, special = row.prompts[i]
             tokens = member.tokenizer(text, add_special_tokens=special).input_ids
             ids.append(fit_context(tokens, text, member, row.index, row.config))
-        batch = MemberBatch(member, ids)
+        batch = new_batch(member, ids)  # in this process or in the member's actor
         batch.chunk = chunk
         batch.score_prompts = True
         for row_ids, row in zip(batch.rows, rows):

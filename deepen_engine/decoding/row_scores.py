@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError
 from ..fusion.weights import prompt_weights
 from ..members import Member
 from .member_batch import MemberBatch
@@ -23,7 +22,8 @@ def start_scoring(
 ) -> None:
     """Make the new rows' prefill score their prompts when some row's fusion reads the
     scores and has none yet (a `main="auto"` row was scored before it joined), each row
-    over its `prompt_score` span; members in Ray actors cannot score yet.
+    over its `prompt_score` span. Set before the batches' first forward: a member in a Ray
+    actor scores there, its batch's first call carrying the spans (remote/batch.py).
     """
     rows = prepared.rows
     before = prepared.scores or [{}] * len(rows)
@@ -31,13 +31,6 @@ def start_scoring(
         r.fuser.config.weighting == "prompt" and not scored for r, scored in zip(rows, before)
     ):
         return
-    remote = [m.name for m in members if m.remote is not None]
-    if remote:
-        raise ConfigError(
-            f"weighting='prompt' is not supported yet with members in Ray actors "
-            f"({', '.join(remote)}); use weighting='fixed' or 'confidence', or load them "
-            "in this process."
-        )
     for batch in batches:
         batch.score_prompts = True
         for ids, row in zip(batch.rows, rows):

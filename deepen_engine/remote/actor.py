@@ -120,7 +120,8 @@ class MemberActor:
         return weight.detach()[start:stop].cpu().clone()
 
     def step(self, request: StepRequest) -> StepReply:
-        """Apply the request's operations, feed its batch, answer what fusion reads.
+        """Apply the request's operations, feed its batch, answer what fusion reads (and
+        the rows' prompt scores, for a batch that scores them).
 
         A failure comes back as `StepReply.error` (the coordinator raises `MemberError`
         naming the member); the batch is abandoned by the coordinator then.
@@ -134,7 +135,10 @@ class MemberActor:
             batch.forward()
             fed = [r.fed_positions for r in batch.rows]
             spent = batch.forward_seconds - before
-            return StepReply.of_logits(batch.logits, request.top_k, fed, spent)
+            reply = StepReply.of_logits(batch.logits, request.top_k, fed, spent)
+            if batch.score_prompts:  # the rows' prompt scores, as the coordinator keeps them
+                reply.scores = [(r.score.nll, r.score.bytes, r.score.tokens) for r in batch.rows]
+            return reply
         except MemberError as exc:  # the forward pass raised: report the model's error
             cause = exc.__cause__ or exc
             return StepReply(error=f"{type(cause).__name__}: {cause}")
@@ -144,7 +148,12 @@ class MemberActor:
     def _apply(self, member: Member, op: Op) -> None:
         """One batch operation (protocol.py)."""
         if isinstance(op, Open):
-            self.batches[op.batch] = MemberBatch(member, op.prompt_ids)
+            batch = MemberBatch(member, op.prompt_ids)
+            if op.spans is not None:  # its prefill scores the prompts
+                batch.score_prompts = True
+                for row, span in zip(batch.rows, op.spans):
+                    row.score.span = span
+            self.batches[op.batch] = batch
         elif isinstance(op, EditIds):
             self._batch(op.batch).replace_ids(op.row, op.keep, op.tail)
         elif isinstance(op, KeepRows):

@@ -10,6 +10,12 @@ row's new ids, and reads back what fusion needs (protocol.py). Operations that n
 no answer (rows kept, batches merged) wait for the next call, so a step costs one round
 trip per member.
 
+Prompt scores (decoding/prompt_scores.py) are computed in the actor, from its prefill's
+logits: the loop sets `score_prompts` and each row's `score.span` after the batch is made
+and before its first forward, so the batch's `Open`, sent with that first call, carries
+the spans; each reply of a scoring batch carries the rows' score sums, copied into
+`rows[b].score` here.
+
 `new_batch` picks this class for members that run elsewhere (`Member.remote` set).
 """
 
@@ -91,8 +97,10 @@ class RemoteMemberBatch(MemberBatch):
     def _open(self, prompts_ids: list[list[int]]) -> None:
         """Name a new actor-side batch; it is created with the next call."""
         self.batch_id = next(_batch_ids)
-        self._ops: list[Op] = [Open(self.batch_id, [list(p) for p in prompts_ids])]
+        self._opening = Open(self.batch_id, [list(p) for p in prompts_ids])
+        self._ops: list[Op] = [self._opening]
         self._opened = False  # whether the actor has heard of this batch
+        self._opened_rows = list(self.rows)  # the rows the Open makes, in its order
         self._held = [len(p) for p in prompts_ids]  # ids the actor holds, per row
         self._same = list(self._held)  # leading ids the actor holds as they are here
 
@@ -135,9 +143,19 @@ class RemoteMemberBatch(MemberBatch):
         if on_fed is not None:
             on_fed(total, total)
 
+    def _queued(self) -> list[Op]:
+        """The operations to send; a scoring batch's `Open`, not sent yet, carries the
+        rows' spans (set after `__init__` queued it).
+        """
+        if self.score_prompts and not self._opened:
+            self._opening.spans = [r.score.span for r in self._opened_rows]
+        return self._ops
+
     def _call(self, top_k: int | None) -> None:
-        """One round trip: operations, edits, forward (if anything is new), logits."""
-        request = StepRequest(self._ops + self._edits(), self.batch_id, top_k)
+        """One round trip: operations, edits, forward (if anything is new), logits, and
+        the rows' prompt scores for a scoring batch.
+        """
+        request = StepRequest(self._queued() + self._edits(), self.batch_id, top_k)
         start = time.perf_counter()
         reply = self.link.step(request)  # MemberError if the actor died or hung
         wall = time.perf_counter() - start
@@ -158,6 +176,8 @@ class RemoteMemberBatch(MemberBatch):
         for r, fed in zip(self.rows, reply.fed_positions):
             r.cached = len(r.ids)
             r.fed_positions = fed
+        for r, (nll, size, tokens) in zip(self.rows, reply.scores or []):
+            r.score.nll, r.score.bytes, r.score.tokens = nll, size, tokens
         self._held = [len(r.ids) for r in self.rows]
         self._same = list(self._held)
         self.forward_seconds += wall
@@ -197,9 +217,11 @@ class RemoteMemberBatch(MemberBatch):
         self._ops.append(KeepRows(self.batch_id, rows))
 
     def merge(self, other: MemberBatch) -> None:
-        """Append the rows of `other` (same member, prefilled) after this batch's rows."""
+        """Append the rows of `other` (same member, prefilled) after this batch's rows;
+        they keep their prompt scores.
+        """
         assert isinstance(other, RemoteMemberBatch)
-        self._ops += other._ops  # normally none: `other` was just prefilled
+        self._ops += other._queued()  # normally none: `other` was just prefilled
         self._ops.append(Merge(self.batch_id, other.batch_id))
         mixed = bool(self.rows) and (self.top is None) != (other.top is None)
         self.logits, self.top = _cat_logits(self, other)

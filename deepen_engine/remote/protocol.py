@@ -8,7 +8,8 @@ forward passes. One call per step and member, `MemberActor.step(StepRequest)`:
 - in, `StepRequest`: the batch operations since the last call (`Open`, `KeepRows`,
   `Merge`, `Free`), then one `EditIds` per row whose ids changed: the ids it keeps and
   the new ids after them (the main member: the chosen token; a helper: its re-tokenised
-  tail, usually one id), and which batch to run;
+  tail, usually one id), and which batch to run. A batch whose prefill scores its prompts
+  (decoding/prompt_scores.py) says so in its `Open`: each row's span to score;
 - out, `StepReply`: what fusion reads of the member's next-token logits, and each row's
   fed positions: the member's full (B, V) float32 logits, 4V bytes a row, or for a fusion
   method that reads only each row's top-K of a helper (`Fuser.logits_needed`), its top-K
@@ -17,6 +18,8 @@ forward passes. One call per step and member, `MemberActor.step(StepRequest)`:
   distribution is its logits with the candidates' entries changed, and sampling, top-p and
   logprobs read all of it. None of today's methods reads only a top-K of a helper (DeePEn's
   fast path reads every anchor token's probability), so today every member sends all.
+  A scoring batch's reply also holds each row's prompt score sums (`ScoreSums`, 24 bytes
+  a row), so the coordinator's `RowScore.bits_per_byte` is exactly the actor's.
 
 Helpers' `TopLogits` give fusion exactly the numbers it computes from the full tensor:
 the same top-K values and ids (one `topk` on the same tensor) and the same normaliser
@@ -35,12 +38,20 @@ import torch
 INT_BYTES = 8  # a Python int in a request, counted as an int64
 
 
+ScoreSums = tuple[float, int, int]
+"""A row's prompt score as it crosses: `RowScore`'s `nll` (nats), `bytes` and `tokens`."""
+
+
 @dataclass
 class Open:
-    """Start a batch with these rows' prompt ids (not yet fed)."""
+    """Start a batch with these rows' prompt ids (not yet fed). `spans`: when the batch's
+    prefill scores the prompts, each row's `RowScore.span` ("whole" or "second-half");
+    None when it does not score.
+    """
 
     batch: int
     prompt_ids: list[list[int]]
+    spans: list[str] | None = None
 
 
 @dataclass
@@ -98,6 +109,7 @@ class StepRequest:
         for op in self.ops:
             if isinstance(op, Open):
                 total += INT_BYTES * (1 + sum(len(p) + 1 for p in op.prompt_ids))
+                total += sum(len(s) for s in op.spans or [])  # ASCII names, a byte each
             elif isinstance(op, KeepRows):
                 total += INT_BYTES * (1 + len(op.rows))
             elif isinstance(op, EditIds):
@@ -113,11 +125,13 @@ class StepReply:
 
     Exactly one of `logits` (the full (B, V) float32 logits) and `top_ids`/`top_values`/
     `log_normaliser` ((B, K) int32, (B, K) float32, (B,) float32) is set, unless the batch
-    has no logits yet. `error` is set instead when the member failed.
+    has no logits yet. `scores` holds each row's prompt score sums when the batch scores
+    its prompts (None otherwise). `error` is set instead when the member failed.
     """
 
     fed_positions: list[int] = field(default_factory=list)
     forward_seconds: float = 0.0  # the actor's own time in the forward pass
+    scores: list[ScoreSums] | None = None
     logits: np.ndarray | None = None
     top_ids: np.ndarray | None = None
     top_values: np.ndarray | None = None
@@ -128,6 +142,7 @@ class StepReply:
         """Bytes of arrays and numbers in this reply (ints as int64, no framing)."""
         arrays = (self.logits, self.top_ids, self.top_values, self.log_normaliser)
         total = sum(a.nbytes for a in arrays if a is not None)
+        total += 3 * INT_BYTES * len(self.scores or [])  # a float64 and two ints a row
         return total + INT_BYTES * (len(self.fed_positions) + 1)
 
     @classmethod

@@ -1,9 +1,10 @@
 """Integration tier: the default members in Ray actors on a local Ray cluster.
 
 Ray members must give exactly the in-process outputs (greedy, batched, streamed, sampled
-with a seed, chat, concurrent requests); a killed or stuck actor fails the request with
-`MemberError` naming the member and the next request is served; a cluster that lacks the
-resources asked for is a `ConfigError` before any model loads.
+with a seed, chat, concurrent requests, prompt scores and the leaders they choose); a
+killed or stuck actor fails the request with `MemberError` naming the member and the next
+request is served; a cluster that lacks the resources asked for is a `ConfigError` before
+any model loads.
 
 The two command-line tests come first and run in subprocesses, each starting its own local
 Ray (the `deepen` commands' own way); the other tests share one local Ray started here
@@ -116,6 +117,26 @@ def test_streamed_sampled_and_chat_equal_in_process(placed, local):
         [chat.generate(CHAT, max_new_tokens=16)],
         [local.with_fusion(main=local.default_chat_main()).generate(CHAT, max_new_tokens=16)],
     )
+
+
+def test_prompt_scores_and_auto_leader_equal_in_process(placed, local):
+    """`main="auto"`: each actor scores the prompts in a prefill of its own before the
+    rows join; with a fixed leader, in the rows' prefill; the scores weigh the members
+    (`weighting="prompt"`). The actors run one torch thread and this process more, so the
+    scores may differ in their last bits."""
+    for kw in (
+        dict(weighting="prompt", main="auto"),
+        dict(weighting="prompt", prompt_score="second-half"),  # scored in the row's prefill
+    ):
+        mine = placed.with_fusion(**kw).generate(PROMPTS, max_new_tokens=16)
+        theirs = local.with_fusion(**kw).generate(PROMPTS, max_new_tokens=16)
+        _same(mine, theirs)
+        assert [r.usage.leader for r in mine] == [r.usage.leader for r in theirs]
+        for got, expected in zip(mine, theirs):
+            assert set(got.usage.prompt_bits_per_byte) == set(DEFAULT_MEMBERS)
+            assert got.usage.prompt_bits_per_byte == pytest.approx(
+                expected.usage.prompt_bits_per_byte, rel=1e-5
+            )
 
 
 def test_concurrent_requests_equal_in_process_and_free_their_rows(placed, local):
