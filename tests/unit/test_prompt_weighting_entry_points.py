@@ -1,6 +1,7 @@
-"""`weighting="prompt"`, `weight_temperature` and `prompt_score` from every entry point: the CLI (`--json`
-shows the scores), the server (extra fields in, `usage.prompt_bits_per_byte` out) and both
-adapters, each equal to the engine's own answer."""
+"""`weighting="prompt"`, `weight_temperature` and `prompt_score` from every entry point:
+the CLI (`--json` shows the scores), the server (extra fields in,
+`usage.prompt_bits_per_byte` out) and both adapters, each equal to the engine's own
+answer."""
 
 from __future__ import annotations
 
