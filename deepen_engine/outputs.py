@@ -58,10 +58,11 @@ class Usage:
     """Speculative decoding: steps in which the row drafted."""
 
     def token_counts(self, main: str) -> dict[str, int]:
-        """OpenAI-style counts: `prompt_tokens` (in the main member's tokens, the
-        vocabulary the answer is written in), `completion_tokens` and `total_tokens`.
+        """OpenAI-style counts: `prompt_tokens` (in the tokens of the member that wrote the
+        row, `leader`, else `main`: the vocabulary the answer is written in),
+        `completion_tokens` and `total_tokens`.
         """
-        prompt = int(self.prompt_tokens.get(main, 0))
+        prompt = int(self.prompt_tokens.get(self.leader or main, 0))
         return {
             "prompt_tokens": prompt,
             "completion_tokens": self.completion_tokens,

@@ -142,13 +142,14 @@ class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
     def metadata(self) -> LLMMetadata:
         """Context window (smallest member's minus output room), num_output, names.
 
-        The main member shows as `auto` while it is chosen by the chat rule and the members
-        are not loaded (only when `context_window` is given: otherwise reading this loads).
+        The main member shows as `auto` when each request chooses it (`main="auto"`, the
+        default) or while it is chosen by the chat rule and the members are not loaded.
         """
         window = self._context_window()
         names = self.member_names
         if self.is_loaded:
-            main = self.ensemble.main.name
+            auto = self.ensemble.fusion.main == "auto"
+            main = "auto" if auto else self.ensemble.main.name
         else:
             main = names[self.main] if isinstance(self.main, int) else "auto"
         return LLMMetadata(
@@ -318,12 +319,15 @@ class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
 
 
 def _raw(view: Ensemble, event: StreamEvent | GenerationResult) -> dict[str, Any]:
-    """A finished row's `raw`: OpenAI-style usage, finish reason, ids, the main member."""
+    """A finished row's `raw`: OpenAI-style usage, finish reason, ids, the member that led
+    the row (with `main="auto"` chosen from its prompt).
+    """
+    leader = (event.usage.leader if event.usage else "") or view.main.name
     return {
-        "usage": token_counts(event.usage, view.main.name),
+        "usage": token_counts(event.usage, leader),
         "finish_reason": event.finish_reason,
         "token_ids": event.token_ids,
-        "main_member": view.main.name,
+        "main_member": leader,
         "deepen_usage": event.usage,
         "tool_calls": list(event.tool_calls or []),
     }

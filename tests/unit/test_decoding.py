@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from deepen_engine import ConfigError
-from tests.conftest import plain_greedy_ids
+from deepen_engine import ConfigError, Usage
+from tests.conftest import PLAIN, plain_greedy_ids
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 
@@ -213,7 +213,7 @@ def test_members_on_distinct_devices_run_concurrently_with_the_same_result(
         MemberSpec(source=tiny_pair[0], name="a", device="cpu"),
         MemberSpec(source=tiny_pair[1], name="b", device="cpu:0"),  # a distinct device name
     ]
-    ens = Ensemble(specs, min_anchors=50)
+    ens = Ensemble(specs, min_anchors=50, **PLAIN)  # main="auto" would add a scoring pool
     used = []
 
     class Recording(ThreadPoolExecutor):
@@ -227,6 +227,7 @@ def test_members_on_distinct_devices_run_concurrently_with_the_same_result(
     same_device = Ensemble(
         [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
         min_anchors=50,
+        **PLAIN,
     ).generate(BATCH_PROMPTS[:3], max_new_tokens=12)
     assert used == [2]
     assert [r.token_ids for r in parallel] == [r.token_ids for r in same_device]
@@ -337,7 +338,9 @@ def test_usage_token_counts_use_the_main_members_prompt(tiny_ensemble):
         "completion_tokens": 5,
         "total_tokens": result.usage.prompt_tokens[main] + 5,
     }
-    assert result.usage.token_counts("no such member")["prompt_tokens"] == 0
+    # the row's leader counts, whatever main the caller names (main="auto": its own)
+    assert result.usage.token_counts("no such member") == counts
+    assert Usage().token_counts("no such member")["prompt_tokens"] == 0
 
 
 def test_logprobs_are_the_fused_distributions(tiny_ensemble):
