@@ -44,7 +44,7 @@ from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
-from .row_scores import fuse_rows, note_scores, start_scoring
+from .row_scores import fuse_rows, note_scores, start_scoring, step_weights
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob, row_generator
 from .sampling import Sampler, suppress_end_tokens
 from .speculative import Speculator, check_speculation
@@ -194,7 +194,8 @@ class BatchDecoder:
         tokens = self._choose(fused)
         self._note_logprobs(fused, tokens)
         if self.hooks.on_step is not None:
-            self.hooks.on_step(StepRecord(logits, tokens, [r.index for r in rows]))
+            at = [r.index for r in rows]
+            self.hooks.on_step(StepRecord(logits, tokens, at, step_weights(rows)))
         finished = self._append(tokens)
         self._sync(finished)
         spent = time.perf_counter() - t0

@@ -63,6 +63,15 @@ def fuse_rows(rows: Sequence[Row], logits: Sequence[torch.Tensor]) -> torch.Tens
     return rows[0].fuser.fuse(logits, row_weights(rows))
 
 
+def step_weights(rows: Sequence[Row]) -> torch.Tensor | None:
+    """The step's (B, N) prompt weights for `StepRecord.weights`: None unless every row
+    shares one fuser that reads prompt scores.
+    """
+    if not rows or len({id(r.fuser) for r in rows}) != 1:
+        return None
+    return row_weights(rows)
+
+
 def row_weights(rows: Sequence[Row]) -> torch.Tensor | None:
     """(b, N) prompt weights of rows sharing one fuser, or None when their fusion does
     not read prompt scores (fusion/weights.py).

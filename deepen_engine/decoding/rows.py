@@ -34,6 +34,9 @@ class StepRecord:
     """The token chosen for each batch row."""
     rows: list[int]
     """The prompt position (`Row.index`) of each batch row."""
+    weights: torch.Tensor | None = None
+    """(B, N) each row's member weights when they come from its prompt
+    (`weighting="prompt"`) and the rows share one fuser; else None (the fuser's own)."""
 
 
 @dataclass

@@ -66,8 +66,13 @@ class ReferenceFuser:
         # own row caches, so the reference never evicts the fast path's rows
         self._spaces = [space.with_row_cache(row_cache) for space in fuser.spaces]
 
-    def fuse_row(self, logits: Sequence[torch.Tensor]) -> ReferenceStep:
-        """Fused logits of one row; logits: per member (V_i,) next-token logits."""
+    def fuse_row(
+        self, logits: Sequence[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> ReferenceStep:
+        """Fused logits of one row; logits: per member (V_i,) next-token logits; weights:
+        the row's (N,) member weights when its fusion took them from its prompt
+        (`StepRecord.weights`), else None: the fuser's own.
+        """
         fuser, cfg = self.fuser, self.fuser.config
         main = fuser.main
         device = self._spaces[main].device  # the search runs where the main member's rows are
@@ -76,7 +81,8 @@ class ReferenceFuser:
         # 1. every member's relative distribution over the anchors (on its space's device).
         r = torch.zeros(num_anchors, device=device)
         weight_sum = 0.0
-        weights = fuser.row_weights([x.float()[None, :] for x in logits])[0]  # (N,)
+        if weights is None:
+            weights = fuser.row_weights([x.float()[None, :] for x in logits])[0]  # (N,)
         leftout: list[float] = []
         used: list[int] = []
         main_rest: torch.Tensor | None = None  # the main member's non-anchor ids that entered

@@ -262,7 +262,8 @@ def fidelity(
             nonlocal steps, agree
             logits = [x[0] for x in record.logits]  # batch 1: row 0 of each member
             token = record.tokens[0]
-            ref = reference.fuse_row(logits)
+            weights = None if record.weights is None else record.weights[0]
+            ref = reference.fuse_row(logits, weights)
             ref_token = int(ref.logits.argmax())
             steps += 1
             if ref_token == token:

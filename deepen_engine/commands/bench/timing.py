@@ -15,6 +15,7 @@ import torch
 from ...config import GenerationConfig
 from ...decoding.decode import decode
 from ...decoding.member_batch import MemberBatch
+from ...decoding.prompt_scores import score_pass
 from ...decoding.rows import DecodeHooks, StepRecord
 from ...ensemble import Ensemble
 from ...members import Member
@@ -138,13 +139,23 @@ class ReencodingBatch(MemberBatch):
         r.ids = r.prompt_ids + (self._encode(text) if text else [])
 
     def forward(self, on_fed: Callable[[int, int], None] | None = None) -> None:
-        """A full forward pass over each row's ids (no cache; no chunks, no progress)."""
+        """A full forward pass over each row's ids (no cache; no chunks, no progress); the
+        first scores the prompt when the fusion reads prompt scores, as a prefill does.
+        """
         start = time.perf_counter()
         logits = []
+        texts = self.member.vocab.texts
         with torch.no_grad():
             for r in self.rows:
                 ids = torch.tensor([r.ids], device=self.member.device)
-                out = self.member.model(input_ids=ids, logits_to_keep=1)
+                first = self.score_prompts and r.cached == 0
+                if first:
+                    r.score.begin(r.prompt_ids, texts)
+                out = self.member.model(input_ids=ids, logits_to_keep=0 if first else 1)
+                if first:  # every position's logits: each prompt token's likelihood
+                    score_pass(
+                        out.logits, [r.ids], [0], [r.ids], [len(r.prompt_ids)], texts, [r.score]
+                    )
                 logits.append(out.logits[:, -1, :].float())  # on its device, as MemberBatch
                 r.fed_positions += len(r.ids) if r.cached else 0  # every step re-feeds all
                 r.cached = len(r.ids)
