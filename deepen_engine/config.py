@@ -109,7 +109,7 @@ class FusionConfig(_Settings):
     steps: int = Field(5, ge=0)
     """Optimiser steps of the inverse search (T). `0` means the main member alone."""
 
-    main: int | Literal["auto"] = 0
+    main: int | Literal["auto"] = "auto"
     """Index of the member whose vocabulary the fused token is chosen from (the leader).
     `"auto"`: per row, the member that reads the row's prompt best (lowest bits per byte;
     chat rows among the members with a chat template), fixed for the row; it costs one
@@ -118,7 +118,7 @@ class FusionConfig(_Settings):
     weights: list[float] | None = None
     """One non-negative weight per member, normalised to sum 1. `None`: uniform."""
 
-    weighting: Weighting = "fixed"
+    weighting: Weighting = "prompt"
     """How the weights apply at each step. `"fixed"`: `weights` as given. `"confidence"`:
     per row and step, each member's weight times its top probability, renormalised, so a
     sure member outweighs an unsure one (every method). `"prompt"` (PackLLM-sim): per row,
@@ -126,12 +126,12 @@ class FusionConfig(_Settings):
     renormalised, where bpb is the member's bits per byte of the row's prompt, scored in
     its prefill (fusion/weights.py)."""
 
-    weight_temperature: float = Field(0.1, gt=0)
+    weight_temperature: float = Field(0.03, gt=0)
     """Temperature of `weighting="prompt"`: the lower, the more the member that reads the
     prompt best (lowest bits per byte) dominates; a gap of one temperature in bits per
     byte is a weight ratio of e."""
 
-    prompt_score: PromptScore = "whole"
+    prompt_score: PromptScore = "second-half"
     """Which of the prompt's tokens the prompt score reads (`weighting="prompt"` and
     `main="auto"`): `"whole"`, every token, or `"second-half"`, the tokens from the middle
     byte of the prompt's text on, each read with all the prompt before it: how well the

@@ -202,16 +202,23 @@ def tiny_pair(bpe_tokenizer, sp_tokenizer):
     )
 
 
+PLAIN = {"main": 0, "weighting": "fixed", "prompt_score": "whole", "weight_temperature": 0.1}
+"""Fusion settings of the tests about a mechanism rather than the defaults: the first member
+leads every row and the weights are fixed (the defaults choose both from each prompt); a
+test that turns on `weighting="prompt"` scores whole prompts at temperature 0.1."""
+
+
 @pytest.fixture(scope="session")
 def tiny_ensemble(tiny_pair):
-    """A fused ensemble of the two tiny members (main = 0); low min_anchors for tiny vocabs."""
+    """A fused ensemble of the two tiny members with PLAIN settings (main = 0, fixed
+    weights); low min_anchors for tiny vocabs."""
     from deepen_engine import Ensemble, MemberSpec
 
     members = [
         MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
     ]
-    return Ensemble(members, min_anchors=50)
+    return Ensemble(members, min_anchors=50, **PLAIN)
 
 
 @pytest.fixture(scope="session")

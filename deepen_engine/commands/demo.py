@@ -76,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
     systems = [(m.name, ens.with_fusion(main=i, eta=0)) for i, m in enumerate(ens.members)]
     systems.append(("fused", ens))
     labels = [label for label, _ in systems]
+    fusion = ens.fusion  # main "auto": each question led by the member that reads it best
+    lead = "auto" if fusion.main == "auto" else ens.main.name
+    weights = f", {fusion.weighting} weights" if fusion.weighting != "fixed" else ""
     print(
         f"fused = DeePEn ensemble of {' + '.join(m.name for m in ens.members)} (main "
-        f"{ens.main.name}, eta {ens.fusion.eta:g}, {ens.fusion.steps} steps)\n"
+        f"{lead}{weights}, eta {fusion.eta:g}, {fusion.steps} steps)\n"
     )
     start = time.perf_counter()
     if prompt:

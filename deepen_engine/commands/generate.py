@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
         "generate",
         parents=[
             member_options(),
-            fusion_options(main_default=None),
+            fusion_options(),
             generation_options(),
             scheduler_options(),
         ],

@@ -125,21 +125,21 @@ def member_options() -> argparse.ArgumentParser:
 
 
 def fusion_options(
-    *, main_default: int | None = 0, weights: bool = True, methods: bool = False
+    *, main_default: int | None = None, weights: bool = True, methods: bool = False
 ) -> argparse.ArgumentParser:
-    """The fusion settings (FusionConfig). `main_default=None` lets the command choose the
-    main member (the chat rule); `weights=False` leaves `--weights` to the command;
-    `methods=True` lets `--method` take several methods (or `all`) and `--weighting`
-    several weightings, for the command to compare, and `--main` take `dev` as well.
+    """The fusion settings (FusionConfig). `main_default=None`: the engine's default leader
+    (FusionConfig.main, `auto`); an index fixes it for the command (bench times one
+    leader); `weights=False` leaves `--weights` to the command; `methods=True` lets
+    `--method` take several methods (or `all`) and `--weighting` several weightings, for
+    the command to compare, and `--main` take `dev` as well.
     """
     parser = argparse.ArgumentParser(add_help=False)
-    extra = "; default: for chat prompts the first member with a chat template, else 0"
+    shown = FusionConfig().main if main_default is None else main_default
     main_help = "index of the main member, or auto: per prompt, the member that reads it best "
-    main_help += "(lowest bits per byte)" + (f" ({extra[2:]})" if main_default is None else "")
+    main_help += "(lowest bits per byte; chat prompts among the members with a chat template)"
     if methods:
-        main_help += ", or dev: on each task the best member alone on the dev set (default: 0"
-        tools = "; --task tools: the first member with a chat template"
-        main_help += (tools if main_default is None else "") + ")"
+        main_help += ", or dev: on each task the best member alone on the dev set"
+    main_help += f" (default: {shown})"
     _option(
         parser,
         FusionConfig,
@@ -168,7 +168,7 @@ def fusion_options(
             choices=list(WEIGHTINGS),
             default=None,
             help="how the weights apply per step (FusionConfig.weighting); several: each "
-            "method with each (default: fixed)",
+            f"method with each (default: {FusionConfig.model_fields['weighting'].default})",
         )
     else:
         _option(parser, FusionConfig, "weighting", choices=list(WEIGHTINGS))

@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     """Register `deepen serve`."""
     parser = sub.add_parser(
         "serve",
-        parents=[member_options(), fusion_options(main_default=None)],
+        parents=[member_options(), fusion_options()],
         help="serve the ensemble over an OpenAI-compatible HTTP API",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")

@@ -22,6 +22,7 @@ from deepen_engine import (  # noqa: E402
 from deepen_integrations._settings import DeepEnSettings  # noqa: E402
 from deepen_integrations.langchain import ChatDeepEn, DeepEnLLM  # noqa: E402
 from deepen_integrations.llama_index import DeepEnLLM as LlamaIndexLLM  # noqa: E402
+from tests.conftest import PLAIN  # noqa: E402
 
 ADAPTERS = [DeepEnLLM, ChatDeepEn, LlamaIndexLLM]
 PROMPT = "The capital of France is"
@@ -47,6 +48,7 @@ def template_second(tiny_pair) -> Ensemble:
             MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         ],
         min_anchors=50,
+        **PLAIN,  # main 0: the chat rule applies (main="auto" picks a chat member itself)
     )
 
 
@@ -185,16 +187,32 @@ def test_the_rule_is_asked_of_the_engine(cls, template_second, monkeypatch):
     assert cls(ensemble=template_second, main=1).ensemble.fusion.main == 1  # explicit wins
 
 
-def test_loaded_models_use_the_rule_too(tiny_pair):
+def test_default_auto_leads_chat_with_the_chat_member(tiny_pair):
+    """With the defaults (main="auto"), a chat request is led by the one member with a chat
+    template whatever the member order; a text request by the member that reads it best."""
     models = [
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
         MemberSpec(source=tiny_pair[0], name="tiny-llama"),
     ]
-    for cls in (ChatDeepEn, LlamaIndexLLM):
-        adapter = cls(models=models, min_anchors=50)
-        assert not adapter.is_loaded
-        assert adapter.ensemble.main.name == "tiny-llama"
-    assert DeepEnLLM(models=models, min_anchors=50).ensemble.main.name == "tiny-gemma"
+    chat = ChatDeepEn(models=models, min_anchors=50, max_tokens=N)
+    assert not chat.is_loaded
+    assert chat.ensemble.fusion.main == "auto" and chat.ensemble.fusion.weighting == "prompt"
+    message = chat.invoke([HumanMessage(QUESTION)])
+    alone = chat.ensemble.with_fusion(main=1)  # tiny-llama leads, prompt weights as default
+    expected = alone.generate([{"role": "user", "content": QUESTION}], max_new_tokens=N)
+    assert message.content == expected.text
+    assert message.response_metadata["usage"]["leader"] == "tiny-llama"
+    assert message.usage_metadata["input_tokens"] == expected.usage.prompt_tokens["tiny-llama"]
+    llama_index = LlamaIndexLLM(ensemble=chat.ensemble, max_new_tokens=N)
+    reply = llama_index.chat([ChatMessage(role=MessageRole.USER, content=QUESTION)])
+    assert reply.message.content == expected.text
+    assert reply.raw["main_member"] == "tiny-llama"
+    assert llama_index.metadata.model_name.endswith("main=auto]")
+    text = DeepEnLLM(ensemble=chat.ensemble, max_tokens=N)
+    result = chat.ensemble.generate(PROMPT, max_new_tokens=N)
+    assert text.invoke(PROMPT) == result.text
+    bpb = result.usage.prompt_bits_per_byte
+    assert result.usage.leader == min(bpb, key=lambda name: bpb[name])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.__module__ + "." + a.__name__)

@@ -29,7 +29,8 @@ def test_demo_questions_table(tiny_folders, reference, capsys):
     lines = out.splitlines()
     names = [m.name for m in reference.members]
     assert lines[0] == (
-        f"fused = DeePEn ensemble of {names[0]} + {names[1]} (main {names[0]}, eta 0.15, 5 steps)"
+        f"fused = DeePEn ensemble of {names[0]} + {names[1]} "
+        "(main auto, prompt weights, eta 0.15, 5 steps)"
     )
     shots, questions = demo._questions()
     assert [q.subject for q in questions] == list(demo.COUNTRIES)

@@ -201,7 +201,8 @@ def test_eval_command_on_tiny_members(tiny_folders, tmp_path, capsys):
     (task,) = summary["tasks"]
     assert task["task"] == "capitals"
     assert sum(task["weights"]) == pytest.approx(1.0, abs=1e-3)
-    assert [r["system"] for r in task["results"]] == [*names, f"deepen (main {names[0]})"]
+    # the defaults: each question led by its lowest-bpb member, weights from the prompt
+    assert [r["system"] for r in task["results"]] == [*names, "deepen+prompt (main auto)"]
     assert all(r["total"] == 6 for r in task["results"])
     assert [d["total"] for d in task["dev"]] == [5, 5]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -232,7 +233,7 @@ def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
         systems = [r["system"] for r in task["results"]]
         assert systems == [
             *names,
-            *(f"{m} (main {names[0]})" for m in ("deepen", "union", "unite")),
+            *(f"{m}+prompt (main auto)" for m in ("deepen", "union", "unite")),
         ]
         best = max(task["results"][:2], key=lambda r: r["accuracy"])
         assert task["best_member"] == best["system"]
@@ -256,7 +257,7 @@ def test_eval_every_method_on_every_task(tiny_folders, tmp_path, capsys):
     assert main(["eval", *member_args(tiny_folders), *args]) == 0
     table = capsys.readouterr().out
     assert "| system | capitals (4) | countries (4) | arithmetic (4) | demonyms (4) |" in table
-    assert table.count("\n| unite (main") == 1
+    assert table.count("\n| unite+prompt (main auto)") == 1
 
 
 def test_eval_rejects_bad_weights(tiny_folders, capsys):
@@ -278,6 +279,7 @@ def test_sweep_on_tiny_members(tiny_folders, tmp_path, capsys):
     out = tmp_path / "answers.jsonl"
     args = ["--dev-size", "4", "--batch-size", "4", "--sweep-eta", "0", "0.5"]
     args += ["--sweep-method", "deepen", "union", "--task", "capitals", "arithmetic"]
+    args += ["--weighting", "fixed"]
     args += ["--sweep-steps", "5", "--sweep-main", "0", "1", "--sweep-output", str(prefix)]
     code = main(["eval", *member_args(tiny_folders), *args, "--json", "--output", str(out)])
     assert code == 0
@@ -325,7 +327,7 @@ def test_eval_and_sweep_with_each_weighting(tiny_folders, tmp_path, capsys):
     assert main([*base, "--n", "3"]) == 0
     (task,) = json.loads(capsys.readouterr().out)["tasks"]
     systems = [r["system"] for r in task["results"]]
-    assert systems == [*names, f"union (main {names[0]})", f"union+confidence (main {names[0]})"]
+    assert systems == [*names, "union (main auto)", "union+confidence (main auto)"]
     assert [c["weighting"] for c in task["comparisons"]] == ["fixed", "confidence"]
     sweep_args = ["--sweep-method", "unite", "--sweep-output", str(tmp_path / "s")]
     assert main([*base, *sweep_args]) == 0
@@ -334,7 +336,7 @@ def test_eval_and_sweep_with_each_weighting(tiny_folders, tmp_path, capsys):
         ("unite", "fixed"),
         ("unite", "confidence"),
     ]
-    assert f"| unite+confidence main={names[0]} |" in (tmp_path / "s.md").read_text()
+    assert "| unite+confidence main=auto |" in (tmp_path / "s.md").read_text()
 
 
 def test_eval_main_dev_leads_with_the_best_member_on_dev(tiny_folders, tmp_path, capsys):
@@ -347,7 +349,7 @@ def test_eval_main_dev_leads_with_the_best_member_on_dev(tiny_folders, tmp_path,
     dev = [d["accuracy"] for d in task["dev"]]
     best = summary["members"][dev.index(max(dev))]
     assert task["main"] == best
-    assert task["results"][-1]["system"] == f"union (main {best})"
+    assert task["results"][-1]["system"] == f"union+prompt (main {best})"
     with pytest.raises(SystemExit):  # argparse refuses it
         main(["eval", *member_args(tiny_folders), "--main", "first"])
     assert "give a member index, auto or dev, got 'first'" in capsys.readouterr().err
@@ -398,7 +400,7 @@ def test_sweep_over_prompt_temperatures_and_auto_leader(tiny_folders, tmp_path, 
     assert "| union+prompt T=0.01 main=auto |" in table
     assert f"| union+prompt T=1 main={names[1]} |" in table
     bad = ["eval", *member_args(tiny_folders), "--sweep-weight-temperature", "0.1"]
-    assert main(bad) == 2
+    assert main([*bad, "--weighting", "fixed"]) == 2
     assert "--sweep-weight-temperature needs --weighting prompt." in capsys.readouterr().err
     assert main([*bad, "0", "--weighting", "prompt"]) == 2
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ from deepen_engine.alignment.vocabulary import Anchors
 from deepen_engine.config import FusionConfig
 from deepen_engine.errors import ConfigError
 from deepen_engine.fusion import DeepenFuser
+from tests.conftest import PLAIN
 
 # Synthetic members. Anchor a (0..NUM_ANCHORS-1) is main id 1 + a and helper id
 # NUM_ANCHORS - a; id 0 of each member is its special EOS; the last ids are non-anchors.
@@ -63,7 +64,7 @@ def _fuser(n_members=2, tau=5.0, **config) -> DeepenFuser:
     if n_members == 1:
         anchors = Anchors(anchors.texts, anchors.token_ids[:1], anchors.token_to_anchor[:1])
     ends = [frozenset({EOS})] * n_members
-    return DeepenFuser(spaces, has_text, anchors, FusionConfig(**config), ends)
+    return DeepenFuser(spaces, has_text, anchors, FusionConfig(**{**PLAIN, **config}), ends)
 
 
 def _random_logits(batch, seed=0, scale=1.5):

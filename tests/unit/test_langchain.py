@@ -34,6 +34,7 @@ from deepen_engine import Ensemble, MemberSpec, StreamEvent, ToolCall, Usage  # 
 from deepen_integrations.langchain import ChatDeepEn, DeepEnLLM, to_engine_messages  # noqa: E402
 from deepen_integrations.langchain.chat_models import _ChunkBuilder  # noqa: E402
 from deepen_integrations.langchain.tools import engine_tool_choice  # noqa: E402
+from tests.conftest import PLAIN  # noqa: E402
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -446,6 +447,7 @@ def test_chat_default_main_is_first_member_with_chat_template(tiny_pair):
             MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         ],
         min_anchors=50,
+        **PLAIN,  # main 0: the chat rule applies (main="auto" picks a chat member itself)
     )
     assert reversed_ens.fusion.main == 0
     chat = ChatDeepEn(ensemble=reversed_ens, max_tokens=N)

@@ -323,23 +323,24 @@ class FakeEnsemble:
 
     @property
     def main(self):
-        return self.members[self.fusion.main]
+        return self.members[self.fusion.leader]
 
 
-def test_default_main_is_the_chat_rule_and_construction_is_lazy(monkeypatch):
+def test_default_main_is_auto_and_construction_is_lazy(monkeypatch):
     monkeypatch.setattr(FakeEnsemble, "loads", [])
     monkeypatch.setattr("deepen_integrations._settings.Ensemble", FakeEnsemble)
     llm = DeepEnLLM(eta=0.1)
     assert not llm.is_loaded and FakeEnsemble.loads == []
     assert llm.metadata.model_name == (
-        "deepen[gemma-3-270m + smollm2-135m-instruct; main=smollm2-135m-instruct]"
+        "deepen[gemma-3-270m + smollm2-135m-instruct; main=auto]"  # each request's own
     )
     assert len(FakeEnsemble.loads) == 1  # metadata's context window needed the members
     assert llm.metadata.context_window == 8192 - 128  # smallest window - max_new_tokens
     assert len(FakeEnsemble.loads) == 1  # cached on the instance
-    # the fusion settings given are passed at load time; main comes from the chat rule
+    # the fusion settings given are passed at load time; main="auto" (the engine's
+    # default) picks among the members with a chat template per request
     assert FakeEnsemble.loads[0] == (("gemma-3-270m", "smollm2-135m-instruct"), {"eta": 0.1})
-    assert (llm.ensemble.fusion.main, llm.ensemble.fusion.eta) == (1, 0.1)
+    assert (llm.ensemble.fusion.main, llm.ensemble.fusion.eta) == ("auto", 0.1)
     explicit = DeepEnLLM(main=0, context_window=100)
     assert explicit.metadata.model_name.endswith("main=gemma-3-270m]")  # not loaded
     assert explicit.ensemble.fusion.main == 0

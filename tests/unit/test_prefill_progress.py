@@ -14,6 +14,7 @@ import torch
 from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
 from deepen_engine.decoding.member_batch import MemberBatch
 from deepen_engine.outputs import Progress
+from tests.conftest import PLAIN
 
 PROMPTS = [
     "The capital of France is Paris. " * 6,  # longer than the tiny Gemma's window (6)
@@ -27,7 +28,8 @@ def _ensemble(tiny_pair, chunk: int) -> Ensemble:
         MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
     ]
-    return Ensemble(members, min_anchors=50, scheduler=SchedulerConfig(prefill_chunk=chunk))
+    scheduler = SchedulerConfig(prefill_chunk=chunk)
+    return Ensemble(members, min_anchors=50, scheduler=scheduler, **PLAIN)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from deepen_engine.decoding.member_batch import MemberBatch
 from deepen_engine.members import load_local_member as load_member
 from deepen_engine.remote.batch import RemoteMemberBatch
 from deepen_engine.remote.protocol import Open, StepReply, StepRequest
+from tests.conftest import PLAIN
 from tests.unit.test_remote_members import _specs, remote_twin
 
 PROMPTS = [
@@ -35,7 +36,7 @@ def mixed_ensemble(tiny_pair, remote: int) -> Ensemble:
     members[remote] = remote_twin(members[remote])
     with pytest.MonkeyPatch.context() as patch:  # only this ensemble gets the twin
         patch.setattr("deepen_engine.ensemble.load_members", lambda _: members)
-        return Ensemble(specs, min_anchors=50)
+        return Ensemble(specs, min_anchors=50, **PLAIN)
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["remote-main", "remote-helper"])

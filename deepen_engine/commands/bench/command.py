@@ -67,7 +67,7 @@ def add_parser(sub: Any) -> None:
     """Register `deepen bench`."""
     bench = sub.add_parser(
         "bench",
-        parents=[member_options(), fusion_options()],
+        parents=[member_options(), fusion_options(main_default=0)],
         help="speed, memory and fidelity of the ensemble against its members",
     )
     add_arguments(bench)

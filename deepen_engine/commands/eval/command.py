@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ...config import FusionConfig
 from ...ensemble import Ensemble
 from ...errors import ConfigError
 from ...members import cache_dir
@@ -53,7 +54,7 @@ def add_parser(sub: Any) -> None:
         "eval",
         parents=[
             member_options(),
-            fusion_options(main_default=None, weights=False, methods=True),
+            fusion_options(weights=False, methods=True),
         ],
         help="few-shot tasks or tool calls: each member alone vs the ensemble, by method",
     )
@@ -179,8 +180,8 @@ def run_eval(args: argparse.Namespace) -> int:
     args.sweep_output = args.sweep_output or str(cache_dir() / "eval" / "deepen-sweep")
     if args.task and "tools" in args.task:
         return _run_tools(args)  # no --main: the chat rule leads
-    if args.main is None:
-        args.main = 0
+    if args.main is None:  # the engine's default leader (FusionConfig.main)
+        args.main = FusionConfig.model_fields["main"].default
     weights = _weights(args.weights)
     if args.split == "dev" and (weights == "adaptive" or args.main == "dev"):
         raise ConfigError(

@@ -3,11 +3,11 @@ dev, never on test).
 
 The grid: every `--sweep-main` (a member index, or `auto`: each question led by the member
 that reads its prompt best) x `--sweep-method` (default: the `--method` given) x
-`--weighting` (default: fixed), with `weighting="prompt"` for every
+`--weighting` (default: the engine's), with `weighting="prompt"` for every
 `--sweep-weight-temperature`; for DeePEn also every `--sweep-steps` x `--sweep-eta` (eta
 0 or 0 steps is the main member alone). Every setting answers the dev questions of every
-`--task`. Writes `<sweep-output>.json`, `.md` (one row per setting, one column per task) and `.png`
-(dev accuracy by setting, one bar per task; members alone first).
+`--task`. Writes `<sweep-output>.json`, `.md` (one row per setting, one column per task) and
+`.png` (dev accuracy by setting, one bar per task; members alone first).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ...config import FusionConfig
 from ...ensemble import Ensemble
 from ...errors import ConfigError
 from ..plotting import plot_method_sweep
@@ -50,7 +51,7 @@ def _grid(args: argparse.Namespace, n_members: int) -> list[Setting]:
     if not args.dev_size:
         raise ConfigError("the sweep scores on the dev set: give --dev-size >= 1.")
     methods = args.sweep_method or methods_named(args.method)
-    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
+    weightings = list(dict.fromkeys(args.weighting or [FusionConfig().weighting]))
     temperatures = args.sweep_weight_temperature or [args.weight_temperature]
     if any(t <= 0 for t in temperatures):
         raise ConfigError(f"--sweep-weight-temperature values must be > 0, got {temperatures}.")

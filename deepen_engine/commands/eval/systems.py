@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...config import FusionConfig
 from ...ensemble import Ensemble
 from ..options import METHODS
 from .task import Question, Score, Task, score
@@ -59,9 +60,10 @@ def methods_named(raw: list[str] | None) -> list[str]:
 
 def systems_named(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(method, weighting) of every ensemble to score: each `--method` with each
-    `--weighting` (default: fixed).
+    `--weighting` (default: the engine's, FusionConfig.weighting).
     """
-    weightings = list(dict.fromkeys(args.weighting or ["fixed"]))
+    default = FusionConfig.model_fields["weighting"].default
+    weightings = list(dict.fromkeys(args.weighting or [default]))
     return [(m, w) for m in methods_named(args.method) for w in weightings]
 
 
