@@ -9,7 +9,7 @@ call and holds no decoding logic of its own.
 - `deepen_integrations._settings`: the settings both take, defined once (`DeepEnSettings`):
   checked by the engine's `FusionConfig`/`GenerationConfig`, the same defaults, per-call
   overrides of generation and fusion settings (cached `Ensemble.with_fusion` views), and
-  the engine's `default_chat_main` rule for chat.
+  the engine's leader rule (`main="auto"`, or `default_chat_main` for an indexed main).
 
 Import the module you need; nothing is imported here, so one framework's absence never
 breaks the other.

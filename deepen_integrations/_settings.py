@@ -12,7 +12,8 @@ Data flow::
          fusion settings given; cached on the instance, shared by its copies
     one call: keyword overrides (`max_tokens=8`, `eta=0`, `stop=[...]`) split into
       -> fusion: a cheap `with_fusion` view of the loaded (or given) ensemble, cached per
-         setting; `main=None` on a chat adapter is `Ensemble.default_chat_main()`
+         setting; `main=None` is the ensemble's (the default `"auto"`: each request's
+         best reader; an index: `Ensemble.default_chat_main()` on a chat adapter)
       -> generation: a `GenerationConfig` (stop strings: the field's, then the call's;
          a call may add an output constraint: `json_schema`, `regex`, `grammar`)
       -> keywords that are no setting come back in `CallSettings.unknown`; each adapter
@@ -43,11 +44,7 @@ from deepen_engine import (
 from deepen_engine.config import LOAD_FUSION_NAMES, REQUEST_FUSION_NAMES
 from deepen_engine.errors import explain_validation
 
-__all__ = [
-    "CALL_GENERATION",
-    "CallSettings",
-    "DeepEnSettings",
-]
+__all__ = ["CALL_GENERATION", "CallSettings", "DeepEnSettings"]
 
 # The adapters' generation defaults are the engine's.
 _DEFAULTS = GenerationConfig()
@@ -148,11 +145,12 @@ class DeepEnSettings(BaseModel):
     (`FusionConfig.gate_threshold`, default 0.9). `None`: the ensemble's."""
 
     main: int | Literal["auto"] | None = None
-    """Index of the member whose vocabulary the answer is written in. `None`: for chat
-    adapters (LangChain's `ChatDeepEn`, LlamaIndex's `DeepEnLLM`) the engine's rule,
-    `Ensemble.default_chat_main()` (the first member with a chat template; SmolLM2 for the
-    default members); for LangChain's `DeepEnLLM` the ensemble's main (member 0 by default).
-    `"auto"`: per prompt, the member that reads it best (`FusionConfig.main`)."""
+    """Index of the member whose vocabulary the answer is written in, or `"auto"`: per
+    request, the member that reads the prompt best (chat: among the members with a chat
+    template; `FusionConfig.main`). `None`: the ensemble's, `"auto"` by default; when the
+    ensemble's main is an index, chat adapters (LangChain's `ChatDeepEn`, LlamaIndex's
+    `DeepEnLLM`) lead with `Ensemble.default_chat_main()` (the first member with a chat
+    template) and LangChain's `DeepEnLLM` with that index."""
 
     weights: list[float] | None = None
     """One non-negative weight per member (normalised to sum 1). `None`: the ensemble's

@@ -44,8 +44,9 @@ def add_parser(sub: Any) -> None:
         ],
         help="generate fused text for a prompt, stdin, or a file of prompts",
         description="Fused text for one prompt (an argument, or stdin), or for many: a JSONL "
-        "file of text prompts and chat conversations, decoded in batches. Chat prompts are "
-        "led by the first member with a chat template unless --main says otherwise.",
+        "file of text prompts and chat conversations, decoded in batches. Each prompt is "
+        "led by the member that reads it best (chat prompts: among the members with a chat "
+        "template) unless --main names one.",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
     parser.add_argument(

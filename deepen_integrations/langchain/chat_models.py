@@ -7,8 +7,8 @@ Data flow of one call::
     constraint bound by `with_structured_output`)
       -> settings (`DeepEnBase._call`): the fields, overridden per call
          (`invoke(x, max_tokens=8, eta=0)`), stop strings merged (field first), a bound
-         `json_schema`; the main member, when `main` is None, is
-         `Ensemble.default_chat_main()`
+         `json_schema`; the main member, when `main` is None, is the ensemble's
+         (`"auto"` by default), or `Ensemble.default_chat_main()` for an indexed one
       -> `_messages.to_engine_messages`: a chat conversation (OpenAI-style dicts, tool
          calls and results included) that each member renders with its own chat template
       -> `Ensemble.stream` / `astream` (with `tools` and `tool_choice`: the engine describes
@@ -71,11 +71,13 @@ class ChatDeepEn(DeepEnBase, BaseChatModel):
     calls), tool results -> "tool" (templates without tools see them as text: see
     deepen_engine/decoding/chat.py). Only the text of message content is used.
 
-    Main member: `main=None` is the engine's rule, `Ensemble.default_chat_main()`: the first
-    member with a chat template of its own (its tokenizer's, or `MemberSpec.chat_template`),
-    else the ensemble's main. With the default members that is SmolLM2-135M-Instruct
-    (index 1): Gemma-3-270m is a base model (its GGUF has no template). Set `main` to choose
-    another. Every setting can be overridden per call, fusion settings included.
+    Main member: `main=None` is the ensemble's, by default `"auto"`: each request is led by
+    the member with a chat template of its own (its tokenizer's, or
+    `MemberSpec.chat_template`) that reads it best. With the default members that is
+    SmolLM2-135M-Instruct: Gemma-3-270m is a base model (its GGUF has no template). With an
+    ensemble whose main is an index, `Ensemble.default_chat_main()` leads (the first member
+    with a chat template). Set `main` to choose another. Every setting can be overridden
+    per call, fusion settings included.
 
     Tools (`bind_tools`): the engine describes the tools to each member (through its chat
     template where it takes tools, else a system instruction) and constrains the main

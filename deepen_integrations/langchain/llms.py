@@ -36,11 +36,11 @@ class DeepEnLLM(DeepEnBase, BaseLLM):
     """A deepen ensemble as a LangChain text-completion model.
 
     Prompts go to the engine as plain text (each member tokenises it with its own special
-    tokens). `main=None` keeps the ensemble's main member (member 0 unless the given
-    `ensemble` says otherwise). `batch`/`generate` run all prompts through one engine call
-    (in batches of `batch_size`); each prompt gives exactly the text it gives alone. Every
-    setting can be overridden per call, fusion settings included (`invoke(x, eta=0)`); a
-    keyword that is no setting raises, naming it.
+    tokens). `main=None` keeps the ensemble's main member (`"auto"` by default: each prompt
+    led by the member that reads it best). `batch`/`generate` run all prompts through one
+    engine call (in batches of `batch_size`); each prompt gives exactly the text it gives
+    alone. Every setting can be overridden per call, fusion settings included
+    (`invoke(x, eta=0)`); a keyword that is no setting raises, naming it.
 
     Example:
         ```python

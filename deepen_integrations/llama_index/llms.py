@@ -8,7 +8,8 @@ Data flow (one request)::
       v
     DeepEnLLM (settings shared with the LangChain adapter: `_settings.DeepEnSettings`)
       |  settings -> a `with_fusion` view of the ensemble (cached per fusion setting; main
-      |      member: `main`, else `Ensemble.default_chat_main()`) and a GenerationConfig
+      |      member: `main`, else the ensemble's: "auto" or `default_chat_main()`) and a
+      |      GenerationConfig
       |  ChatMessage list -> [{"role", "content"}, ...]  (`_messages.to_engine_messages`:
       |      roles mapped onto system / user / assistant / tool, tool calls kept; each
       |      member renders it with its OWN chat template)
@@ -92,11 +93,12 @@ class DeepEnLLM(StructuredPredict, DeepEnSettings, FunctionCallingLLM):
     instance. Pass `ensemble=` to share one ready `Ensemble` between several LLMs (the
     fusion settings given here then apply to a cheap view of it, `Ensemble.with_fusion`).
 
-    Main member: `main=None` is the engine's rule for chat, `Ensemble.default_chat_main()`,
-    for chat and completion alike (this is a chat model) and with or without `ensemble=`:
-    the first member with a chat template, else the ensemble's main. With the default
-    members (Gemma-3-270m, a base model without a template, and SmolLM2-135M-Instruct) that
-    is SmolLM2 (index 1); Gemma still contributes through fusion. Give `main=` to choose.
+    Main member: `main=None` is the ensemble's, by default `"auto"`: for chat and completion
+    alike (this is a chat model) each request is led by the member with a chat template
+    that reads it best; with an ensemble whose main is an index, `default_chat_main()` (the
+    first member with a chat template). With the default members (Gemma-3-270m, a base model
+    without a template, and SmolLM2-135M-Instruct) that is SmolLM2; Gemma still contributes
+    through fusion. Give `main=` to choose.
 
     Chat: `chat` / `stream_chat` pass the conversation to the engine, which renders it
     with each member's own chat template (LlamaIndex's generic `messages_to_prompt` is
