@@ -20,11 +20,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ...config import FusionConfig
 from ...ensemble import Ensemble
 from ...errors import ConfigError
 from ..plotting import plot_method_sweep
-from .systems import answerer, members_alone, methods_named
+from .systems import answerer, members_alone, methods_named, weightings_named
 from .task import Score, Split, Task, adaptive_weights, score, write_records
 
 Setting = tuple[str, str, int | str, int | None, float | None, float | None]
@@ -51,7 +50,7 @@ def _grid(args: argparse.Namespace, n_members: int) -> list[Setting]:
     if not args.dev_size:
         raise ConfigError("the sweep scores on the dev set: give --dev-size >= 1.")
     methods = args.sweep_method or methods_named(args.method)
-    weightings = list(dict.fromkeys(args.weighting or [FusionConfig().weighting]))
+    weightings = weightings_named(args)
     temperatures = args.sweep_weight_temperature or [args.weight_temperature]
     if any(t <= 0 for t in temperatures):
         raise ConfigError(f"--sweep-weight-temperature values must be > 0, got {temperatures}.")

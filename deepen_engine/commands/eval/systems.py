@@ -58,13 +58,16 @@ def methods_named(raw: list[str] | None) -> list[str]:
     return list(METHODS) if "all" in raw else list(dict.fromkeys(raw))
 
 
+def weightings_named(args: argparse.Namespace) -> list[str]:
+    """The `--weighting` values, each once (default: the engine's, FusionConfig.weighting)."""
+    return list(dict.fromkeys(args.weighting or [FusionConfig().weighting]))
+
+
 def systems_named(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(method, weighting) of every ensemble to score: each `--method` with each
-    `--weighting` (default: the engine's, FusionConfig.weighting).
+    `--weighting` (`weightings_named`).
     """
-    default = FusionConfig.model_fields["weighting"].default
-    weightings = list(dict.fromkeys(args.weighting or [default]))
-    return [(m, w) for m in methods_named(args.method) for w in weightings]
+    return [(m, w) for m in methods_named(args.method) for w in weightings_named(args)]
 
 
 def system_label(method: str, weighting: str, main: str) -> str:
