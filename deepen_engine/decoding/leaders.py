@@ -95,6 +95,8 @@ def assign_leaders(
         if key not in fusers:
             config = row.fuser.config.model_copy(update={"main": leader})
             fusers[key] = row.fuser.with_config(config)
+            # the leader's fuser counts into the caller's stats (gated rows, seconds)
+            fusers[key].stats = row.fuser.stats
         row.fuser = fusers[key]
     order = sorted(range(len(rows)), key=lambda b: leaders[b])
     return [rows[b] for b in order]

@@ -38,7 +38,7 @@ def _members_installed() -> bool:
 
 @pytest.fixture(scope="session")
 def default_ensemble() -> Iterator[Ensemble]:
-    """The default members (Gemma-3-270m main, SmolLM2-135M), loaded once per run.
+    """The default members (Gemma-3-270m, SmolLM2-135M; default settings), loaded once per run.
 
     Tests take views of it (`with_fusion`), never change it; it is closed at the end.
     """

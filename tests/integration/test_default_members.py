@@ -96,7 +96,8 @@ def test_cli_generate_json():
     result = json.loads(proc.stdout)
     assert set(result) == {"index", "text", "finish_reason", "main", "members", "usage"}
     assert result["finish_reason"] in {"eos", "length", "stop"}
-    assert result["main"] == "gemma-3-270m"
+    # main="auto": the row's leader, the member that reads the prompt best
+    assert result["main"] == "smollm2-135m-instruct"
     assert result["members"] == ["gemma-3-270m", "smollm2-135m-instruct"]
     assert "." not in result["text"]
     assert set(result["usage"]["prompt_tokens"]) == set(result["members"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepen_engine import Ensemble
+from tests.conftest import PLAIN
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +28,9 @@ def test_union_methods_batched_equal_alone_and_differ_from_main(ensemble, method
 
 @pytest.mark.parametrize("method", ["union", "unite"])
 def test_all_weight_on_the_main_member_is_the_main_member(ensemble, method):
-    alone = ensemble.with_fusion(eta=0).generate(PROMPTS, max_new_tokens=8)
-    view = ensemble.with_fusion(method=method, weights=[1.0, 0.0])
+    # fixed weights: the prompt's weights would move weight to the other member
+    alone = ensemble.with_fusion(**PLAIN, eta=0).generate(PROMPTS, max_new_tokens=8)
+    view = ensemble.with_fusion(**PLAIN, method=method, weights=[1.0, 0.0])
     assert [r.text for r in view.generate(PROMPTS, max_new_tokens=8)] == [r.text for r in alone]
 
 

@@ -207,6 +207,13 @@ class TestChatDeepEnIntegration(ChatModelIntegrationTests):
         "...') until max_tokens, so the call is cut (finish_reason 'length') and none is "
         "returned",
     )
+    test_unicode_tool_call_integration = _xfail(
+        "test_unicode_tool_call_integration",
+        "content (measured 2026-12-05 with the defaults, weighting='prompt'): the forced call "
+        "keeps '你好啊集团' intact but its description runs on ('A Chinese technology company "
+        "that specializes in creating a customer with Unicode name. This company is ...') "
+        "until max_tokens, so the call is cut (finish_reason 'length') and none is returned",
+    )
     test_agent_loop = _xfail(
         "test_agent_loop",
         "content: with tool_choice 'auto' the members answer 'What is the weather in San "

@@ -30,18 +30,18 @@ def llm() -> DeepEnLLM:
     return DeepEnLLM(max_new_tokens=N)  # default members, loaded on first use
 
 
-def test_default_main_is_the_chat_tuned_member(llm):
+def test_default_main_is_auto_and_chat_is_led_by_the_chat_tuned_member(llm):
     assert not llm.is_loaded
     names = [m.name for m in llm.ensemble.members]
     assert names == ["gemma-3-270m", "smollm2-135m-instruct"]
-    assert llm.ensemble.main.name == "smollm2-135m-instruct"
+    assert llm.ensemble.fusion.main == "auto"
     meta = llm.metadata
     windows = [m.context_window for m in llm.ensemble.members]
     assert meta.context_window == min(windows) - N
     assert meta.num_output == N and meta.is_chat_model
-    assert meta.model_name == (
-        "deepen[gemma-3-270m + smollm2-135m-instruct; main=smollm2-135m-instruct]"
-    )
+    assert meta.model_name == "deepen[gemma-3-270m + smollm2-135m-instruct; main=auto]"
+    # a chat row chooses among members with a chat template: only SmolLM2 has one
+    assert llm.chat(QUESTION).raw["main_member"] == "smollm2-135m-instruct"
 
 
 def test_chat_answers(llm):

@@ -67,9 +67,10 @@ def test_bench_ray_small():
     main, helper = (figures["protocol"][n] for n in DEFAULT_MEMBERS)
     # batch 1, per step: each member sends all its float32 logits (DeePEn's fast path reads
     # every anchor's probability): Gemma-3 262,144, SmolLM2 49,152; 16 bytes of fed
-    # positions and timing
-    assert main["received_bytes_per_row_step"] == 4 * 262144 + 16
-    assert helper["received_bytes_per_row_step"] == 4 * 49152 + 16
+    # positions and timing; and in the prefill's reply the row's prompt score sums for the
+    # default weighting="prompt" (nll, bytes, tokens: 24 bytes, over the 4 steps)
+    assert main["received_bytes_per_row_step"] == 4 * 262144 + 16 + 24 / 4
+    assert helper["received_bytes_per_row_step"] == 4 * 49152 + 16 + 24 / 4
     assert set(figures["median"]) >= {"ray_ms", "in_process_ms", "ray_to_slower_member"}
 
 

@@ -235,6 +235,13 @@ def test_agree_gate_skips_rows_whose_members_agree(tiny_ensemble, method):
     assert (view.fuser.stats.rows, view.fuser.stats.gated) == (2, 1)
 
 
+def test_rows_led_by_auto_count_in_the_views_stats(tiny_ensemble):
+    # main="auto" fuses each row with a fuser of its leader; they count into the view's stats
+    view = tiny_ensemble.with_fusion(method="union", main="auto")
+    result = view.generate(PROMPTS[:2], max_new_tokens=3)
+    assert view.fuser.stats.rows == sum(r.usage.completion_tokens for r in result) > 0
+
+
 def test_confident_gate_follows_the_main_member_top_probability(tiny_ensemble):
     view = tiny_ensemble.with_fusion(method="union", gate="confident", gate_threshold=0.6)
     logits = _next_logits(view, PROMPTS[:2])
