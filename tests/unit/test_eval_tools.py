@@ -97,8 +97,9 @@ def test_eval_tools_command_on_tiny_members(long_folders, tmp_path, capsys):
     assert main(["eval", *member_args(long_folders), *args]) == 0
     summary = json.loads(capsys.readouterr().out)
     systems = [r["system"] for r in summary["results"]]
-    assert len(systems) == 6 and systems[-2].startswith("ensemble (main ")
-    assert summary["main"] == summary["members"][0]  # the first member with a chat template
+    # main="auto": tool requests are led by the first member with a chat template
+    assert summary["main"] == summary["members"][0]
+    assert len(systems) == 6 and systems[-2] == f"ensemble (main {summary['main']}), constrained"
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 30
     for record in records:
