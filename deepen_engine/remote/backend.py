@@ -26,7 +26,7 @@ from ..errors import MemberError, MemberLoadError
 from ..members.member import Member, MemberSpec, display_name
 from .actor import MemberActor, MemberInfo
 from .batch import LinkStats
-from .cluster import check_resources, cluster_address, connect
+from .cluster import check_resources, cluster_address, connect, demand
 from .protocol import Open, StepReply, StepRequest
 
 _LOCAL_FIELDS = (
@@ -45,6 +45,7 @@ _LOCAL_FIELDS = (
 )
 _EMBEDDING_CHUNK_BYTES = 64 * 2**20  # input embeddings come over in pieces this large
 _RESTART_POLL_SECONDS = 0.5  # how often to ask whether a restarting actor is back
+_RELEASE_WAIT = 5.0  # seconds close() waits for a killed actor's resources to show free
 _actor_class: Any = None  # ray.remote(MemberActor), made on first use
 
 
@@ -80,6 +81,7 @@ class RayLink:
         self.step_timeout = spec.step_timeout
         self.load_timeout = spec.load_timeout
         self.max_restarts = spec.max_restarts
+        self.demand = demand(spec)
         self.stats = LinkStats()
         self.info: MemberInfo | None = None
         self.num_parameters = 0
@@ -170,11 +172,22 @@ class RayLink:
         return seconds
 
     def close(self) -> None:
-        """Stop the actor for good."""
+        """Stop the actor for good, and wait (at most `_RELEASE_WAIT` s) until the cluster
+        shows its resources free again: Ray releases them a moment after the kill, and a
+        new ensemble's resource check right after `close()` would otherwise see them held.
+        """
         try:
+            before = self.ray.available_resources()
             self.ray.kill(self.actor, no_restart=True)
-        except Exception:  # noqa: S110 - already gone
-            pass
+        except Exception:  # noqa: S110 - already gone, or Ray shut down
+            return
+        deadline = time.monotonic() + _RELEASE_WAIT
+        need = self.demand.items()
+        while time.monotonic() < deadline:
+            free = self.ray.available_resources()
+            if all(free.get(k, 0.0) + 1e-9 >= before.get(k, 0.0) + v for k, v in need):
+                return
+            time.sleep(0.05)
 
 
 class RayMembers:

@@ -276,3 +276,37 @@ def test_a_top_k_reply_gives_what_the_full_logits_give():
         both.topk(5)
     with pytest.raises(AttributeError):
         top.softmax(-1)  # a method reading the whole distribution must ask for it
+
+
+class ReleasingRay:
+    """What RayLink.close uses of `ray`: the killed actor's CPU shows free only after a few
+    polls (as Ray releases it a moment after the kill), or never."""
+
+    def __init__(self, polls_until_free: int | None) -> None:
+        self.free, self.polls, self.killed = 0.0, 0, False
+        self.polls_until_free = polls_until_free
+
+    def available_resources(self) -> dict[str, float]:
+        if self.killed:
+            self.polls += 1
+            if self.polls_until_free is not None and self.polls >= self.polls_until_free:
+                self.free = 1.0
+        return {"CPU": self.free}
+
+    def kill(self, actor, no_restart) -> None:
+        assert no_restart is True
+        self.killed = True
+
+
+def test_closing_a_ray_link_waits_until_its_resources_show_free(monkeypatch):
+    from deepen_engine.remote import backend
+
+    spec = MemberSpec(source="gemma-3-270m", placement="ray", num_cpus=1)
+    ray = ReleasingRay(polls_until_free=3)
+    backend.RayLink(ray, object(), spec, "gemma-3-270m").close()
+    assert (ray.polls, ray.free) == (3, 1.0)  # returned at the first poll that saw it free
+    # a cluster that never shows them free (another driver took them): bounded wait
+    monkeypatch.setattr(backend, "_RELEASE_WAIT", 0.2)
+    ray = ReleasingRay(polls_until_free=None)
+    backend.RayLink(ray, object(), spec, "gemma-3-270m").close()
+    assert ray.killed and ray.polls >= 2 and ray.free == 0.0
