@@ -70,6 +70,17 @@ COOKBOOK_SCRIPTS = sorted(
 )
 
 
+CLI_ITEMS = {
+    "cli:generate-json": 'deepen generate "The capital of France is" --json --max-new-tokens 8 '
+    "--stop .",
+    "cli:generate-ray": 'deepen generate "The capital of France is" --ray --max-new-tokens 12 '
+    "--json",
+    "cli:bench-ray": "deepen bench --ray --new-tokens 4 --rounds 1 --json",
+}
+"""`deepen` command lines the tests check, run in the one process with the README's (each in
+its own process, they would load the members again: about 15 s each, 30-60 s with Ray)."""
+
+
 @dataclass(frozen=True)
 class Run:
     """What one item printed, and its exit status."""
@@ -77,6 +88,7 @@ class Run:
     stdout: str
     stderr: str
     rc: int
+    seconds: float = 0.0
 
 
 def cli_lines(code: str) -> list[str] | None:
@@ -90,7 +102,8 @@ def cli_lines(code: str) -> list[str] | None:
 
 def one_process_items(snippet_dir: Path) -> dict[str, str]:
     """Every item run in the one process: README python snippets (`readme:LINE`), the
-    `deepen` lines of README bash snippets (`readme:LINE:K`), cookbook scripts by name."""
+    `deepen` lines of README bash snippets (`readme:LINE:K`), cookbook scripts by name,
+    then the tests' own command lines (CLI_ITEMS)."""
     from tests.integration.test_readme import snippets
 
     items: dict[str, str] = {}
@@ -106,6 +119,7 @@ def one_process_items(snippet_dir: Path) -> dict[str, str]:
                 items[f"readme:{snippet.line}:{k}"] = f"cli:{line}"
     for name in COOKBOOK_SCRIPTS:
         items[name] = f"py:{ROOT / 'cookbook' / name}"
+    items.update({key: f"cli:{line}" for key, line in CLI_ITEMS.items()})
     return items
 
 
@@ -132,5 +146,23 @@ def one_process(default_server: str, tmp_path_factory: pytest.TempPathFactory) -
             (out / f"{i}.stdout").read_text(encoding="utf-8"),
             (out / f"{i}.stderr").read_text(encoding="utf-8"),
             int(rc.read_text()),
+            float((out / f"{i}.seconds").read_text()),
         )
+    ONE_PROCESS_SECONDS.update({key: run.seconds for key, run in runs.items()})
     return runs
+
+
+ONE_PROCESS_SECONDS: dict[str, float] = {}
+"""Each one-process item's wall time, for the slowest ones in the terminal summary."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The one-process items' times (the fixture's setup time is their sum, which pytest's
+    --durations shows as one line)."""
+    if not ONE_PROCESS_SECONDS:
+        return
+    slowest = sorted(ONE_PROCESS_SECONDS.items(), key=lambda kv: -kv[1])[:10]
+    total = sum(ONE_PROCESS_SECONDS.values())
+    terminalreporter.write_sep("=", f"one process: {len(ONE_PROCESS_SECONDS)} items, {total:.0f} s")
+    for key, seconds in slowest:
+        terminalreporter.write_line(f"{seconds:7.1f}s  {key}")

@@ -12,8 +12,8 @@ its own caches and batch state).
 
 An ITEM is `py:PATH` (a script) or `cli:LINE` (`deepen ARGS`, or `echo TEXT | deepen
 ARGS`, run through `deepen_engine.commands.cli.main`). For item i it writes
-`OUT_DIR/i.stdout`, `i.stderr` and `i.rc` (the exit status: 0, the `SystemExit` code, or 1
-with the traceback in `i.stderr`).
+`OUT_DIR/i.stdout`, `i.stderr`, `i.rc` (the exit status: 0, the `SystemExit` code, or 1
+with the traceback in `i.stderr`) and `i.seconds` (its wall time, for the tier's summary).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import io
 import runpy
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,7 @@ def main(out_dir: str, items: list[str]) -> None:
     for i, item in enumerate(items):
         stdout, stderr = io.StringIO(), io.StringIO()
         saved_stdin = sys.stdin
+        start = time.perf_counter()
         try:
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 try:
@@ -130,9 +132,11 @@ def main(out_dir: str, items: list[str]) -> None:
         finally:
             sys.stdin = saved_stdin
         close_open_ensembles()
+        seconds = time.perf_counter() - start
         (out / f"{i}.stdout").write_text(stdout.getvalue(), encoding="utf-8")
         (out / f"{i}.stderr").write_text(stderr.getvalue(), encoding="utf-8")
         (out / f"{i}.rc").write_text(str(status), encoding="utf-8")
+        (out / f"{i}.seconds").write_text(f"{seconds:.1f}", encoding="utf-8")
 
 
 if __name__ == "__main__":

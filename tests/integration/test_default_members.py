@@ -85,15 +85,10 @@ def test_sync_feeds_about_one_position_per_token(ensemble):
         assert fed <= 1.5 * n, (name, fed, n)
 
 
-def test_cli_generate_json():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "deepen_engine.commands.cli", "generate", PROMPTS[0], "--json",
-         "--max-new-tokens", "8", "--stop", "."],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+def test_cli_generate_json(one_process):
+    run = one_process["cli:generate-json"]  # `deepen generate ... --json` (conftest.CLI_ITEMS)
+    assert run.rc == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
     assert set(result) == {"index", "text", "finish_reason", "main", "members", "usage"}
     assert result["finish_reason"] in {"eos", "length", "stop"}
     # main="auto": the row's leader, the member that reads the prompt best

@@ -6,18 +6,16 @@ killed or stuck actor fails the request with `MemberError` naming the member and
 request is served; a cluster that lacks the resources asked for is a `ConfigError` before
 any model loads.
 
-The two command-line tests come first and run in subprocesses, each starting its own local
-Ray (the `deepen` commands' own way); the other tests share one local Ray started here
-with 3 CPUs (2 for the placed pair, 1 for the adapter's member), shut down at the end of
-the module.
+The two command-line tests read `deepen generate --ray` and `deepen bench --ray` run in the
+tier's one process (conftest.CLI_ITEMS), which starts its own local Ray (the `deepen`
+commands' own way); the other tests share one local Ray started here with 3 CPUs (2 for
+the placed pair, 1 for the adapter's member), shut down at the end of the module.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -43,24 +41,16 @@ def local(default_ensemble) -> Ensemble:
     return default_ensemble  # the default members in this process, loaded once per run
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "deepen_engine.commands.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-
-
-def test_generate_with_ray_equals_in_process(local):
-    assert not ray.is_initialized(), "these subprocess tests must start their own Ray"
-    done = _cli("generate", PROMPTS[0], "--ray", "--max-new-tokens", "12", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_generate_with_ray_equals_in_process(local, one_process):
+    done = one_process["cli:generate-ray"]
+    assert done.rc == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["text"] == local.generate(PROMPTS[0], max_new_tokens=12).text
 
 
-def test_bench_ray_small():
-    done = _cli("bench", "--ray", "--new-tokens", "4", "--rounds", "1", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_bench_ray_small(one_process):
+    done = one_process["cli:bench-ray"]
+    assert done.rc == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.splitlines()[-1])
     assert figures["same_tokens_as_in_process"] is True
     assert figures["members"] == list(DEFAULT_MEMBERS)

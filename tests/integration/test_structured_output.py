@@ -7,6 +7,7 @@ with the City schema wrote `"population_millions": 1000000000000...` until the l
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import pytest
@@ -71,9 +72,15 @@ def test_25_structured_outputs_parse_at_64_tokens(default_ensemble):
     # 2026-12-04, fixed weights and leader: 24/25 (Measurement for 'The room is 21.5 degrees
     # Celsius.' repeated '21.5; ...' in a string until max_tokens); the defaults parse all 25
     chat = ChatDeepEn(ensemble=default_ensemble, max_tokens=64)
+
+    def run(case):  # the five schemas' batches at once: the engine runs their 25 rows together
+        schema, prompts = case
+        return chat.with_structured_output(schema).batch(prompts, return_exceptions=True)
+
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        all_results = list(pool.map(run, CASES))
     parsed, failed = 0, []
-    for schema, prompts in CASES:
-        results = chat.with_structured_output(schema).batch(prompts, return_exceptions=True)
+    for (schema, prompts), results in zip(CASES, all_results):
         for prompt, result in zip(prompts, results):
             if isinstance(result, schema):
                 parsed += 1
