@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bars is not None:
             bars.close()
+        ens.close()  # its worker thread, and Ray actors (--ray) with their resources
     return 0
 
 

@@ -28,6 +28,17 @@ def test_generate_json(tiny_folders, reference, capsys):
     assert out["usage"]["completion_tokens"] == expected.usage.completion_tokens
 
 
+def test_generate_closes_its_ensemble(tiny_folders, monkeypatch, capsys):
+    # closing stops the worker thread and, with --ray, the actors and their resources
+    closed, close = [], Ensemble.close
+    monkeypatch.setattr(Ensemble, "close", lambda self: (closed.append(self), close(self)))
+    args = ["generate", "Hi", "--json", "--max-new-tokens", "2", *member_args(tiny_folders)]
+    assert main(args) == 0
+    assert len(closed) == 1 and [m.name for m in closed[0].members] == [
+        f.rsplit("/", 1)[-1] for f in tiny_folders
+    ]
+
+
 def test_prompts_file_prints_results_in_order(tiny_folders, reference, tmp_path, capsys):
     messages = [{"role": "user", "content": "Capital of France?"}]
     lines = [{"prompt": "Q:"}, {"messages": messages}, {"prompt": "Once upon a time"}]
