@@ -162,12 +162,17 @@ class Ensemble:
                 return i
         return self.fusion.leader
 
-    def _tools_leader(self) -> Ensemble:
-        """With tools, `main="auto"` leads with `default_chat_main()`: the leader's chat
-        template writes and parses the calls, so it is fixed before the prompt is read
-        (with one chat member, as the default pair, that is the member auto picks).
+    def tools_main(self) -> int:
+        """The member that leads a request with tools: with `main="auto"`,
+        `default_chat_main()` (the leader's chat template writes and parses the calls, so it
+        is fixed before the prompt is read; with one chat member, as the default pair, that
+        is the member auto picks), else the fixed main.
         """
-        return self.view({"main": self.default_chat_main()})
+        return self.default_chat_main() if self.fusion.main == "auto" else self.fusion.leader
+
+    def _tools_leader(self) -> Ensemble:
+        """The view that runs a request with tools under `main="auto"` (`tools_main`)."""
+        return self.view({"main": self.tools_main()})
 
     def stream(
         self,

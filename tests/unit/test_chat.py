@@ -122,6 +122,9 @@ def test_default_chat_main_is_the_first_member_with_a_template(tiny_pair):
     )
     assert base_first.default_chat_main() == 1
     assert base_first.with_fusion(main=1).default_chat_main() == 1
+    # requests with tools: the chat member under main="auto" (the default), else the main
+    assert base_first.tools_main() == 1
+    assert base_first.with_fusion(main=0).tools_main() == 0
     given = Ensemble(
         [MemberSpec(source=gemma, name="g", chat_template=CHATML), MemberSpec(source=llama)],
         min_anchors=50,

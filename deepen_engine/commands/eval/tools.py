@@ -308,15 +308,6 @@ def score_tools(
     return result
 
 
-def leader_name(ens: Ensemble) -> str:
-    """The member that leads tool requests: with `main="auto"`, `default_chat_main()`
-    (its chat template writes and parses the calls), else the fixed main.
-    """
-    if ens.fusion.main == "auto":
-        return ens.members[ens.default_chat_main()].name
-    return ens.main.name
-
-
 def run_tools(
     ens: Ensemble, n: int, seed: int, batch_size: int, bar: Any, tool_choice: str = "auto"
 ) -> list[ToolScore]:
@@ -325,7 +316,7 @@ def run_tools(
     """
     requests = make_requests(n, seed)
     systems = [(m.name, ens.with_fusion(main=i, eta=0)) for i, m in enumerate(ens.members)]
-    systems.append((f"ensemble (main {leader_name(ens)})", ens))
+    systems.append((f"ensemble (main {ens.members[ens.tools_main()].name})", ens))
     scores = []
     for name, view in systems:
         for constrained in (True, False):
@@ -356,7 +347,7 @@ def run_tools_eval(args: argparse.Namespace, ens: Ensemble) -> int:
         "tools": [t["function"]["name"] for t in TOOLS],
         "max_new_tokens": MAX_NEW_TOKENS,
         "members": [m.name for m in ens.members],
-        "main": leader_name(ens),
+        "main": ens.members[ens.tools_main()].name,
         "eta": ens.fusion.eta,
         "results": [s.summary() for s in scores],
         "outputs": str(output),
