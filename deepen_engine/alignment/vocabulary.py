@@ -53,10 +53,13 @@ def tokenizer_kind(tokenizer: Any) -> tuple[str, bool]:
             f"{type(tokenizer).__name__} is not a fast tokenizer; deepen reads token text from "
             "the Rust tokenizer (AutoTokenizer.from_pretrained gives one)."
         )
-    spec = json.loads(backend.to_str())
-    decoders = _flatten(spec.get("decoder"))
+    # The decoder and the model's byte_fallback flag only: serialising the whole tokenizer
+    # (`to_str()`, 33 MB of JSON for Gemma-3's 262k tokens and 515k merges) and parsing it
+    # into Python objects cost about 150 MB of peak memory on every load.
+    decoder = backend.decoder
+    decoders = _flatten(json.loads(decoder.__getstate__()) if decoder is not None else None)
     types = {d.get("type") for d in decoders}
-    byte_fallback = bool(spec.get("model", {}).get("byte_fallback")) or "ByteFallback" in types
+    byte_fallback = _model_byte_fallback(backend.model) or "ByteFallback" in types
     if "ByteLevel" in types:
         return "byte_level", False
     sp_replace = any(
@@ -68,6 +71,16 @@ def tokenizer_kind(tokenizer: Any) -> tuple[str, bool]:
         f"Unsupported tokenizer decoder {sorted(t for t in types if t)}: deepen reads "
         "byte-level BPE and SentencePiece-style (▁) vocabularies."
     )
+
+
+def _model_byte_fallback(model: Any) -> bool:
+    """The model's `byte_fallback` flag; BPE has it as an attribute, other models (Unigram)
+    only in their JSON, which is read then (the model alone, not the whole tokenizer).
+    """
+    flag = getattr(model, "byte_fallback", None)
+    if flag is None:
+        flag = json.loads(model.__getstate__()).get("byte_fallback")
+    return bool(flag)
 
 
 def _flatten(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -96,10 +109,13 @@ class CanonicalVocab:
         texts: list[bytes | None] = [None] * size
         fallback: set[int] = set()
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+        # The model's pieces id by id: a {piece: id} dict of the whole vocabulary
+        # (`get_vocab()`) would hold 262k more strings at once for Gemma-3 (about 38 MB).
+        model = tokenizer.backend_tokenizer.model
         table = byte_level_decoding()
-        for piece, idx in vocab.items():
-            if idx >= size or idx in added:
+        for idx in range(size):
+            piece = None if idx in added else model.id_to_token(idx)
+            if piece is None:  # an added token (below), or no piece: no text
                 continue
             if kind == "byte_level":
                 try:
@@ -120,7 +136,9 @@ class CanonicalVocab:
         for idx in getattr(tokenizer, "all_special_ids", []):
             if 0 <= idx < size:
                 texts[idx] = None
-        texts = [t if t else None for t in texts]  # an empty string is no text either
+        for idx, text in enumerate(texts):
+            if text == b"":  # an empty string is no text either
+                texts[idx] = None
         return cls(kind=kind, texts=texts, byte_fallback_ids=frozenset(fallback))
 
     def __len__(self) -> int:

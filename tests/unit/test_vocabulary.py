@@ -98,6 +98,19 @@ def test_tokenizer_kind_sentencepiece(sp_tokenizer):
     assert tokenizer_kind(sp_tokenizer) == ("sentencepiece", True)
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_tokenizer_kind_reads_a_unigram_models_byte_fallback(fallback):
+    # Unigram has no byte_fallback attribute in Python: the flag comes from its JSON
+    vocab = [("<unk>", 0.0), ("▁a", -1.0), ("b", -2.0), ("<0x41>", -3.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=fallback))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    assert tokenizer_kind(wrapped) == ("sentencepiece", fallback)
+    vocab_ = CanonicalVocab.from_tokenizer(wrapped, 4)
+    assert vocab_.texts[1:] == [b" a", b"b", b"A" if fallback else b"<0x41>"]
+
+
 def test_tokenizer_kind_rejects_wordpiece():
     with pytest.raises(MemberLoadError, match="Unsupported tokenizer decoder"):
         tokenizer_kind(_wordpiece_tokenizer())
