@@ -3,27 +3,23 @@ ready `(model, tokenizer)` pair.
 
 A GGUF member is converted once (dequantised, tokenizer rebuilt) and saved as a plain
 transformers folder under the cache directory (`$DEEPEN_CACHE`, default
-`~/.cache/deepen`); later loads read that folder in seconds.
+`~/.cache/deepen`); later loads read that folder in seconds (conversion.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import inspect
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..alignment.vocabulary import CanonicalVocab
 from ..errors import ConfigError, MemberLoadError
+from .conversion import ensure_folder
 from .embedded import EMBEDDED, embedded_gguf
 from .hub import hub_access
 from .member import (
@@ -66,6 +62,7 @@ def load_local_member(spec: MemberSpec) -> Member:
     device = input_device(model, device_map, spec.device)
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
     _check_round_trip(tokenizer, vocab, name)
+    release_freed_heap()
     member = Member(
         name=name,
         model=model,
@@ -120,8 +117,7 @@ def _resolve(source: str | Path, dtype: str = "float32") -> tuple[str, str, str]
         entry = EMBEDDED[text]
         key = f"{text}-{entry.version()}" if entry.installed() else text
         folder = cache_dir() / "models" / (key + suffix)
-        if not (folder / "config.json").is_file():
-            _convert_gguf(embedded_gguf(text), folder, text, DTYPES[dtype])
+        ensure_folder(folder, lambda: embedded_gguf(text), text, DTYPES[dtype])
         return text, "embedded", str(folder)
     path = Path(text).expanduser()
     if path.exists():
@@ -131,8 +127,7 @@ def _resolve(source: str | Path, dtype: str = "float32") -> tuple[str, str, str]
                 f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
             ).hexdigest()[:16]
             folder = cache_dir() / "models" / f"{path.stem}-{digest}{suffix}"
-            if not (folder / "config.json").is_file():
-                _convert_gguf(path, folder, text, DTYPES[dtype])
+            ensure_folder(folder, lambda: path, text, DTYPES[dtype])
             return path.name, "gguf", str(folder)
         if path.is_dir():
             return path.name, "folder", str(path)
@@ -145,87 +140,6 @@ def _resolve(source: str | Path, dtype: str = "float32") -> tuple[str, str, str]
             f"folder, a hub id, or an embedded name ({', '.join(EMBEDDED)})."
         )
     return text, "hub", text
-
-
-def _convert_gguf(gguf: Path, folder: Path, name: str, dtype: torch.dtype = torch.float32) -> None:
-    """Dequantise a GGUF file once into a transformers folder of `dtype` weights (atomic:
-    tmp dir + rename).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        with (
-            tqdm(total=3, desc=f"Converting {name} from GGUF (first load only)") as bar,
-            _read_once(gguf),
-        ):
-            bar.set_postfix_str("tokenizer")
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            except Exception as exc:
-                raise MemberLoadError(
-                    f"Member {name!r}: the tokenizer in {gguf} could not be loaded: {exc}"
-                ) from exc
-            bar.update()
-            bar.set_postfix_str("weights")
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(gguf.parent), gguf_file=gguf.name, dtype=dtype
-                )
-            except ValueError as exc:
-                raise MemberLoadError(
-                    f"Member {name!r}: {gguf} is not a causal language model transformers can "
-                    f"load: {exc}"
-                ) from exc
-            bar.update()
-            bar.set_postfix_str("saving")
-            # The weights are plain `dtype` tensors now; without clearing the GGUF quantisation
-            # marker save_pretrained refuses to write them.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None  # type: ignore[assignment]  # stubs type it as a Module
-            model.is_quantized = False  # type: ignore[assignment]
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            bar.update()
-        if folder.exists():  # another process converted it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def _read_once(path: Path) -> Iterator[None]:
-    """Inside the block, the GGUF file at `path` is parsed once, however often it is read.
-
-    transformers builds a new `gguf.GGUFReader` for the tokenizer, the config and the
-    weights, and parsing the metadata (a 262k-entry vocabulary for Gemma-3) is most of a
-    conversion's time; a reader is read-only once built, so one is shared. Measured on 2
-    CPU cores: loading Gemma-3-270m's weights from its GGUF took 45 s of CPU with three
-    parses, 13 s with one (the same weights).
-    """
-    import gguf as gguf_package
-
-    original = gguf_package.GGUFReader
-    target = os.path.realpath(path)
-    shared: list[Any] = []
-
-    def reader(file: Any, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs or os.path.realpath(file) != target:
-            return original(file, *args, **kwargs)
-        if not shared:
-            shared.append(original(file))
-        return shared[0]
-
-    setattr(gguf_package, "GGUFReader", reader)  # noqa: B010 - transformers imports it per call
-    try:
-        yield
-    finally:
-        setattr(gguf_package, "GGUFReader", original)  # noqa: B010
 
 
 def _load_folder_or_hub(
@@ -289,6 +203,22 @@ def _weights_dtype(model: Any, asked: torch.dtype) -> torch.dtype:
     return asked
 
 
+def release_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere
+    nothing happens).
+
+    Parsing a tokenizer allocates far more than it keeps: Gemma-3's Rust tokenizer peaks
+    about 80 MB above what it keeps, and glibc keeps the freed pages, which lie between
+    the kept ones, mapped. Weights are memory-mapped files and cannot reuse them, so
+    without this every process holding the member would carry them beside its weights.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return
+    trim(0)
+
+
 def _vocab_rows(model: Any) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
@@ -325,6 +255,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     # End-of-turn markers end a reply too (Gemma's <end_of_turn> is not its eos token).
     special = set(getattr(tokenizer, "all_special_ids", []))
     special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] in special)
+    # one lookup per marker, not get_vocab(): a dict of every token (262k for Gemma-3)
+    marks = (tokenizer.backend_tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)
+    ids.update(i for i in marks if i is not None and i in special)
     return frozenset(ids)

@@ -1,4 +1,4 @@
-"""Converting an embedded GGUF member (parsed once, `loading._read_once`) gives the weights
+"""Converting an embedded GGUF member (parsed once, `conversion._read_once`) gives the weights
 and the vocabulary transformers' own GGUF loading gives. SmolLM2, the smaller member
 (about half a minute).
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deepen_engine.members.conversion import convert_gguf
 from deepen_engine.members.embedded import embedded_gguf
-from deepen_engine.members.loading import _convert_gguf
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_conversion_equals_transformers_own_loading(tmp_path):
     path = embedded_gguf("smollm2-135m-instruct")
     folder = tmp_path / "converted"
-    _convert_gguf(path, folder, "smollm2-135m-instruct")
+    convert_gguf(path, folder, "smollm2-135m-instruct")
     converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     direct = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gguf
 
-from deepen_engine.members.loading import _read_once
+from deepen_engine.members.conversion import _read_once
 
 
 def _write(path) -> None:

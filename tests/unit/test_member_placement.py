@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepen_engine import ConfigError, Ensemble, MemberSpec, load_member
-from deepen_engine.members import loading
+from deepen_engine.members import conversion, loading
 
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 
@@ -145,8 +145,9 @@ def test_gguf_conversions_are_kept_per_dtype(tmp_path, monkeypatch):
         made.append((folder.name, dtype))
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
+        conversion._write_marker(folder)
 
-    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    monkeypatch.setattr(conversion, "convert_gguf", convert)
     f32 = loading._resolve(str(gguf), "float32")[2]
     bf16 = loading._resolve(str(gguf), "bfloat16")[2]
     assert f32 != bf16 and bf16 == f32 + "-bfloat16"
