@@ -18,10 +18,13 @@ not include this process's own. In that process, after the imports:
    `peak_ratio` is that over `weights_mb` (parameters x bytes per element of the loaded
    dtype, tied weights counted once).
 
-The load also builds the tokenizer and the canonical vocabulary, which are not weights
-(SmolLM2's tokenizer holds about 46 MB): a second fresh process loads only those and
-reports `tokenizer_mb` (its added peak), and `weights_peak_ratio = (added_peak_mb -
-tokenizer_mb) / weights_mb` is the weights' own share.
+The load also builds the tokenizer and the canonical vocabulary, which are not weights: a
+second fresh process loads only those, as `load_member` does (freed heap handed back at
+the end), and reports `tokenizer_mb`, the resident memory they keep, and
+`tokenizer_peak_mb`, their added peak while loading (a tokenizer's parse allocates far
+more than it keeps; the weights, read later, stack on what it keeps).
+`weights_peak_ratio = (added_peak_mb - tokenizer_mb) / weights_mb` is the weights' own
+share.
 
 A GGUF member is converted once per dtype before it is measured (in this process), so the
 figures are those of every later load, not of the first conversion.
@@ -39,7 +42,7 @@ from typing import Any
 import torch
 
 from ...members import MemberSpec, load_local_member
-from ...members.loading import _resolve
+from ...members.loading import _resolve, release_freed_heap
 
 
 def _status_mb(field: str) -> float:
@@ -103,7 +106,11 @@ def measure_tokenizer_here(spec: MemberSpec) -> dict[str, Any]:
     before = _status_mb("VmRSS")
     tokenizer = AutoTokenizer.from_pretrained(where)
     CanonicalVocab.from_tokenizer(tokenizer, len(tokenizer))
-    return {"tokenizer_mb": round(_status_mb("VmHWM") - before, 1)}
+    release_freed_heap()  # as load_member does once the member is built
+    return {
+        "tokenizer_mb": round(_status_mb("VmRSS") - before, 1),
+        "tokenizer_peak_mb": round(_status_mb("VmHWM") - before, 1),
+    }
 
 
 def load_costs(specs: list[MemberSpec], repeat: int = 1) -> list[dict[str, Any]]:
@@ -151,17 +158,21 @@ def load_table(rows: list[dict[str, Any]]) -> str:
     w = max([24, *(len(r["member"]) + 2 for r in rows)])
     lines = [
         f"{'member':<{w}}{'dtype':<10}{'weights MB':>11}{'load s':>8}{'before MB':>10}"
-        f"{'peak MB':>9}{'added MB':>9}{'ratio':>7}{'tok MB':>8}{'w ratio':>8}"
+        f"{'peak MB':>9}{'added MB':>9}{'ratio':>7}{'tok MB':>8}{'tok peak':>9}{'w ratio':>8}"
     ]
     for r in rows:
         lines.append(
             f"{r['member']:<{w}}{r['dtype']:<10}{r['weights_mb']:>11.1f}{r['load_seconds']:>8.2f}"
             f"{r['rss_before_mb']:>10.1f}{r['peak_mb']:>9.1f}{r['added_peak_mb']:>9.1f}"
             f"{r['peak_ratio']:>7.2f}{r.get('tokenizer_mb', 0):>8.1f}"
+            f"{r.get('tokenizer_peak_mb', 0):>9.1f}"
             f"{r.get('weights_peak_ratio', r['peak_ratio']):>8.2f}"
         )
     lines.append("ratio: (peak RSS - RSS before the load) / weights in the loaded dtype")
-    lines.append("w ratio: the same without the tokenizer and vocabulary (tok MB)")
+    lines.append(
+        "tok MB: what the tokenizer and vocabulary keep (tok peak: their peak while loading); "
+        "w ratio: ratio without tok MB"
+    )
     return "\n".join(lines)
 
 
