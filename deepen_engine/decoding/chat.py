@@ -145,7 +145,7 @@ def render(
                 continue_final_message=go_on,
             )
         )
-    if "<start_of_turn>" in tokenizer.get_vocab():
+    if _has_token(tokenizer, "<start_of_turn>"):
         return _gemma_turns(tokenizer, plain, go_on)
     return _transcript(plain, go_on)
 
@@ -190,6 +190,16 @@ def with_system(conversation: list[dict[str, str]], instruction: str) -> list[di
         merged = f"{first}\n\n{instruction}" if first else instruction
         return [{"role": "system", "content": merged}, *conversation[1:]]
     return [{"role": "system", "content": instruction}, *conversation]
+
+
+def _has_token(tokenizer: Any, token: str) -> bool:
+    """Whether `token` is one of the tokenizer's tokens: one lookup in the Rust tokenizer
+    (`get_vocab()` builds a dict of every token, 262k for Gemma-3, on every render).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.token_to_id(token) is not None
+    return token in tokenizer.get_vocab()
 
 
 def _gemma_turns(tokenizer: Any, messages: list[dict[str, str]], go_on: bool) -> str:
