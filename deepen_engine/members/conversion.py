@@ -13,9 +13,10 @@ from `tokenizer.json` (`write_tokenizer`):
 2. BPE merges are written as `"a b"` strings rather than `["a", "b"]` pairs when no piece
    holds a space: the Rust parser buffers every pair as a small sequence first.
 
-Measured with `/proc` VmHWM on Gemma-3-270m (262,144 tokens, 514,906 merges): the
-tokenizer's load peaked 462 MB above the process before, 179 MB written this way; the
-same token ids, added tokens and special tokens (checked after every write).
+Gemma-3-270m's tokenizer (262,144 tokens, 514,906 merges) loads with a peak of 174 MB
+written this way against 461 MB before, and keeps 104 MB against 265 MB
+(`scripts/tokenizer_memory.py`, docs/benchmarks.md), with the same vocabulary, special
+tokens and ids (checked after every write).
 
 Folders converted before this (no `deepen_conversion.json` of `FORMAT`) are upgraded in
 place on their next load: the tokenizer files are rewritten (each file atomically), the
