@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,7 +58,15 @@ def ensure_folder(folder: Path, gguf: Callable[[], Path], name: str, dtype: torc
     if not (folder / "config.json").is_file():
         convert_gguf(gguf(), folder, name, dtype)
     elif _format(folder) < FORMAT:
-        upgrade(folder, name)
+        try:
+            upgrade(folder, name)
+        except OSError as exc:  # a cache this user cannot write: the old files still load
+            warnings.warn(
+                f"Member {name!r}: could not rewrite the tokenizer of {folder} ({exc}); it "
+                "loads as it is, with more memory. Make the folder writable, or delete it "
+                "to convert the member again.",
+                stacklevel=2,
+            )
 
 
 def _format(folder: Path) -> int:

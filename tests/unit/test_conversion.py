@@ -129,3 +129,18 @@ def test_an_older_conversion_is_upgraded_in_place(gemma_like, tmp_path, monkeypa
 
     monkeypatch.setattr(conversion, "upgrade", no_upgrade)
     conversion.ensure_folder(folder, no_conversion, "tiny", torch.float32)
+
+
+def test_an_upgrade_that_cannot_write_warns_and_keeps_the_folder(gemma_like, tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "tiny-1.0"
+    gemma_like.save_pretrained(str(folder))
+    (folder / "config.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(folder.parent))
+
+    monkeypatch.setattr(conversion.tempfile, "mkdtemp", read_only)
+    with pytest.warns(UserWarning, match=r"'tiny': could not rewrite the tokenizer of .*loads as"):
+        conversion.ensure_folder(folder, lambda: folder, "tiny", torch.float32)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
