@@ -47,7 +47,7 @@ class Seen:
     statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     unexpected: list[str] = field(default_factory=list)
-    answers: dict[str, set[str]] = field(default_factory=dict)  # request -> answers seen
+    answers: dict[str, set[str]] = field(default_factory=dict)  # request_key -> answers seen
     completion_tokens: int = 0
     choices: int = 0
 
@@ -190,6 +190,23 @@ async def _client(
             await _streamed(http, path, body, seen)
 
 
+def request_key(path: str, body: dict[str, Any]) -> str:
+    """The key a request's answers are kept under, and what `_alone` sends again: the body
+    in the order it was sent. Not `sort_keys`: a JSON schema's properties are written in
+    their order (docs/constraints.md), so a sorted replay asks another question (it turned
+    `{"name": ..., "age": ...}` into `{"age": ..., "name": ...}`, a false wrong answer).
+    """
+    return json.dumps([path, body])
+
+
+def _kind_of(key: str) -> str:
+    """The well-formed kind (soak_faults.SOAK_KINDS) of a `request_key`."""
+    path, body = json.loads(key)
+    if path == COMPLETIONS:
+        return "completion"
+    return "json_schema" if "response_format" in body else "tools" if "tools" in body else "chat"
+
+
 def _answer(path: str, choice: dict[str, Any]) -> str:
     if path == COMPLETIONS:
         return str(choice["text"])
@@ -205,8 +222,7 @@ async def _plain(http: httpx.AsyncClient, path: str, body: dict[str, Any], seen:
     data = reply.json()
     seen.completion_tokens += data["usage"]["completion_tokens"]
     seen.choices += len(data["choices"])
-    key = json.dumps([path, body], sort_keys=True)
-    seen.answers.setdefault(key, set()).add(_answer(path, data["choices"][0]))
+    seen.answers.setdefault(request_key(path, body), set()).add(_answer(path, data["choices"][0]))
 
 
 async def _streamed(http: httpx.AsyncClient, path: str, body: dict[str, Any], seen: Seen) -> None:
@@ -234,7 +250,7 @@ async def _streamed(http: httpx.AsyncClient, path: str, body: dict[str, Any], se
     if not done:
         seen.unexpected.append(f"streamed {path}: no [DONE]")
     answer = text if path == COMPLETIONS else json.dumps([text, calls])
-    seen.answers.setdefault(json.dumps([path, body], sort_keys=True), set()).add(answer)
+    seen.answers.setdefault(request_key(path, body), set()).add(answer)
 
 
 async def _disconnect(http: httpx.AsyncClient, path: str, body: dict[str, Any], seen: Seen) -> None:
@@ -333,6 +349,7 @@ def _report(
             "requests": dict(seen.kinds),
             "statuses": statuses,
             "distinct_answers_checked": len(seen.answers),
+            "answers_checked_by_kind": dict(Counter(_kind_of(key) for key in seen.answers)),
             "completion_tokens": seen.completion_tokens,
             "rss_mb": {"warm": round(warm[0], 1), "end": round(rss[-1][1], 1)},
             "settle_seconds": round(settled, 2),
