@@ -11,7 +11,15 @@ import httpx
 import pytest
 
 from deepen_engine.commands.bench.arguments import check_flags
-from deepen_engine.commands.bench.soak import Seen, _alone, _plain, _streamed, request_key
+from deepen_engine.commands.bench.soak import (
+    Seen,
+    _alone,
+    _kind_of,
+    _plain,
+    _streamed,
+    _thirds,
+    request_key,
+)
 from deepen_engine.commands.bench.soak_faults import CHAT, MALFORMED, SOAK_KINDS, good_request
 from deepen_engine.commands.cli import build_parser
 from deepen_engine.errors import ConfigError
@@ -80,3 +88,14 @@ def test_the_soak_replays_a_json_schema_request_with_its_properties_in_order(tin
     replayed = json.loads(key)[1]["response_format"]["json_schema"]["schema"]
     assert list(replayed["properties"]) == ["name", "age"]
     assert seen.answers[key] == {json.dumps([as_sent, []])}
+
+
+def test_the_report_names_each_checked_kind_and_the_median_rss_of_each_third():
+    keys = [request_key(*good_request(kind, 1, 12)) for kind in SOAK_KINDS]
+    assert [_kind_of(key) for key in keys] == list(SOAK_KINDS)
+    # 9 s of load, a sample a second and a last one after the load: thirds [0, 3), [3, 6),
+    # [6, ...); a leak shows as a rising last median, one noisy sample does not move it
+    rss = [(0, 10.0), (1, 50.0), (2, 60.0), (3, 100.0), (4, 300.0), (5, 101.0)]
+    rss += [(6, 102.0), (7, 99.0), (8, 900.0), (9.5, 103.0)]
+    assert _thirds(rss, 9) == [50.0, 101.0, 103.0]
+    assert _thirds([(0, 5.0)], 9) == [5.0, None, None]

@@ -352,6 +352,10 @@ def _report(
             "answers_checked_by_kind": dict(Counter(_kind_of(key) for key in seen.answers)),
             "completion_tokens": seen.completion_tokens,
             "rss_mb": {"warm": round(warm[0], 1), "end": round(rss[-1][1], 1)},
+            # the median of each third (one sample is noisy: rows in flight come and go)
+            "rss_mb_thirds": _thirds(rss, args.soak_seconds),
+            # every 10th sample (one a second): is growth warm-up that levels off, or a leak?
+            "rss_mb_series": [[round(t), round(mb, 1)] for t, mb in rss[::10] + rss[-1:]],
             "settle_seconds": round(settled, 2),
             "checks": checks,
             "passed": all(c["ok"] for c in checks.values()),
@@ -360,6 +364,16 @@ def _report(
             "server_log": log,
         }
     }
+
+
+def _thirds(rss: list[tuple[float, float]], seconds: float) -> list[float | None]:
+    """The median RSS (MiB) of the samples in each third of the load (None: no sample)."""
+    out: list[float | None] = []
+    for third in range(3):
+        low, high = third * seconds / 3, (third + 1) * seconds / 3
+        mbs = sorted(mb for t, mb in rss if low <= t < high or (third == 2 and t >= high))
+        out.append(round(mbs[len(mbs) // 2], 1) if mbs else None)
+    return out
 
 
 def print_soak(figures: dict[str, Any]) -> None:
