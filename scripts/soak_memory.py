@@ -1,13 +1,18 @@
 """Is the server's RSS growth under the soak warm-up or a leak? (issue 23)
 
     HF_HUB_OFFLINE=1 python scripts/soak_memory.py [--rounds 8] [--json out.json]
+    HF_HUB_OFFLINE=1 python scripts/soak_memory.py --phase-seconds 60 --clients 64
     HF_HUB_OFFLINE=1 python scripts/soak_memory.py --model A --model B --min-anchors 50
 
 Serves the members (default: the default pair) in this process (`create_app`, uvicorn in a
 thread, loopback) and sends the same round of requests again and again: every well-formed
 soak request (soak_faults.py: 4 chat, 4 completion, 3 tools and 1 `json_schema`, each
 plain and streamed), `--drops` streams dropped after their first chunk and `--malformed`
-malformed bodies, all at once. After each round, once nothing runs, `gc.collect()` and:
+malformed bodies, all at once. With `--phase-seconds`, each round is instead a phase of
+`deepen bench --soak`'s own load (`--clients` clients for that many seconds, its default
+shares of malformed bodies, dropped streams and timeouts; seed = the round), so rows join
+and leave a running batch as they do in the soak. After each round, once nothing runs,
+`gc.collect()` and:
 
 - `rss_mb`: resident memory (/proc/self/status VmRSS);
 - `tensor_mb`, `tensors`: the torch tensors the garbage collector can reach (bytes of their
@@ -29,6 +34,7 @@ import asyncio
 import ctypes
 import gc
 import json
+import os
 import random
 import socket
 import threading
@@ -42,8 +48,9 @@ import torch
 import uvicorn
 
 from deepen_engine import Ensemble, MemberSpec
-from deepen_engine.commands.bench.soak import Seen, _disconnect, _plain, _streamed
+from deepen_engine.commands.bench.soak import Seen, _disconnect, _load, _plain, _streamed
 from deepen_engine.commands.bench.soak_faults import MALFORMED, SOAK_KINDS, good_request
+from deepen_engine.commands.cli import build_parser
 from deepen_engine.server import create_app
 
 _VARIANTS = {"chat": 4, "completion": 4, "tools": 3, "json_schema": 1}
@@ -107,6 +114,17 @@ async def _malformed(
     seen.status("malformed", path, reply.status_code, wanted)
 
 
+def _phase(args: argparse.Namespace, r: int) -> argparse.Namespace:
+    """The soak's load settings for phase `r`: `deepen bench --soak`'s own defaults (shares
+    of malformed bodies, dropped streams and timeouts; kinds) with these clients, seconds,
+    tokens and seed.
+    """
+    soak = build_parser().parse_args(["bench", "--soak"])
+    soak.soak_clients, soak.soak_seconds = args.clients, args.phase_seconds
+    soak.soak_tokens, soak.seed = args.tokens, r
+    return soak
+
+
 def _settle(ens: Ensemble) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -126,6 +144,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=12, help="max_tokens per request (12)")
     parser.add_argument("--drops", type=int, default=8, help="dropped streams per round (8)")
     parser.add_argument("--malformed", type=int, default=8, help="bad bodies per round (8)")
+    parser.add_argument("--phase-seconds", type=float, help="rounds: soak phases this long")
+    parser.add_argument("--clients", type=int, default=64, help="--phase-seconds: clients (64)")
     parser.add_argument("--json", help="write the rounds here")
     args = parser.parse_args()
 
@@ -149,10 +169,14 @@ def main() -> None:
     try:
         for r in range(1, args.rounds + 1):
             start = time.monotonic()
-            seen = asyncio.run(_round(url, args, r))
+            if args.phase_seconds:
+                seen = asyncio.run(_load(_phase(args, r), url, os.getpid(), []))
+            else:
+                seen = asyncio.run(_round(url, args, r))
             _settle(ens)
             row: dict[str, Any] = {"round": r, "seconds": round(time.monotonic() - start, 1)}
             row["unexpected"] = len(seen.unexpected)
+            row["requests"] = sum(seen.kinds.values())
             row["distinct_answers"] = sum(len(a) > 1 for a in seen.answers.values())
             row["rss_mb"] = round(_rss_mb(), 1)
             row.update(_live())
