@@ -166,28 +166,36 @@ async def _client(
     args: argparse.Namespace, http: httpx.AsyncClient, c: int, deadline: float, seen: Seen
 ) -> None:
     rng = random.Random(args.seed * 1000 + c)
-    i = 0
     while time.monotonic() < deadline:
-        i += 1
-        draw = rng.random()
-        if draw < args.soak_malformed:
-            path, body, wanted = MALFORMED[rng.randrange(len(MALFORMED))]
-            content = body if isinstance(body, bytes) else json.dumps(body).encode()
-            reply = await http.post(path, content=content)
-            seen.status("malformed", path, reply.status_code, wanted)
-            continue
-        kind = args.soak_kinds[rng.randrange(len(args.soak_kinds))]
-        path, body = good_request(kind, rng.randrange(8), args.soak_tokens)
-        draw -= args.soak_malformed
-        if draw < args.soak_disconnect:
-            await _disconnect(http, path, body, seen)
-        elif draw < args.soak_disconnect + args.soak_timeouts:
-            reply = await http.post(path, json={**body, "max_tokens": 64, "timeout": 0.001})
-            seen.status("timeout", path, reply.status_code, 408)
-        elif rng.random() < 0.5:
-            await _plain(http, path, body, seen)
-        else:
-            await _streamed(http, path, body, seen)
+        try:
+            await _one(args, http, rng, seen)
+        except httpx.TransportError as exc:  # no reply in the client's timeout: a finding
+            seen.unexpected.append(f"client {c}: {type(exc).__name__} {exc}".strip())
+
+
+async def _one(
+    args: argparse.Namespace, http: httpx.AsyncClient, rng: random.Random, seen: Seen
+) -> None:
+    """One request of a client, drawn by `rng` (module docstring, step 2)."""
+    draw = rng.random()
+    if draw < args.soak_malformed:
+        path, body, wanted = MALFORMED[rng.randrange(len(MALFORMED))]
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        reply = await http.post(path, content=content)
+        seen.status("malformed", path, reply.status_code, wanted)
+        return
+    kind = args.soak_kinds[rng.randrange(len(args.soak_kinds))]
+    path, body = good_request(kind, rng.randrange(8), args.soak_tokens)
+    draw -= args.soak_malformed
+    if draw < args.soak_disconnect:
+        await _disconnect(http, path, body, seen)
+    elif draw < args.soak_disconnect + args.soak_timeouts:
+        reply = await http.post(path, json={**body, "max_tokens": 64, "timeout": 0.001})
+        seen.status("timeout", path, reply.status_code, 408)
+    elif rng.random() < 0.5:
+        await _plain(http, path, body, seen)
+    else:
+        await _streamed(http, path, body, seen)
 
 
 def request_key(path: str, body: dict[str, Any]) -> str:
