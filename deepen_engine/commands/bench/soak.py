@@ -12,10 +12,11 @@ starts on loopback (127.0.0.1 only), then the checks a team needs before running
 3. Settle: wait until the server has nothing running or waiting; read `/metrics`.
 4. Check: every answer equals the same request sent alone afterwards (greedy); no status
    but the expected one (so no 5xx); the server's RSS growth after the warm-up (the first
-   third of the run) within `--soak-rss-limit` percent; the metrics' counts equal what the
-   clients saw (generated tokens: at least the clients' usage, and at most that plus
-   `--soak-tokens` per dropped stream, which the server may have finished unseen); nothing
-   left running; SIGTERM drains and the process exits 0.
+   third of the run: the median RSS of the last third against the middle third's, as one
+   sample swings with the rows in flight) within `--soak-rss-limit` percent; the metrics'
+   counts equal what the clients saw (generated tokens: at least the clients' usage, and at
+   most that plus `--soak-tokens` per dropped stream, which the server may have finished
+   unseen); nothing left running; SIGTERM drains and the process exits 0.
 """
 
 from __future__ import annotations
@@ -311,7 +312,9 @@ def _report(
         return grew(f'deepen_http_requests_total{{endpoint="{path}",status="{status}"}}')
 
     warm = [mb for t, mb in rss if t >= args.soak_seconds / 3] or [rss[-1][1]]
-    growth = 100.0 * (rss[-1][1] - warm[0]) / warm[0] if warm[0] else 0.0
+    thirds = _thirds(rss, args.soak_seconds)
+    middle, last = (thirds[1], thirds[2]) if thirds[1] and thirds[2] else (warm[0], rss[-1][1])
+    growth = 100.0 * (last - middle) / middle if middle else 0.0
     successes = sum(v for k, v in after.items() if k.startswith("deepen_request_success_total"))
     successes -= sum(v for k, v in before.items() if k.startswith("deepen_request_success_total"))
     aborted = grew('deepen_request_failure_total{reason="aborted"}')
@@ -361,7 +364,7 @@ def _report(
             "completion_tokens": seen.completion_tokens,
             "rss_mb": {"warm": round(warm[0], 1), "end": round(rss[-1][1], 1)},
             # the median of each third (one sample is noisy: rows in flight come and go)
-            "rss_mb_thirds": _thirds(rss, args.soak_seconds),
+            "rss_mb_thirds": thirds,
             # every 10th sample (one a second): is growth warm-up that levels off, or a leak?
             "rss_mb_series": [[round(t), round(mb, 1)] for t, mb in rss[::10] + rss[-1:]],
             "settle_seconds": round(settled, 2),
