@@ -16,8 +16,9 @@ All rows of a batch share one main member and one set of members run (all of the
 the main member alone for rows whose fusion is the identity). A request whose batch key
 differs waits until the running batch has drained, then the oldest waiting request's key
 is served; requests that came after it wait behind it, whatever their key (first come,
-first served), so a steady stream of requests of the running key cannot starve it. Rows with different fusion settings but the same key (say eta 0.15 and 0.3)
-share the batch: each row is fused with its own settings.
+first served), so a steady stream of requests of the running key cannot starve it. Rows
+with different fusion settings but the same key (say eta 0.15 and 0.3) share the batch:
+each row is fused with its own settings.
 
 A member whose forward pass fails (`MemberError`) fails every request running in the
 batch; their caches are freed and the next requests are served.
