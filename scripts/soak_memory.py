@@ -175,7 +175,7 @@ def main() -> None:
                 seen = asyncio.run(_round(url, args, r))
             _settle(ens)
             row: dict[str, Any] = {"round": r, "seconds": round(time.monotonic() - start, 1)}
-            row["unexpected"] = len(seen.unexpected)
+            row["unexpected"] = seen.unexpected[:5]
             row["requests"] = sum(seen.kinds.values())
             row["distinct_answers"] = sum(len(a) > 1 for a in seen.answers.values())
             row["rss_mb"] = round(_rss_mb(), 1)
