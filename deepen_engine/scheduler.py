@@ -15,8 +15,10 @@ Steps of the worker loop (`Scheduler._work`):
 All rows of a batch share one main member and one set of members run (all of them, or
 the main member alone for rows whose fusion is the identity). A request whose batch key
 differs waits until the running batch has drained, then the oldest waiting request's key
-is served. Rows with different fusion settings but the same key (say eta 0.15 and 0.3)
-share the batch: each row is fused with its own settings.
+is served; requests that came after it wait behind it, whatever their key (first come,
+first served), so a steady stream of requests of the running key cannot starve it. Rows
+with different fusion settings but the same key (say eta 0.15 and 0.3) share the batch:
+each row is fused with its own settings.
 
 A member whose forward pass fails (`MemberError`) fails every request running in the
 batch; their caches are freed and the next requests are served.
@@ -229,8 +231,13 @@ class Scheduler:
             for request in list(self._waiting):
                 if room <= 0:
                     break
-                if (request.main is None and not request.led) or request.key != self._key:
+                if request.main is None and not request.led:
                     continue  # an auto request's leaders are chosen first
+                if request.key != self._key:
+                    # first come, first served across keys: later requests wait behind
+                    # it, so the batch drains and its key is next (were they admitted, a
+                    # steady stream of them would keep it waiting past any timeout)
+                    break
                 cap = len(request.rows) if request.batch_size is None else request.batch_size
                 take = min(room, cap - request.running, len(request.rows) - request.admitted)
                 take = request.same_key(request.admitted, take) if take > 0 else take

@@ -103,6 +103,46 @@ def test_requests_with_other_main_members_or_identity_fusion_wait_their_turn(tin
         assert [f.result().token_ids for f in futures] == expected
 
 
+def test_a_request_waiting_for_another_main_member_is_not_overtaken(tiny_ensemble):
+    """First come, first served across batch keys: a request for another main member waits
+    for the running batch to drain, and later requests for the running member wait behind
+    it (they used to join the running batch at once, so under steady load the batch never
+    drained and the other request waited past any timeout: the soak of issue 23)."""
+    other = tiny_ensemble.with_fusion(main=1)
+    expected = {
+        "other main": _alone(other, PROMPTS[1], max_new_tokens=4),
+        "same main": _alone(tiny_ensemble, PROMPTS[2], max_new_tokens=4),
+    }
+    order: list[str] = []
+    got: dict[str, list[int]] = {}
+
+    def read(name: str, ens: Ensemble, prompt: str) -> None:
+        events = ens.stream(prompt, max_new_tokens=4)
+        first = next(events)
+        order.append(name)
+        got[name] = [e for e in [first, *events] if e.finish_reason is not None][0].token_ids
+
+    def wait_for(waiting: int) -> None:
+        deadline = time.monotonic() + 10
+        while tiny_ensemble.queue_state()["waiting_requests"] < waiting:
+            if time.monotonic() > deadline:
+                return  # the assertions below say what happened instead
+            time.sleep(0.01)
+
+    running = tiny_ensemble.stream(PROMPTS[0], max_new_tokens=400, min_new_tokens=400)
+    next(running)  # a long row of main member 0 runs
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        b = pool.submit(read, "other main", other, PROMPTS[1])
+        wait_for(1)
+        c = pool.submit(read, "same main", tiny_ensemble, PROMPTS[2])
+        wait_for(2)  # before the fix "same main" joined the running batch instead
+        running.close()  # the batch drains: the oldest waiting request's member leads next
+        b.result(timeout=60)
+        c.result(timeout=60)
+    assert order == ["other main", "same main"]
+    assert got == expected
+
+
 def test_sampled_seeded_rows_do_not_depend_on_their_neighbours(tiny_ensemble):
     settings = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
     expected = _alone(tiny_ensemble, PROMPTS[2], **settings)

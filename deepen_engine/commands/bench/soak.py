@@ -12,10 +12,11 @@ starts on loopback (127.0.0.1 only), then the checks a team needs before running
 3. Settle: wait until the server has nothing running or waiting; read `/metrics`.
 4. Check: every answer equals the same request sent alone afterwards (greedy); no status
    but the expected one (so no 5xx); the server's RSS growth after the warm-up (the first
-   third of the run) within `--soak-rss-limit` percent; the metrics' counts equal what the
-   clients saw (generated tokens: at least the clients' usage, and at most that plus
-   `--soak-tokens` per dropped stream, which the server may have finished unseen); nothing
-   left running; SIGTERM drains and the process exits 0.
+   third of the run: the median RSS of the last third against the middle third's, as one
+   sample swings with the rows in flight) within `--soak-rss-limit` percent; the metrics'
+   counts equal what the clients saw (generated tokens: at least the clients' usage, and at
+   most that plus `--soak-tokens` per dropped stream, which the server may have finished
+   unseen); nothing left running; SIGTERM drains and the process exits 0.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Seen:
     statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     unexpected: list[str] = field(default_factory=list)
-    answers: dict[str, set[str]] = field(default_factory=dict)  # request -> answers seen
+    answers: dict[str, set[str]] = field(default_factory=dict)  # request_key -> answers seen
     completion_tokens: int = 0
     choices: int = 0
 
@@ -166,28 +167,53 @@ async def _client(
     args: argparse.Namespace, http: httpx.AsyncClient, c: int, deadline: float, seen: Seen
 ) -> None:
     rng = random.Random(args.seed * 1000 + c)
-    i = 0
     while time.monotonic() < deadline:
-        i += 1
-        draw = rng.random()
-        if draw < args.soak_malformed:
-            path, body, wanted = MALFORMED[rng.randrange(len(MALFORMED))]
-            content = body if isinstance(body, bytes) else json.dumps(body).encode()
-            reply = await http.post(path, content=content)
-            seen.status("malformed", path, reply.status_code, wanted)
-            continue
-        kind = args.soak_kinds[rng.randrange(len(args.soak_kinds))]
-        path, body = good_request(kind, rng.randrange(8), args.soak_tokens)
-        draw -= args.soak_malformed
-        if draw < args.soak_disconnect:
-            await _disconnect(http, path, body, seen)
-        elif draw < args.soak_disconnect + args.soak_timeouts:
-            reply = await http.post(path, json={**body, "max_tokens": 64, "timeout": 0.001})
-            seen.status("timeout", path, reply.status_code, 408)
-        elif rng.random() < 0.5:
-            await _plain(http, path, body, seen)
-        else:
-            await _streamed(http, path, body, seen)
+        try:
+            await _one(args, http, rng, seen)
+        except httpx.TransportError as exc:  # no reply in the client's timeout: a finding
+            seen.unexpected.append(f"client {c}: {type(exc).__name__} {exc}".strip())
+
+
+async def _one(
+    args: argparse.Namespace, http: httpx.AsyncClient, rng: random.Random, seen: Seen
+) -> None:
+    """One request of a client, drawn by `rng` (module docstring, step 2)."""
+    draw = rng.random()
+    if draw < args.soak_malformed:
+        path, body, wanted = MALFORMED[rng.randrange(len(MALFORMED))]
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        reply = await http.post(path, content=content)
+        seen.status("malformed", path, reply.status_code, wanted)
+        return
+    kind = args.soak_kinds[rng.randrange(len(args.soak_kinds))]
+    path, body = good_request(kind, rng.randrange(8), args.soak_tokens)
+    draw -= args.soak_malformed
+    if draw < args.soak_disconnect:
+        await _disconnect(http, path, body, seen)
+    elif draw < args.soak_disconnect + args.soak_timeouts:
+        reply = await http.post(path, json={**body, "max_tokens": 64, "timeout": 0.001})
+        seen.status("timeout", path, reply.status_code, 408)
+    elif rng.random() < 0.5:
+        await _plain(http, path, body, seen)
+    else:
+        await _streamed(http, path, body, seen)
+
+
+def request_key(path: str, body: dict[str, Any]) -> str:
+    """The key a request's answers are kept under, and what `_alone` sends again: the body
+    in the order it was sent. Not `sort_keys`: a JSON schema's properties are written in
+    their order (docs/constraints.md), so a sorted replay asks another question (it turned
+    `{"name": ..., "age": ...}` into `{"age": ..., "name": ...}`, a false wrong answer).
+    """
+    return json.dumps([path, body])
+
+
+def _kind_of(key: str) -> str:
+    """The well-formed kind (soak_faults.SOAK_KINDS) of a `request_key`."""
+    path, body = json.loads(key)
+    if path == COMPLETIONS:
+        return "completion"
+    return "json_schema" if "response_format" in body else "tools" if "tools" in body else "chat"
 
 
 def _answer(path: str, choice: dict[str, Any]) -> str:
@@ -205,8 +231,7 @@ async def _plain(http: httpx.AsyncClient, path: str, body: dict[str, Any], seen:
     data = reply.json()
     seen.completion_tokens += data["usage"]["completion_tokens"]
     seen.choices += len(data["choices"])
-    key = json.dumps([path, body], sort_keys=True)
-    seen.answers.setdefault(key, set()).add(_answer(path, data["choices"][0]))
+    seen.answers.setdefault(request_key(path, body), set()).add(_answer(path, data["choices"][0]))
 
 
 async def _streamed(http: httpx.AsyncClient, path: str, body: dict[str, Any], seen: Seen) -> None:
@@ -234,7 +259,7 @@ async def _streamed(http: httpx.AsyncClient, path: str, body: dict[str, Any], se
     if not done:
         seen.unexpected.append(f"streamed {path}: no [DONE]")
     answer = text if path == COMPLETIONS else json.dumps([text, calls])
-    seen.answers.setdefault(json.dumps([path, body], sort_keys=True), set()).add(answer)
+    seen.answers.setdefault(request_key(path, body), set()).add(answer)
 
 
 async def _disconnect(http: httpx.AsyncClient, path: str, body: dict[str, Any], seen: Seen) -> None:
@@ -287,7 +312,9 @@ def _report(
         return grew(f'deepen_http_requests_total{{endpoint="{path}",status="{status}"}}')
 
     warm = [mb for t, mb in rss if t >= args.soak_seconds / 3] or [rss[-1][1]]
-    growth = 100.0 * (rss[-1][1] - warm[0]) / warm[0] if warm[0] else 0.0
+    thirds = _thirds(rss, args.soak_seconds)
+    middle, last = (thirds[1], thirds[2]) if thirds[1] and thirds[2] else (warm[0], rss[-1][1])
+    growth = 100.0 * (last - middle) / middle if middle else 0.0
     successes = sum(v for k, v in after.items() if k.startswith("deepen_request_success_total"))
     successes -= sum(v for k, v in before.items() if k.startswith("deepen_request_success_total"))
     aborted = grew('deepen_request_failure_total{reason="aborted"}')
@@ -333,8 +360,13 @@ def _report(
             "requests": dict(seen.kinds),
             "statuses": statuses,
             "distinct_answers_checked": len(seen.answers),
+            "answers_checked_by_kind": dict(Counter(_kind_of(key) for key in seen.answers)),
             "completion_tokens": seen.completion_tokens,
             "rss_mb": {"warm": round(warm[0], 1), "end": round(rss[-1][1], 1)},
+            # the median of each third (one sample is noisy: rows in flight come and go)
+            "rss_mb_thirds": thirds,
+            # every 10th sample (one a second): is growth warm-up that levels off, or a leak?
+            "rss_mb_series": [[round(t), round(mb, 1)] for t, mb in rss[::10] + rss[-1:]],
             "settle_seconds": round(settled, 2),
             "checks": checks,
             "passed": all(c["ok"] for c in checks.values()),
@@ -343,6 +375,16 @@ def _report(
             "server_log": log,
         }
     }
+
+
+def _thirds(rss: list[tuple[float, float]], seconds: float) -> list[float | None]:
+    """The median RSS (MiB) of the samples in each third of the load (None: no sample)."""
+    out: list[float | None] = []
+    for third in range(3):
+        low, high = third * seconds / 3, (third + 1) * seconds / 3
+        mbs = sorted(mb for t, mb in rss if low <= t < high or (third == 2 and t >= high))
+        out.append(round(mbs[len(mbs) // 2], 1) if mbs else None)
+    return out
 
 
 def print_soak(figures: dict[str, Any]) -> None:
