@@ -330,6 +330,22 @@ class GenerationConfig(_Settings):
     acceptance rate, within this maximum. `0`: off. Rows with an output constraint or
     members in Ray actors decode without it (constraints) or are refused (Ray)."""
 
+    drafter: int | Literal["main", "auto"] = "main"
+    """Which member drafts for `speculate`. `"main"`: the row's main member (its own
+    tokens). A member index: that member drafts text greedily from its own distribution,
+    turned into main-member tokens; the fused distribution verifies it either way, so
+    greedy output is unchanged (decoding/cross_drafts.py). `"auto"`: the member with the
+    fewest parameters, the output layer included (its forward is the cheapest; ties: the
+    lower index). The row's main member as drafter is the same as `"main"`."""
+
+    @field_validator("drafter", mode="before")
+    @classmethod
+    def _check_drafter(cls, value: object) -> object:
+        index = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if index or value in ("main", "auto"):
+            return value
+        raise ValueError("Input should be 'main', 'auto' or a member index >= 0")
+
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:
         if self.min_new_tokens > self.max_new_tokens:
