@@ -65,6 +65,7 @@ GENERATION_FIELDS = (
     "stop",
     "timeout",
     "speculate",
+    "drafter",
 )
 # GenerationConfig fields a call may set that are no adapter field: the output constraint
 # (structured output binds them, e.g. `chat.bind(json_schema={...})`).
@@ -229,6 +230,10 @@ class DeepEnSettings(BaseModel):
     """Speculative fused decoding: the main member drafts up to this many tokens, the
     fused distribution verifies them (same greedy text, same sampled distribution).
     Default `0`: off."""
+
+    drafter: int | Literal["main", "auto"] = _DEFAULTS.drafter
+    """Which member drafts for `speculate`: `"main"` (default), a member index, or
+    `"auto"` (the member with the fewest parameters); output is unchanged either way."""
 
     timeout: float | None = _DEFAULTS.timeout
     """Seconds a call may take, waiting for other requests included; past it the call
