@@ -280,6 +280,21 @@ def test_bench_speculative_section(tiny_folders, capsys):
     assert "spec tok/s" in capsys.readouterr().out
     assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
     assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
+    drafters = ["--speculative-drafters", "main", "1", "--speculative-batch-sizes", "2"]
+    assert main(["bench", *member_args(tiny_folders), *one, *drafters, "--json"]) == 0
+    section = json.loads(capsys.readouterr().out)["speculative"]
+    assert section["drafters"] == ["main", 1]
+    rows = section["rows"]
+    assert [(r["kind"], r["drafter"]) for r in rows] == [
+        ("greedy", "main"), ("greedy", 1), ("sampled", "main"), ("sampled", 1)
+    ]  # fmt: skip
+    assert rows[0]["standard_tokens_per_s"] == rows[1]["standard_tokens_per_s"]  # one run
+    assert [r["same_tokens"] for r in rows[:2]] == [True, True]
+    bad = ["--speculative-drafters", "fast"]
+    assert main(["bench", *member_args(tiny_folders), *one, *bad]) == 2
+    assert "--speculative-drafters: each must be main, auto or a member index, got 'fast'." in (
+        capsys.readouterr().err
+    )
 
 
 # --- another member drafts (`GenerationConfig.drafter`, decoding/cross_drafts.py) ----------
