@@ -43,17 +43,15 @@ class HelperDraft:
     start: torch.Tensor  # (B, V_i) logits after each row's ids before the draft
 
 
-def drafter_position(
-    choice: int | str, members: Sequence[Member], index: list[int], main: int
-) -> int:
-    """The position among the members run (`index`: their ensemble indices) of the member
-    that drafts for a row with `GenerationConfig.drafter` = `choice`; `main` when the main
-    member drafts (also for a member that is not run).
+def drafter_position(choice: int | str, sizes: Sequence[int], index: list[int], main: int) -> int:
+    """The position among the members run (`index`: their ensemble indices, `sizes`: their
+    parameter counts) of the member that drafts for a row with `GenerationConfig.drafter` =
+    `choice`; `main` when the main member drafts (also for a member that is not run).
     """
     if choice == "main":
         return main
     if choice == "auto":
-        return min(range(len(members)), key=lambda p: (members[p].num_parameters, index[p]))
+        return min(range(len(sizes)), key=lambda p: (sizes[p], index[p]))
     return index.index(choice) if choice in index else main
 
 

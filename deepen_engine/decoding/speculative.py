@@ -87,6 +87,7 @@ class Speculator:
         self.dec = decoder
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
         self.helper_drafts: dict[int, HelperDraft] = {}  # this step's drafting helpers
+        self.sizes: list[int] | None = None  # the members' parameter counts, once needed
         self.before: list[list[RowIds]] = []  # helpers' ids before this step's draft
 
     def wanted(self) -> bool:
@@ -169,7 +170,9 @@ class Speculator:
     def _drafter(self, b: int) -> int:
         """Row b's drafter, as a position among the members run (`dec.main`: the main)."""
         dec = self.dec
-        return drafter_position(dec.rows[b].config.drafter, dec.members, dec.member_index, dec.main)
+        if self.sizes is None:  # parameter counts, for drafter="auto"
+            self.sizes = [m.num_parameters for m in dec.members]
+        return drafter_position(dec.rows[b].config.drafter, self.sizes, dec.member_index, dec.main)
 
     def _draft(self, lengths: list[int]) -> list[Draft]:
         """Each row's draft: up to `lengths[b]` main-member tokens, drafted by a helper

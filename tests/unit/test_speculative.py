@@ -454,13 +454,12 @@ def test_main_ids_keep_the_stable_prefix_of_the_draft(tiny_ensemble):
 
 
 def test_drafter_choice_and_validation(tiny_ensemble):
-    small = SimpleNamespace(num_parameters=10)
-    big = SimpleNamespace(num_parameters=20)
-    members = [big, small, SimpleNamespace(num_parameters=10)]
-    assert drafter_position("auto", members, [0, 1, 2], 0) == 1  # fewest; ties: lower index
-    assert drafter_position("main", members, [0, 1, 2], 2) == 2
-    assert drafter_position(2, members, [0, 1, 2], 0) == 2
-    assert drafter_position(1, [big], [0], 0) == 0  # a member not run: the main drafts
+    sizes = [20, 10, 10]  # parameter counts
+    assert drafter_position("auto", sizes, [0, 1, 2], 0) == 1  # fewest; ties: lower index
+    assert drafter_position("auto", [20, 10], [0, 2], 0) == 1  # positions among those run
+    assert drafter_position("main", sizes, [0, 1, 2], 2) == 2
+    assert drafter_position(2, sizes, [0, 1, 2], 0) == 2
+    assert drafter_position(1, [20], [0], 0) == 0  # a member not run: the main drafts
     for bad in (-1, "fast", True, 1.5):
         with pytest.raises(ConfigError, match="drafter") as err:
             GenerationConfig(drafter=bad)
