@@ -8,10 +8,11 @@ that names the field, the value and the valid range.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -23,6 +24,15 @@ from .errors import ConfigError, InvalidField, validation_error
 from .grammar import check_constraint
 from .text_checks import check_text as check_text
 from .text_checks import text_problem
+
+
+def _index_or(*words: str) -> BeforeValidator:
+    def check(value: object) -> object:  # a member index >= 0 (not a bool) or one of `words`
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0 or value in words:
+            return value
+        raise ValueError("Input should be a member index >= 0 or " + " or ".join(map(repr, words)))
+
+    return BeforeValidator(check)
 
 
 class _Settings(BaseModel):
@@ -109,7 +119,7 @@ class FusionConfig(_Settings):
     steps: int = Field(5, ge=0)
     """Optimiser steps of the inverse search (T). `0` means the main member alone."""
 
-    main: int | Literal["auto"] = "auto"
+    main: Annotated[int | Literal["auto"], _index_or("auto")] = "auto"
     """Index of the member whose vocabulary the fused token is chosen from (the leader).
     `"auto"`: per row, the member that reads the row's prompt best (lowest bits per byte;
     chat rows among the members with a chat template), fixed for the row; it costs one
@@ -174,14 +184,6 @@ class FusionConfig(_Settings):
         if problem is not None:
             raise ValueError(problem)
         return value
-
-    @field_validator("main", mode="before")
-    @classmethod
-    def _check_main(cls, value: object) -> object:
-        index = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        if index or value == "auto":
-            return value
-        raise ValueError("Input should be a member index >= 0 or 'auto'")
 
     @property
     def leader(self) -> int:
@@ -323,12 +325,12 @@ class GenerationConfig(_Settings):
     (`start: ...`; `%json {schema}` embeds a JSON schema). `None`: no constraint."""
 
     speculate: int = Field(0, ge=0, le=16)
-    """Speculative fused decoding: the main member drafts up to this many tokens alone,
-    every helper reads the draft in one forward pass, and the fused distribution keeps the
-    longest agreeing prefix (decoding/speculative.py). Greedy output is identical to `0`,
-    sampled output has the same distribution. The draft length adapts per row to its
-    acceptance rate, within this maximum. `0`: off. Rows with an output constraint or
-    members in Ray actors decode without it (constraints) or are refused (Ray)."""
+    """Speculative fused decoding: `drafter` proposes up to this many tokens per step, the
+    fused distribution verifies them; same output as `0` (docs/speculative.md). `0`: off."""
+
+    drafter: Annotated[int | Literal["main", "auto"], _index_or("main", "auto")] = "main"
+    """Who drafts for `speculate`: `"main"`, a member index (its greedy text as main-member
+    tokens) or `"auto"` (fewest parameters, output layer included; ties: lower index)."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:

@@ -51,7 +51,8 @@ class Usage:
     fusion reads it (`FusionConfig.weighting="prompt"`), None for a prompt too short to
     score. See decoding/prompt_scores.py."""
     drafted_tokens: int = 0
-    """Speculative decoding (`GenerationConfig.speculate`): tokens the main member drafted."""
+    """Speculative decoding (`GenerationConfig.speculate`): tokens drafted (by the main
+    member, or proposed by `GenerationConfig.drafter`, counted in main-member tokens)."""
     accepted_tokens: int = 0
     """Speculative decoding: drafted tokens the fused distribution kept."""
     drafts: int = 0

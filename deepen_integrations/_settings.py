@@ -54,17 +54,9 @@ _DEFAULTS = GenerationConfig()
 FUSION_FIELDS = {**REQUEST_FUSION_NAMES, **LOAD_FUSION_NAMES}
 CALL_FUSION = tuple(REQUEST_FUSION_NAMES)
 # Adapter fields that are GenerationConfig fields of the same name (all change per call).
-GENERATION_FIELDS = (
-    "max_new_tokens",
-    "min_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "truncation",
-    "stop",
-    "timeout",
-    "speculate",
+GENERATION_FIELDS = tuple(
+    "max_new_tokens min_new_tokens temperature top_p top_k seed truncation stop timeout "
+    "speculate drafter".split()
 )
 # GenerationConfig fields a call may set that are no adapter field: the output constraint
 # (structured output binds them, e.g. `chat.bind(json_schema={...})`).
@@ -226,9 +218,13 @@ class DeepEnSettings(BaseModel):
     `stop` adds to these. Default `None`: none."""
 
     speculate: int = _DEFAULTS.speculate
-    """Speculative fused decoding: the main member drafts up to this many tokens, the
+    """Speculative fused decoding: `drafter` proposes up to this many tokens per step, the
     fused distribution verifies them (same greedy text, same sampled distribution).
     Default `0`: off."""
+
+    drafter: int | Literal["main", "auto"] = _DEFAULTS.drafter
+    """Which member drafts for `speculate`: `"main"` (default), a member index, or
+    `"auto"` (the member with the fewest parameters); output is unchanged either way."""
 
     timeout: float | None = _DEFAULTS.timeout
     """Seconds a call may take, waiting for other requests included; past it the call

@@ -198,6 +198,18 @@ def _main_index(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"give a member index or auto, got {text!r}") from None
 
 
+def _drafter(text: str) -> int | str:
+    """`--drafter`: `main`, `auto` or a member index."""
+    if text in ("main", "auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give main, auto or a member index, got {text!r}"
+        ) from None
+
+
 def _compared_main(text: str) -> int | str:
     """`--main` of a comparing command: an index, `auto`, or `dev` (the command's choice:
     the best member alone on its dev set).
@@ -226,6 +238,7 @@ def generation_options() -> argparse.ArgumentParser:
     _option(parser, GenerationConfig, "seed", type=int)
     _option(parser, GenerationConfig, "truncation", choices=["error", "left"])
     _option(parser, GenerationConfig, "speculate", type=int, metavar="K")
+    _option(parser, GenerationConfig, "drafter", type=_drafter, metavar="MEMBER")
     parser.add_argument(
         "--escape",
         action=argparse.BooleanOptionalAction,
@@ -313,6 +326,7 @@ def generation_settings(args: argparse.Namespace) -> GenerationConfig:
         seed=args.seed,
         truncation=args.truncation,
         speculate=args.speculate,
+        drafter=args.drafter,
     )
 
 

@@ -1,14 +1,35 @@
-"""Small helpers of speculative decoding (speculative.py): a row's sampler, window and
-prefix checks, copies of a row's ids, and the logits a verification forward kept.
+"""Small helpers of speculative decoding (speculative.py): one row's draft, a row's
+sampler, window and prefix checks, copies of a row's ids, and the logits a verification
+forward kept.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from .member_batch import MemberBatch, RowIds
 from .rows import Row
 from .sampling import Sampler
+
+
+@dataclass
+class Draft:
+    """One row's draft and what verifying it needs."""
+
+    tokens: list[int] = field(default_factory=list)  # drafted main-member ids
+    main_logits: list[torch.Tensor] = field(default_factory=list)  # (V,) after 0..n fed drafts
+    # (V,) distribution each drafted token was drawn from; None: a point mass on it (greedy
+    # main drafts keep none)
+    q: list[torch.Tensor | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # text after 0..n drafted tokens
+    positions: int = 1  # verifiable positions (speculative.py, step 3)
+
+    @property
+    def fed(self) -> int:
+        """Drafted tokens the main member was fed (an end token is not)."""
+        return len(self.main_logits) - 1
 
 
 def row_sampler(row: Row) -> Sampler:

@@ -68,6 +68,7 @@ class BatchDecoder:
     ) -> None:
         self.hooks = hooks or DecodeHooks()
         self.prefill_chunk = prefill_chunk  # positions per forward pass in a long prefill
+        self.member_count = len(members)  # the ensemble's (`GenerationConfig.drafter`)
         self.member_index = list(range(len(members))) if run_helpers else [main]
         self.members = [members[i] for i in self.member_index]
         self.main = self.member_index.index(main)  # position among the members run
@@ -94,7 +95,7 @@ class BatchDecoder:
         """Tokenise and check new rows for every member run; raises `ConfigError` naming
         the first bad row, before anything changes.
         """
-        check_speculation(self.members, new)
+        check_speculation(self.members, new, self.member_count)
         rows = []
         for item in new:
             seed = item.seed if item.seed is not None else item.config.seed

@@ -2,7 +2,9 @@
 account, guarantees and limits are in docs/speculative.md). One step, for all rows:
 
 1. Draft: each speculating row's main member proposes up to k tokens alone (argmax, or a
-   draw from its own sampling distribution q), one forward per token, all rows together.
+   draw from its own sampling distribution q), one forward per token, all rows together;
+   or the row's drafter, another member, drafts text greedily and the main member reads
+   it, as its own tokens, in one forward (cross_drafts.py; `GenerationConfig.drafter`).
 2. Verify: every helper is synced to the drafted text (`MemberBatch.plan_sync`) and reads
    it in one forward that keeps the logits after every fed position.
 3. Boundaries: position t (after t drafted tokens) is verifiable while, for every helper,
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -32,7 +33,8 @@ from ..remote.batch import new_batch
 from .acceptance import accept_draft
 from .cache_ops import common_prefix
 from .constraints import apply_masks
-from .drafts import copy_ids, fed_logits, fits, row_sampler, starts
+from .cross_drafts import HelperDraft, cross_draft, drafter_position
+from .drafts import Draft, copy_ids, fed_logits, fits, row_sampler, starts
 from .member_batch import MemberBatch, RowIds
 from .row_scores import fuse_rows
 from .rows import DecodeHooks, NewRow, Row, note_logprob
@@ -45,6 +47,7 @@ class Decoder(Protocol):
     rows: list[Row]
     batches: list[MemberBatch]
     members: list[Member]
+    member_index: list[int]
     main: int
     main_member: Member
     hooks: DecodeHooks
@@ -54,10 +57,21 @@ class Decoder(Protocol):
     def _keep(self, keep: list[int]) -> None: ...
 
 
-def check_speculation(members: Sequence[Member], new: Sequence[NewRow]) -> None:
-    """Raise `ConfigError` for a speculating row of an ensemble with members in Ray actors."""
+def check_speculation(members: Sequence[Member], new: Sequence[NewRow], count: int) -> None:
+    """Raise `ConfigError` for a speculating row of an ensemble with members in Ray actors,
+    or a drafter index that is not one of the ensemble's `count` members.
+    """
     remote = [m.name for m in members if m.remote is not None]
     for item in new:
+        drafter = item.config.drafter
+        if isinstance(drafter, int) and drafter >= count:
+            raise ConfigError(
+                f"GenerationConfig.drafter={drafter} (row {item.index}) is not a member index: "
+                f"the ensemble has {count} members (0 to {count - 1}); set a member index, "
+                "'main' or 'auto'.",
+                field="drafter",
+                owner="GenerationConfig",
+            )
         if item.config.speculate and remote:
             raise ConfigError(
                 f"speculate={item.config.speculate} (row {item.index}) is not supported yet "
@@ -66,28 +80,15 @@ def check_speculation(members: Sequence[Member], new: Sequence[NewRow]) -> None:
             )
 
 
-@dataclass
-class _Draft:
-    """One row's draft and what verifying it needs."""
-
-    tokens: list[int] = field(default_factory=list)  # drafted main-member ids
-    main_logits: list[torch.Tensor] = field(default_factory=list)  # (V,) after 0..n fed drafts
-    q: list[torch.Tensor] = field(default_factory=list)  # (V,) draft distribution (sampled)
-    texts: list[str] = field(default_factory=list)  # text after 0..n drafted tokens
-    positions: int = 1  # verifiable positions (step 3)
-
-    @property
-    def fed(self) -> int:
-        """Drafted tokens the main member was fed (an end token is not)."""
-        return len(self.main_logits) - 1
-
-
 class Speculator:
     """Speculative steps of a `BatchDecoder` (see the module docstring)."""
 
     def __init__(self, decoder: Decoder) -> None:
         self.dec = decoder
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
+        self.helper_drafts: dict[int, HelperDraft] = {}  # this step's drafting helpers
+        self.sizes: list[int] | None = None  # the members' parameter counts, once needed
+        self.before: list[list[RowIds]] = []  # helpers' ids before this step's draft
 
     def wanted(self) -> bool:
         """Whether some row would draft this step (else the plain step runs)."""
@@ -166,18 +167,30 @@ class Speculator:
 
     # --- 1. draft ------------------------------------------------------------------------
 
-    def _draft(self, lengths: list[int]) -> list[_Draft]:
-        """Each row's draft: up to `lengths[b]` main-member tokens, one forward per token."""
+    def _drafter(self, b: int) -> int:
+        """Row b's drafter, as a position among the members run (`dec.main`: the main)."""
+        dec = self.dec
+        if self.sizes is None:  # parameter counts, for drafter="auto"
+            self.sizes = [m.num_parameters for m in dec.members]
+        return drafter_position(dec.rows[b].config.drafter, self.sizes, dec.member_index, dec.main)
+
+    def _draft(self, lengths: list[int]) -> list[Draft]:
+        """Each row's draft: up to `lengths[b]` main-member tokens, drafted by a helper
+        (cross_drafts.py) or by the main member, one forward per token.
+        """
         dec = self.dec
         main = dec.batches[dec.main]
         logits = main.require_logits()  # (B, V)
-        drafts = [_Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
+        drafts = [Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
+        drafters = [self._drafter(b) if n else dec.main for b, n in enumerate(lengths)]
+        self.helper_drafts = cross_draft(dec.batches, dec.main, dec.rows, drafts, lengths, drafters)
+        own = [n if drafters[b] == dec.main else 0 for b, n in enumerate(lengths)]
         eos = torch.tensor(sorted(dec.main_member.eos_ids), dtype=torch.long)
-        for r in range(max(lengths, default=0)):
+        for r in range(max(own, default=0)):
             fed = False
             for b, row in enumerate(dec.rows):
                 d = drafts[b]
-                if r >= lengths[b] or len(d.tokens) != r or d.fed < r:
+                if r >= own[b] or len(d.tokens) != r or d.fed < r:
                     continue  # done: its length reached, or it drafted an end token
                 scores = d.main_logits[-1][None]  # (1, V)
                 early = torch.tensor([row.generated + r < row.config.min_new_tokens])
@@ -199,7 +212,8 @@ class Speculator:
             logits = main.require_logits()
             for b in range(len(dec.rows)):
                 d = drafts[b]
-                if len(d.tokens) == r + 1 and d.tokens[-1] not in dec.main_member.eos_ids:
+                mine = own[b] and len(d.tokens) == r + 1
+                if mine and d.tokens[-1] not in dec.main_member.eos_ids:
                     d.main_logits.append(logits[b])
         texts = dec.main_member.vocab.texts
         for b, row in enumerate(dec.rows):
@@ -210,15 +224,15 @@ class Speculator:
 
     # --- 2.-3. verification forwards -----------------------------------------------------
 
-    def _verify_forwards(self, drafts: list[_Draft]) -> list[list[list[torch.Tensor]]]:
+    def _verify_forwards(self, drafts: list[Draft]) -> list[list[list[torch.Tensor]]]:
         """Sync every helper to each row's drafted text in one forward; per helper, per row,
-        the (V_i,) logits at each verifiable position (`_Draft.positions` is cut to the
+        the (V_i,) logits at each verifiable position (`Draft.positions` is cut to the
         positions every helper verifies). Helpers' ids before the draft are kept in
         `self.before` for the roll-back.
         """
         dec = self.dec
         out: list[list[list[torch.Tensor]]] = []
-        self.before: list[list[RowIds]] = []
+        self.before = []
         for d in drafts:
             d.positions = d.fed + 1
         for i, batch in enumerate(dec.batches):
@@ -226,10 +240,12 @@ class Speculator:
                 out.append([])
                 self.before.append([])
                 continue
-            before = [copy_ids(r) for r in batch.rows]
+            # a drafting helper fed all its ids while drafting and keeps those logits
+            drafted = self.helper_drafts.get(i)
+            before = drafted.before if drafted else [copy_ids(r) for r in batch.rows]
             # rows whose last ids wait for this forward (`helpers_wait`): position 0 is read
             # off it, unless the draft re-tokenises those ids; then they are fed first
-            waiting = [r.cached < len(r.ids) for r in batch.rows]
+            waiting = [not drafted and r.cached < len(r.ids) for r in batch.rows]
             plans = [
                 [batch.plan_sync(before[b], text) for text in d.texts[1 : d.positions]]
                 for b, d in enumerate(drafts)
@@ -244,11 +260,14 @@ class Speculator:
             ):
                 batch.forward()
                 waiting = [False] * len(waiting)
-            now = batch.require_logits()  # (B, V_i) position 0 of rows not waiting
+            # (B, V_i) position 0 of rows not waiting
+            now = drafted.start if drafted else batch.require_logits()
             for b, d in enumerate(drafts):
                 if d.positions > 1:
                     batch.apply_plan(b, plans[b][d.positions - 2])
-            batch.keep_fed_logits, batch.fed_logits = True, [[] for _ in batch.rows]
+            if not drafted:
+                batch.fed_logits = [[] for _ in batch.rows]
+            batch.keep_fed_logits = True
             try:
                 batch.forward()
             finally:
@@ -275,7 +294,7 @@ class Speculator:
     # --- 4. fuse --------------------------------------------------------------------------
 
     def _fuse(
-        self, drafts: list[_Draft], helper_logits: list[list[list[torch.Tensor]]]
+        self, drafts: list[Draft], helper_logits: list[list[list[torch.Tensor]]]
     ) -> tuple[torch.Tensor, list[int]]:
         """Fused (N, V_main) logits of every row's verifiable positions (row b's start at
         `where[b]`), masked as the plain step masks them.
@@ -319,7 +338,7 @@ class Speculator:
     # --- 6. apply -------------------------------------------------------------------------
 
     def _apply(
-        self, b: int, row: Row, d: _Draft, kept: list[int], fused: torch.Tensor
+        self, b: int, row: Row, d: Draft, kept: list[int], fused: torch.Tensor
     ) -> str | None:
         """Take the kept tokens as the plain step would and roll every member back to
         them; the row's finish reason, or None while it runs on.
@@ -366,7 +385,7 @@ class Speculator:
                 return "length"
         return None
 
-    def _adapt(self, row: Row, d: _Draft, kept: list[int], length: int) -> None:
+    def _adapt(self, row: Row, d: Draft, kept: list[int], length: int) -> None:
         """Next draft length: one longer after a fully kept draft, else the kept length
         plus one (at least 1), within the row's `speculate`.
         """

@@ -34,6 +34,11 @@ class TextAssembler:
         self._check_stop(search_from=before)
         return self.text[before:]
 
+    @property
+    def held(self) -> bytes:
+        """Bytes of an incomplete character held back (not yet in `text`)."""
+        return bytes(self._decoder.getstate()[0])
+
     def preview(self, pieces: Sequence[bytes]) -> list[str]:
         """The text after adding each of `pieces` in turn (stop strings not applied),
         without adding them: a speculative draft's texts.

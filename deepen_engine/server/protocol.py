@@ -50,6 +50,7 @@ _GENERATION_EXTRAS = {
     "regex": "regex",
     "grammar": "grammar",
     "speculate": "speculate",
+    "drafter": "drafter",
 }
 _NOT_SUPPORTED = {
     "presence_penalty": 0,

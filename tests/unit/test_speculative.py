@@ -16,8 +16,12 @@ from scipy.stats import chi2_contingency
 from deepen_engine import ConfigError, GenerationConfig
 from deepen_engine.commands.options import generation_options, generation_settings
 from deepen_engine.config import METHODS
+from deepen_engine.decoding.acceptance import accept_draft
+from deepen_engine.decoding.cache_ops import common_prefix
+from deepen_engine.decoding.cross_drafts import drafter_position, main_ids
 from deepen_engine.decoding.loop import BatchDecoder
 from deepen_engine.decoding.rows import NewRow
+from deepen_engine.decoding.sampling import Sampler
 from deepen_engine.decoding.speculative import check_speculation
 from deepen_engine.server.protocol import parse_completion
 
@@ -247,8 +251,8 @@ def test_ray_members_are_refused_with_speculation():
     members = [SimpleNamespace(name="a", remote=None), SimpleNamespace(name="b", remote=object())]
     row = NewRow(prompts=[], config=GenerationConfig(speculate=2), fuser=None, index=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"speculate=2 \(row 1\) is not supported yet"):
-        check_speculation(members, [row])  # type: ignore[arg-type]
-    check_speculation(members, [NewRow(prompts=[], config=GenerationConfig(), fuser=None)])  # type: ignore[arg-type]
+        check_speculation(members, [row], 2)  # type: ignore[arg-type]
+    check_speculation(members, [NewRow(prompts=[], config=GenerationConfig(), fuser=None)], 2)  # type: ignore[arg-type]
 
 
 def test_bench_speculative_section(tiny_folders, capsys):
@@ -276,3 +280,203 @@ def test_bench_speculative_section(tiny_folders, capsys):
     assert "spec tok/s" in capsys.readouterr().out
     assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
     assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
+    drafters = ["--speculative-drafters", "main", "1", "--speculative-batch-sizes", "2"]
+    assert main(["bench", *member_args(tiny_folders), *one, *drafters, "--json"]) == 0
+    section = json.loads(capsys.readouterr().out)["speculative"]
+    assert section["drafters"] == ["main", 1]
+    rows = section["rows"]
+    assert [(r["kind"], r["drafter"]) for r in rows] == [
+        ("greedy", "main"), ("greedy", 1), ("sampled", "main"), ("sampled", 1)
+    ]  # fmt: skip
+    assert rows[0]["standard_tokens_per_s"] == rows[1]["standard_tokens_per_s"]  # one run
+    assert [r["same_tokens"] for r in rows[:2]] == [True, True]
+    bad = ["--speculative-drafters", "fast"]
+    assert main(["bench", *member_args(tiny_folders), *one, *bad]) == 2
+    assert "--speculative-drafters: each must be main, auto or a member index, got 'fast'." in (
+        capsys.readouterr().err
+    )
+
+
+# --- another member drafts (`GenerationConfig.drafter`, decoding/cross_drafts.py) ----------
+
+
+@pytest.mark.parametrize("main", [0, 1], ids=["bpe-main", "sp-main"])
+@pytest.mark.parametrize("method", METHODS)
+def test_helper_drafter_greedy_output_equals_plain_decoding(tiny_ensemble, method, main):
+    view = tiny_ensemble.view({"method": method, "main": main})
+    base = view.generate(PROMPTS, max_new_tokens=24)
+    accepted = 0
+    for k in (2, 4, 8):
+        out = view.generate(PROMPTS, max_new_tokens=24, speculate=k, drafter=1 - main)
+        _same(base, out)
+        drafted, kept = _usage(out)
+        assert drafted > kept  # some proposals were rejected: both paths ran
+        accepted += kept
+    # the deepen fusion barely moves off the main member, and the tiny random members
+    # never agree in that direction: there every proposal is rejected
+    assert accepted > 0 or (method, main) == ("deepen", 1)
+
+
+def test_helper_drafter_with_stops_streaming_logprobs_and_the_gate(tiny_ensemble):
+    view = tiny_ensemble.view({"main": 0, "method": "union"})
+    plain = view.generate(PROMPTS, max_new_tokens=30)
+    stops = [r.text[len(r.text) // 2 : len(r.text) // 2 + 2] for r in plain if len(r.text) > 6]
+    settings = {"max_new_tokens": 30, "stop": stops, "min_new_tokens": 5, "logprobs": 1}
+    base = view.generate(PROMPTS, **settings)
+    assert "stop" in [r.finish_reason for r in base]
+    for k in (2, 8):
+        out = view.generate(PROMPTS, speculate=k, drafter=1, **settings)
+        _same(base, out)
+        assert _usage(out)[1] > 0
+        for a, b in zip(base, out):
+            assert a.logprobs is not None and b.logprobs is not None
+            assert [e.id for e in a.logprobs] == [e.id for e in b.logprobs]
+    deltas = dict.fromkeys(range(len(PROMPTS)), "")
+    for event in view.stream(PROMPTS, speculate=4, drafter=1, **settings):
+        deltas[event.index] += event.delta
+    assert list(deltas.values()) == [r.text for r in base]
+    gated = tiny_ensemble.view({"gate": "agree", "gate_threshold": 0.05, "main": 0})
+    base = gated.generate(PROMPTS, max_new_tokens=20)
+    _same(base, gated.generate(PROMPTS, max_new_tokens=20, speculate=4, drafter="auto"))
+
+
+def test_rows_of_different_drafters_joining_mid_flight_equal_each_alone(tiny_ensemble):
+    view = tiny_ensemble.view({"method": "union"})  # main 0
+    configs = [
+        GenerationConfig(max_new_tokens=14, speculate=8, drafter=1),
+        GenerationConfig(max_new_tokens=9, speculate=3, drafter="main"),
+        GenerationConfig(max_new_tokens=16, speculate=2, drafter=1, stop=["e "]),
+        GenerationConfig(max_new_tokens=12, speculate=4, drafter="auto", min_new_tokens=12),
+    ]
+    ids = _drive(view, {0: [0, 1], 2: [2], 5: [3]}, configs)
+    assert sorted(ids) == [0, 1, 2, 3]
+    for p, got in ids.items():
+        plain = configs[p].model_copy(update={"speculate": 0})
+        assert got == view.generate(PROMPTS[p], plain).token_ids
+
+
+@pytest.mark.parametrize("main", [0, 1], ids=["bpe-main", "sp-main"])
+def test_helper_drafter_roll_back_leaves_caches_equal_a_fresh_prefill(tiny_ensemble, main):
+    """The drafter's cache holds its own drafted tokens until the step re-syncs it: after
+    every step and advance each member's logits equal a fresh forward over its ids, and
+    the drafter's ids equal its tokenisation of prompt + text."""
+    checked = []
+
+    def check(decoder):
+        decoder.speculator.catch_up()
+        for batch in decoder.batches:
+            member = batch.member
+            for b, row in enumerate(batch.rows):
+                if member is not decoder.main_member:
+                    text = decoder.rows[b].text.text
+                    tail = member.tokenizer(text, add_special_tokens=False).input_ids
+                    assert row.ids == row.prompt_ids + tail
+                assert row.cached == len(row.ids)
+                with torch.inference_mode():
+                    fresh = member.model(input_ids=torch.tensor([row.ids])).logits[0, -1]
+                torch.testing.assert_close(batch.logits[b], fresh.float(), atol=1e-4, rtol=1e-4)
+                checked.append(member.name)
+
+    view = tiny_ensemble.view({"main": main, "method": "union"})
+    configs = [
+        GenerationConfig(max_new_tokens=20, speculate=k, drafter=1 - main) for k in (8, 4, 2, 8)
+    ]
+    ids = _drive(view, {0: [0, 1, 2], 3: [3]}, configs, check)
+    assert len(ids) == 4
+    assert checked.count(tiny_ensemble.members[1 - main].name) > 10
+
+
+def test_sampled_output_with_a_helper_drafter_has_the_plain_distribution(tiny_ensemble):
+    """As the chi-square test above, with the helper proposing its greedy text (a point
+    mass): kept with probability p(x), else a draw from p without x."""
+    view = tiny_ensemble.view({"method": "unite", "main": 1})
+    counts: list[dict[tuple[int, ...], int]] = []
+    for k, seeds in ((0, range(800)), (2, range(20_000, 20_800))):
+        cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=3, speculate=k, drafter=0)
+        ids, drafted, accepted = _sampled_ids(view, cfg, seeds)
+        if k:
+            assert drafted > accepted > 0
+        tally: dict[tuple[int, ...], int] = {}
+        for key in ids:
+            tally[key] = tally.get(key, 0) + 1
+        counts.append(tally)
+    keys = sorted(set(counts[0]) | set(counts[1]))
+    common = [key for key in keys if counts[0].get(key, 0) + counts[1].get(key, 0) >= 10]
+    rare = [key for key in keys if key not in common]
+    table = [[c.get(key, 0) for key in common] for c in counts]
+    if rare:
+        for c, line in zip(counts, table):
+            line.append(sum(c.get(key, 0) for key in rare))
+    assert len(common) >= 5
+    _, p_value, _, _ = chi2_contingency(table)
+    assert p_value > 0.01, (p_value, table)
+
+
+def test_point_mass_acceptance_keeps_x_with_probability_p_and_never_redraws_it():
+    fused = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))  # (P, V)
+    sampler = Sampler(1.0, 0, 1.0)
+    kept_first, second = 0, {0: 0, 1: 0, 2: 0}
+    for seed in range(4000):
+        gen = torch.Generator().manual_seed(seed)
+        kept = accept_draft(sampler, fused, [1], [None], gen)
+        if kept[0] == 1:
+            kept_first += 1
+            assert len(kept) == 2  # then the position after the draft is drawn from p
+        else:
+            assert len(kept) == 1 and kept[0] in (0, 2)  # x itself is never redrawn
+            second[kept[0]] += 1
+    assert abs(kept_first / 4000 - 0.3) < 0.03  # p(x) = 0.3
+    assert abs(second[0] / (second[0] + second[2]) - 0.5 / 0.7) < 0.03  # p without x
+    greedy = Sampler(0.0, 0, 1.0)
+    assert accept_draft(greedy, fused, [0, 1], [None, None]) == [0, 1]
+    assert accept_draft(greedy, fused, [1], [None]) == [0]
+
+
+def test_main_ids_keep_the_stable_prefix_of_the_draft(tiny_ensemble):
+    for member in tiny_ensemble.members:
+        texts = member.vocab.texts
+        full = member.tokenizer(" capital of France", add_special_tokens=False).input_ids
+        stable = member.tokenizer(" capital of", add_special_tokens=False).input_ids
+        pieces = [b" capital", b" of", b" France"]
+        got = main_ids(member, pieces, ended=False, limit=16)
+        # the ids both texts share: the last piece may still merge with later text
+        assert got == full[: common_prefix(full, stable)] and got
+        assert (
+            b"".join(texts[t] or b"" for t in got)
+            == b" capital of France"[: sum(len(texts[t] or b"") for t in got)]
+        )
+        assert main_ids(member, pieces, ended=True, limit=16) == full  # the text is complete
+        assert main_ids(member, pieces, ended=True, limit=2) == full[:2]
+        assert (
+            main_ids(member, [b" caf\xc3"], ended=True, limit=8)
+            == member.tokenizer(" caf", add_special_tokens=False).input_ids
+        )  # an incomplete character is cut
+
+
+def test_drafter_choice_and_validation(tiny_ensemble):
+    sizes = [20, 10, 10]  # parameter counts
+    assert drafter_position("auto", sizes, [0, 1, 2], 0) == 1  # fewest; ties: lower index
+    assert drafter_position("auto", [20, 10], [0, 2], 0) == 1  # positions among those run
+    assert drafter_position("main", sizes, [0, 1, 2], 2) == 2
+    assert drafter_position(2, sizes, [0, 1, 2], 0) == 2
+    assert drafter_position(1, [20], [0], 0) == 0  # a member not run: the main drafts
+    for bad in (-1, "fast", True, 1.5):
+        with pytest.raises(ConfigError, match="drafter") as err:
+            GenerationConfig(drafter=bad)
+        assert err.value.field == "drafter"
+    with pytest.raises(ConfigError, match=r"drafter=2 \(row 0\) is not a member index") as err:
+        tiny_ensemble.generate("x", max_new_tokens=2, speculate=2, drafter=2)
+    assert err.value.field == "drafter"
+    parser = argparse.ArgumentParser(parents=[generation_options()])
+    assert generation_settings(parser.parse_args(["--drafter", "1"])).drafter == 1
+    assert generation_settings(parser.parse_args(["--drafter", "auto"])).drafter == "auto"
+    assert generation_settings(parser.parse_args([])).drafter == "main"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--drafter", "fast"])
+    assert parse_completion({"prompt": "x", "drafter": "auto"}).generation["drafter"] == "auto"
+    tiny = tiny_ensemble.members
+    auto = min(range(2), key=lambda i: (tiny[i].num_parameters, i))
+    view = tiny_ensemble.view({"main": 1 - auto, "method": "union"})
+    out = view.generate(PROMPTS, max_new_tokens=16, speculate=4, drafter="auto")
+    assert out[0].usage.drafts > 0
+    _same(view.generate(PROMPTS, max_new_tokens=16), out)

@@ -111,6 +111,14 @@ def _speculative_arguments(bench: argparse.ArgumentParser) -> None:
         help="speculative section: batch sizes (1 8)",
     )
     bench.add_argument(
+        "--speculative-drafters",
+        nargs="+",
+        default=["main"],
+        metavar="DRAFTER",
+        help="speculative section: drafters compared in each round, each main, auto or a "
+        "member index (GenerationConfig.drafter; main)",
+    )
+    bench.add_argument(
         "--speculative-repeats",
         type=int,
         default=3,
@@ -277,6 +285,14 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--constraint-repeats must be >= 1, got {args.constraint_repeats}.")
     if not 1 <= args.speculate_k <= 16:
         raise ConfigError(f"--speculate-k must be from 1 to 16, got {args.speculate_k}.")
+    for i, drafter in enumerate(args.speculative_drafters):
+        if drafter not in ("main", "auto"):
+            if not drafter.isdigit():
+                raise ConfigError(
+                    f"--speculative-drafters: each must be main, auto or a member index, "
+                    f"got {drafter!r}."
+                )
+            args.speculative_drafters[i] = int(drafter)
     if args.speculative_repeats < 1:
         raise ConfigError(f"--speculative-repeats must be >= 1, got {args.speculative_repeats}.")
     if any(b < 1 for b in args.speculative_batch_sizes):

@@ -220,7 +220,8 @@ def _speculative_section(ens: Ensemble, args: argparse.Namespace) -> dict[str, A
             bar.update(1)
 
         k, repeats = args.speculate_k, args.speculative_repeats
-        section = speculative_cost(ens, sizes, args.new_tokens, k, repeats, tick)
+        drafters = args.speculative_drafters
+        section = speculative_cost(ens, sizes, args.new_tokens, k, repeats, tick, drafters)
     return {"speculative": section}
 
 

@@ -3,10 +3,11 @@
 (docs/benchmarks.md).
 
 For each batch size and each kind (`greedy`; `sampled`: temperature 0.7, seed 0), `repeats`
-rounds of three runs on the bench's prompts, exactly n tokens per row, interleaved so the
+rounds of runs on the bench's prompts, exactly n tokens per row, interleaved so the
 machine's noise hits all alike: the slower member alone (transformers `generate`, greedy,
-its KV cache), the ensemble with `speculate=0`, and with `speculate=k`. Reported, medians
-over the rounds:
+its KV cache), the ensemble with `speculate=0`, and with `speculate=k` once per drafter
+compared (`GenerationConfig.drafter`). One line per batch size, kind and drafter, with
+medians over the rounds:
 
 - `standard_tokens_per_s`, `speculative_tokens_per_s` and their ratio `speedup`;
 - `acceptance_rate`: drafted tokens the fused distribution kept / drafted tokens;
@@ -39,15 +40,22 @@ def speculative_cost(
     k: int,
     repeats: int,
     tick: Callable[[], None],
+    drafters: Sequence[int | str] = ("main",),
 ) -> dict[str, Any]:
-    """Figures of every batch size and kind (see the module docstring)."""
+    """Figures of every batch size, kind and drafter (see the module docstring)."""
     rows = []
     for size in batch_sizes:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(size)]
         for kind, settings in KINDS.items():
-            rows.append(_one(ens, prompts, n, k, repeats, kind, settings))
+            rows.extend(_one(ens, prompts, n, k, repeats, kind, settings, drafters))
             tick()
-    return {"new_tokens": n, "speculate": k, "rounds": repeats, "rows": rows}
+    return {
+        "new_tokens": n,
+        "speculate": k,
+        "rounds": repeats,
+        "drafters": list(drafters),
+        "rows": rows,
+    }
 
 
 def _one(
@@ -58,43 +66,59 @@ def _one(
     repeats: int,
     kind: str,
     settings: dict[str, Any],
-) -> dict[str, Any]:
+    drafters: Sequence[int | str],
+) -> list[dict[str, Any]]:
     tokens = n * len(prompts)
-    ens.generate(prompts, max_new_tokens=2, speculate=k, **settings)  # warm up
-    seconds: dict[str, list[float]] = {"slower": [], "standard": [], "speculative": []}
-    drafted = accepted = drafts = 0
-    same = True
+    for drafter in drafters:  # warm up
+        ens.generate(prompts, max_new_tokens=2, speculate=k, drafter=drafter, **settings)
+    runs_of = [("standard", 0, "main")] + [(f"drafter {d}", k, d) for d in drafters]
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in runs_of}
+    seconds["slower"] = []
+    counts = {d: [0, 0, 0] for d in drafters}  # drafted, accepted, drafts
+    same = dict.fromkeys(drafters, True)
     for _ in range(repeats):
         seconds["slower"].append(
             max(member_alone(m, prompts, n, warm_up=False)[-1] for m in ens.members)
         )
         runs = {}
-        for name, spec in (("standard", 0), ("speculative", k)):
+        for name, spec, drafter in runs_of:
             start = time.perf_counter()
             runs[name] = ens.generate(
-                prompts, max_new_tokens=n, min_new_tokens=n, speculate=spec, **settings
+                prompts,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                speculate=spec,
+                drafter=drafter,
+                **settings,
             )
             seconds[name].append(time.perf_counter() - start)
-        for r in runs["speculative"]:
-            drafted += r.usage.drafted_tokens
-            accepted += r.usage.accepted_tokens
-            drafts += r.usage.drafts
         standard_ids = [r.token_ids for r in runs["standard"]]
-        same = same and standard_ids == [r.token_ids for r in runs["speculative"]]
+        for d in drafters:
+            for r in runs[f"drafter {d}"]:
+                counts[d][0] += r.usage.drafted_tokens
+                counts[d][1] += r.usage.accepted_tokens
+                counts[d][2] += r.usage.drafts
+            same[d] = same[d] and standard_ids == [r.token_ids for r in runs[f"drafter {d}"]]
     med = {name: statistics.median(v) for name, v in seconds.items()}
-    out: dict[str, Any] = {
-        "batch_size": len(prompts),
-        "kind": kind,
-        "standard_tokens_per_s": round(tokens / med["standard"], 2),
-        "speculative_tokens_per_s": round(tokens / med["speculative"], 2),
-        "speedup": round(med["standard"] / med["speculative"], 3),
-        "acceptance_rate": round(accepted / drafted, 3) if drafted else None,
-        "mean_accepted_length": round(accepted / drafts, 2) if drafts else None,
-        "ratio_to_slower_member": round(med["speculative"] / med["slower"], 3),
-        "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
-    }
-    if kind == "greedy":
-        out["same_tokens"] = same
+    out = []
+    for d in drafters:
+        spec_s = med[f"drafter {d}"]
+        drafted, accepted, drafts = counts[d]
+        row: dict[str, Any] = {
+            "batch_size": len(prompts),
+            "kind": kind,
+            "drafter": d,
+            "standard_tokens_per_s": round(tokens / med["standard"], 2),
+            "speculative_tokens_per_s": round(tokens / spec_s, 2),
+            "speedup": round(med["standard"] / spec_s, 3),
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else None,
+            "mean_accepted_length": round(accepted / drafts, 2) if drafts else None,
+            "ratio_to_slower_member": round(spec_s / med["slower"], 3),
+            "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
+        }
+        if kind == "greedy":
+            row["same_tokens"] = same[d]
+        out.append(row)
     return out
 
 
@@ -104,14 +128,15 @@ def speculative_table(f: dict[str, Any]) -> str:
     lines = [
         f"speculative decoding, speculate={s['speculate']}, {s['new_tokens']} new tokens "
         f"(medians of {s['rounds']} interleaved rounds)",
-        f"{'batch':>5} {'kind':8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
+        f"{'batch':>5} {'kind':8}{'drafter':>8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
         f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'same':>6}",
     ]
     for r in s["rows"]:
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
         length = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
         lines.append(
-            f"{r['batch_size']:>5} {r['kind']:8}{r['standard_tokens_per_s']:>10.2f}"
+            f"{r['batch_size']:>5} {r['kind']:8}{r.get('drafter', 'main')!s:>8}"
+            f"{r['standard_tokens_per_s']:>10.2f}"
             f"{r['speculative_tokens_per_s']:>11.2f}{r['speedup']:>8.2f}{rate:>8}{length:>9}"
             f"{r['ratio_to_slower_member']:>12.2f}{str(r.get('same_tokens', '-')):>6}"
         )

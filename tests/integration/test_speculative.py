@@ -1,0 +1,26 @@
+"""Speculative decoding on the default members: greedy output identical to standard
+decoding with the main member drafting and with the smaller member drafting for it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "The capital of France is",
+    "Q: What is 12 + 7?\nA:",
+    "def fibonacci(n):\n    ",
+]
+
+
+@pytest.mark.parametrize("main", ["auto", 1])
+def test_greedy_speculation_equals_standard_decoding(default_ensemble, main):
+    view = default_ensemble.with_fusion(main=main)
+    base = view.generate(PROMPTS, max_new_tokens=12)
+    for drafter in ("main", "auto", 0):
+        out = view.generate(PROMPTS, max_new_tokens=12, speculate=4, drafter=drafter)
+        assert [r.text for r in out] == [r.text for r in base], drafter
+        assert [r.token_ids for r in out] == [r.token_ids for r in base], drafter
+        assert [r.finish_reason for r in out] == [r.finish_reason for r in base], drafter
+        assert sum(r.usage.drafts for r in out) > 0
