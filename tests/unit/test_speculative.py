@@ -210,14 +210,16 @@ def _sampled_ids(ensemble, config, seeds):
     return [out[i] for i in range(len(seeds))], drafted, accepted
 
 
-def test_sampled_output_has_the_plain_distribution(tiny_ensemble):
+def _assert_plain_distribution(ensemble, first_seed: int, **speculation) -> None:
     """Chi-square test of homogeneity on the first three tokens of 800 seeded rows, with
-    and without speculation, where drafts are often rejected (unite fusion moves the
-    distribution away from the main member's). Seeded: the test is deterministic."""
-    view = tiny_ensemble.view({"method": "unite", "main": 1})
+    and without speculation (`speculate=2`; `speculation` in both runs), unite fusion led
+    by member 1 (drafts are often rejected). Seeded: the test is deterministic."""
+    view = ensemble.view({"method": "unite", "main": 1})
     counts: list[dict[tuple[int, ...], int]] = []
-    for k, seeds in ((0, range(800)), (2, range(10_000, 10_800))):
-        cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=3, speculate=k)
+    for k, seeds in ((0, range(800)), (2, range(first_seed, first_seed + 800))):
+        cfg = GenerationConfig(
+            max_new_tokens=3, temperature=1.0, top_k=3, speculate=k, **speculation
+        )
         ids, drafted, accepted = _sampled_ids(view, cfg, seeds)
         if k:
             assert drafted > accepted > 0
@@ -235,6 +237,11 @@ def test_sampled_output_has_the_plain_distribution(tiny_ensemble):
     assert len(common) >= 5
     _, p_value, _, _ = chi2_contingency(table)
     assert p_value > 0.01, (p_value, table)
+
+
+def test_sampled_output_has_the_plain_distribution(tiny_ensemble):
+    """Main-member drafts (their own distribution q) against plain sampling."""
+    _assert_plain_distribution(tiny_ensemble, 10_000)
 
 
 def test_speculate_is_validated_and_reaches_every_entry_point():
@@ -387,29 +394,9 @@ def test_helper_drafter_roll_back_leaves_caches_equal_a_fresh_prefill(tiny_ensem
 
 
 def test_sampled_output_with_a_helper_drafter_has_the_plain_distribution(tiny_ensemble):
-    """As the chi-square test above, with the helper proposing its greedy text (a point
-    mass): kept with probability p(x), else a draw from p without x."""
-    view = tiny_ensemble.view({"method": "unite", "main": 1})
-    counts: list[dict[tuple[int, ...], int]] = []
-    for k, seeds in ((0, range(800)), (2, range(20_000, 20_800))):
-        cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=3, speculate=k, drafter=0)
-        ids, drafted, accepted = _sampled_ids(view, cfg, seeds)
-        if k:
-            assert drafted > accepted > 0
-        tally: dict[tuple[int, ...], int] = {}
-        for key in ids:
-            tally[key] = tally.get(key, 0) + 1
-        counts.append(tally)
-    keys = sorted(set(counts[0]) | set(counts[1]))
-    common = [key for key in keys if counts[0].get(key, 0) + counts[1].get(key, 0) >= 10]
-    rare = [key for key in keys if key not in common]
-    table = [[c.get(key, 0) for key in common] for c in counts]
-    if rare:
-        for c, line in zip(counts, table):
-            line.append(sum(c.get(key, 0) for key in rare))
-    assert len(common) >= 5
-    _, p_value, _, _ = chi2_contingency(table)
-    assert p_value > 0.01, (p_value, table)
+    """The helper proposing its greedy text (a point mass): kept with probability p(x),
+    else a draw from p without x."""
+    _assert_plain_distribution(tiny_ensemble, 20_000, drafter=0)
 
 
 def test_point_mass_acceptance_keeps_x_with_probability_p_and_never_redraws_it():
