@@ -50,18 +50,11 @@ import uvicorn
 from deepen_engine import Ensemble, MemberSpec
 from deepen_engine.commands.bench.soak import Seen, _disconnect, _load, _plain, _streamed
 from deepen_engine.commands.bench.soak_faults import MALFORMED, SOAK_KINDS, good_request
+from deepen_engine.commands.bench.timing import rss_mb
 from deepen_engine.commands.cli import build_parser
 from deepen_engine.server import create_app
 
 _VARIANTS = {"chat": 4, "completion": 4, "tools": 3, "json_schema": 1}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS (this script needs Linux)")
 
 
 def _live() -> dict[str, float]:
@@ -163,7 +156,7 @@ def main() -> None:
     libc = ctypes.CDLL("libc.so.6")
     tracemalloc.start()
     rounds: list[dict[str, Any]] = [
-        {"round": 0, "rss_mb": round(_rss_mb(), 1), **_live(), "seconds": 0.0}
+        {"round": 0, "rss_mb": round(rss_mb(), 1), **_live(), "seconds": 0.0}
     ]
     print(json.dumps(rounds[-1]), flush=True)
     try:
@@ -178,11 +171,11 @@ def main() -> None:
             row["unexpected"] = seen.unexpected[:5]
             row["requests"] = sum(seen.kinds.values())
             row["distinct_answers"] = sum(len(a) > 1 for a in seen.answers.values())
-            row["rss_mb"] = round(_rss_mb(), 1)
+            row["rss_mb"] = round(rss_mb(), 1)
             row.update(_live())
             row["traced_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 1)
             libc.malloc_trim(0)
-            row["trimmed_mb"] = round(_rss_mb(), 1)
+            row["trimmed_mb"] = round(rss_mb(), 1)
             rounds.append(row)
             print(json.dumps(row), flush=True)
     finally:

@@ -16,15 +16,9 @@ import json
 import subprocess
 import sys
 
+from deepen_engine.commands.bench.load import _status_mb
+
 STEPS = ("rust", "auto", "auto+vocab")
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def measure(folder: str, step: str) -> dict[str, float]:
