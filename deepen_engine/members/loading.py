@@ -34,6 +34,7 @@ from .member import (
 )
 from .placement import check_module_names, input_device, load_keywords
 from .quiet import quiet_loading
+from .tokenizer_file import load_tokenizer
 
 
 def load_local_member(spec: MemberSpec) -> Member:
@@ -62,7 +63,6 @@ def load_local_member(spec: MemberSpec) -> Member:
     device = input_device(model, device_map, spec.device)
     vocab = CanonicalVocab.from_tokenizer(tokenizer, _vocab_rows(model), member=name)
     _check_round_trip(tokenizer, vocab, name)
-    release_freed_heap()
     member = Member(
         name=name,
         model=model,
@@ -77,6 +77,7 @@ def load_local_member(spec: MemberSpec) -> Member:
         chat_template=spec.chat_template,
         device_map=dict(device_map) if device_map else None,
     )
+    release_freed_heap()  # what the vocabulary and the checks above freed
     return member
 
 
@@ -148,12 +149,15 @@ def _load_folder_or_hub(
     """Tokenizer and model from a folder or a hub id (`local_only`: the cache alone),
     the model loaded with the `from_pretrained` keywords `kwargs` (placement.py).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+        tokenizer = load_tokenizer(where, local_only)
     except Exception as exc:
         raise MemberLoadError(f"Member {name!r}: the tokenizer could not be loaded: {exc}") from exc
+    # before the model is built: its objects would land among the pages the parse freed
+    # and keep them from being handed back
+    release_freed_heap()
     try:
         model = AutoModelForCausalLM.from_pretrained(where, local_files_only=local_only, **kwargs)
     except ValueError as exc:

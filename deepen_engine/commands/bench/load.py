@@ -43,6 +43,7 @@ import torch
 
 from ...members import MemberSpec, load_local_member
 from ...members.loading import _resolve, release_freed_heap
+from ...members.tokenizer_file import load_tokenizer
 
 
 def _status_mb(field: str) -> float:
@@ -96,15 +97,13 @@ def measure_here(spec: MemberSpec) -> dict[str, Any]:
 
 def measure_tokenizer_here(spec: MemberSpec) -> dict[str, Any]:
     """The added peak RSS of loading only the member's tokenizer and canonical vocabulary."""
-    from transformers import AutoTokenizer
-
     from ...alignment.vocabulary import CanonicalVocab
 
     where = _resolve(str(spec.source), spec.dtype)[2]
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _status_mb("VmRSS")
-    tokenizer = AutoTokenizer.from_pretrained(where)
+    tokenizer = load_tokenizer(where)  # as load_member reads it
     CanonicalVocab.from_tokenizer(tokenizer, len(tokenizer))
     release_freed_heap()  # as load_member does once the member is built
     return {
