@@ -6,17 +6,22 @@ tokenizer is written so that `AutoTokenizer.from_pretrained` builds it in Rust s
 from `tokenizer.json` (`write_tokenizer`):
 
 1. `tokenizer_config.json` names the generic `TokenizersBackend` class (with the padding
-   side and input names of the class it replaces) and lists the added tokens. A class
-   with its own `__init__` (Gemma's) makes transformers parse the whole `tokenizer.json`
-   into Python and rebuild the tokenizer from those objects, and a config without the
-   added tokens makes it parse the file once more to find them;
-2. BPE merges are written as `"a b"` strings rather than `["a", "b"]` pairs when no piece
+   side and input names of the class it replaces). A class with its own `__init__`
+   (Gemma's) makes transformers parse the whole `tokenizer.json` into Python and rebuild
+   the tokenizer from those objects;
+2. it lists, of the added tokens, those that are named special tokens (bos, eos, ...):
+   transformers builds an `AddedToken` for every token listed and keeps them all, about
+   6 MB for Gemma-3's 6,384 added tokens (mostly `<unusedN>`), while the tokenizer has
+   its added tokens from `tokenizer.json` anyway; a config with no list makes it parse
+   `tokenizer.json` once more to find them;
+3. BPE merges are written as `"a b"` strings rather than `["a", "b"]` pairs when no piece
    holds a space: the Rust parser buffers every pair as a small sequence first.
 
-Gemma-3-270m's tokenizer (262,144 tokens, 514,906 merges) loads with a peak of 174 MB
-written this way against 461 MB before, and keeps 104 MB against 265 MB
-(`scripts/tokenizer_memory.py`, docs/benchmarks.md), with the same vocabulary, special
-tokens and ids (checked after every write).
+Gemma-3-270m's tokenizer (262,144 tokens, 514,906 merges) loads with a peak of 164 MB
+written this way against 461 MB before, and `AutoTokenizer` keeps 92 MB against 265 MB
+(members load it with less: tokenizer_file.py; `scripts/tokenizer_memory.py`,
+docs/benchmarks.md), with the same vocabulary, special tokens and ids (checked after every
+write).
 
 Folders converted before this (no `deepen_conversion.json` of `FORMAT`) are upgraded in
 place on their next load: the tokenizer files are rewritten (each file atomically), the
@@ -39,8 +44,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MemberLoadError
+from .tokenizer_file import load_tokenizer
 
-FORMAT = 2  # what a conversion writes; 1: the tokenizer as transformers saves it
+FORMAT = 3  # what a conversion writes; 1: the tokenizer as transformers saves it; 2: the
+# config listed every added token
 MARKER = "deepen_conversion.json"
 
 # Texts a rewritten tokenizer must encode as the original did: words, both kinds of
@@ -160,15 +167,20 @@ def write_tokenizer(tokenizer: Any, folder: Path, name: str) -> None:
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "TokenizersBackend"
-    # what the replaced class fixed in code, and the added tokens (step 1)
+    # what the replaced class fixed in code (step 1), and the named special tokens (step 2)
     config["padding_side"] = tokenizer.padding_side
     config["truncation_side"] = tokenizer.truncation_side
     config["model_input_names"] = list(tokenizer.model_input_names)
+    named = _named_special_tokens(tokenizer)
     config["added_tokens_decoder"] = {
-        str(i): token.__getstate__() for i, token in sorted(tokenizer.added_tokens_decoder.items())
+        str(i): token.__getstate__()
+        for i, token in sorted(tokenizer.added_tokens_decoder.items())
+        if token.content in named
     }
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    # as transformers loads the folder, and as members do (tokenizer_file.py)
     problem = _difference(tokenizer, AutoTokenizer.from_pretrained(str(folder)))
+    problem = problem or _difference(tokenizer, load_tokenizer(str(folder)))
     if problem:
         raise MemberLoadError(
             f"Member {name!r}: its tokenizer written to {folder} loads back different ({problem}); "
@@ -176,8 +188,18 @@ def write_tokenizer(tokenizer: Any, folder: Path, name: str) -> None:
         )
 
 
+def _named_special_tokens(tokenizer: Any) -> set[str]:
+    """The texts of the tokenizer's named special tokens (`bos_token`, ...) and of its extra
+    special tokens.
+    """
+    named: set[str] = set()
+    for value in tokenizer.special_tokens_map.values():
+        named.update([value] if isinstance(value, str) else map(str, value))
+    return named
+
+
 def _merges_as_strings(path: Path) -> None:
-    """BPE merges as `"a b"` strings (step 2), unless a piece holds a space or a line would
+    """BPE merges as `"a b"` strings (step 3), unless a piece holds a space or a line would
     start with `#version` (a header the legacy reader skips): then they stay pairs.
     """
     spec = json.loads(path.read_text(encoding="utf-8"))
