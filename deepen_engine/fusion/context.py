@@ -13,7 +13,8 @@ Everything is built on first use, so a method that does not need it never pays f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 import torch
 
@@ -25,6 +26,39 @@ from ..members import Member, cache_dir
 
 END = b""
 """The key of end-of-text tokens in `FusionContext.keys` (no token's text is empty)."""
+
+
+class EndKeys(Sequence[bytes | None]):
+    """A member's token texts read with `END` in place of its end tokens' (a view: the
+    vocabulary's texts are not copied).
+    """
+
+    __slots__ = ("_texts", "_ends")
+
+    def __init__(self, texts: Sequence[bytes | None], ends: frozenset[int]) -> None:
+        self._texts = texts
+        self._ends = frozenset(t for t in ends if 0 <= t < len(texts))
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes | None]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | None | list[bytes | None]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return END if index in self._ends else self._texts[index]
+
+    def __iter__(self) -> Iterator[bytes | None]:
+        ends = self._ends
+        for idx, text in enumerate(self._texts):
+            yield END if idx in ends else text
 
 
 class FusionContext:
@@ -39,7 +73,7 @@ class FusionContext:
         self.end_ids = [frozenset(m.eos_ids) for m in members]
         self._spaces: dict[tuple[float, int, int], list[RelativeSpace]] = {}
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
-        self._keys: dict[int, list[bytes | None]] = {}
+        self._keys: dict[int, EndKeys] = {}
         self._digests: dict[int, str] = {}
         self.copies = DeviceCopies()  # the tables on the devices that read them
         # row-steps every fuser of the ensemble (views included) was asked to fuse, and
@@ -47,16 +81,12 @@ class FusionContext:
         self.fusion_rows = 0
         self.gated_rows = 0
 
-    def keys(self, i: int) -> list[bytes | None]:
+    def keys(self, i: int) -> Sequence[bytes | None]:
         """Member i's token id -> its text, `END` for its end tokens, None for other
         special tokens (no text: they never enter a union).
         """
         if i not in self._keys:
-            keys = list(self.members[i].vocab.texts)
-            for t in self.end_ids[i]:
-                if t < len(keys):
-                    keys[t] = END
-            self._keys[i] = keys
+            self._keys[i] = EndKeys(self.members[i].vocab.texts, self.end_ids[i])
         return self._keys[i]
 
     def token_map(self, source: int, target: int) -> torch.Tensor:
@@ -109,7 +139,7 @@ class FusionContext:
 
 
 def _token_map(
-    source: list[bytes | None], by_text: dict[bytes, int], target_end: frozenset[int]
+    source: Sequence[bytes | None], by_text: dict[bytes, int], target_end: frozenset[int]
 ) -> torch.Tensor:
     """See `FusionContext.token_map`; `by_text` is the target's text -> id. One pass over
     the source vocabulary (dict lookups of the text and its prefixes, longest first).
