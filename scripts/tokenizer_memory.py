@@ -4,8 +4,10 @@ handed back as `load_member` does) and its peak (VmHWM over the RSS before).
 
     python scripts/tokenizer_memory.py ~/.cache/deepen/models/gemma-3-270m-1.0.0-bfloat16
 
-Steps: `rust` (the `tokenizers` library alone reading tokenizer.json), `auto`
-(`AutoTokenizer.from_pretrained`, as members load), `auto+vocab` (that and the canonical
+Steps: `rust` (the `tokenizers` library alone reading tokenizer.json), `rust-python`
+(the same tokenizer with its BPE model built from Python objects, as members read it:
+deepen_engine/members/tokenizer_file.py), `auto` (`AutoTokenizer.from_pretrained`),
+`member` (`load_tokenizer`, as members load it) and `member+vocab` (that and the canonical
 vocabulary). docs/benchmarks.md ("Loading: time and peak memory") quotes it.
 """
 
@@ -18,7 +20,7 @@ import sys
 
 from deepen_engine.commands.bench.load import _status_mb
 
-STEPS = ("rust", "auto", "auto+vocab")
+STEPS = ("rust", "rust-python", "auto", "member", "member+vocab")
 
 
 def measure(folder: str, step: str) -> dict[str, float]:
@@ -28,16 +30,22 @@ def measure(folder: str, step: str) -> dict[str, float]:
 
     from deepen_engine.alignment.vocabulary import CanonicalVocab
     from deepen_engine.members.loading import release_freed_heap
+    from deepen_engine.members.tokenizer_file import load_tokenizer, read_backend
 
     release_freed_heap()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
     before = _status_mb("VmRSS")
+    kept: object
     if step == "rust":
-        kept: object = tokenizers.Tokenizer.from_file(f"{folder}/tokenizer.json")
-    else:
+        kept = tokenizers.Tokenizer.from_file(f"{folder}/tokenizer.json")
+    elif step == "rust-python":
+        kept = read_backend(f"{folder}/tokenizer.json")
+    elif step == "auto":
         kept = AutoTokenizer.from_pretrained(folder)
-        if step == "auto+vocab":
+    else:
+        kept = load_tokenizer(folder)
+        if step == "member+vocab":
             kept = (kept, CanonicalVocab.from_tokenizer(kept, len(kept)))  # type: ignore[arg-type]
     peak = _status_mb("VmHWM") - before
     release_freed_heap()
