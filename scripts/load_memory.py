@@ -16,14 +16,15 @@ import argparse
 import json
 import subprocess
 import sys
-from collections import Counter
+from collections import defaultdict
+from typing import Any
 
 STEPS = ("tokenizer", "model", "member", "forward")
 
 
-def _mapped_files() -> Counter[str]:
+def _mapped_files() -> dict[str, float]:
     """Resident MB of each mapped file ('[anon]' for the rest), from /proc/self/smaps."""
-    out: Counter[str] = Counter()
+    out: dict[str, float] = defaultdict(float)
     name = "[anon]"
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -65,21 +66,22 @@ def measure(source: str, dtype: str) -> dict[str, object]:
             }
         )
 
-    load_tokenizer, build_model = loading.load_tokenizer, loading._load_folder_or_hub
+    # each step reported as load_member reaches it: the module's own functions wrapped
+    load_tokenizer, build_model = loading.load_tokenizer, loading._load_folder_or_hub  # type: ignore[attr-defined]
 
-    def tokenizer_then_step(*args: object) -> object:
-        tokenizer = load_tokenizer(*args)  # type: ignore[arg-type]
+    def tokenizer_then_step(*args: Any) -> Any:
+        tokenizer = load_tokenizer(*args)
         loading.release_freed_heap()
         step("tokenizer")
         return tokenizer
 
-    def model_then_step(*args: object, **kwargs: object) -> object:
-        pair = build_model(*args, **kwargs)  # type: ignore[arg-type]
+    def model_then_step(*args: Any, **kwargs: Any) -> Any:
+        pair = build_model(*args, **kwargs)
         step("model")
         return pair
 
-    loading.load_tokenizer = tokenizer_then_step  # type: ignore[assignment]
-    loading._load_folder_or_hub = model_then_step  # type: ignore[assignment]
+    setattr(loading, "load_tokenizer", tokenizer_then_step)  # noqa: B010
+    setattr(loading, "_load_folder_or_hub", model_then_step)  # noqa: B010
     member = load_local_member(spec)
     step("member")  # and the canonical vocabulary and checks, freed heap handed back
     ids = member.tokenizer("The capital of France is", return_tensors="pt").input_ids
