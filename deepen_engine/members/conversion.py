@@ -10,8 +10,8 @@ from `tokenizer.json` (`write_tokenizer`):
    (Gemma's) makes transformers parse the whole `tokenizer.json` into Python and rebuild
    the tokenizer from those objects;
 2. it lists, of the added tokens, those that are named special tokens (bos, eos, ...):
-   transformers builds an `AddedToken` for every token listed and keeps them all, about
-   6 MB for Gemma-3's 6,384 added tokens (mostly `<unusedN>`), while the tokenizer has
+   transformers builds an `AddedToken` for every token listed and keeps them all, 7-10
+   MB for Gemma-3's 6,384 added tokens (mostly `<unusedN>`), while the tokenizer has
    its added tokens from `tokenizer.json` anyway; a config with no list makes it parse
    `tokenizer.json` once more to find them;
 3. BPE merges are written as `"a b"` strings rather than `["a", "b"]` pairs when no piece

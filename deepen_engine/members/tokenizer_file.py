@@ -6,7 +6,7 @@ class (every GGUF conversion writes one: conversion.py), transformers has the Ru
 `tokenizers` library parse `tokenizer.json`. That parser first reads the model into JSON
 values (a tree node for every few vocabulary entries) and then moves each piece out of
 them, so the pieces it keeps end up between the nodes it frees: for Gemma-3-270m (262,144
-pieces, 514,906 merges) about 20 MB of holes that the heap cannot give back, since no
+pieces, 514,906 merges) about 16 MB of holes that the heap cannot give back, since no
 page of them is wholly free (`malloc_trim` returns whole pages only).
 
 Here the BPE model is built from Python objects instead (`tokenizers.models.BPE(vocab,
@@ -18,9 +18,9 @@ model's vocabulary, then the model is set and the added tokens are added, in the
 the Rust parser adds them: `backend.to_str()` is the same string as after
 `tokenizers.Tokenizer.from_file` (tests/unit/test_tokenizer_file.py,
 tests/integration/test_conversion.py). The `TokenizersBackend` wrapped around it is built
-by the same `from_pretrained` code, from the same files. Gemma-3's tokenizer keeps about
-75 MB this way against 92 MB (`scripts/tokenizer_memory.py`); its parse peaks higher (the
-Python objects), before any weight is read.
+by the same `from_pretrained` code, from the same files. Gemma-3's tokenizer keeps 74 MB
+this way against 93 MB (`scripts/tokenizer_memory.py`); its parse peaks higher, at 282-299
+MB against 164 (the Python objects), before any weight is read.
 
 Any other folder or hub id loads with `AutoTokenizer.from_pretrained`, as does a
 `tokenizer.json` whose model is not BPE (then read by `tokenizers.Tokenizer.from_file`).
@@ -88,8 +88,10 @@ def read_backend(path: str | Path) -> Any:
     import tokenizers
     from tokenizers.models import BPE
 
+    # What outlives the parse is made before it (`_first_use`): made among the parse's
+    # objects, it would keep their arena of Python's allocator (1 MiB) from being freed.
     _first_use()
-    backend = tokenizers.Tokenizer(BPE())  # made before the parse: see below
+    backend = tokenizers.Tokenizer(BPE())  # filled in below
     with open(path, encoding="utf-8") as handle:
         spec = json.load(handle)
     model = spec.get("model")
@@ -112,10 +114,10 @@ def read_backend(path: str | Path) -> Any:
 
 @cache
 def _first_use() -> None:
-    """Make what the first use of the code below leaves in memory for good (UTF-8 copies
-    of the one-character strings, which Python shares for the life of the process and
-    PyO3 reads as UTF-8; the JSON encoder's ...), so that the parse does not: a block made
-    among its objects keeps their arena of Python's allocator (1 MiB) from being freed.
+    """Make, once per process, what `read_backend` would otherwise leave in memory for
+    good in the middle of its parse: UTF-8 copies of the one-character strings (Python
+    shares them for the life of the process, and PyO3 reads each as UTF-8, which Python
+    caches on the string) and the objects the JSON encoder makes on its first use.
     """
     from tokenizers import Tokenizer
     from tokenizers.models import BPE
