@@ -102,7 +102,11 @@ def read_backend(path: str | Path) -> Any:
     options = {key: value for key, value in model.items() if key != "type" and value is not None}
     for i, merge in enumerate(merges):  # in place: each "a b" string is freed as it goes
         merges[i] = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-    bpe = BPE(vocab, merges, **options)
+    try:
+        bpe = BPE(vocab, merges, **options)
+    except Exception:  # a file this code reads otherwise than tokenizers: let it judge
+        del vocab, merges
+        return tokenizers.Tokenizer.from_file(str(path))
     del vocab, merges
     # everything but the vocabulary, the merges and the added tokens, read by tokenizers
     model["vocab"], model["merges"], spec["added_tokens"] = {}, [], []

@@ -87,3 +87,15 @@ def test_a_model_field_this_code_does_not_know_is_left_to_the_rust_parser(folder
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(spec))
     assert read_backend(path).to_str() == Tokenizer.from_file(str(path)).to_str()
+
+
+def test_merges_python_cannot_build_are_left_to_the_rust_parser(folder, tmp_path):
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"].append("a b c")  # three pieces: refused by both readers
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(Exception) as parsed:
+        Tokenizer.from_file(str(path))
+    with pytest.raises(Exception) as built:
+        read_backend(path)
+    assert str(built.value) == str(parsed.value)  # the Rust parser's own error
