@@ -163,9 +163,9 @@ def load_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['member']:<{w}}{r['dtype']:<10}{r['weights_mb']:>11.1f}{r['load_seconds']:>8.2f}"
             f"{r['rss_before_mb']:>10.1f}{r['peak_mb']:>9.1f}{r['added_peak_mb']:>9.1f}"
-            f"{r['peak_ratio']:>7.2f}{r.get('tokenizer_mb', 0):>8.1f}"
+            f"{r['peak_ratio']:>7.3f}{r.get('tokenizer_mb', 0):>8.1f}"
             f"{r.get('tokenizer_peak_mb', 0):>9.1f}"
-            f"{r.get('weights_peak_ratio', r['peak_ratio']):>8.2f}"
+            f"{r.get('weights_peak_ratio', r['peak_ratio']):>8.3f}"
         )
     lines.append("ratio: (peak RSS - RSS before the load) / weights in the loaded dtype")
     lines.append(
