@@ -236,20 +236,33 @@ def test_a_drain_refuses_new_requests_and_finishes_those_in_flight(tiny_pair):
         time.sleep(0.05)
     alone: list[str] = []
     _stream_text(url, alone)
+    # While the gate is shut, member a's forward waits: the three streams stay in flight
+    # until after SIGTERM whatever the machine's load (short streams on the tiny members
+    # could otherwise finish before the signal, and the drain would have nothing to wait for).
+    gate = threading.Event()
+
+    def hold(*_: object) -> None:  # a pre-hook that returns None leaves the inputs alone
+        gate.wait(timeout=120)
+
+    hook = ens.members[0].model.register_forward_pre_hook(hold)
     results: list[str] = []
     clients = [threading.Thread(target=_stream_text, args=(url, results)) for _ in range(3)]
     for c in clients:
         c.start()
     while state.in_flight < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
+    in_flight_at_sigterm = state.in_flight
     state.enter()  # one more in flight, held until the checks below are done
     server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
     refused = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
     health = httpx.get(url + "/health")
+    gate.set()
     state.leave()
     for c in clients:
         c.join(timeout=120)
     thread.join(timeout=60)
+    hook.remove()
+    assert in_flight_at_sigterm == 3
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert refused.json()["error"]["code"] == "shutting_down"
     assert health.status_code == 503 and health.json()["status"] == "draining"
