@@ -8,6 +8,7 @@ text makes a small `bytes` object then (a slice), which the caller drops when do
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
@@ -15,7 +16,34 @@ from typing import Any, overload
 _OFFSET = "I"  # unsigned 32-bit: texts up to 4 GiB in all
 
 
-class TokenTexts(Sequence[bytes | None]):
+class TextSequence(Sequence[bytes | None]):
+    """Token id -> text, read by id (negative ids count from the end) or by slice (a list);
+    a subclass gives `_at(i)` for `0 <= i < len(self)`.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def _at(self, index: int) -> bytes | None: ...
+
+    @overload
+    def __getitem__(self, index: int) -> bytes | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes | None]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | None | list[bytes | None]:
+        size = len(self)
+        if isinstance(index, slice):
+            return [self._at(i) for i in range(*index.indices(size))]
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError(f"token id {index} out of range (0..{size - 1})")
+        return self._at(index)
+
+
+class TokenTexts(TextSequence):
     """Token id -> its UTF-8 text, or None for a token without text (special tokens).
 
     No text is empty: `b""` given to the constructor reads back as None. Compares equal to
@@ -37,19 +65,7 @@ class TokenTexts(Sequence[bytes | None]):
     def __len__(self) -> int:
         return len(self._ends)
 
-    @overload
-    def __getitem__(self, index: int) -> bytes | None: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[bytes | None]: ...
-
-    def __getitem__(self, index: int | slice) -> bytes | None | list[bytes | None]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self._ends)))]
-        if index < 0:
-            index += len(self._ends)
-        if not 0 <= index < len(self._ends):
-            raise IndexError(f"token id {index} out of range (0..{len(self._ends) - 1})")
+    def _at(self, index: int) -> bytes | None:
         start = self._ends[index - 1] if index else 0
         return self._blob[start : self._ends[index]] or None
 

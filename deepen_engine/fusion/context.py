@@ -14,12 +14,12 @@ Everything is built on first use, so a method that does not need it never pays f
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import overload
 
 import torch
 
 from ..alignment.relative import RelativeSpace
 from ..alignment.row_store import RowStore, embedding_digest
+from ..alignment.token_texts import TextSequence
 from ..alignment.vocabulary import Anchors
 from ..devices import DeviceCopies
 from ..members import Member, cache_dir
@@ -28,7 +28,7 @@ END = b""
 """The key of end-of-text tokens in `FusionContext.keys` (no token's text is empty)."""
 
 
-class EndKeys(Sequence[bytes | None]):
+class EndKeys(TextSequence):
     """A member's token texts read with `END` in place of its end tokens' (a view: the
     vocabulary's texts are not copied).
     """
@@ -42,17 +42,7 @@ class EndKeys(Sequence[bytes | None]):
     def __len__(self) -> int:
         return len(self._texts)
 
-    @overload
-    def __getitem__(self, index: int) -> bytes | None: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[bytes | None]: ...
-
-    def __getitem__(self, index: int | slice) -> bytes | None | list[bytes | None]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
+    def _at(self, index: int) -> bytes | None:
         return END if index in self._ends else self._texts[index]
 
     def __iter__(self) -> Iterator[bytes | None]:
