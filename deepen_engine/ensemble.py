@@ -296,6 +296,14 @@ class Ensemble:
             if member.remote is not None:
                 member.remote.close()
 
+    def reserve_row_caches(self) -> int:
+        """Allocate the DeePEn relative-row caches (`FusionConfig.row_cache_size` rows per
+        member) in full now rather than as tokens first appear, and return their bytes. A
+        long-running process (`deepen serve`) calls it once after loading, so its memory
+        does not creep up for hours as the caches fill. Other methods hold no such cache (0).
+        """
+        return self.fuser.reserve_rows()
+
     @property
     def scheduler_config(self) -> SchedulerConfig:
         """The limits of the scheduler shared by this ensemble and its views."""

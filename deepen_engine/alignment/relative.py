@@ -77,6 +77,23 @@ class RelativeSpace:
         """An uninitialised (rows, A) float32 tensor on the space's device."""
         return torch.empty(rows, self.num_anchors, device=self.device)
 
+    def reserve(self) -> int:
+        """Allocate the whole row cache now, with its pages touched, so the memory it will
+        hold is held from the start (a server's memory then stays flat as the cache fills,
+        as a preallocated KV cache does). Returns the bytes of the row buffer.
+        """
+        held = self._buffer.shape[0]
+        if held < self._cache_size:
+            buffer = torch.zeros(self._cache_size, self.num_anchors, device=self.device)
+            buffer[:held] = self._buffer  # slots keep their rows
+            self._buffer = buffer
+        return self._buffer.numel() * self._buffer.element_size()
+
+    @property
+    def rows_cached(self) -> int:
+        """Non-anchor rows in the in-memory cache now."""
+        return len(self._cache)
+
     def memory_bytes(self) -> int:
         """Bytes held: the unit anchor embeddings and the cached rows."""
         rows = self._buffer.numel() * self._buffer.element_size()

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from ..config import SchedulerConfig
+from ..config import FusionConfig, SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
 from .options import fusion_options, fusion_settings, member_options, member_specs
@@ -69,6 +69,14 @@ def add_parser(sub: Any) -> None:
         help="on SIGTERM/SIGINT, seconds to let requests in flight finish while new ones get "
         "503 (default: 30)",
     )
+    rows = FusionConfig.model_fields["row_cache_size"].default
+    parser.add_argument(
+        "--row-cache-size",
+        type=int,
+        default=rows,
+        help="DeePEn relative rows cached per member, allocated in full at start so memory "
+        f"stays flat (about 0.2 MB each with the default members; default: {rows})",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -87,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be from 1 to 65535, got {args.port}.")
+    if args.row_cache_size < 0:
+        raise ConfigError(f"--row-cache-size must be >= 0 rows, got {args.row_cache_size}.")
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
     scheduler = SchedulerConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue)
@@ -95,9 +105,12 @@ def run(args: argparse.Namespace) -> int:
     main = fusion.pop("main", None)
 
     def load() -> Ensemble:
-        ens = Ensemble(specs, scheduler=scheduler, **fusion)
-        print(f"deepen serve: members ready: {', '.join(m.name for m in ens.members)}",
-              file=sys.stderr)  # fmt: skip
+        ens = Ensemble(specs, scheduler=scheduler, row_cache_size=args.row_cache_size, **fusion)
+        # held from the start, so the server's memory does not creep up as the caches fill
+        reserved = ens.reserve_row_caches() / 2**20
+        names = ", ".join(m.name for m in ens.members)
+        print(f"deepen serve: members ready: {names} ({reserved:.0f} MiB of relative-row "
+              "caches reserved; --row-cache-size sets it)", file=sys.stderr)  # fmt: skip
         return ens
 
     app = create_app(

@@ -118,6 +118,12 @@ class Fuser:
             raise RuntimeError("with_config needs a fuser made by Fuser.build")
         return _make(self.context, config)
 
+    def reserve_rows(self) -> int:
+        """Allocate the method's per-token caches in full now; their bytes (none here:
+        DeePEn's relative-row caches are the only ones, `DeepenFuser.reserve_rows`).
+        """
+        return 0
+
     @property
     def members(self) -> list[Member]:
         """The loaded members (empty for a fuser built by hand)."""

@@ -112,6 +112,14 @@ class FusionContext:
             ]
         return self._spaces[key]
 
+    def rows_cached(self) -> list[int]:
+        """Per member: the non-anchor relative rows its spaces cache now (all settings)."""
+        counts = [0] * len(self.members)
+        for spaces in self._spaces.values():
+            for i, space in enumerate(spaces):
+                counts[i] += space.rows_cached
+        return counts
+
     def _store(self, i: int, tau: float, disk_rows: int) -> RowStore | None:
         """Member i's on-disk row store for these anchors and tau (None: disk cache off)."""
         if disk_rows == 0 or not self.anchors.texts:

@@ -102,6 +102,12 @@ class DeepenFuser(Fuser):
             for space, text in zip(self.spaces, self.has_text)
         ]
 
+    def reserve_rows(self) -> int:
+        """Each member's relative-row cache allocated in full (`RelativeSpace.reserve`),
+        shared with every fuser of the same tau and cache size; their bytes.
+        """
+        return sum(space.reserve() for space in self.spaces)
+
     def logits_needed(self, member: int) -> int | None:
         """How many of member `member`'s top logits per row `fuse` reads (with their log
         normaliser), or None for all of them. A member in another process sends only these

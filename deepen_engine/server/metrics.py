@@ -15,6 +15,7 @@ Read from the engine when scraped (no cost per step beyond two additions):
     deepen_num_requests_running / _waiting        rows decoding, requests waiting
     deepen_fused_steps_total, deepen_gated_steps_total   row-steps fused / skipped by the gate
     deepen_member_forward_seconds_total{member}   time in each member's forward passes
+    deepen_relative_rows_cached{member}           DeePEn relative rows each member caches
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ class _EngineCollector:
         for member in ens.members if ens is not None else []:
             seconds.add_metric([member.name], member.forward_seconds)
         yield seconds
+        rows = GaugeMetricFamily(
+            "deepen_relative_rows_cached", "DeePEn relative rows cached per member (LRU).",
+            labels=["member"],
+        )  # fmt: skip
+        counts = context.rows_cached() if context is not None else []
+        for member, count in zip(ens.members if ens is not None else [], counts):
+            rows.add_metric([member.name], count)
+        yield rows
 
 
 class RequestMeter:

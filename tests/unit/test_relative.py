@@ -216,6 +216,30 @@ def test_cache_size_zero_still_returns_rows():
     assert len(space._cache) == 0
 
 
+def test_reserve_holds_the_whole_cache_and_keeps_rows_and_results():
+    space, plain = _space(cache_size=8), _space(cache_size=8)
+    a, b, c = _non_anchor_ids(space, 3)
+    space.non_anchor_rows([a, b])  # cached before the reservation keep their slots
+    assert space.reserve() == 8 * A * 4
+    assert space._buffer.shape == (8, A) and space.rows_cached == 2
+    assert space.reserve() == 8 * A * 4  # once is enough: the buffer is not replaced
+    assert space.rows_computed == 2
+    for ids in ([a, b], [c, a], [b, c, a]):
+        assert torch.equal(space.non_anchor_rows(ids), plain.non_anchor_rows(ids))
+    assert space.rows_computed == 3 and space.rows_cached == 3
+    probs = torch.full((1, 3), 1 / 3)
+    assert torch.equal(
+        space.distribution(probs, torch.tensor([[a, b, c]])),
+        plain.distribution(probs, torch.tensor([[a, b, c]])),
+    )
+
+
+def test_reserve_of_a_zero_cache_holds_nothing():
+    space = _space(cache_size=0)
+    assert space.reserve() == 0
+    assert space.non_anchor_rows(_non_anchor_ids(space, 2)).shape == (2, A)
+
+
 # memory: never |V| x |A| ---------------------------------------------------------------
 
 

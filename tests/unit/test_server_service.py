@@ -126,7 +126,7 @@ def _metrics(url: str) -> dict[str, float]:
     return values
 
 
-def test_metrics_add_up_to_what_the_clients_saw(own_server):
+def test_metrics_add_up_to_what_the_clients_saw(own_server, tiny_ensemble):
     before = _metrics(own_server)
     reply = httpx.post(
         own_server + "/v1/chat/completions",
@@ -169,6 +169,9 @@ def test_metrics_add_up_to_what_the_clients_saw(own_server):
     assert grew('deepen_member_forward_seconds_total{member="tiny-llama"}') > 0
     assert grew('deepen_member_forward_seconds_total{member="tiny-gemma"}') > 0
     assert grew("deepen_fused_steps_total") >= 9  # every row-step asks for fusion (gate off)
+    names = [m.name for m in tiny_ensemble.members]
+    cached = [after[f'deepen_relative_rows_cached{{member="{n}"}}'] for n in names]
+    assert cached == tiny_ensemble.fuser.context.rows_cached() and sum(cached) > 0
     assert after["deepen_gated_steps_total"] <= after["deepen_fused_steps_total"]
     assert after["deepen_num_requests_running"] == 0
     assert after["deepen_num_requests_waiting"] == 0

@@ -75,7 +75,8 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         load_seconds = _wait_ready(server, url, log.name)
         before = _scrape(url)
         rss: list[tuple[float, float]] = []
-        seen = asyncio.run(_load(args, url, server.pid, rss))
+        parts: list[list[float]] = []
+        seen = asyncio.run(_load(args, url, server.pid, rss, parts))
         settled = _settle(url)
         after = _scrape(url)
         wrong = asyncio.run(_alone(url, seen))
@@ -86,7 +87,12 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             server.kill()
             code = server.wait()
-    return _report(args, seen, before, after, rss, settled, wrong, code, load_seconds, log.name)
+    figures = _report(args, seen, before, after, rss, settled, wrong, code, load_seconds, log.name)
+    # every 10 s: seconds, the anonymous and file-backed parts of RSS (MiB), threads
+    figures["soak"]["rss_anon_file_mb_series"] = parts
+    rows = {k: v for k, v in after.items() if k.startswith("deepen_relative_rows_cached")}
+    figures["soak"]["relative_rows_cached"] = rows
+    return figures
 
 
 def _serve_args(args: argparse.Namespace, port: int) -> list[str]:
@@ -135,16 +141,30 @@ def _scrape(url: str) -> dict[str, float]:
     return values
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory field of /proc/PID/status in MiB: VmRSS, or its RssAnon / RssFile parts."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
 
+def _status_count(pid: int, field: str) -> int:
+    """A count field of /proc/PID/status (Threads)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 async def _load(
-    args: argparse.Namespace, url: str, pid: int, rss: list[tuple[float, float]]
+    args: argparse.Namespace,
+    url: str,
+    pid: int,
+    rss: list[tuple[float, float]],
+    parts: list[list[float]],
 ) -> Seen:
     seen = Seen()
     start = time.monotonic()
@@ -153,6 +173,10 @@ async def _load(
     async def sample() -> None:
         while time.monotonic() < deadline:
             rss.append((time.monotonic() - start, _rss_mb(pid)))
+            if len(rss) % 10 == 1:
+                anon, file = _rss_mb(pid, "RssAnon"), _rss_mb(pid, "RssFile")
+                threads = _status_count(pid, "Threads")
+                parts.append([round(rss[-1][0]), round(anon, 1), round(file, 1), threads])
             await asyncio.sleep(1.0)
 
     limits = httpx.Limits(max_connections=args.soak_clients + 4)
