@@ -206,29 +206,23 @@ class DeepenFuser(Fuser):
         self, top: torch.Tensor, proposals: list[torch.Tensor | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Main top tokens (top: (B, C)) plus main tokens of proposed anchors; no specials.
-        A few ids per row, read one by one: all on the CPU (the caller moves them).
+        Per row: the main member's tokens first, then each helper's in its order, each id
+        once. On the CPU (the caller moves them): the lookups are whole-batch tensor ops
+        and one `tolist`, so the per-row work is plain Python on a few dozen ints.
         """
-        main_has_text = self.has_text[self.main]
         main_anchor_ids = self.anchors.token_ids[self.main]
-        rows: list[list[int]] = []
-        for b in range(top.shape[0]):
-            ids = top[b].tolist()
-            for prop in proposals:
-                if prop is None:  # the main member
-                    continue
-                anchors = prop[b][prop[b] >= 0]
-                ids.extend(main_anchor_ids[anchors].tolist())
-            unique = [t for t in dict.fromkeys(ids) if bool(main_has_text[t])]
-            rows.append(unique)
+        parts = [top]
+        for prop in proposals:
+            if prop is not None:  # None: the main member itself
+                parts.append(torch.where(prop >= 0, main_anchor_ids[prop.clamp(min=0)], -1))
+        ids = torch.cat(parts, dim=1)  # (B, C + C * helpers) main ids, -1: none
+        ids = torch.where(self.has_text[self.main][ids.clamp(min=0)] & (ids >= 0), ids, -1)
+        rows = [[t for t in dict.fromkeys(row) if t >= 0] for row in ids.tolist()]
         width = max(1, max(len(row) for row in rows))
-        cand = torch.zeros(len(rows), width, dtype=torch.long)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for b, row in enumerate(rows):
-            if row:
-                cand[b, : len(row)] = torch.tensor(row)
-                cand[b, len(row) :] = row[0]  # pads repeat a real id (masked, never written)
-                valid[b, : len(row)] = True
-        return cand, valid
+        # pads repeat a real id (masked, never written)
+        cand = [row + row[:1] * (width - len(row)) if row else [0] * width for row in rows]
+        valid = [[True] * len(row) + [False] * (width - len(row)) for row in rows]
+        return torch.tensor(cand, dtype=torch.long), torch.tensor(valid, dtype=torch.bool)
 
     def _inverse_search(
         self, z: torch.Tensor, valid: torch.Tensor, cand_ids: torch.Tensor, r: torch.Tensor

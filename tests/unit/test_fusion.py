@@ -270,6 +270,24 @@ def test_batched_rows_with_different_candidate_counts_equal_rows_alone():
         torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-6, rtol=0)
 
 
+def test_candidates_equal_the_row_by_row_rule():
+    """Per row: the main top ids, then each helper's proposed anchors' main ids, each once,
+    specials dropped; pads repeat the row's first id (the rule read one row at a time)."""
+    fuser = _fuser(candidates=4)
+    g = torch.Generator().manual_seed(7)
+    main_ids, has_text = fuser.anchors.token_ids[0], fuser.has_text[0]
+    for batch in (1, 3, 8):
+        top = torch.randint(0, MAIN_V, (batch, 4), generator=g)
+        helper = torch.randint(-1, NUM_ANCHORS, (batch, 4), generator=g)
+        cand_ids, valid = fuser._candidates(top, [None, helper])
+        for b in range(batch):
+            ids = top[b].tolist() + main_ids[helper[b][helper[b] >= 0]].tolist()
+            want = [t for t in dict.fromkeys(ids) if bool(has_text[t])]
+            assert cand_ids[b][valid[b]].tolist() == want
+            assert set(cand_ids[b][~valid[b]].tolist()) <= set(want[:1] or [0])
+        assert valid.shape == cand_ids.shape and valid[:, 0].any()
+
+
 def test_special_tokens_are_never_candidates():
     fuser = _fuser(candidates=4)
     main = torch.zeros(1, MAIN_V)

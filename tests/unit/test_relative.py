@@ -269,7 +269,7 @@ def test_no_vocab_by_anchor_allocation():
     assert too_big == []
 
 
-@pytest.mark.parametrize("cache_size", [4096, 3])  # the sparse product; gathering past it
+@pytest.mark.parametrize("cache_size", [4096, 3])  # the bag over the cache; gathering past it
 def test_weighted_sum_equals_the_gathered_rows_weighted(cache_size):
     space = _space(tau=5.0, cache_size=cache_size)
     a, b, c, d = _non_anchor_ids(space, 4)
@@ -283,3 +283,10 @@ def test_weighted_sum_equals_the_gathered_rows_weighted(cache_size):
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.equal(out[1], torch.zeros(A))
     assert space.rows_computed == 4  # each distinct row computed once
+    if cache_size < 4:  # rows beyond the cache are recomputed: equal up to rounding
+        return
+    # trailing rows with no entries are zero too, and a row's sum is the same alone
+    wide = space.weighted_sum(tokens, rows_of, weights, batch=5)
+    assert torch.equal(wide[:3], out) and torch.equal(wide[3:], torch.zeros(2, A))
+    alone = space.weighted_sum(tokens[2:], torch.zeros(3, dtype=torch.long), weights[2:], 1)
+    assert torch.equal(alone[0], out[2])
