@@ -98,8 +98,16 @@ class FusionContext:
         settings; with `disk_rows > 0` their non-anchor rows persist on disk.
         """
         key = (tau, cache_size, disk_rows)
-        if key not in self._spaces:
-            self._spaces[key] = [
+        if key in self._spaces:
+            return self._spaces[key]
+        if self._spaces:  # another tau or cache: share the first spaces' anchor embeddings
+            first = next(iter(self._spaces.values()))
+            spaces = [
+                space.with_settings(tau, cache_size, self._store(i, tau, disk_rows))
+                for i, space in enumerate(first)
+            ]
+        else:
+            spaces = [
                 RelativeSpace(
                     m.input_embedding_weight(),
                     self.anchors.token_ids[i],
@@ -110,7 +118,8 @@ class FusionContext:
                 )
                 for i, m in enumerate(self.members)
             ]
-        return self._spaces[key]
+        self._spaces[key] = spaces
+        return spaces
 
     def rows_cached(self) -> list[int]:
         """Per member: the non-anchor relative rows its spaces cache now (all settings)."""

@@ -242,11 +242,3 @@ def test_serve_refuses_a_negative_row_cache_before_loading(capsys):
     assert main(["serve", "--row-cache-size", "-1"]) == 2
     assert "--row-cache-size must be >= 0 rows, got -1." in capsys.readouterr().err
 
-
-def test_an_ensembles_row_caches_reserved_in_full_change_no_answer(tiny_ensemble):
-    view = tiny_ensemble.with_fusion(method="deepen", row_cache_size=16)
-    before = view.generate("The river", max_new_tokens=6)
-    anchors = len(tiny_ensemble.anchors)
-    assert view.reserve_row_caches() == 2 * 16 * anchors * 4  # two members, float32 rows
-    assert view.generate("The river", max_new_tokens=6).token_ids == before.token_ids
-    assert tiny_ensemble.with_fusion(method="union").reserve_row_caches() == 0

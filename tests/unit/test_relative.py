@@ -216,6 +216,19 @@ def test_cache_size_zero_still_returns_rows():
     assert len(space._cache) == 0
 
 
+def test_a_space_at_another_tau_equals_a_fresh_one_and_shares_the_anchor_units():
+    space = _space(tau=100.0)
+    ids = _non_anchor_ids(space, 4)
+    space.non_anchor_rows(ids)
+    twin = space.with_settings(5.0, cache_size=16, store=None)
+    fresh = _space(tau=5.0, cache_size=16)
+    assert twin._anchor_units is space._anchor_units  # shared, not rebuilt
+    assert twin.rows_cached == 0 and twin.rows_computed == 0
+    assert torch.equal(twin.non_anchor_rows(ids), fresh.non_anchor_rows(ids))
+    assert torch.equal(twin.exact_rows(torch.tensor(ids)), fresh.exact_rows(torch.tensor(ids)))
+    assert space.tau == 100.0 and space.rows_cached == 4  # the first space is unchanged
+
+
 def test_reserve_holds_the_whole_cache_and_keeps_rows_and_results():
     space, plain = _space(cache_size=8), _space(cache_size=8)
     a, b, c = _non_anchor_ids(space, 3)
@@ -290,3 +303,30 @@ def test_weighted_sum_equals_the_gathered_rows_weighted(cache_size):
     assert torch.equal(wide[:3], out) and torch.equal(wide[3:], torch.zeros(2, A))
     alone = space.weighted_sum(tokens[2:], torch.zeros(3, dtype=torch.long), weights[2:], 1)
     assert torch.equal(alone[0], out[2])
+
+
+# an ensemble's spaces -------------------------------------------------------------------
+def test_an_ensembles_row_caches_reserved_in_full_change_no_answer(tiny_ensemble):
+    view = tiny_ensemble.with_fusion(method="deepen", row_cache_size=16)
+    before = view.generate("The river", max_new_tokens=6)
+    anchors = len(tiny_ensemble.anchors)
+    assert view.reserve_row_caches() == 2 * 16 * anchors * 4  # two members, float32 rows
+    assert view.generate("The river", max_new_tokens=6).token_ids == before.token_ids
+    assert tiny_ensemble.with_fusion(method="union").reserve_row_caches() == 0
+
+
+def test_a_view_at_another_tau_shares_the_anchor_units_and_answers_as_a_fresh_ensemble(
+    tiny_ensemble, tiny_pair
+):
+    from deepen_engine import Ensemble, MemberSpec
+    from tests.conftest import PLAIN
+
+    base = tiny_ensemble.with_fusion(method="deepen")
+    view = tiny_ensemble.with_fusion(method="deepen", tau=7.0)
+    for ours, theirs in zip(view.fuser.spaces, base.fuser.spaces):
+        assert ours._anchor_units is theirs._anchor_units and ours.tau == 7.0
+    names = [m.name for m in tiny_ensemble.members]
+    specs = [MemberSpec(source=pair, name=n) for pair, n in zip(tiny_pair, names)]
+    fresh = Ensemble(specs, min_anchors=50, **{**PLAIN, "method": "deepen", "tau": 7.0})
+    want = fresh.generate("The river", max_new_tokens=6)
+    assert view.generate("The river", max_new_tokens=6).token_ids == want.token_ids
