@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,24 @@ def default_server(default_ensemble: Ensemble) -> Iterator[str]:
 
     with running_server(create_app(default_ensemble, model_name="deepen-default")) as url:
         yield url
+
+
+@pytest.fixture(scope="package")
+def ray_cluster() -> Iterator[str | None]:
+    """The tier's one local Ray cluster (3 CPUs: the placed pair and an adapter's member),
+    started here and joined by the one process's `deepen --ray` items through
+    `RAY_ADDRESS`: its address, or None without Ray. Shut down when the tier ends, so the
+    unit tier that follows in the same process finds no Ray joined."""
+    try:
+        import ray
+    except ImportError:
+        yield None
+        return
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 # ------------------------------------------------ scripts and snippets in one process
@@ -123,19 +142,26 @@ def one_process_items(snippet_dir: Path) -> dict[str, str]:
     return items
 
 
-@pytest.fixture(scope="session")
-def one_process(default_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+@pytest.fixture(scope="package")  # as ray_cluster, which it joins
+def one_process(
+    default_server: str, ray_cluster: str | None, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Run]:
     """Run the README's snippets and the cookbook scripts in one process
     (tests/integration/one_process.py: the members load once for all of them), against
-    the session's server for the ChatOpenAI example; each one's output by key."""
+    the session's server for the ChatOpenAI example and the tier's Ray cluster for the
+    `--ray` items; each one's output by key."""
     out = tmp_path_factory.mktemp("one-process")
     items = one_process_items(out)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["HF_HUB_OFFLINE"] = "1"
     env["DEEPEN_BASE_URL"] = default_server  # cookbook/langchain_chat_openai_server.py
+    if ray_cluster is not None:  # `deepen --ray` joins it (remote/cluster.py), no Ray of its own
+        env["RAY_ADDRESS"] = ray_cluster
     command = [sys.executable, "-m", "tests.integration.one_process", str(out), *items.values()]
     subprocess.run(command, cwd=ROOT, env=env, timeout=3600, check=False)
+    if ray_cluster is not None:
+        _wait_for_free_cpus()  # the one process's actors end with it, a moment later
     runs = {}
     for i, key in enumerate(items):
         rc = out / f"{i}.rc"
@@ -150,6 +176,16 @@ def one_process(default_server: str, tmp_path_factory: pytest.TempPathFactory) -
         )
     ONE_PROCESS_SECONDS.update({key: run.seconds for key, run in runs.items()})
     return runs
+
+
+def _wait_for_free_cpus(seconds: float = 60.0) -> None:
+    """Wait until the tier's Ray has all its CPUs free again (the Ray tests ask for them)."""
+    import ray
+
+    deadline = time.monotonic() + seconds
+    total = ray.cluster_resources().get("CPU", 0.0)
+    while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 ONE_PROCESS_SECONDS: dict[str, float] = {}

@@ -7,9 +7,9 @@ request is served; a cluster that lacks the resources asked for is a `ConfigErro
 any model loads.
 
 The two command-line tests read `deepen generate --ray` and `deepen bench --ray` run in the
-tier's one process (conftest.CLI_ITEMS), which starts its own local Ray (the `deepen`
-commands' own way); the other tests share one local Ray started here with 3 CPUs (2 for
-the placed pair, 1 for the adapter's member), shut down at the end of the module.
+tier's one process (conftest.CLI_ITEMS); every test, those items included (they join it
+through `RAY_ADDRESS`), uses the tier's one local Ray (conftest.ray_cluster: 3 CPUs, 2 for
+the placed pair, 1 for the adapter's member).
 """
 
 from __future__ import annotations
@@ -65,14 +65,7 @@ def test_bench_ray_small(one_process):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def placed(cluster) -> Ensemble:
+def placed(ray_cluster) -> Ensemble:
     ens = Ensemble([MemberSpec(source=s, placement="ray") for s in DEFAULT_MEMBERS])
     yield ens
     ens.close()
