@@ -143,15 +143,11 @@ def _scrape(url: str) -> dict[str, float]:
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     """A memory field of /proc/PID/status in MiB: VmRSS, or its RssAnon / RssFile parts."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return _status_field(pid, field) / 1024
 
 
-def _status_count(pid: int, field: str) -> int:
-    """A count field of /proc/PID/status (Threads)."""
+def _status_field(pid: int, field: str) -> int:
+    """A field of /proc/PID/status as its number (kB for memory, a count for Threads)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -175,7 +171,7 @@ async def _load(
             rss.append((time.monotonic() - start, _rss_mb(pid)))
             if len(rss) % 10 == 1:
                 anon, file = _rss_mb(pid, "RssAnon"), _rss_mb(pid, "RssFile")
-                threads = _status_count(pid, "Threads")
+                threads = _status_field(pid, "Threads")
                 parts.append([round(rss[-1][0]), round(anon, 1), round(file, 1), threads])
             await asyncio.sleep(1.0)
 
