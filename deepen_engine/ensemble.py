@@ -297,11 +297,9 @@ class Ensemble:
                 member.remote.close()
 
     def reserve_row_caches(self) -> int:
-        """Allocate the DeePEn relative-row caches (`FusionConfig.row_cache_size` rows per
-        member) in full now rather than as tokens first appear, and return their bytes. A
-        long-running process (`deepen serve`) calls it once after loading, so its memory
-        does not creep up for hours as the caches fill. Other methods hold no such cache (0).
-        """
+        """Allocate the DeePEn relative-row caches (`row_cache_size` rows per member) in full
+        now, not as tokens first appear; their bytes (0 for other methods). `deepen serve`
+        calls it after loading, so its memory does not creep up as the caches fill."""
         return self.fuser.reserve_rows()
 
     @property

@@ -40,7 +40,8 @@ def measure(source: str, dtype: str) -> dict[str, object]:
     """The steps in this process (the child's side)."""
     import torch
 
-    from deepen_engine.commands.bench.load import _import_code, _status_mb
+    from deepen_engine.commands.bench.load import _import_code
+    from deepen_engine.commands.bench.proc_status import status_mb
     from deepen_engine.members import MemberSpec, load_local_member, loading
 
     spec = MemberSpec(source=source, dtype=dtype)
@@ -48,7 +49,7 @@ def measure(source: str, dtype: str) -> dict[str, object]:
     loading.release_freed_heap()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
-    base = {f: _status_mb(f) for f in ("VmRSS", "RssAnon", "RssFile")}
+    base = {f: status_mb(f) for f in ("VmRSS", "RssAnon", "RssFile")}
     files = _mapped_files()
     steps: list[dict[str, object]] = []
 
@@ -58,10 +59,10 @@ def measure(source: str, dtype: str) -> dict[str, object]:
         steps.append(
             {
                 "step": name,
-                "rss_mb": round(_status_mb("VmRSS") - base["VmRSS"], 1),
-                "peak_mb": round(_status_mb("VmHWM") - base["VmRSS"], 1),
-                "anon_mb": round(_status_mb("RssAnon") - base["RssAnon"], 1),
-                "file_mb": round(_status_mb("RssFile") - base["RssFile"], 1),
+                "rss_mb": round(status_mb("VmRSS") - base["VmRSS"], 1),
+                "peak_mb": round(status_mb("VmHWM") - base["VmRSS"], 1),
+                "anon_mb": round(status_mb("RssAnon") - base["RssAnon"], 1),
+                "file_mb": round(status_mb("RssFile") - base["RssFile"], 1),
                 "files_mb": dict(sorted(grown.items(), key=lambda kv: -kv[1])[:4]),
             }
         )

@@ -48,8 +48,9 @@ import torch
 import uvicorn
 
 from deepen_engine import Ensemble, MemberSpec
-from deepen_engine.commands.bench.soak import Seen, _disconnect, _load, _plain, _streamed
+from deepen_engine.commands.bench.soak import _disconnect, _load, _plain, _streamed
 from deepen_engine.commands.bench.soak_faults import MALFORMED, SOAK_KINDS, good_request
+from deepen_engine.commands.bench.soak_report import Seen
 from deepen_engine.commands.bench.timing import rss_mb
 from deepen_engine.commands.cli import build_parser
 from deepen_engine.server import create_app
@@ -163,7 +164,7 @@ def main() -> None:
         for r in range(1, args.rounds + 1):
             start = time.monotonic()
             if args.phase_seconds:
-                seen = asyncio.run(_load(_phase(args, r), url, os.getpid(), []))
+                seen = asyncio.run(_load(_phase(args, r), url, os.getpid(), [], []))
             else:
                 seen = asyncio.run(_round(url, args, r))
             _settle(ens)

@@ -18,7 +18,7 @@ import json
 import subprocess
 import sys
 
-from deepen_engine.commands.bench.load import _status_mb
+from deepen_engine.commands.bench.proc_status import status_mb
 
 STEPS = ("rust", "rust-python", "auto", "member", "member+vocab")
 
@@ -35,7 +35,7 @@ def measure(folder: str, step: str) -> dict[str, float]:
     release_freed_heap()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     kept: object
     if step == "rust":
         kept = tokenizers.Tokenizer.from_file(f"{folder}/tokenizer.json")
@@ -47,9 +47,9 @@ def measure(folder: str, step: str) -> dict[str, float]:
         kept = load_tokenizer(folder)
         if step == "member+vocab":
             kept = (kept, CanonicalVocab.from_tokenizer(kept, len(kept)))  # type: ignore[arg-type]
-    peak = _status_mb("VmHWM") - before
+    peak = status_mb("VmHWM") - before
     release_freed_heap()
-    return {"kept_mb": round(_status_mb("VmRSS") - before, 1), "peak_mb": round(peak, 1)}
+    return {"kept_mb": round(status_mb("VmRSS") - before, 1), "peak_mb": round(peak, 1)}
 
 
 def main() -> None:

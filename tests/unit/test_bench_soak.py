@@ -11,16 +11,9 @@ import httpx
 import pytest
 
 from deepen_engine.commands.bench.arguments import check_flags
-from deepen_engine.commands.bench.soak import (
-    Seen,
-    _alone,
-    _kind_of,
-    _plain,
-    _streamed,
-    _thirds,
-    request_key,
-)
+from deepen_engine.commands.bench.soak import _alone, _plain, _streamed, request_key
 from deepen_engine.commands.bench.soak_faults import CHAT, MALFORMED, SOAK_KINDS, good_request
+from deepen_engine.commands.bench.soak_report import Seen, _kind_of, _thirds
 from deepen_engine.commands.cli import build_parser
 from deepen_engine.errors import ConfigError
 from deepen_engine.server import create_app

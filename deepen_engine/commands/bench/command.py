@@ -57,7 +57,8 @@ from .load import load_costs, load_table
 from .ray import print_ray, run_ray
 from .sections import PROMPTS, fidelity, gate_check, length_curve, memory, speed
 from .serving import print_serving, serving
-from .soak import print_soak, run_soak
+from .soak import run_soak
+from .soak_report import print_soak
 from .speculative import speculative_cost, speculative_table
 from .tables import constraint_table, print_table
 from .timing import rss_mb

@@ -44,32 +44,24 @@ import torch
 from ...members import MemberSpec, load_local_member
 from ...members.loading import _resolve, release_freed_heap
 from ...members.tokenizer_file import load_tokenizer
-
-
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (deepen bench --load needs Linux)")
+from .proc_status import status_mb
 
 
 def measure_here(spec: MemberSpec) -> dict[str, Any]:
     """Load `spec` in this process and measure it (steps 1-3 of the module docstring)."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     start = time.perf_counter()
     member = load_local_member(spec)
     seconds = time.perf_counter() - start
-    load_peak = _status_mb("VmHWM")
+    load_peak = status_mb("VmHWM")
     # 4. one short forward pass: memory-mapped weights count once they are read, so the
     # peak after it is what running the member holds, not only what loading touched
     ids = member.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         member.model(input_ids=ids.to(member.device))
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     seen: set[int] = set()
     weights = 0
     for p in member.model.parameters():  # tied embeddings and head once
@@ -102,13 +94,13 @@ def measure_tokenizer_here(spec: MemberSpec) -> dict[str, Any]:
     where = _resolve(str(spec.source), spec.dtype)[2]
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     tokenizer = load_tokenizer(where)  # as load_member reads it
     CanonicalVocab.from_tokenizer(tokenizer, len(tokenizer))
     release_freed_heap()  # as load_member does once the member is built
     return {
-        "tokenizer_mb": round(_status_mb("VmRSS") - before, 1),
-        "tokenizer_peak_mb": round(_status_mb("VmHWM") - before, 1),
+        "tokenizer_mb": round(status_mb("VmRSS") - before, 1),
+        "tokenizer_peak_mb": round(status_mb("VmHWM") - before, 1),
     }
 
 
