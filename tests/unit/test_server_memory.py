@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from deepen_engine.commands.cli import build_parser
+from deepen_engine.commands.cli import build_parser, main
 from deepen_engine.commands.serve import MALLOC_TRIM_INTERVAL
 from deepen_engine.server import create_app, memory, runner
 from deepen_engine.server.memory import MallocTrimmer, glibc_malloc_trim
@@ -79,3 +79,8 @@ def test_malloc_trim_gives_back_what_freed_tensors_left_in_the_heap():
     after = _rss_anon_mb()
     assert held > before - 64  # freed, but still held by malloc
     assert after < held - 128  # given back
+
+
+def test_serve_refuses_a_negative_interval_before_loading(capsys):
+    assert main(["serve", "--malloc-trim-interval", "-1"]) == 2
+    assert "--malloc-trim-interval must be >= 0 seconds, got -1.0." in capsys.readouterr().err
