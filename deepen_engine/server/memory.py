@@ -7,13 +7,19 @@ vocabulary). glibc keeps what is freed in its arenas, one per thread that alloca
 gives memory back to the system only from the top of a heap, past `M_TRIM_THRESHOLD`
 (which rises with the largest block freed, up to 64 MiB). Under continuous load nothing
 lets a heap empty, so the free memory held grows with time: in a 64-client, 300 s soak the
-server's anonymous RSS rose from about 2900 to 3750 MiB while the live tensors and Python
-objects stayed flat, and `malloc_trim(0)` after the load gave back everything but the
-live set. `malloc_trim(0)` (glibc >= 2.8) releases the free pages in the middle of every
-arena too (`madvise(MADV_DONTNEED)`), so a thread calling it every `interval` seconds
-bounds the free memory held to what one interval's allocations leave behind. A call takes
+server's anonymous RSS rose from about 2900 MiB (110-180 s) to 3750 (290 s). Served in
+one process under the same load in 60 s phases, the live tensors and Python objects were
+the same after every phase, and `malloc_trim(0)` took the anonymous RSS from 2750-2850
+MiB back to 2150-2180 each time (2070 before any load): freed memory held, not a leak.
+
+`malloc_trim(0)` (glibc >= 2.8) releases the free pages in the middle of every arena too
+(`madvise(MADV_DONTNEED)`), so a thread calling it every `interval` seconds bounds the free
+memory held to what one interval's allocations leave behind. It does not bound what the
+server holds live: under the soak's load, memory in flight rises with the number of rows
+prefilled together, which grows during a run (docs/benchmarks.md, "Soak"). A call takes
 about 10 to 100 ms under load, on this thread: the decoding thread waits only when it
-allocates in the arena being trimmed at that moment.
+allocates in the arena being trimmed at that moment; the pages given back are faulted in
+again when reused.
 
 Where malloc is not glibc's (macOS, musl), there is no `malloc_trim` and this does nothing.
 A process started with another allocator preloaded (jemalloc, tcmalloc) still finds
