@@ -24,6 +24,9 @@ from ..ensemble import Ensemble
 from ..errors import ConfigError
 from .options import fusion_options, fusion_settings, member_options, member_specs
 
+MALLOC_TRIM_INTERVAL = 10.0
+"""server/memory.py's default (not imported: the server extra may be missing here)."""
+
 
 def add_parser(sub: Any) -> None:
     """Register `deepen serve`."""
@@ -78,6 +81,13 @@ def add_parser(sub: Any) -> None:
         f"stays flat (about 0.2 MB each with the default members; default: {rows})",
     )
     parser.add_argument(
+        "--malloc-trim-interval",
+        type=float,
+        default=MALLOC_TRIM_INTERVAL,
+        help="seconds between two calls of glibc's malloc_trim, which gives the memory freed "
+        "under load back to the system, so the RSS stays flat (0: never; default: %(default)g)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     parser.set_defaults(run=run)
@@ -97,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be from 1 to 65535, got {args.port}.")
     if args.row_cache_size < 0:
         raise ConfigError(f"--row-cache-size must be >= 0 rows, got {args.row_cache_size}.")
+    if args.malloc_trim_interval < 0:
+        raise ConfigError(
+            f"--malloc-trim-interval must be >= 0 seconds, got {args.malloc_trim_interval}."
+        )
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
     scheduler = SchedulerConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue)
@@ -133,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         shutdown_timeout=args.shutdown_timeout,
+        malloc_trim_interval=args.malloc_trim_interval,
         log_level=args.log_level,
     )
     return 0

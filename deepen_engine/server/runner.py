@@ -21,6 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from ..errors import ConfigError
+from .memory import MALLOC_TRIM_INTERVAL, MallocTrimmer
 from .state import ServerState
 
 log = logging.getLogger("deepen.server")
@@ -65,9 +66,26 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: Starlette, host: str, port: int, *, shutdown_timeout: float, **options: Any) -> None:
-    """Serve `app` (from `create_app`) until SIGTERM / SIGINT and a drain; blocks."""
+def serve(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    malloc_trim_interval: float = MALLOC_TRIM_INTERVAL,
+    **options: Any,
+) -> None:
+    """Serve `app` (from `create_app`) until SIGTERM / SIGINT and a drain; blocks. Every
+    `malloc_trim_interval` seconds (0: never) the free memory malloc holds is given back to
+    the system (memory.py: without it the RSS of a loaded server grows with time).
+    """
     config = uvicorn.Config(app, host=host, port=port, **options)
     # what the drain could not finish is cut at once, not waited for again
     config.timeout_graceful_shutdown = 1
-    DrainingServer(config, shutdown_timeout).run()
+    server = DrainingServer(config, shutdown_timeout)
+    trimmer = MallocTrimmer(malloc_trim_interval)
+    trimmer.start()
+    try:
+        server.run()
+    finally:
+        trimmer.stop()

@@ -1,0 +1,94 @@
+"""Handing the memory glibc's malloc holds free back to the system, every few seconds.
+
+Why (issue 23's soak): on the CPU, torch allocates every tensor with malloc, and a
+decoding step frees and allocates tens of MiB of them in shapes that change with every row
+that joins or leaves (the KV caches are re-concatenated each step, logits are batch x
+vocabulary). glibc keeps what is freed in its arenas, one per thread that allocates, and
+gives memory back to the system only from the top of a heap, past `M_TRIM_THRESHOLD`
+(which rises with the largest block freed, up to 64 MiB). Under continuous load nothing
+lets a heap empty, so the free memory held grows with time: in a 64-client, 300 s soak the
+server's anonymous RSS rose from about 2900 MiB (110-180 s) to 3750 (290 s). Served in
+one process under the same load in 60 s phases, the live tensors and Python objects were
+the same after every phase, and `malloc_trim(0)` took the anonymous RSS from 2750-2850
+MiB back to 2150-2180 each time (2070 before any load): freed memory held, not a leak.
+
+`malloc_trim(0)` (glibc >= 2.8) releases the free pages in the middle of every arena too
+(`madvise(MADV_DONTNEED)`), so a thread calling it every `interval` seconds bounds the free
+memory held to what one interval's allocations leave behind. It does not bound what the
+server holds live: under the soak's load, memory in flight rises with the number of rows
+prefilled together, which grows during a run (docs/benchmarks.md, "Soak"). A call takes
+about 10 to 100 ms under load, on this thread: the decoding thread waits only when it
+allocates in the arena being trimmed at that moment; the pages given back are faulted in
+again when reused.
+
+Where malloc is not glibc's (macOS, musl), there is no `malloc_trim` and this does nothing.
+A process started with another allocator preloaded (jemalloc, tcmalloc) still finds
+glibc's `malloc_trim`, which then trims glibc's unused arenas: harmless, and no help.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("deepen.server")
+
+MALLOC_TRIM_INTERVAL = 10.0
+"""Default seconds between two `malloc_trim(0)` calls of `deepen serve`."""
+
+
+def glibc_malloc_trim() -> Callable[[], object] | None:
+    """The `malloc_trim(0)` of glibc, as a function of no argument; None where there is none."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+class MallocTrimmer:
+    """A daemon thread calling `trim` (default: glibc's `malloc_trim(0)`) every `interval`
+    seconds from `start()` until `stop()`. `interval <= 0`, or no `trim` to call: nothing.
+    """
+
+    def __init__(self, interval: float, trim: Callable[[], object] | None = None) -> None:
+        self.interval = interval
+        self._trim = trim if trim is not None else glibc_malloc_trim()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.trims = 0  # calls made so far
+
+    def start(self) -> bool:
+        """Start the thread; False (and nothing started) when there is nothing to do."""
+        if self.interval <= 0 or self._trim is None or self._thread is not None:
+            return False
+        self._thread = threading.Thread(target=self._run, name="deepen-malloc-trim", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (a call in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        trim = self._trim
+        assert trim is not None
+        while not self._stop.wait(self.interval):
+            try:
+                trim()
+            except Exception:  # never let the trimmer take the server down
+                log.exception("deepen serve: malloc_trim failed; no more trimming")
+                return
+            self.trims += 1
