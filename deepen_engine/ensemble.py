@@ -299,7 +299,8 @@ class Ensemble:
     def reserve_row_caches(self) -> int:
         """Allocate the DeePEn relative-row caches (`row_cache_size` rows per member) in full
         now, not as tokens first appear; their bytes (0 for other methods). `deepen serve`
-        calls it after loading, so its memory does not creep up as the caches fill."""
+        calls it after loading, so its memory does not creep up as the caches fill.
+        """
         return self.fuser.reserve_rows()
 
     @property

@@ -29,7 +29,7 @@ def measure(folder: str, step: str) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from deepen_engine.alignment.vocabulary import CanonicalVocab
-    from deepen_engine.members.loading import release_freed_heap
+    from deepen_engine.heap import release_freed_heap
     from deepen_engine.members.tokenizer_file import load_tokenizer, read_backend
 
     release_freed_heap()

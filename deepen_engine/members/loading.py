@@ -8,7 +8,6 @@ transformers folder under the cache directory (`$DEEPEN_CACHE`, default
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import inspect
 import time
@@ -19,6 +18,7 @@ import torch
 
 from ..alignment.vocabulary import CanonicalVocab
 from ..errors import ConfigError, MemberLoadError
+from ..heap import release_freed_heap
 from .conversion import ensure_folder
 from .embedded import EMBEDDED, embedded_gguf
 from .hub import hub_access
@@ -207,20 +207,11 @@ def _weights_dtype(model: Any, asked: torch.dtype) -> torch.dtype:
     return asked
 
 
-def release_freed_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere
-    nothing happens).
-
-    Reading a tokenizer allocates far more than it keeps: Gemma-3's peaks about 200 MB
-    above the 74 MB it keeps (tokenizer_file.py), and glibc keeps the freed pages, which
-    lie between the kept ones, mapped. Weights are memory-mapped files and cannot reuse them, so
-    without this every process holding the member would carry them beside its weights.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
-        return
-    trim(0)
+# Why loading calls `release_freed_heap` (heap.py): reading a tokenizer allocates far more
+# than it keeps (Gemma-3's peaks about 200 MB above the 74 MB it keeps, tokenizer_file.py),
+# and glibc keeps the freed pages, which lie between the kept ones, mapped. Weights are
+# memory-mapped files and cannot reuse them, so without a trim every process holding the
+# member would carry them beside its weights.
 
 
 def _vocab_rows(model: Any) -> int:

@@ -28,31 +28,16 @@ glibc's `malloc_trim`, which then trims glibc's unused arenas: harmless, and no 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 from collections.abc import Callable
+
+from ..heap import glibc_malloc_trim
 
 log = logging.getLogger("deepen.server")
 
 MALLOC_TRIM_INTERVAL = 10.0
 """Default seconds between two `malloc_trim(0)` calls of `deepen serve`."""
-
-
-def glibc_malloc_trim() -> Callable[[], object] | None:
-    """The `malloc_trim(0)` of glibc, as a function of no argument; None where there is none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
 
 
 class MallocTrimmer:

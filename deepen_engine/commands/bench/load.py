@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
+from ...heap import release_freed_heap
 from ...members import MemberSpec, load_local_member
-from ...members.loading import _resolve, release_freed_heap
+from ...members.loading import _resolve
 from ...members.tokenizer_file import load_tokenizer
 from .proc_status import status_mb
 
