@@ -8,6 +8,9 @@ import ctypes
 import functools
 from collections.abc import Callable
 
+MALLOC_TRIM_INTERVAL = 10.0
+"""Default seconds between two `malloc_trim(0)` calls of `deepen serve` (server/memory.py)."""
+
 
 @functools.cache
 def glibc_malloc_trim() -> Callable[[], object] | None:

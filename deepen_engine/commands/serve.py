@@ -22,10 +22,8 @@ from typing import Any
 from ..config import FusionConfig, SchedulerConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
+from ..heap import MALLOC_TRIM_INTERVAL
 from .options import fusion_options, fusion_settings, member_options, member_specs
-
-MALLOC_TRIM_INTERVAL = 10.0
-"""server/memory.py's default (not imported: the server extra may be missing here)."""
 
 
 def add_parser(sub: Any) -> None:
@@ -77,15 +75,15 @@ def add_parser(sub: Any) -> None:
         "--row-cache-size",
         type=int,
         default=rows,
-        help="DeePEn relative rows cached per member, allocated in full at start so memory "
-        f"stays flat (about 0.2 MB each with the default members; default: {rows})",
+        help="DeePEn relative rows cached per member, allocated in full at start so they do "
+        f"not grow the memory later (about 0.2 MB each with the default members; default: {rows})",
     )
     parser.add_argument(
         "--malloc-trim-interval",
         type=float,
         default=MALLOC_TRIM_INTERVAL,
         help="seconds between two calls of glibc's malloc_trim, which gives the memory freed "
-        "under load back to the system, so the RSS stays flat (0: never; default: %(default)g)",
+        "under load back to the system (0: never; default: %(default)g)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

@@ -32,12 +32,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..heap import glibc_malloc_trim
+from ..heap import MALLOC_TRIM_INTERVAL, glibc_malloc_trim
 
 log = logging.getLogger("deepen.server")
-
-MALLOC_TRIM_INTERVAL = 10.0
-"""Default seconds between two `malloc_trim(0)` calls of `deepen serve`."""
 
 
 class MallocTrimmer:
@@ -45,7 +42,9 @@ class MallocTrimmer:
     seconds from `start()` until `stop()`. `interval <= 0`, or no `trim` to call: nothing.
     """
 
-    def __init__(self, interval: float, trim: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, interval: float = MALLOC_TRIM_INTERVAL, trim: Callable[[], object] | None = None
+    ) -> None:
         self.interval = interval
         self._trim = trim if trim is not None else glibc_malloc_trim()
         self._stop = threading.Event()

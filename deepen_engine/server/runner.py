@@ -21,7 +21,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from ..errors import ConfigError
-from .memory import MALLOC_TRIM_INTERVAL, MallocTrimmer
+from ..heap import MALLOC_TRIM_INTERVAL
+from .memory import MallocTrimmer
 from .state import ServerState
 
 log = logging.getLogger("deepen.server")

@@ -67,8 +67,9 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             server.kill()
             code = server.wait()
-    figures = (seen, before, after, rss, settled, wrong, code, load_seconds, log.name, parts)
-    return report(args, *figures)
+    return report(
+        args, seen, before, after, rss, settled, wrong, code, load_seconds, log.name, parts
+    )
 
 
 def _serve_args(args: argparse.Namespace, port: int) -> list[str]:
