@@ -1,8 +1,10 @@
-"""Tensor helpers of the members' batched KV caches: left padding to a common width, and
-gathering cache slots when rows are compacted.
+"""Tensor helpers of the members' batched KV caches: left padding to a common width,
+gathering cache slots when rows are compacted, dropping slots no row uses.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -37,3 +39,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def drop_unused_leading_slots(cache: Any, valid: torch.Tensor) -> torch.Tensor:
+    """Cut the cache's first slots while no row uses them; returns the (B, T') mask.
+
+    cache: a transformers cache whose layers hold (B, H, T, D) states; valid: its (B, T)
+    mask. The slots cut are masked for every row, so no row's attention changes, and
+    position ids count valid slots only, so none moves.
+    """
+    used = valid.any(dim=0)  # (T,)
+    if not bool(used.any()) or bool(used[0]):
+        return valid
+    first = int(used.float().argmax())
+    for layer in cache.layers:  # each on its own device in a sharded member
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        layer.keys = layer.keys[:, :, first:, :]
+        layer.values = layer.values[:, :, first:, :]
+        if hasattr(layer, "cumulative_length"):  # a sliding layer counts the slots it saw
+            layer.cumulative_length = layer.keys.shape[2]
+    return valid[:, first:]

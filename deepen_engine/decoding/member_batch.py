@@ -34,7 +34,13 @@ from transformers import DynamicCache
 
 from ..errors import MemberError
 from ..members import Member
-from .cache_ops import common_prefix, gather_slots, left_pad, left_pad_mask
+from .cache_ops import (
+    common_prefix,
+    drop_unused_leading_slots,
+    gather_slots,
+    left_pad,
+    left_pad_mask,
+)
 from .prompt_scores import RowScore, logits_kept, score_pass, score_width
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
@@ -329,6 +335,8 @@ class MemberBatch:
             for layer in self.cache.layers:  # each on its own device in a sharded member
                 if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
                     layer.batch_select_indices(index.to(layer.keys.device))
+        # cut slots no row uses: a batch that never empties would grow a slot per step
+        self.valid = drop_unused_leading_slots(self.cache, self.valid)
 
     def merge(self, other: MemberBatch) -> None:
         """Append the rows of `other` (same member, prefilled) after this batch's rows.

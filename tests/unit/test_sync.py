@@ -96,3 +96,38 @@ def test_dropping_rows_keeps_the_others_exact(tiny_pair, which):
     for b in range(2):
         expected = _fresh_logits(member, batch.rows[b].ids)[0]
         torch.testing.assert_close(batch.logits[b], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "which", [0, 1, 2], ids=["llama-bpe", "gemma3-sp-window-6", "gemma3-sp-window-24"]
+)
+def test_rows_joining_and_leaving_keep_the_cache_to_the_live_rows(tiny_pair, which):
+    """A batch that never empties (a busy server's): rows leave and new rows merge in for
+    many steps. The cache holds no slot before the oldest live row's first one, so its
+    width stays bounded by the live rows, and every row's logits stay exact.
+    """
+    member = _member(tiny_pair, which)
+    encode = member.tokenizer
+    batch = MemberBatch(member, [encode(PROMPTS[0]).input_ids])
+    batch.forward()
+    widths = []
+    for step in range(24):
+        for b in range(len(batch.rows)):
+            batch.append(b, 40 + (step + b) % 20)
+        if step % 3 == 2:  # a new row joins, prefilled apart, as the scheduler does
+            newcomer = MemberBatch(member, [encode(PROMPTS[step % 3]).input_ids])
+            newcomer.forward()
+            batch.merge(newcomer)
+        if len(batch.rows) > 2:  # the oldest row finishes
+            batch.keep_rows(list(range(1, len(batch.rows))))
+        batch.forward()
+        widths.append(batch.valid.shape[1])
+        # no slot before the first one a live row uses
+        assert bool(batch.valid[:, 0].any())
+        for layer in batch.cache.layers:
+            assert layer.keys.shape[2] == batch.valid.shape[1]
+    for b in range(len(batch.rows)):
+        expected = _fresh_logits(member, batch.rows[b].ids)[0]
+        torch.testing.assert_close(batch.logits[b], expected, atol=1e-4, rtol=1e-4)
+    # before, the width only grew: the first prompt plus a slot per step
+    assert widths[-1] < 24 + len(encode(PROMPTS[0]).input_ids)
