@@ -309,11 +309,10 @@ class Ensemble:
         return self._scheduler.config
 
     def queue_state(self) -> dict[str, int]:
-        """Rows decoding now and requests waiting to start (shared by all views)."""
-        return {
-            "running_rows": self._scheduler.running_rows,
-            "waiting_requests": self._scheduler.waiting_requests,
-        }
+        """Rows running, requests waiting, bytes of running rows' KV caches here (all views)."""
+        s = self._scheduler
+        return {"running_rows": s.running_rows, "waiting_requests": s.waiting_requests,
+                "kv_cache_bytes": s.kv_cache_bytes}  # fmt: skip
 
     @overload
     async def agenerate(

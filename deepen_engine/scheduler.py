@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
+from .decoding.cache_ops import cache_bytes
 from .decoding.leaders import assign_leaders
 from .decoding.loop import BatchDecoder
 from .decoding.rows import DecodeHooks, NewRow, Row
@@ -147,6 +148,14 @@ class Scheduler:
         """Rows in the running batch now."""
         decoder = self._decoder
         return len(decoder.rows) if decoder is not None else 0
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the running batch's KV caches, of the members in this process (a
+        Ray member's cache is in its actor). Read from any thread: shapes only.
+        """
+        decoder = self._decoder
+        return sum(cache_bytes(b.cache) for b in decoder.batches) if decoder is not None else 0
 
     @property
     def waiting_requests(self) -> int:

@@ -279,3 +279,6 @@ def running_server(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+IDLE = {"running_rows": 0, "waiting_requests": 0, "kv_cache_bytes": 0}
+"""`Ensemble.queue_state()` with nothing running or waiting."""

@@ -1,5 +1,5 @@
 """Tensor helpers of the members' batched KV caches: left padding to a common width,
-gathering cache slots when rows are compacted, dropping slots no row uses.
+gathering cache slots when rows are compacted, dropping slots no row uses, their bytes.
 """
 
 from __future__ import annotations
@@ -60,3 +60,13 @@ def drop_unused_leading_slots(cache: Any, valid: torch.Tensor) -> torch.Tensor:
         if hasattr(layer, "cumulative_length"):  # a sliding layer counts the slots it saw
             layer.cumulative_length = layer.keys.shape[2]
     return valid[:, first:]
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the key and value states a transformers cache holds now."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for states in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(states, torch.Tensor):
+                total += states.numel() * states.element_size()
+    return total

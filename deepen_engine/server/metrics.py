@@ -13,6 +13,7 @@ Per request (`RequestMeter`, fed by the app as the answer's events pass):
     deepen_e2e_request_latency_seconds            arrival -> last event
 Read from the engine when scraped (no cost per step beyond two additions):
     deepen_num_requests_running / _waiting        rows decoding, requests waiting
+    deepen_kv_cache_bytes                         the running rows' KV caches (in process)
     deepen_fused_steps_total, deepen_gated_steps_total   row-steps fused / skipped by the gate
     deepen_member_forward_seconds_total{member}   time in each member's forward passes
     deepen_relative_rows_cached{member}           DeePEn relative rows each member caches
@@ -107,6 +108,11 @@ class _EngineCollector:
             "deepen_num_requests_waiting",
             "Requests waiting to start.",
             state.get("waiting_requests", 0),
+        )
+        yield GaugeMetricFamily(
+            "deepen_kv_cache_bytes",
+            "Bytes of the running rows' KV caches (members in this process).",
+            state.get("kv_cache_bytes", 0),
         )
         context = ens.fuser.context if ens is not None else None
         fused = context.fusion_rows if context is not None else 0

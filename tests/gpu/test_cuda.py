@@ -21,7 +21,7 @@ import torch
 
 from deepen_engine import DEFAULT_MEMBERS, Ensemble, MemberError, MemberSpec
 from deepen_engine.decoding import member_batch as sync
-from tests.conftest import tiny_gemma3, tiny_llama
+from tests.conftest import IDLE, tiny_gemma3, tiny_llama
 
 pytestmark = [
     pytest.mark.gpu,
@@ -118,7 +118,7 @@ def test_closing_a_stream_on_cuda_frees_its_rows(on_cuda):
     events = on_cuda.stream(PROMPTS, max_new_tokens=200)
     next(e for e in events if e.delta)
     events.close()
-    assert on_cuda.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert on_cuda.queue_state() == IDLE
     assert _ids(on_cuda.generate(PROMPTS, max_new_tokens=N)) == expected
 
 
@@ -169,7 +169,7 @@ def test_a_failing_member_on_cuda_is_named_and_the_next_request_is_served(on_cud
     finally:
         del helper.model.forward
     assert info.value.member == helper.name
-    assert on_cuda.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert on_cuda.queue_state() == IDLE
     assert _ids(on_cuda.generate(PROMPTS, max_new_tokens=N)) == expected
 
 

@@ -15,6 +15,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
 from deepen_engine import Ensemble  # noqa: E402
+from tests.conftest import IDLE  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -152,4 +153,4 @@ def test_a_client_that_disconnects_mid_stream_leaves_no_row(server, ensemble):
     deadline = time.monotonic() + 60
     while ensemble.queue_state()["running_rows"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert ensemble.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert ensemble.queue_state() == IDLE

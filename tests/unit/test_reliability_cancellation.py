@@ -13,6 +13,7 @@ import pytest
 
 from deepen_engine.commands.bench.timing import rss_mb
 from deepen_engine.decoding import member_batch as sync
+from tests.conftest import IDLE
 
 PROMPT = "Once upon a time there was a small model that learned to write stories. It"
 CYCLES = 50
@@ -108,7 +109,7 @@ def test_50_cancel_cycles_leave_the_engine_usable_without_growth(tiny_ensemble, 
     growth = rss_mb() - rss_before
     assert batches["made"] - made_before >= CYCLES  # every cycle really started decoding
     assert batches["made"] == batches["freed"]  # and freed every member's cache
-    assert ens.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert ens.queue_state() == IDLE
     for space in ens.fuser.spaces:
         assert len(space._cache) <= ens.fusion.row_cache_size
     assert growth < 50, f"resident memory grew {growth:.1f} MB over {CYCLES} cancel cycles"

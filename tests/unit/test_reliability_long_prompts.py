@@ -10,7 +10,7 @@ import pytest
 
 from deepen_engine import ConfigError, Ensemble, MemberSpec
 from deepen_engine.decoding import member_batch as sync
-from tests.conftest import plain_greedy_ids, tiny_gemma3, tiny_llama
+from tests.conftest import IDLE, plain_greedy_ids, tiny_gemma3, tiny_llama
 
 MAIN_WINDOW, HELPER_WINDOW = 48, 40
 
@@ -57,7 +57,7 @@ def test_a_prompt_filling_the_smallest_window_is_refused_naming_that_member(smal
         r"shorten the prompt, or pass truncation='left'",
     ):
         small.generate(prompt, max_new_tokens=4)
-    assert small.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert small.queue_state() == IDLE
     assert small.generate("x " * 5, max_new_tokens=4).finish_reason == "length"
 
 

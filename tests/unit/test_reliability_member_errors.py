@@ -14,6 +14,7 @@ import pytest
 
 from deepen_engine import DeepenError, Ensemble, MemberError, MemberSpec
 from deepen_engine.decoding import member_batch as sync
+from tests.conftest import IDLE
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 N = 6
@@ -75,7 +76,7 @@ def _ids(results):
 
 def _check_recovered(ens, expected, batches):
     made, freed = batches
-    assert ens.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert ens.queue_state() == IDLE
     assert made and {id(b) for b in made} <= {id(b) for b in freed}  # every cache freed
     assert _ids(ens.generate(PROMPTS, max_new_tokens=N)) == _ids(expected)
 

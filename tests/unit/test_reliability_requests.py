@@ -9,6 +9,7 @@ import pytest
 
 from deepen_engine import ConfigError
 from deepen_engine.decoding import loop as decoding
+from tests.conftest import IDLE
 
 N = 8
 
@@ -16,7 +17,7 @@ N = 8
 def _refused(ens, prompt, match, **settings):
     with pytest.raises(ConfigError, match=match):
         ens.generate(prompt, max_new_tokens=N, **settings)
-    assert ens.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert ens.queue_state() == IDLE
 
 
 # ------------------------------------------------------------------ prompts
@@ -126,7 +127,7 @@ def test_special_token_text_is_read_as_each_members_own_tokens(tiny_ensemble):
 def test_bad_settings(tiny_ensemble, settings, match):
     with pytest.raises(ConfigError, match=match):
         tiny_ensemble.generate("Hi", **settings)
-    assert tiny_ensemble.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert tiny_ensemble.queue_state() == IDLE
 
 
 def test_bad_batch_size(tiny_ensemble):

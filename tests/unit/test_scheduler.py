@@ -20,6 +20,7 @@ from deepen_engine import (
 )
 from deepen_engine.decoding.loop import BatchDecoder
 from deepen_engine.decoding.rows import NewRow
+from tests.conftest import IDLE
 
 PROMPTS = [
     "The capital of France is",
@@ -192,7 +193,7 @@ def test_a_request_past_its_timeout_fails_and_leaves_the_batch(small_queue):
     ens = small_queue
     with pytest.raises(RequestTimeoutError, match="timeout of 0.05 s"):
         ens.generate(PROMPTS[0], max_new_tokens=1000, min_new_tokens=1000, timeout=0.05)
-    assert ens.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert ens.queue_state() == IDLE
     assert ens.generate(PROMPTS[1], max_new_tokens=4).token_ids == _alone(
         ens, PROMPTS[1], max_new_tokens=4
     )
@@ -248,3 +249,22 @@ def test_concurrent_adapter_calls_share_forward_passes(tiny_ensemble, monkeypatc
     answers = asyncio.run(main())
     assert [a if isinstance(a, str) else a.text for a in answers] == expected
     assert max(widths) > 1  # the six calls shared forward passes
+
+
+def test_queue_state_counts_the_running_rows_kv_cache_bytes(tiny_ensemble):
+    """`kv_cache_bytes` (the server's `deepen_kv_cache_bytes`) is what the running batch's
+    caches hold: a row's per-position states of every member, nothing once it is done."""
+    assert tiny_ensemble.queue_state()["kv_cache_bytes"] == 0
+    running = tiny_ensemble.stream(PROMPTS[0], max_new_tokens=400, min_new_tokens=400)
+    next(running)
+    held = tiny_ensemble.queue_state()["kv_cache_bytes"]
+    running.close()
+    prompt_states = 0  # (k and v) x layers x kv heads x head dim x 4 bytes x prompt ids
+    for member in tiny_ensemble.members:
+        c = member.model.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        ids = len(member.tokenizer(PROMPTS[0]).input_ids)
+        prompt_states += 2 * c.num_hidden_layers * heads * dim * 4 * ids
+    assert held >= prompt_states  # the row keeps decoding while we read: at least this
+    assert tiny_ensemble.queue_state()["kv_cache_bytes"] == 0

@@ -17,7 +17,7 @@ import openai  # noqa: E402
 
 from deepen_engine import Ensemble, MemberSpec, SchedulerConfig  # noqa: E402
 from deepen_engine.server import create_app  # noqa: E402
-from tests.conftest import running_server, tiny_gemma3, tiny_llama  # noqa: E402
+from tests.conftest import IDLE, running_server, tiny_gemma3, tiny_llama  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
@@ -114,7 +114,7 @@ def test_chat_logprobs_come_from_the_fused_distribution(client, tiny_ensemble):
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(server + "/health").json()
-    assert health == {"status": "ok", "model": "tiny", "running_rows": 0, "waiting_requests": 0}
+    assert health == {"status": "ok", "model": "tiny", **IDLE}
 
 
 BAD_BODIES = [
@@ -228,7 +228,7 @@ def test_a_client_that_leaves_mid_stream_leaves_no_row(server, tiny_ensemble):
         lines = reply.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
     _wait_idle(tiny_ensemble)
-    assert tiny_ensemble.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert tiny_ensemble.queue_state() == IDLE
 
 
 def test_a_client_that_leaves_a_whole_request_leaves_no_row(server, tiny_ensemble):
@@ -236,7 +236,7 @@ def test_a_client_that_leaves_a_whole_request_leaves_no_row(server, tiny_ensembl
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/completions", json=body, timeout=1.0)
     _wait_idle(tiny_ensemble)
-    assert tiny_ensemble.queue_state() == {"running_rows": 0, "waiting_requests": 0}
+    assert tiny_ensemble.queue_state() == IDLE
 
 
 def _wait_idle(ens, seconds=20.0):

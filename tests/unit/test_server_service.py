@@ -175,6 +175,7 @@ def test_metrics_add_up_to_what_the_clients_saw(own_server, tiny_ensemble):
     assert after["deepen_gated_steps_total"] <= after["deepen_fused_steps_total"]
     assert after["deepen_num_requests_running"] == 0
     assert after["deepen_num_requests_waiting"] == 0
+    assert after["deepen_kv_cache_bytes"] == 0  # nothing running: no cache held
 
 
 def test_the_gate_shows_in_the_gated_steps(own_server):

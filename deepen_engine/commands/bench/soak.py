@@ -118,6 +118,14 @@ def _scrape(url: str) -> dict[str, float]:
     return values
 
 
+def _engine_state(text: str) -> list[float]:
+    """From a /metrics page: rows running, requests waiting, KV cache MiB."""
+    names = ("deepen_num_requests_running", "deepen_num_requests_waiting", "deepen_kv_cache_bytes")
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(names))
+    running, waiting, kv = (float(values.get(name, "nan")) for name in names)
+    return [running, waiting, round(kv / 2**20, 1)]
+
+
 async def _load(
     args: argparse.Namespace,
     url: str,
@@ -135,7 +143,8 @@ async def _load(
             if len(rss) % 10 == 1:
                 anon, file = status_mb("RssAnon", pid), status_mb("RssFile", pid)
                 threads = status_field("Threads", pid)
-                parts.append([round(rss[-1][0]), round(anon, 1), round(file, 1), threads])
+                engine = _engine_state((await http.get("/metrics", timeout=30)).text)
+                parts.append([round(rss[-1][0]), round(anon, 1), round(file, 1), threads, *engine])
             await asyncio.sleep(1.0)
 
     limits = httpx.Limits(max_connections=args.soak_clients + 4)

@@ -119,7 +119,8 @@ def report(
             "rss_mb_thirds": thirds,
             # every 10th sample (one a second): is growth warm-up that levels off, or a leak?
             "rss_mb_series": [[round(t), round(mb, 1)] for t, mb in rss[::10] + rss[-1:]],
-            # every 10 s: seconds, the anonymous and file-backed parts of RSS (MiB), threads
+            # every 10 s: seconds, the anonymous and file-backed parts of RSS (MiB), threads,
+            # rows running, requests waiting, the running rows' KV caches (MiB)
             "rss_anon_file_mb_series": parts,
             "relative_rows_cached": {
                 k: v for k, v in after.items() if k.startswith("deepen_relative_rows_cached")
