@@ -30,14 +30,22 @@ from deepen_engine import Ensemble
 from deepen_engine.commands.bench.sections import PROMPTS
 
 
+BENCH_FUSION = {"main": 0, "weighting": "fixed"}
+"""The bench's fusion settings (`deepen bench`: Gemma-3 leads, fixed uniform weights); the
+engine's defaults (leader and weights per prompt) need each row's prompt scores, which
+recorded logits do not carry."""
+
+
 def _record(path: str, tokens: int) -> None:
-    ens = Ensemble()
+    ens = Ensemble(**BENCH_FUSION)
     steps: list[list[torch.Tensor]] = []
     fuse = ens.fuser.fuse
 
-    def recording(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    def recording(
+        logits: Sequence[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         steps.append([x.detach().clone() for x in logits])
-        return fuse(logits)
+        return fuse(logits, weights)
 
     ens.fuser.fuse = recording  # type: ignore[method-assign]
     ens.generate(list(PROMPTS), max_new_tokens=tokens, min_new_tokens=tokens)
@@ -68,7 +76,7 @@ def main() -> None:
         _record(args.steps, args.tokens)
         return
     steps = torch.load(args.steps)
-    ens = Ensemble()
+    ens = Ensemble(**BENCH_FUSION)
     if args.action == "time":
         batch = len(steps[0][0])
         rows = [[x[b : b + 1] for x in step] for step in steps for b in range(batch)]

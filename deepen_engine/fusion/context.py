@@ -6,6 +6,8 @@ shared by every fuser made from it (`Ensemble.with_fusion` views included):
   token's text, or the longest start of it (for the union methods);
 - relative spaces over the anchors (`spaces`, for DeePEn), with their in-memory row caches
   and the on-disk row store (alignment/row_store.py), each on its member's device;
+- each member's DeePEn index tables (`member_tables`, fusion/tables.py): built once, not
+  per fuser, though `main="auto"` makes a fuser per request;
 - copies of the tables above on the devices that read them (`copies`, deepen_engine/devices.py).
 
 Everything is built on first use, so a method that does not need it never pays for it.
@@ -23,6 +25,7 @@ from ..alignment.token_texts import TextSequence
 from ..alignment.vocabulary import Anchors
 from ..devices import DeviceCopies
 from ..members import Member, cache_dir
+from .tables import MemberTables
 
 END = b""
 """The key of end-of-text tokens in `FusionContext.keys` (no token's text is empty)."""
@@ -65,6 +68,7 @@ class FusionContext:
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
         self._keys: dict[int, EndKeys] = {}
         self._digests: dict[int, str] = {}
+        self._tables: dict[int, MemberTables] = {}
         self.copies = DeviceCopies()  # the tables on the devices that read them
         # row-steps every fuser of the ensemble (views included) was asked to fuse, and
         # of those the gate skipped (the server's metrics; `FuseStats` is per fuser)
@@ -92,6 +96,12 @@ class FusionContext:
                 self.keys(source), by_text, self.end_ids[target]
             )
         return self._maps[source, target]
+
+    def member_tables(self, i: int) -> MemberTables:
+        """Member i's DeePEn index tables (the same for every fuser: anchors are fixed)."""
+        if i not in self._tables:
+            self._tables[i] = MemberTables.build(self.anchors.token_to_anchor[i], self.has_text[i])
+        return self._tables[i]
 
     def spaces(self, tau: float, cache_size: int, disk_rows: int) -> list[RelativeSpace]:
         """One relative space per member over the anchors, shared by fusers with the same

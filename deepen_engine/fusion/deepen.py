@@ -70,6 +70,25 @@ def kept_non_anchors(
     return top_ids, kept_p, leftout
 
 
+def _top_of_parts(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], c: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `c` logits and token ids (B, c), best first, of a vocabulary split in parts:
+    each part is its (B, n) logits and either (n,) token ids or (B, n) ids per row. The
+    same tokens as one top-k over the whole vocabulary (in another order only where
+    logits tie), from a top-k over each part and one over their (B, <= 3c) winners.
+    """
+    values, ids = [], []
+    for x, part_ids in parts:
+        if x.shape[-1] == 0:
+            continue
+        top, where = x.topk(min(c, x.shape[-1]), dim=-1)
+        values.append(top)
+        ids.append(part_ids[where] if part_ids.dim() == 1 else part_ids.gather(1, where))
+    best, pick = torch.cat(values, dim=1).topk(c, dim=-1)
+    return best, torch.cat(ids, dim=1).gather(1, pick)
+
+
 @register("deepen")
 class DeepenFuser(Fuser):
     """Batched DeePEn fusion over fixed members, anchors and settings.
@@ -84,7 +103,8 @@ class DeepenFuser(Fuser):
         spaces: list[RelativeSpace] = []
         if context.anchors.texts:
             spaces = context.spaces(config.tau, config.row_cache_size, config.disk_cache_rows)
-        return cls(spaces, context.has_text, context.anchors, config, context.end_ids)
+        tables = [context.member_tables(i) for i in range(len(spaces))]
+        return cls(spaces, context.has_text, context.anchors, config, context.end_ids, tables)
 
     def __init__(
         self,
@@ -93,14 +113,15 @@ class DeepenFuser(Fuser):
         anchors: Anchors,
         config: FusionConfig,
         end_ids: Sequence[frozenset[int]],  # per member: its end-of-text token ids
+        tables: Sequence[MemberTables] | None = None,  # per member; None: built here
     ) -> None:
         super().__init__(anchors, end_ids, config)
         self.spaces = list(spaces)
         self.has_text = list(has_text)
-        self.tables = [
+        self.tables = list(tables) if tables is not None else [
             MemberTables.build(space.token_to_anchor, text)
             for space, text in zip(self.spaces, self.has_text)
-        ]
+        ]  # fmt: skip
 
     def reserve_rows(self) -> int:
         """Each member's relative-row cache allocated in full (`RelativeSpace.reserve`),
@@ -140,23 +161,22 @@ class DeepenFuser(Fuser):
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
             x = member_logits.float().to(space.device)  # (B, V_i)
             lse = x.logsumexp(-1, keepdim=True)  # (B, 1): log of the softmax's normaliser
-            r_i = self._relative(x, lse, i, space).to(device)  # (B, A), rows sum to 1 or 0
+            # (B, A) rows summing to 1 or 0; (B, C) the top tokens (the main member's with
+            # special ones: step 3's; a helper's with text only: its proposals), best first
+            r_i, top_x, top_ids = self._relative(x, lse, i, space, specials=i == self.main)
             w = weights[:, i : i + 1]  # (B, 1)
-            r += w * r_i
-            weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float()
-            if i == self.main:  # the main member's own top tokens are step 3's
+            r += w * r_i.to(device)
+            weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float().to(device)
+            if i == self.main:
+                main_top = top_ids.to(device)
                 proposals.append(None)
                 continue
-            c = min(cfg.candidates, x.shape[-1])
-            top_x, top_ids = (x + self.on(self.tables[i].text_bias, space.device)).topk(c, dim=-1)
-            top_p = (top_x - lse).exp()  # (B, C) proposals (no special token): anchors among them
+            top_p = (top_x - lse).exp()  # (B, C) proposals: anchors among them
             proposal = torch.where(top_p > 0, space.token_to_anchor[top_ids], -1)
             proposals.append(proposal.cpu())  # read row by row on the CPU (_candidates)
         r = r / weight_sum.clamp(min=1e-30)
 
         # 3. candidates in the main vocabulary, padded per row: (B, M) ids and mask.
-        c_main = min(cfg.candidates, main_logits.shape[-1])
-        main_top = main_logits.topk(c_main, dim=-1).indices  # (B, C) main ids, best first
         cand_ids, valid = self._candidates(main_top.cpu(), proposals)
         cand_ids, valid = cand_ids.to(device), valid.to(device)
 
@@ -173,26 +193,34 @@ class DeepenFuser(Fuser):
         return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
 
     def _relative(
-        self, x: torch.Tensor, lse: torch.Tensor, i: int, space: RelativeSpace
-    ) -> torch.Tensor:
-        """(B, A) relative distributions of member i's logits x (B, V) (step 1), normalised;
-        lse (B, 1) is their log-sum-exp. On the space's device, where `x` is.
+        self, x: torch.Tensor, lse: torch.Tensor, i: int, space: RelativeSpace, specials: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Member i's (B, A) relative distributions (step 1), normalised, and its top
+        `candidates` logits and token ids (B, C), best first: among the tokens with text,
+        or among all tokens with `specials`. x: its (B, V) logits, lse (B, 1) their
+        log-sum-exp. On the space's device, where `x` is.
 
         Probabilities are `exp(x - lse)`, read only where needed: gathered at the anchor
         tokens, and at the top non-anchor tokens (one add of a 0/-inf table and one
         top-k). The non-anchor mass for the bound is what the anchor and special tokens
-        leave of 1, so no pass masks or sums the whole vocabulary.
+        leave of 1, so no pass masks or sums the whole vocabulary. The top tokens are
+        merged from the top of each of those parts (the anchor tokens, the top non-anchor
+        tokens, the special tokens), which are far fewer than the vocabulary.
         """
         cfg = self.config
         tables = self.tables[i]
         dev = x.device
-        p_anchor = (x.index_select(1, self.on(tables.anchor_tokens, dev)) - lse).exp()  # (B, n_a)
+        x_anchor = x.index_select(1, self.on(tables.anchor_tokens, dev))  # (B, n_a)
+        p_anchor = (x_anchor - lse).exp()
         out = torch.zeros(x.shape[0], space.num_anchors, device=dev)  # (B, A)
         out.index_add_(1, self.on(tables.anchor_index, dev), p_anchor)
+        c = min(cfg.candidates, x.shape[-1])
         k = min(cfg.top_k, x.shape[-1])
-        top_x, ids = (x + self.on(tables.non_anchor_bias, dev)).topk(k, dim=-1)  # (B, k)
-        top_p = (top_x - lse).exp()  # 0 past the last non-anchor token
-        special = (x.index_select(1, self.on(tables.no_text, dev)) - lse).exp().sum(-1)  # (B,)
+        # (B, max(k, C)): the mass bound's tokens, and the candidates among non-anchors
+        top_x, ids = (x + self.on(tables.non_anchor_bias, dev)).topk(max(k, c), dim=-1)
+        top_p = (top_x[:, :k] - lse).exp()  # 0 past the last non-anchor token
+        x_special = x.index_select(1, self.on(tables.no_text, dev))  # (B, n_s)
+        special = (x_special - lse).exp().sum(-1)  # (B,)
         total = (1.0 - p_anchor.sum(-1) - special).clamp(min=0.0)  # (B,) non-anchor mass
         kept_p, _ = kept_by_mass(top_p, total, cfg.top_mass)
         b_idx, j_idx = (kept_p > 0).nonzero(as_tuple=True)
@@ -200,7 +228,11 @@ class DeepenFuser(Fuser):
             tokens = ids[b_idx, j_idx].tolist()
             out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], x.shape[0])
         mass = out.sum(-1, keepdim=True)
-        return torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
+        relative = torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
+        parts = [(x_anchor, self.on(tables.anchor_tokens, dev)), (top_x[:, :c], ids[:, :c])]
+        if specials:
+            parts.append((x_special, self.on(tables.no_text, dev)))
+        return (relative, *_top_of_parts(parts, c))
 
     def _candidates(
         self, top: torch.Tensor, proposals: list[torch.Tensor | None]
@@ -244,27 +276,35 @@ class DeepenFuser(Fuser):
         # rows with one-hot candidates only: (B, M, M) "same anchor" and r at the candidates
         same = ((anchor[:, :, None] == anchor[:, None, :]) & one_hot[:, None, :]).float()
         r_at = torch.where(one_hot, r.gather(1, anchor_idx), 0.0)  # (B, M)
-        # rows with a non-anchor candidate: D of them, n dense rows in all
+        # rows with a non-anchor candidate: D of them, n dense rows in all, grouped by row
         dense = (anchor < 0) & valid  # (B, M)
         rows_d = dense.any(-1).nonzero().squeeze(1)  # (D,)
         e_b, e_j = dense[rows_d].nonzero(as_tuple=True)  # (n,): entry -> its row in D, column
         dense_rows = space.non_anchor_rows(cand_ids[rows_d][e_b, e_j].tolist()).to(device)
         r_d, idx_d, one_hot_d = r[rows_d], anchor_idx[rows_d], one_hot[rows_d]  # (D, A), (D, M)
+        counts = torch.bincount(e_b, minlength=len(rows_d))  # (D,) dense rows of each row
+        offsets = counts.cumsum(0) - counts  # where each row's dense rows start (e_b ascends)
+        groups = list(zip(offsets.tolist(), counts.tolist()))
+        entries = torch.arange(len(e_b), device=device)
 
         def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
             q_at = (same @ s[:, :, None]).squeeze(-1)  # (B, M) q at each candidate's anchor
             ratio_at = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
             u = torch.where(one_hot, -ratio_at, 0.0)  # (B, M) dL/ds * A
             if rows_d.numel():
-                # q = softmax(z) @ R over all anchors: one-hot rows scatter, each dense row
-                # added to its own batch row only.
+                # q = softmax(z) @ R over all anchors: one-hot rows scatter, each row's dense
+                # rows are summed in one bag (no (n, A) temporary)
                 s_d = s[rows_d]  # (D, M)
-                q = torch.zeros_like(r_d).scatter_add_(1, idx_d, torch.where(one_hot_d, s_d, 0.0))
-                q.index_add_(0, e_b, dense_rows * s_d[e_b, e_j][:, None])
-                ratio = torch.where(q > Q_FLOOR, r_d / q.clamp(min=Q_FLOOR), 0.0)  # (D, A)
-                # u_j = dL/ds_j * A = -R_j . (r / q)
+                q = torch.nn.functional.embedding_bag(
+                    entries, dense_rows, offsets, mode="sum", per_sample_weights=s_d[e_b, e_j]
+                )
+                q.scatter_add_(1, idx_d, torch.where(one_hot_d, s_d, 0.0))
+                ratio = r_d / q.clamp(min=Q_FLOOR)  # (D, A); 0 where q is at the floor
+                ratio.masked_fill_(q <= Q_FLOOR, 0.0)
+                # u_j = dL/ds_j * A = -R_j . (r / q): a product per row's dense rows
                 u_d = torch.where(one_hot_d, -ratio.gather(1, idx_d), 0.0)
-                u_d[e_b, e_j] = -(dense_rows * ratio.index_select(0, e_b)).sum(-1)
+                dots = [dense_rows[o : o + c] @ ratio[d] for d, (o, c) in enumerate(groups)]
+                u_d[e_b, e_j] = -torch.cat(dots)
                 u[rows_d] = u_d
             return u / num_anchors
 

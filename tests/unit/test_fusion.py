@@ -164,16 +164,21 @@ def test_inverse_search_schedule_over_steps(steps):
     torch.testing.assert_close(got[0].double(), expected, atol=1e-5, rtol=0)
 
 
-def test_inverse_search_batched_with_padding():
-    """Rows with fewer candidates are padded; each valid row matches its own reference."""
+@pytest.mark.parametrize(
+    "cands",
+    [[[1, 9, 4, 10], [3, 12]], [[9, 10, 11, 12], [1, 2, 3], [3, 12], [4, 11, 5]]],
+    ids=["two-rows", "rows-without-dense-between"],
+)
+def test_inverse_search_batched_with_padding(cands):
+    """Rows with fewer candidates are padded, rows with and without dense (non-anchor)
+    candidates mix; each valid row matches its own reference."""
     fuser = _fuser(eta=0.15, steps=5)
-    cands = [[1, 9, 4, 10], [3, 12]]
-    width = 4
+    width = max(len(row) for row in cands)
     cand_ids = torch.tensor([row + [row[0]] * (width - len(row)) for row in cands])
     valid = torch.tensor([[j < len(row) for j in range(width)] for row in cands])
     g = torch.Generator().manual_seed(11)
-    z0 = torch.randn(2, width, generator=g)
-    r = torch.stack([_random_simplex(NUM_ANCHORS, seed=s) for s in (1, 2)])
+    z0 = torch.randn(len(cands), width, generator=g)
+    r = torch.stack([_random_simplex(NUM_ANCHORS, seed=s) for s in range(1, len(cands) + 1)])
     got = fuser._inverse_search(z0, valid, cand_ids, r)
     for b, row in enumerate(cands):
         expected = _reference_search(
@@ -403,7 +408,7 @@ def test_fast_path_counts_every_anchor_token():
     logits = torch.randn(1, MAIN_V, generator=torch.Generator().manual_seed(1))
     probs = torch.softmax(logits, -1)
     probs[:, EOS] = 0.0  # a special token never enters
-    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space)[0]
+    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space, True)[0][0]
     best = NUM_ANCHORS + 1 + int(probs[0, NUM_ANCHORS + 1 :].argmax())  # top non-anchor id
     expected = torch.zeros(NUM_ANCHORS)
     for v in range(1, NUM_ANCHORS + 1):  # main id 1 + a is anchor a
@@ -423,7 +428,7 @@ def test_relative_from_logits_equals_relative_from_probabilities(top_k, top_mass
     space = fuser.spaces[0]
     logits = torch.randn(3, MAIN_V, generator=torch.Generator().manual_seed(top_k)) * 2
     logits[1, EOS] = 6.0  # a row where the special token holds most of the probability
-    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space)
+    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space, True)[0]
     probs = torch.softmax(logits, -1)
     probs[:, EOS] = 0.0
     is_anchor = space.token_to_anchor >= 0
@@ -436,3 +441,30 @@ def test_relative_from_logits_equals_relative_from_probabilities(top_k, top_mass
                 row = space.exact_rows(ids[b, j : j + 1])[0]
                 expected += probs[b, ids[b, j]] * row
         torch.testing.assert_close(r[b], expected / expected.sum(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("c", [1, 5, 40])
+def test_top_of_parts_equals_one_topk_over_the_whole_vocabulary(c):
+    """The candidates' top-k merged from the vocabulary's parts (anchor tokens, the top
+    non-anchor tokens, special tokens) is one top-k over all of it."""
+    from deepen_engine.fusion.deepen import _top_of_parts
+
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(3, 200, generator=g)
+    perm = torch.randperm(200, generator=g)
+    anchors, others, specials = perm[:90], perm[90:190], perm[190:]
+    top_other, where = x[:, others].topk(max(c, 10), dim=-1)
+    parts = [(x[:, anchors], anchors), (top_other, others[where]), (x[:, specials], specials)]
+    values, ids = _top_of_parts(parts, c)
+    expected_values, expected_ids = x.topk(c, dim=-1)
+    assert torch.equal(ids, expected_ids)  # no ties in random logits: the same order
+    assert torch.equal(values, expected_values)
+
+
+def test_fusers_of_one_ensemble_share_the_member_tables(tiny_ensemble):
+    """`main="auto"` makes a fuser per request and leader: their DeePEn index tables are
+    the ensemble's, not rebuilt per fuser (a copy per fuser on a GPU stayed for good)."""
+    fuser = tiny_ensemble.fuser.with_config(FusionConfig(**{**PLAIN, "method": "deepen"}))
+    other = fuser.with_config(fuser.config.model_copy(update={"main": 1, "eta": 0.3}))
+    assert len(fuser.tables) == 2
+    assert all(a is b for a, b in zip(fuser.tables, other.tables))
