@@ -29,7 +29,6 @@ import torch
 from deepen_engine import Ensemble
 from deepen_engine.commands.bench.sections import PROMPTS
 
-
 BENCH_FUSION = {"main": 0, "weighting": "fixed"}
 """The bench's fusion settings (`deepen bench`: Gemma-3 leads, fixed uniform weights); the
 engine's defaults (leader and weights per prompt) need each row's prompt scores, which

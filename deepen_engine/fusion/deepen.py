@@ -151,7 +151,6 @@ class DeepenFuser(Fuser):
         """
         device = self.fusion_device(logits)
         main_logits = logits[self.main].float().to(device)  # (B, V)
-        cfg = self.config
         batch = main_logits.shape[0]
         # 1-2. relative distributions of every member, aggregated with the weights.
         proposals: list[torch.Tensor | None] = []  # per helper (B, C) anchor index or -1, CPU
