@@ -92,9 +92,13 @@ class Request:
             self.sink("error", error)
 
     def release(self) -> None:
-        """Tell the reader, once, that no row of this request runs any more."""
+        """Tell the reader, once, that no row of this request runs any more, and drop its
+        rows: each names this request as its owner, and the cycle kept a finished
+        request's rows (their fusers and prompts) alive until a full garbage collection.
+        """
         if not self.released:
             self.released = True
+            self.rows = []
             self.sink("released", None)
 
 
