@@ -268,3 +268,34 @@ def test_queue_state_counts_the_running_rows_kv_cache_bytes(tiny_ensemble):
         prompt_states += 2 * c.num_hidden_layers * heads * dim * 4 * ids
     assert held >= prompt_states  # the row keeps decoding while we read: at least this
     assert tiny_ensemble.queue_state()["kv_cache_bytes"] == 0
+
+
+def test_finished_requests_leave_no_rows_for_the_garbage_collector(tiny_ensemble):
+    """A finished, closed or timed-out request is freed by reference counting alone: its
+    rows named it as owner and it held them, a cycle that kept every finished request's
+    rows (with `main="auto"`, their own fusers) until a full collection, which a busy
+    server reached rarely (its memory rose by gigabytes, then fell at once)."""
+    import gc
+
+    from deepen_engine.decoding.rows import NewRow
+
+    def rows_alive() -> int:
+        return sum(type(o) is NewRow for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()  # cycles stay where the test can count them
+    try:
+        before = rows_alive()
+        tiny_ensemble.generate(PROMPTS[:3], max_new_tokens=4)
+        stream = tiny_ensemble.stream(PROMPTS[0], max_new_tokens=200, min_new_tokens=200)
+        next(stream)
+        stream.close()  # the reader leaves mid-way
+        with pytest.raises(RequestTimeoutError):
+            long = {"max_new_tokens": 400, "min_new_tokens": 400}
+            tiny_ensemble.generate(PROMPTS[1], timeout=0.05, **long)
+        deadline = time.monotonic() + 10
+        while tiny_ensemble.queue_state()["running_rows"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rows_alive() == before
+    finally:
+        gc.enable()
