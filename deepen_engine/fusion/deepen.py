@@ -183,13 +183,13 @@ class DeepenFuser(Fuser):
         z = main_logits.gather(1, cand_ids)  # (B, M)
         z = self._inverse_search(z, valid, cand_ids, r)
 
-        # 5. write back, except rows whose main top token ends the sequence.
-        fused = main_logits.clone()
-        rows, cols = valid.nonzero(as_tuple=True)  # pads repeat a real id: never write them
-        fused[rows, cand_ids[rows, cols]] = z[rows, cols]
+        # 5. write back, except rows whose main top token ends the sequence (their rows
+        # keep the main member's logits; a row without candidates has nothing to write).
         keep_main = torch.isin(main_top[:, 0], self.on(self.main_eos_ids, device))  # (B,)
-        no_candidates = ~valid.any(-1)
-        return torch.where((keep_main | no_candidates)[:, None], main_logits, fused)
+        fused = main_logits.clone()
+        rows, cols = (valid & ~keep_main[:, None]).nonzero(as_tuple=True)  # never the pads
+        fused[rows, cand_ids[rows, cols]] = z[rows, cols]
+        return fused
 
     def _relative(
         self, x: torch.Tensor, lse: torch.Tensor, i: int, space: RelativeSpace, specials: bool

@@ -5,12 +5,10 @@ decoding step frees and allocates tens of MiB of them in shapes that change with
 that joins or leaves (the KV caches are re-concatenated each step, logits are batch x
 vocabulary). glibc keeps what is freed in its arenas, one per thread that allocates, and
 gives memory back to the system only from the top of a heap, past `M_TRIM_THRESHOLD`
-(which rises with the largest block freed, up to 64 MiB). Under continuous load nothing
-lets a heap empty, so the free memory held grows with time: in a 64-client, 300 s soak the
-server's anonymous RSS rose from about 2900 MiB (110-180 s) to 3750 (290 s). Served in
-one process under the same load in 60 s phases, the live tensors and Python objects were
-the same after every phase, and `malloc_trim(0)` took the anonymous RSS from 2750-2850
-MiB back to 2150-2180 each time (2070 before any load): freed memory held, not a leak.
+(which rises with the largest block freed, up to 64 MiB), so under continuous load the
+free memory it holds grows. (The soak's steady growth, 2 GiB in 14 minutes, had another
+cause, fixed in the scheduler: finished requests sat in reference cycles until a full
+garbage collection; docs/benchmarks.md "Soak".)
 
 `malloc_trim(0)` (glibc >= 2.8) releases the free pages in the middle of every arena too
 (`madvise(MADV_DONTNEED)`), so a thread calling it every `interval` seconds bounds the free
