@@ -109,20 +109,25 @@ def _wait_ready(server: subprocess.Popen[bytes], url: str, log: str) -> float:
     raise ConfigError(f"the soak's server did not become ready in 900 s (log: {log}).")
 
 
-def _scrape(url: str) -> dict[str, float]:
+def _metric_values(text: str) -> dict[str, float]:
+    """A /metrics page's samples: name (with its labels) -> value."""
     values = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+    for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
 
 
+def _scrape(url: str) -> dict[str, float]:
+    return _metric_values(httpx.get(url + "/metrics", timeout=30).text)
+
+
 def _engine_state(text: str) -> list[float]:
     """From a /metrics page: rows running, requests waiting, KV cache MiB."""
+    values = _metric_values(text)
     names = ("deepen_num_requests_running", "deepen_num_requests_waiting", "deepen_kv_cache_bytes")
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(names))
-    running, waiting, kv = (float(values.get(name, "nan")) for name in names)
+    running, waiting, kv = (values.get(name, float("nan")) for name in names)
     return [running, waiting, round(kv / 2**20, 1)]
 
 
