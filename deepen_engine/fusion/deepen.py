@@ -209,7 +209,8 @@ class DeepenFuser(Fuser):
         cfg = self.config
         tables = self.tables[i]
         dev = x.device
-        x_anchor = x.index_select(1, self.on(tables.anchor_tokens, dev))  # (B, n_a)
+        anchor_tokens, no_text = self.on(tables.anchor_tokens, dev), self.on(tables.no_text, dev)
+        x_anchor = x.index_select(1, anchor_tokens)  # (B, n_a)
         p_anchor = (x_anchor - lse).exp()
         out = torch.zeros(x.shape[0], space.num_anchors, device=dev)  # (B, A)
         out.index_add_(1, self.on(tables.anchor_index, dev), p_anchor)
@@ -218,7 +219,7 @@ class DeepenFuser(Fuser):
         # (B, max(k, C)): the mass bound's tokens, and the candidates among non-anchors
         top_x, ids = (x + self.on(tables.non_anchor_bias, dev)).topk(max(k, c), dim=-1)
         top_p = (top_x[:, :k] - lse).exp()  # 0 past the last non-anchor token
-        x_special = x.index_select(1, self.on(tables.no_text, dev))  # (B, n_s)
+        x_special = x.index_select(1, no_text)  # (B, n_s)
         special = (x_special - lse).exp().sum(-1)  # (B,)
         total = (1.0 - p_anchor.sum(-1) - special).clamp(min=0.0)  # (B,) non-anchor mass
         kept_p, _ = kept_by_mass(top_p, total, cfg.top_mass)
@@ -228,9 +229,9 @@ class DeepenFuser(Fuser):
             out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], x.shape[0])
         mass = out.sum(-1, keepdim=True)
         relative = torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
-        parts = [(x_anchor, self.on(tables.anchor_tokens, dev)), (top_x[:, :c], ids[:, :c])]
+        parts = [(x_anchor, anchor_tokens), (top_x[:, :c], ids[:, :c])]
         if specials:
-            parts.append((x_special, self.on(tables.no_text, dev)))
+            parts.append((x_special, no_text))
         return (relative, *_top_of_parts(parts, c))
 
     def _candidates(
