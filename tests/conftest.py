@@ -238,6 +238,14 @@ def member_args(folders: list[str]) -> list[str]:
     return ["--model", folders[0], "--model", folders[1], "--min-anchors", "50"]
 
 
+def forward_module(member) -> torch.nn.Module:
+    """The module whose forward the engine calls for a member: the body under the engine's
+    own output layer (members/output_layer.py), else the whole model; tests that make a
+    forward fail or watch its inputs patch this one."""
+    layer = member.output_layer
+    return layer.body if layer is not None else member.model
+
+
 def plain_greedy_ids(model, ids: list[int], n: int) -> list[int]:
     """transformers' own greedy continuation of `ids`: exactly n new ids, EOS ignored."""
     x = torch.tensor([ids], device=model.device)
@@ -279,6 +287,7 @@ def running_server(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
 
 IDLE = {"running_rows": 0, "waiting_requests": 0, "kv_cache_bytes": 0}
 """`Ensemble.queue_state()` with nothing running or waiting."""

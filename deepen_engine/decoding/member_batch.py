@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..errors import MemberError
 from ..members import Member
+from ..members.output_layer import ShortlistHead
 from .cache_ops import (
     common_prefix,
     drop_unused_leading_slots,
@@ -41,6 +41,7 @@ from .cache_ops import (
     left_pad,
     left_pad_mask,
 )
+from .member_forward import member_forward
 from .prompt_scores import RowScore, logits_kept, score_pass, score_width
 
 _TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
@@ -93,6 +94,11 @@ class MemberBatch:
         # the logits after every fed position, by row: (first position, (n, V) logits).
         self.keep_fed_logits = False
         self.fed_logits: list[list[tuple[int, torch.Tensor]]] = []
+        # Shortlist drafting (decoding/shortlist_drafts.py): when set, forwards compute the
+        # logits over these output rows only (-inf elsewhere) and keep `hidden`, the (B, d)
+        # hidden states after each row's last id, for the full output layer later.
+        self.shortlist: ShortlistHead | None = None
+        self.hidden: torch.Tensor | None = None
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -226,38 +232,21 @@ class MemberBatch:
         width = max(len(ids) for ids in pending)
         input_ids, chunk_valid, positions = self._chunk(pending, width)
         mask = torch.cat([self.valid, chunk_valid], dim=1)  # (B, T + W)
-        device = self.member.device
         scoring = self._scoring()
         keep = 1
         if self.keep_fed_logits:
             keep = width
         elif scoring:
             keep = logits_kept(pending, [r.cached for r in self.rows], [r.score for r in self.rows])
-        try:
-            with torch.no_grad():  # not inference_mode: caches are edited in place later
-                out = self.member.model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.long().to(device),
-                    position_ids=positions.to(device),
-                    use_cache=True,
-                    logits_to_keep=keep,
-                    **{self.member.cache_argument: self.cache},
-                )
-        except Exception as exc:
-            # The cache may hold half a step now: the whole request is abandoned (the
-            # decoding loop frees every batch), so the error only has to say who failed.
-            name = self.member.name
-            raise MemberError(
-                name,
-                f"Member {name!r} failed in its forward pass ({type(exc).__name__}: {exc}); "
-                f"the request was abandoned and the ensemble stays usable. Check that "
-                f"{name!r} runs on its own (device, dtype, memory).",
-            ) from exc
+        inputs = (input_ids, mask, positions)
+        out_logits, self.hidden = member_forward(
+            self.member, self.cache, inputs, keep, self.shortlist
+        )
         # float32 for fusion whatever the member's dtype; kept on the member's device
         # (fusion reads it there: deepen_engine/devices.py)
         if scoring:  # (B, keep, V): each prompt token's log-likelihood, before the rows move on
             score_pass(
-                out.logits,
+                out_logits,
                 pending,
                 [r.cached for r in self.rows],
                 [r.ids for r in self.rows],
@@ -265,11 +254,11 @@ class MemberBatch:
                 self.member.vocab.texts,
                 [r.score for r in self.rows],
             )
-        logits = out.logits[:, -1, :].float()  # (B, V)
+        logits = out_logits[:, -1, :].float()  # (B, V)
         if self.keep_fed_logits:  # every fed position's logits, (n, V) per row
             for b, (r, ids) in enumerate(zip(self.rows, pending)):
                 if ids:
-                    kept = out.logits[b, width - len(ids) :, :].float()
+                    kept = out_logits[b, width - len(ids) :, :].float()
                     self.fed_logits[b].append((r.cached, kept))
         if logits.device.type == "cuda":  # forward_seconds counts the kernels, not launches
             torch.cuda.synchronize(logits.device)

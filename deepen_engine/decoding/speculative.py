@@ -35,6 +35,7 @@ from .cache_ops import common_prefix
 from .constraints import apply_masks
 from .cross_drafts import HelperDraft, cross_draft, drafter_position
 from .drafts import Draft, copy_ids, fed_logits, fits, row_sampler, starts
+from .main_drafts import draft_own, draft_shortlist
 from .member_batch import MemberBatch, RowIds
 from .row_scores import fuse_rows
 from .rows import DecodeHooks, NewRow, Row, note_logprob
@@ -185,36 +186,8 @@ class Speculator:
         drafters = [self._drafter(b) if n else dec.main for b, n in enumerate(lengths)]
         self.helper_drafts = cross_draft(dec.batches, dec.main, dec.rows, drafts, lengths, drafters)
         own = [n if drafters[b] == dec.main else 0 for b, n in enumerate(lengths)]
-        eos = torch.tensor(sorted(dec.main_member.eos_ids), dtype=torch.long)
-        for r in range(max(own, default=0)):
-            fed = False
-            for b, row in enumerate(dec.rows):
-                d = drafts[b]
-                if r >= own[b] or len(d.tokens) != r or d.fed < r:
-                    continue  # done: its length reached, or it drafted an end token
-                scores = d.main_logits[-1][None]  # (1, V)
-                early = torch.tensor([row.generated + r < row.config.min_new_tokens])
-                scores = suppress_end_tokens(scores, eos.to(scores.device), early.to(scores.device))
-                sampler = row_sampler(row)
-                if sampler.greedy:
-                    token = int(scores[0].argmax())
-                else:
-                    q = sampler.probs(scores)[0]  # (V,)
-                    token = int(torch.multinomial(q, 1, generator=row.generator_on(q.device)))
-                    d.q.append(q)
-                d.tokens.append(token)
-                if token not in dec.main_member.eos_ids:
-                    main.append(b, token)
-                    fed = True
-            if not fed:
-                break
-            main.forward()
-            logits = main.require_logits()
-            for b in range(len(dec.rows)):
-                d = drafts[b]
-                mine = own[b] and len(d.tokens) == r + 1
-                if mine and d.tokens[-1] not in dec.main_member.eos_ids:
-                    d.main_logits.append(logits[b])
+        if any(own):
+            draft_own(main, dec.rows, drafts, own, draft_shortlist(dec.members, dec.main))
         texts = dec.main_member.vocab.texts
         for b, row in enumerate(dec.rows):
             d = drafts[b]

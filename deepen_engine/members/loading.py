@@ -32,6 +32,7 @@ from .member import (
     not_found_hint,
     object_name,
 )
+from .output_layer import OutputLayer
 from .placement import check_module_names, input_device, load_keywords
 from .quiet import quiet_loading
 from .tokenizer_file import load_tokenizer
@@ -76,6 +77,7 @@ def load_local_member(spec: MemberSpec) -> Member:
         cache_argument=_cache_argument(model),
         chat_template=spec.chat_template,
         device_map=dict(device_map) if device_map else None,
+        output_layer=OutputLayer.of(model, device_map),
     )
     release_freed_heap()  # what the vocabulary and the checks above freed
     return member

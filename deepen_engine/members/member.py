@@ -18,6 +18,7 @@ from ..alignment.vocabulary import CanonicalVocab
 from ..devices import device_problem
 from ..errors import ConfigError, validation_error
 from .embedded import EMBEDDED
+from .output_layer import OutputLayer
 from .placement import (
     LOADING_FIELDS,
     STRATEGIES,
@@ -248,6 +249,9 @@ class Member:
     # None. `device` is then where its input ids go; its logits come back from its last
     # layer's device (fusion reads them where they are).
     device_map: dict[str, Any] | None = None
+    # The output layer the engine applies itself (members/output_layer.py), or None: the
+    # model's own forward computes the logits.
+    output_layer: OutputLayer | None = None
 
     @property
     def devices(self) -> frozenset[str]:

@@ -21,7 +21,7 @@ import torch
 
 from deepen_engine import DEFAULT_MEMBERS, Ensemble, MemberError, MemberSpec
 from deepen_engine.decoding import member_batch as sync
-from tests.conftest import IDLE, tiny_gemma3, tiny_llama
+from tests.conftest import IDLE, forward_module, tiny_gemma3, tiny_llama
 
 pytestmark = [
     pytest.mark.gpu,
@@ -154,7 +154,8 @@ def test_a_failing_member_on_cuda_is_named_and_the_next_request_is_served(on_cud
     expected = _ids(on_cuda.generate(PROMPTS, max_new_tokens=N))
     helper = on_cuda.members[1]
     calls = {"n": 0}
-    original = helper.model.forward
+    module = forward_module(helper)
+    original = module.forward
 
     def forward(*args, **kwargs):
         calls["n"] += 1
@@ -162,12 +163,12 @@ def test_a_failing_member_on_cuda_is_named_and_the_next_request_is_served(on_cud
             raise RuntimeError("CUDA error: device-side assert triggered")
         return original(*args, **kwargs)
 
-    helper.model.forward = forward
+    module.forward = forward
     try:
         with pytest.raises(MemberError) as info:
             on_cuda.generate(PROMPTS, max_new_tokens=N)
     finally:
-        del helper.model.forward
+        del module.forward
     assert info.value.member == helper.name
     assert on_cuda.queue_state() == IDLE
     assert _ids(on_cuda.generate(PROMPTS, max_new_tokens=N)) == expected

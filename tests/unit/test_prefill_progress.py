@@ -14,7 +14,7 @@ import torch
 from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
 from deepen_engine.decoding.member_batch import MemberBatch
 from deepen_engine.outputs import Progress
-from tests.conftest import PLAIN
+from tests.conftest import PLAIN, forward_module
 
 PROMPTS = [
     "The capital of France is Paris. " * 6,  # longer than the tiny Gemma's window (6)
@@ -68,18 +68,19 @@ def test_chunked_prefill_gives_the_same_text(whole, chunked):
 def test_no_forward_pass_is_wider_than_the_chunk(chunked):
     widths: list[int] = []
     for member in chunked.members:
-        original = member.model.forward
+        module = forward_module(member)
+        original = module.forward
 
         def forward(*args, _original=original, **kwargs):
             widths.append(int(kwargs["input_ids"].shape[1]))
             return _original(*args, **kwargs)
 
-        member.model.forward = forward
+        module.forward = forward
     try:
         chunked.generate(PROMPTS, max_new_tokens=4)
     finally:
         for member in chunked.members:
-            del member.model.forward
+            del forward_module(member).forward
     assert max(widths) == 5
 
 

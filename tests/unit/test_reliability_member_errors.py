@@ -14,7 +14,7 @@ import pytest
 
 from deepen_engine import DeepenError, Ensemble, MemberError, MemberSpec
 from deepen_engine.decoding import member_batch as sync
-from tests.conftest import IDLE
+from tests.conftest import IDLE, forward_module
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 N = 6
@@ -27,7 +27,7 @@ class Boom(RuntimeError):
 @contextlib.contextmanager
 def failing(member, on_call: int, before_raise=None) -> Iterator[dict[str, int]]:
     """Make the member's forward pass raise `Boom` on its `on_call`-th call (1-based)."""
-    model = member.model
+    model = forward_module(member)
     original = model.forward
     calls = {"n": 0}
 

@@ -20,6 +20,7 @@ from deepen_engine.remote.actor import MemberActor
 from deepen_engine.remote.backend import RemoteModel
 from deepen_engine.remote.batch import LinkStats
 from deepen_engine.remote.protocol import StepReply, StepRequest
+from tests.conftest import forward_module
 
 PROMPTS = ["The capital of France is", "Q: What is 12 + 7?\nA:", "def add(a, b):"]
 N = 8
@@ -172,7 +173,7 @@ def test_closed_stream_frees_the_actor_batches(remote):
 def test_failing_forward_raises_member_error_and_next_request_is_served(remote, local):
     helper = remote.members[1]
     original = helper.model  # the actor's member holds the real model
-    actor_model = helper.remote.actor.member.model
+    actor_model = forward_module(helper.remote.actor.member)
     calls = {"n": 0}
     forward = actor_model.forward
 

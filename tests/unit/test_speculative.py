@@ -280,11 +280,12 @@ def test_bench_speculative_section(tiny_folders, capsys):
             r["speculative_tokens_per_s"] / r["standard_tokens_per_s"], rel=0.02
         )
         assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 0
-        assert r["ratio_to_slower_member"] > 0
+        assert r["ratio_to_slower_member"] > 0 and r["ratio_to_slower_member_engine"] > 0
     assert [r["same_tokens"] for r in rows if r["kind"] == "greedy"] == [True, True]
     one = ["--speculative-only", "--new-tokens", "3", "--speculative-repeats", "1"]
     assert main(["bench", *member_args(tiny_folders), *one, "--speculative-batch-sizes", "2"]) == 0
-    assert "spec tok/s" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "spec tok/s" in table and "(engine)" in table
     assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
     assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
     drafters = ["--speculative-drafters", "main", "1", "--speculative-batch-sizes", "2"]

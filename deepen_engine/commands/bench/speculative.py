@@ -13,6 +13,9 @@ medians over the rounds:
 - `acceptance_rate`: drafted tokens the fused distribution kept / drafted tokens;
 - `mean_accepted_length`: kept drafted tokens per draft;
 - `ratio_to_slower_member`: speculative ms/token / the slower member's alone;
+  `ratio_to_slower_member_engine`: the same against the slower member run alone through
+  deepen's own loop (`main=i, eta=0`), which applies the member's output layer the faster
+  way on the CPU (members/output_layer.py) where `generate` does not;
 - `same_tokens` (greedy): the speculative runs' token ids equal the standard runs'.
 """
 
@@ -58,6 +61,13 @@ def speculative_cost(
     }
 
 
+def _timed(ens: Ensemble, prompts: list[str], n: int) -> float:
+    """Seconds of one greedy run of exactly n tokens per prompt."""
+    start = time.perf_counter()
+    ens.generate(prompts, max_new_tokens=n, min_new_tokens=n)
+    return time.perf_counter() - start
+
+
 def _one(
     ens: Ensemble,
     prompts: list[str],
@@ -74,12 +84,15 @@ def _one(
     runs_of = [("standard", 0, "main")] + [(f"drafter {d}", k, d) for d in drafters]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in runs_of}
     seconds["slower"] = []
+    seconds["slower_engine"] = []
+    alone = [ens.with_fusion(main=i, eta=0) for i in range(len(ens.members))]
     counts = {d: [0, 0, 0] for d in drafters}  # drafted, accepted, drafts
     same = dict.fromkeys(drafters, True)
     for _ in range(repeats):
         seconds["slower"].append(
             max(member_alone(m, prompts, n, warm_up=False)[-1] for m in ens.members)
         )
+        seconds["slower_engine"].append(max(_timed(one, prompts, n) for one in alone))
         runs = {}
         for name, spec, drafter in runs_of:
             start = time.perf_counter()
@@ -115,6 +128,7 @@ def _one(
             "mean_accepted_length": round(accepted / drafts, 2) if drafts else None,
             "ratio_to_slower_member": round(spec_s / med["slower"], 3),
             "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
+            "ratio_to_slower_member_engine": round(spec_s / med["slower_engine"], 3),
         }
         if kind == "greedy":
             row["same_tokens"] = same[d]
@@ -129,7 +143,7 @@ def speculative_table(f: dict[str, Any]) -> str:
         f"speculative decoding, speculate={s['speculate']}, {s['new_tokens']} new tokens "
         f"(medians of {s['rounds']} interleaved rounds)",
         f"{'batch':>5} {'kind':8}{'drafter':>8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
-        f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'same':>6}",
+        f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'(engine)':>9}{'same':>6}",
     ]
     for r in s["rows"]:
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
@@ -138,6 +152,7 @@ def speculative_table(f: dict[str, Any]) -> str:
             f"{r['batch_size']:>5} {r['kind']:8}{r.get('drafter', 'main')!s:>8}"
             f"{r['standard_tokens_per_s']:>10.2f}"
             f"{r['speculative_tokens_per_s']:>11.2f}{r['speedup']:>8.2f}{rate:>8}{length:>9}"
-            f"{r['ratio_to_slower_member']:>12.2f}{str(r.get('same_tokens', '-')):>6}"
+            f"{r['ratio_to_slower_member']:>12.2f}{r['ratio_to_slower_member_engine']:>9.2f}"
+            f"{str(r.get('same_tokens', '-')):>6}"
         )
     return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""The main member drafting its own tokens (speculative.py, step 1): one forward per drafted
+token, all drafting rows together, each token its argmax or a draw from its sampling
+distribution q.
+
+Shortlist drafting: where the main member's output layer is applied by the engine
+(members/output_layer.py) and is large, the drafts read only its rows for the tokens
+every other member can also write (their texts shared), plus its special and byte tokens
+(`draft_shortlist`); Gemma-3-270m's 262,144 rows become about 53,000 on the default pair.
+Each draft forward then costs its body and a fifth of the output layer. The drafts are
+still the main member's own proposals (the shortlisted tokens' logits are exactly the full
+layer's), and the full layer runs once, after the last draft, over the hidden states of
+every drafted position: those full logits are what verification fuses. So the output is
+unchanged (greedy text identical; sampled rows accept against q, the shortlisted
+distribution a draft was drawn from); a draft whose best token lies outside the shortlist
+is only rejected, at the cost of that draft's remaining positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..members import Member
+from ..members.output_layer import ShortlistHead
+from .drafts import Draft, row_sampler
+from .member_batch import MemberBatch
+from .rows import Row
+from .sampling import suppress_end_tokens
+
+# Shortlist drafting pays only where it drops most of the output layer
+_MOST_ROWS = 0.5
+
+
+def draft_shortlist(members: Sequence[Member], main: int) -> ShortlistHead | None:
+    """The main member's draft shortlist (module docstring), built once per set of other
+    members; None where it has no engine output layer or the shortlist keeps more than
+    half of it.
+    """
+    member = members[main]
+    layer = member.output_layer
+    if layer is None:
+        return None
+    key = tuple(m.name for i, m in enumerate(members) if i != main)
+    if key in layer.shortlists:
+        return layer.shortlists[key]
+    others = [
+        {t for t in m.vocab.texts if t is not None} for i, m in enumerate(members) if i != main
+    ]
+    keep = [
+        i for i, t in enumerate(member.vocab.texts) if t is not None and all(t in o for o in others)
+    ]
+    rows = set(keep) | set(member.vocab.byte_fallback_ids) | set(member.eos_ids)
+    size = len(member.vocab)
+    rows |= {int(i) for i in member.tokenizer.added_tokens_decoder if int(i) < size}
+    head = None
+    if len(rows) <= _MOST_ROWS * size:
+        head = layer.shortlist(torch.tensor(sorted(rows), dtype=torch.long))
+    layer.shortlists[key] = head
+    return head
+
+
+def draft_own(
+    main: MemberBatch,
+    rows: list[Row],
+    drafts: list[Draft],
+    lengths: list[int],
+    shortlist: ShortlistHead | None,
+) -> None:
+    """Row b drafts up to `lengths[b]` tokens with the main member (`main`), appended to
+    `drafts[b]`; over `shortlist` where given, then the full logits of every drafted
+    position from one pass of the full output layer.
+    """
+    member = main.member
+    eos_ids = member.eos_ids
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    hidden: list[list[torch.Tensor]] = [[] for _ in rows]  # (d,) after each fed draft
+    main.shortlist = shortlist
+    try:
+        for r in range(max(lengths, default=0)):
+            fed = False
+            for b, row in enumerate(rows):
+                d = drafts[b]
+                if r >= lengths[b] or len(d.tokens) != r or d.fed < r:
+                    continue  # done: its length reached, or it drafted an end token
+                scores = d.main_logits[-1][None]  # (1, V)
+                early = torch.tensor([row.generated + r < row.config.min_new_tokens])
+                scores = suppress_end_tokens(scores, eos.to(scores.device), early.to(scores.device))
+                sampler = row_sampler(row)
+                if sampler.greedy:
+                    token = int(scores[0].argmax())
+                else:
+                    q = sampler.probs(scores)[0]  # (V,)
+                    token = int(torch.multinomial(q, 1, generator=row.generator_on(q.device)))
+                    d.q.append(q)
+                d.tokens.append(token)
+                if token not in eos_ids:
+                    main.append(b, token)
+                    fed = True
+            if not fed:
+                break
+            main.forward()
+            logits = main.require_logits()
+            for b in range(len(rows)):
+                d = drafts[b]
+                if lengths[b] and len(d.tokens) == r + 1 and d.tokens[-1] not in eos_ids:
+                    d.main_logits.append(logits[b])
+                    if main.hidden is not None:
+                        hidden[b].append(main.hidden[b])
+    finally:
+        main.shortlist = None
+        main.hidden = None
+    if shortlist is not None:
+        _full_logits(main, shortlist, drafts, hidden)
+
+
+def _full_logits(
+    main: MemberBatch,
+    shortlist: ShortlistHead,
+    drafts: list[Draft],
+    hidden: list[list[torch.Tensor]],
+) -> None:
+    """Replace each row's shortlisted draft logits by the full layer's, in one pass over
+    every drafted position; the batch's next-token logits become the full ones too.
+    """
+    owners = [(b, t) for b, states in enumerate(hidden) for t in range(len(states))]
+    if not owners:
+        return
+    stacked = torch.stack([hidden[b][t] for b, t in owners])  # (N, d)
+    with torch.no_grad():
+        full = shortlist.layer.logits(stacked).float()  # (N, V)
+    for p, (b, t) in enumerate(owners):
+        drafts[b].main_logits[t + 1] = full[p]
+    logits = main.require_logits()
+    for b, states in enumerate(hidden):
+        if states:
+            logits[b] = drafts[b].main_logits[-1]

@@ -1,0 +1,57 @@
+"""One forward pass of a member over a batch (`MemberBatch._forward_once` builds the inputs):
+through the engine's own output layer where the member has one (members/output_layer.py),
+else the model's forward; a failure becomes a `MemberError` naming the member.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import MemberError
+from ..members import Member
+from ..members.output_layer import ShortlistHead
+
+
+def member_forward(
+    member: Member,
+    cache: Any,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    keep: int,
+    shortlist: ShortlistHead | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, keep, V) logits of the last `keep` positions of one forward over `inputs` (ids,
+    attention mask, position ids: (B, W) each, on the CPU), and the (B, d) hidden states
+    after the last position when `shortlist` is given (its logits then cover only the
+    shortlisted tokens, -inf elsewhere; `keep` must be 1), else None.
+    """
+    input_ids, mask, positions = inputs
+    device = member.device
+    kwargs = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.long().to(device),
+        "position_ids": positions.to(device),
+        "use_cache": True,
+        member.cache_argument: cache,
+    }
+    layer = member.output_layer
+    try:
+        with torch.no_grad():  # not inference_mode: caches are edited in place later
+            if layer is None:
+                return member.model(**kwargs, logits_to_keep=keep).logits, None
+            hidden = layer.body(**kwargs).last_hidden_state  # (B, W, d)
+            if shortlist is not None:
+                last = hidden[:, -1, :]
+                return shortlist.logits(last)[:, None, :], last
+            return layer.logits(hidden[:, -keep:, :]), None
+    except Exception as exc:
+        # The cache may hold half a step now: the whole request is abandoned (the decoding
+        # loop frees every batch), so the error only has to say who failed.
+        name = member.name
+        raise MemberError(
+            name,
+            f"Member {name!r} failed in its forward pass ({type(exc).__name__}: {exc}); "
+            f"the request was abandoned and the ensemble stays usable. Check that "
+            f"{name!r} runs on its own (device, dtype, memory).",
+        ) from exc

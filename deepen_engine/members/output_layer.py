@@ -1,0 +1,119 @@
+"""A member's output layer, applied by the engine rather than inside the model's forward.
+
+Two uses (issue 22, docs/speculative.md):
+
+- Speed on the CPU. `torch.nn.functional.linear` over a few rows (2 to a few dozen: a batch
+  of next tokens, the positions of a verification forward) against a large output layer
+  runs far below the memory bandwidth on the CPU builds measured here, while the same
+  product written as `weight @ hidden.T` does not (`scripts/output_layer.py`: Gemma-3's
+  262k-row layer over 4 rows, 234 ms against 50 ms). The product is the same; only the
+  order of summation differs, by float rounding.
+- Shortlist drafting: the main member drafts from its output layer restricted to a few
+  rows (`shortlist_logits`), and the full layer runs once over the saved hidden states of
+  all drafted positions when they are verified.
+
+Only model classes whose forward is exactly "body, last positions, `lm_head`, optional
+final logit soft-capping" (`SUPPORTED`) get one, and only with a plain float `nn.Linear`
+head without bias, in one process, without accelerate's hooks; every other member runs its
+own forward as before. tests/test_output_layer.py checks each supported class against its
+forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Causal LMs whose forward is `self.model(...)`, `slice_logits_to_keep`, `self.lm_head`, then
+# `final_logit_softcapping` where the config sets it (transformers 5.x).
+SUPPORTED = frozenset(
+    {
+        "LlamaForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "MistralForCausalLM",
+        "Phi3ForCausalLM",
+        "Olmo2ForCausalLM",
+        "SmolLM3ForCausalLM",
+    }
+)
+# Rows up to which the CPU product is written as `weight @ hidden.T` (beyond, the plain
+# product is as fast, and the transposed result would double the peak memory)
+_FEW_ROWS = 64
+
+
+@dataclass
+class OutputLayer:
+    """A model's body and its output layer (see the module docstring)."""
+
+    body: torch.nn.Module  # the model without its output layer
+    weight: torch.Tensor  # (V, d) the output layer's weight
+    softcap: float | None  # `final_logit_softcapping`, or None
+    # draft shortlists built so far, by the other members' names (decoding/main_drafts.py)
+    shortlists: dict[tuple[str, ...], ShortlistHead | None] = field(
+        default_factory=dict, repr=False
+    )
+
+    @classmethod
+    def of(cls, model: Any, device_map: dict[str, Any] | None = None) -> OutputLayer | None:
+        """The model's output layer, or None where the engine must run its forward whole."""
+        if type(model).__name__ not in SUPPORTED or device_map:
+            return None
+        head = model.get_output_embeddings()
+        body = getattr(model, "model", None)
+        if type(head) is not torch.nn.Linear or head.bias is not None or body is None:
+            return None  # a quantized or biased head: the model applies it itself
+        if hasattr(head, "_hf_hook") or not head.weight.dtype.is_floating_point:
+            return None
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        return cls(body=body, weight=head.weight, softcap=float(softcap) if softcap else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits of (..., d) hidden states, as the model's forward computes them."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return self.cap(_product(flat, self.weight)).reshape(*hidden.shape[:-1], -1)
+
+    def shortlist(self, rows: torch.Tensor) -> ShortlistHead:
+        """The layer restricted to the output rows `rows` (their weights copied once)."""
+        rows = rows.to(self.weight.device)
+        return ShortlistHead(self, rows, self.weight.detach()[rows].contiguous())
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """`final_logit_softcapping` applied as the model applies it (none: unchanged)."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
+
+
+@dataclass
+class ShortlistHead:
+    """An output layer restricted to some of its rows (shortlist drafting)."""
+
+    layer: OutputLayer
+    rows: torch.Tensor  # (S,) token ids kept
+    weight: torch.Tensor  # (S, d) their rows of the output layer
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, V) float32 logits of (N, d) hidden states: the shortlisted tokens' logits as
+        the full layer computes them (up to float rounding), -inf for every other token.
+        """
+        out = self.layer.cap(_product(hidden, self.weight))  # (N, S)
+        full = torch.full(
+            (hidden.shape[0], self.layer.weight.shape[0]), float("-inf"), device=out.device
+        )
+        full[:, self.rows] = out.float()
+        return full
+
+
+def _product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, V) `hidden @ weight.T` of (N, d) hidden states; on the CPU, for 2 to `_FEW_ROWS`
+    rows, computed as `(weight @ hidden.T).T` (the module docstring says why).
+    """
+    if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= _FEW_ROWS:
+        return torch.mm(weight, hidden.T).T.contiguous()
+    return torch.nn.functional.linear(hidden, weight)
