@@ -75,9 +75,11 @@ def test_snippet_runs_as_written(snippet: Snippet, request):
 
     if snippet.language == "python" or cli_lines(snippet.code) is not None:
         runs = request.getfixturevalue("one_process")
-        keys = [f"readme:{snippet.line}"] if snippet.language == "python" else [
-            f"readme:{snippet.line}:{k}" for k in range(len(cli_lines(snippet.code) or []))
-        ]
+        keys = (
+            [f"readme:{snippet.line}"]
+            if snippet.language == "python"
+            else [f"readme:{snippet.line}:{k}" for k in range(len(cli_lines(snippet.code) or []))]
+        )
         for key in keys:
             run = runs[key]
             assert run.rc == 0, f"README line {snippet.line} ({key}) failed:\n{run.stderr[-3000:]}"

@@ -152,6 +152,8 @@ def test_bench_constraint_section(tiny_folders, capsys):
     assert "any text" in table and "+json" in table
     assert main(["bench", *member_args(tiny_folders), *one, "--constraint-mains", "5"]) == 2
     assert "--constraint-mains [5] out of range" in capsys.readouterr().err
+
+
 def test_bench_serving_runs_both_modes_on_one_workload(tiny_folders, capsys):
     flags = ["--serving", "--concurrency", "1", "3", "--serving-tokens", "2", "5",
              "--arrival-rate", "50", "--seed", "1", "--repeat", "2", "--json"]  # fmt: skip

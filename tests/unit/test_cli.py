@@ -241,4 +241,3 @@ def test_member_options_and_members_file(tmp_path):
 def test_serve_refuses_a_negative_row_cache_before_loading(capsys):
     assert main(["serve", "--row-cache-size", "-1"]) == 2
     assert "--row-cache-size must be >= 0 rows, got -1." in capsys.readouterr().err
-

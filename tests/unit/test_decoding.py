@@ -201,9 +201,7 @@ def test_seeded_row_is_the_same_in_any_batch_position(tiny_ensemble):
     assert batched[2].token_ids == alone.token_ids
 
 
-def test_members_on_distinct_devices_run_concurrently_with_the_same_result(
-    tiny_pair, monkeypatch
-):
+def test_members_on_distinct_devices_run_concurrently_with_the_same_result(tiny_pair, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     from deepen_engine import Ensemble, MemberSpec
@@ -233,9 +231,7 @@ def test_members_on_distinct_devices_run_concurrently_with_the_same_result(
     assert [r.token_ids for r in parallel] == [r.token_ids for r in same_device]
 
 
-def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(
-    tiny_ensemble, monkeypatch
-):
+def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(tiny_ensemble, monkeypatch):
     from deepen_engine.decoding.member_batch import MemberBatch
 
     created = []

@@ -120,7 +120,9 @@ def test_eval_tools_required_calls_always_validate(long_folders, tmp_path, capsy
             valid, needing = row["valid_call"]["count"]
             records = [json.loads(line) for line in out.read_text().splitlines()]
             cut = sum(
-                r["system"] == row["system"] and r["expected_tool"] is not None
-                and r["finish_reason"] == "length" for r in records
+                r["system"] == row["system"]
+                and r["expected_tool"] is not None
+                and r["finish_reason"] == "length"
+                for r in records
             )
             assert valid == needing - cut  # every call that ended is valid

@@ -81,9 +81,7 @@ def test_offline_mode_does_not_ask_the_hub(monkeypatch, tmp_path, no_download):
         load_member(MemberSpec(source="Qwen/Qwen2.5-0.5B"))
 
 
-def test_cached_model_loads_from_the_cache_when_the_hub_is_unreachable(
-    unreachable_hub, tiny_pair
-):
+def test_cached_model_loads_from_the_cache_when_the_hub_is_unreachable(unreachable_hub, tiny_pair):
     model, tokenizer = tiny_pair[0]
     repo = Path(constants.HF_HUB_CACHE) / "models--tiny-org--tiny-llama"  # the cache's layout
     snapshot = repo / "snapshots" / "0123456789abcdef"

@@ -189,9 +189,12 @@ def test_fusion_method_and_gate_reach_the_engine(tiny_ensemble):
         text = expected.generate(PROMPT, max_new_tokens=N).text
         llm = DeepEnLLM(ensemble=tiny_ensemble, max_tokens=N, method=method, gate="agree")
         assert llm.invoke(PROMPT) == text
-        assert DeepEnLLM(ensemble=tiny_ensemble, max_tokens=N).invoke(
-            PROMPT, method=method, gate="agree"
-        ) == text  # per call as well
+        assert (
+            DeepEnLLM(ensemble=tiny_ensemble, max_tokens=N).invoke(
+                PROMPT, method=method, gate="agree"
+            )
+            == text
+        )  # per call as well
     with pytest.raises(ValueError, match="method"):
         DeepEnLLM(ensemble=tiny_ensemble, method="vote")
 

@@ -5,7 +5,6 @@ outputs always validate.
 (No `from __future__ import annotations`: LlamaIndex reads the tools' annotations.)
 """
 
-
 import asyncio
 from typing import Literal
 

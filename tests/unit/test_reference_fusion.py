@@ -22,9 +22,7 @@ def _next_logits(ens, prompt):
 
 @pytest.mark.parametrize("weighting", ["fixed", "confidence"])
 @pytest.mark.parametrize("main", [0, 1])
-def test_fast_path_keeping_every_token_equals_the_exact_reference(
-    tiny_ensemble, main, weighting
-):
+def test_fast_path_keeping_every_token_equals_the_exact_reference(tiny_ensemble, main, weighting):
     biggest = max(len(m.vocab) for m in tiny_ensemble.members)
     full = tiny_ensemble.with_fusion(
         main=main, top_k=biggest, top_mass=1.0, candidates=biggest, weighting=weighting

@@ -247,8 +247,11 @@ def test_assistant_prefix_is_continued(bpe_tokenizer, sp_tokenizer, tiny_ensembl
         ([PING], "nope", r"tool_choice='nope' is not 'auto', 'none', 'required'"),
         (None, "required", "tool_choice='required' needs tools"),
         ([{"name": "t", "parameters": {"type": "array"}}], None, "must be a JSON schema of an"),
-        ([{"name": "t", "parameters": {"type": "object", "properties": {"x": {"type": "q"}}}}],
-         None, r"tools\[0\] \('t'\) parameters: json_schema cannot be compiled"),
+        (
+            [{"name": "t", "parameters": {"type": "object", "properties": {"x": {"type": "q"}}}}],
+            None,
+            r"tools\[0\] \('t'\) parameters: json_schema cannot be compiled",
+        ),
     ],
 )
 def test_bad_tools_raise(tiny_ensemble, tools, choice, match):

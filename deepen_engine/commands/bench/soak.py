@@ -280,5 +280,3 @@ async def _alone(url: str, seen: Seen) -> list[str]:
             if answers != {alone}:
                 wrong.append(f"{key}: under load {sorted(answers)}, alone {alone!r}")
     return wrong
-
-
