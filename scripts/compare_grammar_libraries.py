@@ -194,17 +194,13 @@ def compare(member: Any, libraries: list[type], repeats: int) -> list[dict[str, 
         grammars.append(lib.compile())
         lib.matcher(grammars[-1])
         compile_ms.append((time.perf_counter() - start) * 1e3)
-    figures = [
-        {"mask": [], "accept": [], "specials": 0, "refused": 0, "eos": eos} for _ in libs
-    ]
+    figures = [{"mask": [], "accept": [], "specials": 0, "refused": 0, "eos": eos} for _ in libs]
     for _ in range(repeats):  # interleaved: the machine's noise hits both alike
         for lib, grammar, fig in zip(libs, grammars, figures):
             walk(lib, grammar, ids, special, fig)
     out = []
     for lib, fig, ms in zip(libs, figures, compile_ms):
-        disagree = sum(
-            1 for i, t in enumerate(texts) if t is not None and lib.token_bytes(i) != t
-        )
+        disagree = sum(1 for i, t in enumerate(texts) if t is not None and lib.token_bytes(i) != t)
         out.append(
             {
                 "member": member.name,

@@ -11,14 +11,17 @@ shape: Gemma-3-270m's (262,144 x 640) and SmolLM2-135M's (49,152 x 576), float32
 compute the same product. Interleaved over the rounds; medians in ms.
 
 `--generate`: the default pair's greedy fused decoding (the bench's prompts, `--new-tokens`
-each) with the engine's output layer against each model's own forward (`Member.output_layer`
-set to None), interleaved over the rounds: median tokens/s of each and the median ratio of
-paired rounds, per batch size, and whether the texts are the same.
+each) as deepen runs it ("engine": its output layer, members/output_layer.py, and few-row
+products, members/few_rows.py) against each model's own forward with plain `linear` calls
+("model": `Member.output_layer` set to None and the few-row mode off), interleaved over the
+rounds: median tokens/s of each and the median ratio of paired rounds, per batch size, and
+whether the texts are the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -43,6 +46,9 @@ def _ms(fn: Callable[[], object]) -> float:
 def _generate(args: argparse.Namespace) -> dict[str, dict[str, float | bool]]:
     from deepen_engine import Ensemble, GenerationConfig
     from deepen_engine.commands.bench.sections import PROMPTS
+    from deepen_engine.decoding import member_forward
+
+    few_rows = getattr(member_forward, "few_row_products")  # noqa: B009 (swapped below)
 
     ens = Ensemble()
     layers = [m.output_layer for m in ens.members]
@@ -56,12 +62,18 @@ def _generate(args: argparse.Namespace) -> dict[str, dict[str, float | bool]]:
             for how in ("engine", "model") if r % 2 else ("model", "engine"):
                 for member, layer in zip(ens.members, layers):
                     member.output_layer = layer if how == "engine" else None
+                plain = contextlib.nullcontext
+                mode = few_rows if how == "engine" else plain
+                setattr(member_forward, "few_row_products", mode)  # noqa: B010
                 start = time.perf_counter()
                 results = ens.generate(prompts, config)
                 seconds = time.perf_counter() - start
                 texts[how] = [res.text for res in results]
                 if r:
                     rates[how].append(size * args.new_tokens / seconds)
+        setattr(member_forward, "few_row_products", few_rows)  # noqa: B010
+        for member, layer in zip(ens.members, layers):
+            member.output_layer = layer
         ratios = [a / b for a, b in zip(rates["engine"], rates["model"])]
         out[f"batch {size}"] = {
             "engine tokens/s": round(statistics.median(rates["engine"]), 2),

@@ -1,16 +1,19 @@
 """One forward pass of a member over a batch (`MemberBatch._forward_once` builds the inputs):
 through the engine's own output layer where the member has one (members/output_layer.py),
-else the model's forward; a failure becomes a `MemberError` naming the member.
+else the model's forward; on the CPU with few-row linear layers computed the faster way
+round (members/few_rows.py). A failure becomes a `MemberError` naming the member.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
 from ..errors import MemberError
 from ..members import Member
+from ..members.few_rows import few_row_products
 from ..members.output_layer import ShortlistHead
 
 
@@ -36,8 +39,10 @@ def member_forward(
         member.cache_argument: cache,
     }
     layer = member.output_layer
+    rerouted = few_row_products() if device.type == "cpu" else contextlib.nullcontext()
     try:
-        with torch.no_grad():  # not inference_mode: caches are edited in place later
+        # not inference_mode: caches are edited in place later
+        with torch.no_grad(), rerouted:
             if layer is None:
                 return member.model(**kwargs, logits_to_keep=keep).logits, None
             hidden = layer.body(**kwargs).last_hidden_state  # (B, W, d)

@@ -1,21 +1,13 @@
-"""A member's output layer, applied by the engine rather than inside the model's forward.
-
-Two uses (issue 22, docs/speculative.md):
-
-- Speed on the CPU. `torch.nn.functional.linear` over a few rows (2 to a few dozen: a batch
-  of next tokens, the positions of a verification forward) against a large output layer
-  runs far below the memory bandwidth on the CPU builds measured here, while the same
-  product written as `weight @ hidden.T` does not (`scripts/output_layer.py`: Gemma-3's
-  262k-row layer over 4 rows, 234 ms against 50 ms). The product is the same; only the
-  order of summation differs, by float rounding.
-- Shortlist drafting: the main member drafts from its output layer restricted to a few
-  rows (`shortlist_logits`), and the full layer runs once over the saved hidden states of
-  all drafted positions when they are verified.
+"""A member's output layer, applied by the engine rather than inside the model's forward,
+for shortlist drafting (decoding/main_drafts.py, docs/speculative.md): the main member
+drafts from its output layer restricted to some rows (`OutputLayer.shortlist`), keeping
+its hidden states, and the full layer runs once over the hidden states of every drafted
+position when they are verified. The products are the few-row form of members/few_rows.py.
 
 Only model classes whose forward is exactly "body, last positions, `lm_head`, optional
 final logit soft-capping" (`SUPPORTED`) get one, and only with a plain float `nn.Linear`
 head without bias, in one process, without accelerate's hooks; every other member runs its
-own forward as before. tests/test_output_layer.py checks each supported class against its
+own forward as before. tests/unit/test_output_layer.py checks each supported class against its
 forward.
 """
 
@@ -25,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .few_rows import product
 
 # Causal LMs whose forward is `self.model(...)`, `slice_logits_to_keep`, `self.lm_head`, then
 # `final_logit_softcapping` where the config sets it (transformers 5.x).
@@ -42,9 +36,6 @@ SUPPORTED = frozenset(
         "SmolLM3ForCausalLM",
     }
 )
-# Rows up to which the CPU product is written as `weight @ hidden.T` (beyond, the plain
-# product is as fast, and the transposed result would double the peak memory)
-_FEW_ROWS = 64
 
 
 @dataclass
@@ -76,7 +67,7 @@ class OutputLayer:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., V) logits of (..., d) hidden states, as the model's forward computes them."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return self.cap(_product(flat, self.weight)).reshape(*hidden.shape[:-1], -1)
+        return self.cap(product(flat, self.weight)).reshape(*hidden.shape[:-1], -1)
 
     def shortlist(self, rows: torch.Tensor) -> ShortlistHead:
         """The layer restricted to the output rows `rows` (their weights copied once)."""
@@ -102,18 +93,9 @@ class ShortlistHead:
         """(N, V) float32 logits of (N, d) hidden states: the shortlisted tokens' logits as
         the full layer computes them (up to float rounding), -inf for every other token.
         """
-        out = self.layer.cap(_product(hidden, self.weight))  # (N, S)
+        out = self.layer.cap(product(hidden, self.weight))  # (N, S)
         full = torch.full(
             (hidden.shape[0], self.layer.weight.shape[0]), float("-inf"), device=out.device
         )
         full[:, self.rows] = out.float()
         return full
-
-
-def _product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(N, V) `hidden @ weight.T` of (N, d) hidden states; on the CPU, for 2 to `_FEW_ROWS`
-    rows, computed as `(weight @ hidden.T).T` (the module docstring says why).
-    """
-    if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= _FEW_ROWS:
-        return torch.mm(weight, hidden.T).T.contiguous()
-    return torch.nn.functional.linear(hidden, weight)
