@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MemberError
 from ..members import Member
-from ..members.few_rows import few_row_products
+from ..members.few_rows import FEW_ROWS, few_row_products
 from ..members.output_layer import ShortlistHead
 
 
@@ -39,7 +39,10 @@ def member_forward(
         member.cache_argument: cache,
     }
     layer = member.output_layer
-    rerouted = few_row_products() if device.type == "cpu" else contextlib.nullcontext()
+    # only where some linear layer can be rerouted: one row, or more than FEW_ROWS, would
+    # pay the mode's per-call cost for nothing
+    few = device.type == "cpu" and 1 < input_ids.numel() <= FEW_ROWS
+    rerouted = few_row_products() if few else contextlib.nullcontext()
     try:
         # not inference_mode: caches are edited in place later
         with torch.no_grad(), rerouted:

@@ -7,7 +7,7 @@ here (MKL on an AMD EPYC; `scripts/output_layer.py`): Gemma-3's 262k-row output 
 4 rows took 230 ms as `x @ w.T` and 50 ms as `(w @ x.T).T`, a 2048 x 640 layer 0.9 ms
 against 0.4 ms. Both are the same product, summed in another order (float rounding).
 
-`few_row_products()` reroutes every `linear` call of 2 to `FEW_ROWS` rows with float CPU
+`few_row_products()` reroutes every `linear` call of 2 to `FEW_ROWS` rows with float32 CPU
 tensors to the second form for the duration of a block (a `TorchFunctionMode`: the
 model's modules are left as they are, and the mode is per thread); every other call runs
 unchanged. The decoding loop wraps each member forward in it (decoding/member_forward.py).
@@ -30,7 +30,8 @@ def product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(N, V) `hidden @ weight.T` of (N, d) rows, the faster way round for 2 to `FEW_ROWS`
     rows on the CPU (module docstring).
     """
-    if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= FEW_ROWS:
+    cpu = hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
+    if cpu and 1 < hidden.shape[0] <= FEW_ROWS:
         return torch.mm(weight, hidden.T).T.contiguous()
     return torch.nn.functional.linear(hidden, weight)
 
@@ -46,8 +47,8 @@ def _rerouted(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | N
         return None  # a tensor subclass (quantized, offloaded): its own rules apply
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2:
         return None
-    if x.dtype != weight.dtype or not x.dtype.is_floating_point or x.requires_grad:
-        return None
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.requires_grad:
+        return None  # measured in float32 only (bfloat16 products take other kernels)
     rows = x.numel() // max(x.shape[-1], 1)
     if not 1 < rows <= FEW_ROWS:
         return None
