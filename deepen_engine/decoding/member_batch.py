@@ -94,7 +94,7 @@ class MemberBatch:
         # the logits after every fed position, by row: (first position, (n, V) logits).
         self.keep_fed_logits = False
         self.fed_logits: list[list[tuple[int, torch.Tensor]]] = []
-        # Shortlist drafting (decoding/shortlist_drafts.py): when set, forwards compute the
+        # Shortlist drafting (decoding/main_drafts.py): when set, forwards compute the
         # logits over these output rows only (-inf elsewhere) and keep `hidden`, the (B, d)
         # hidden states after each row's last id, for the full output layer later.
         self.shortlist: ShortlistHead | None = None

@@ -26,12 +26,20 @@ FEW_ROWS = 64
 another copy of the output."""
 
 
-def product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(N, V) `hidden @ weight.T` of (N, d) rows, the faster way round for 2 to `FEW_ROWS`
-    rows on the CPU (module docstring).
+def _few(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `hidden @ weight.T` is one the faster form serves: 2 to `FEW_ROWS` rows,
+    float32, on the CPU.
     """
-    cpu = hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
-    if cpu and 1 < hidden.shape[0] <= FEW_ROWS:
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    cpu = hidden.device.type == weight.device.type == "cpu"
+    return cpu and hidden.dtype == weight.dtype == torch.float32 and 1 < rows <= FEW_ROWS
+
+
+def product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, V) `hidden @ weight.T` of (N, d) rows, the faster way round where `_few`
+    (module docstring).
+    """
+    if _few(hidden, weight):
         return torch.mm(weight, hidden.T).T.contiguous()
     return torch.nn.functional.linear(hidden, weight)
 
@@ -45,14 +53,9 @@ def _rerouted(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | N
         return None
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return None  # a tensor subclass (quantized, offloaded): its own rules apply
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2:
-        return None
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.requires_grad:
-        return None  # measured in float32 only (bfloat16 products take other kernels)
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not 1 < rows <= FEW_ROWS:
-        return None
-    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T.contiguous()
+    if weight.dim() != 2 or x.requires_grad or not _few(x, weight):
+        return None  # float32 only: bfloat16 products take other kernels, not measured
+    out = product(x.reshape(-1, x.shape[-1]), weight)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -28,7 +28,7 @@ from typing import Any
 
 from ...ensemble import Ensemble
 from .sections import PROMPTS
-from .timing import member_alone
+from .timing import ensemble_run, member_alone
 
 KINDS: dict[str, dict[str, Any]] = {
     "greedy": {},
@@ -61,13 +61,6 @@ def speculative_cost(
     }
 
 
-def _timed(ens: Ensemble, prompts: list[str], n: int) -> float:
-    """Seconds of one greedy run of exactly n tokens per prompt."""
-    start = time.perf_counter()
-    ens.generate(prompts, max_new_tokens=n, min_new_tokens=n)
-    return time.perf_counter() - start
-
-
 def _one(
     ens: Ensemble,
     prompts: list[str],
@@ -92,7 +85,9 @@ def _one(
         seconds["slower"].append(
             max(member_alone(m, prompts, n, warm_up=False)[-1] for m in ens.members)
         )
-        seconds["slower_engine"].append(max(_timed(one, prompts, n) for one in alone))
+        seconds["slower_engine"].append(
+            max(ensemble_run(one, prompts, n)["seconds"] for one in alone)
+        )
         runs = {}
         for name, spec, drafter in runs_of:
             start = time.perf_counter()
