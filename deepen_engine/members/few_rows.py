@@ -40,8 +40,12 @@ def product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (module docstring).
     """
     if _few(hidden, weight):
-        return torch.mm(weight, hidden.T).T.contiguous()
+        return _transposed(hidden, weight)
     return torch.nn.functional.linear(hidden, weight)
+
+
+def _transposed(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.mm(weight, hidden.T).T.contiguous()
 
 
 def _rerouted(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -55,7 +59,7 @@ def _rerouted(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | N
         return None  # a tensor subclass (quantized, offloaded): its own rules apply
     if weight.dim() != 2 or x.requires_grad or not _few(x, weight):
         return None  # float32 only: bfloat16 products take other kernels, not measured
-    out = product(x.reshape(-1, x.shape[-1]), weight)
+    out = _transposed(x.reshape(-1, x.shape[-1]), weight)  # checked above: no second _few
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
