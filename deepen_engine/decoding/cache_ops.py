@@ -70,3 +70,37 @@ def cache_bytes(cache: Any) -> int:
             if isinstance(states, torch.Tensor):
                 total += states.numel() * states.element_size()
     return total
+
+
+def holes(valid: torch.Tensor) -> int:
+    """Masked slots of a (B, T) cache mask after each row's first valid slot (left padding
+    does not count).
+    """
+    total = valid.shape[1]
+    if total == 0:
+        return 0
+    first = valid.float().argmax(dim=1, keepdim=True)  # (B, 1)
+    return int(((~valid) & (torch.arange(total)[None, :] >= first)).sum())
+
+
+def compact(cache: Any, valid: torch.Tensor) -> torch.Tensor:
+    """Gather each row's valid slots to the right end of a shorter cache, in place; the
+    new (B, T') mask.
+    """
+    counts = valid.sum(dim=1)
+    length = int(counts.max())
+    rows = valid.shape[0]
+    index = torch.zeros(rows, length, dtype=torch.long)
+    out = torch.zeros(rows, length, dtype=torch.bool)
+    for b in range(rows):
+        slots = valid[b].nonzero().squeeze(1)
+        index[b, length - len(slots) :] = slots
+        out[b, length - len(slots) :] = True
+    for layer in cache.layers:  # each on its own device in a sharded member
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        layer.keys = gather_slots(layer.keys, index.to(layer.keys.device))
+        layer.values = gather_slots(layer.values, index.to(layer.values.device))
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = length
+    return out

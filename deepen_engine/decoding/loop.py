@@ -326,7 +326,12 @@ class BatchDecoder:
         wait when the next step is speculative: its verification forward feeds them).
         """
         wait = self.speculator.helpers_wait()  # never with Ray members (logits_needed)
-        self._forward([self.batches[self.main]] if wait else self.batches, self.rows)
+        main = self.batches[self.main]
+        main.shortlist = self.speculator.main_head() if wait else None
+        try:
+            self._forward([main] if wait else self.batches, self.rows)
+        finally:
+            main.shortlist = None
 
     def remove(self, leaving: Sequence[Row]) -> None:
         """Drop rows without finishing them (their reader left); frees their cache rows."""

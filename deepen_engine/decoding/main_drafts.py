@@ -69,12 +69,15 @@ def draft_own(
 ) -> None:
     """Row b drafts up to `lengths[b]` tokens with the main member (`main`), appended to
     `drafts[b]`; over `shortlist` where given, then the full logits of every drafted
-    position from one pass of the full output layer.
+    position (and of position 0 where the last forward was shortlisted already: the loop's
+    `advance` feeds the main member that way before a speculative step) from one pass of the
+    full output layer.
     """
     member = main.member
     eos_ids = member.eos_ids
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
-    hidden: list[list[torch.Tensor]] = [[] for _ in rows]  # (d,) after each fed draft
+    # (row, index in its draft's main_logits, (d,) hidden state) where the full layer is owed
+    owed = [(b, 0, r.owed) for b, r in enumerate(main.rows) if r.owed is not None]
     main.shortlist = shortlist
     try:
         for r in range(max(lengths, default=0)):
@@ -100,38 +103,34 @@ def draft_own(
             if not fed:
                 break
             main.forward()
-            logits = main.require_logits()
+            logits = main.shortlisted_logits()
             for b in range(len(rows)):
                 d = drafts[b]
                 if lengths[b] and len(d.tokens) == r + 1 and d.tokens[-1] not in eos_ids:
                     d.main_logits.append(logits[b])
-                    if main.hidden is not None:
-                        hidden[b].append(main.hidden[b])
+                    hidden = main.rows[b].owed
+                    if hidden is not None:
+                        owed.append((b, r + 1, hidden))
     finally:
         main.shortlist = None
-        main.hidden = None
-    if shortlist is not None:
-        _full_logits(main, shortlist, drafts, hidden)
+    _full_logits(main, drafts, owed)
 
 
 def _full_logits(
-    main: MemberBatch,
-    shortlist: ShortlistHead,
-    drafts: list[Draft],
-    hidden: list[list[torch.Tensor]],
+    main: MemberBatch, drafts: list[Draft], owed: list[tuple[int, int, torch.Tensor]]
 ) -> None:
-    """Replace each row's shortlisted draft logits by the full layer's, in one pass over
-    every drafted position; the batch's next-token logits become the full ones too.
+    """Replace the shortlisted draft logits `owed` names by the full layer's, in one pass;
+    the batch's next-token logits become the full ones too.
     """
-    owners = [(b, t) for b, states in enumerate(hidden) for t in range(len(states))]
-    if not owners:
+    layer = main.member.output_layer
+    if not owed or layer is None:
         return
-    stacked = torch.stack([hidden[b][t] for b, t in owners])  # (N, d)
     with torch.no_grad():
-        full = shortlist.layer.logits(stacked).float()  # (N, V)
-    for p, (b, t) in enumerate(owners):
-        drafts[b].main_logits[t + 1] = full[p]
-    logits = main.require_logits()
-    for b, states in enumerate(hidden):
-        if states:
-            logits[b] = drafts[b].main_logits[-1]
+        full = layer.logits(torch.stack([h for _, _, h in owed])).float()  # (N, V)
+    for p, (b, t, _) in enumerate(owed):
+        drafts[b].main_logits[t] = full[p]
+    logits = main.shortlisted_logits()
+    for b in {b for b, _, _ in owed}:
+        logits[b] = drafts[b].main_logits[-1]
+    for r in main.rows:
+        r.owed = None

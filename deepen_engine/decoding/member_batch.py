@@ -12,7 +12,7 @@ Layout of the batched cache, `(B, heads, T, dim)` per layer, with a `(B, T)` mas
   rows feeding fewer ids than the widest row in a step are padded on the left of the chunk
   (also holes). Masked positions are never attended to; position ids count only a row's
   valid positions, so a row computes exactly what it would alone;
-- holes are squeezed out by a gather (`_compact`) when they waste a quarter of the cache.
+- holes are squeezed out by a gather (`cache_ops.compact`) when they waste a quarter of the cache.
   A sliding window counts cache slots, so once a sliding-window model's cache reaches its
   window no hole may stay: rows that feed fewer ids than the widest row re-feed their
   latest ids instead of padding, and the holes are squeezed out before the forward.
@@ -36,8 +36,9 @@ from ..members import Member
 from ..members.output_layer import ShortlistHead
 from .cache_ops import (
     common_prefix,
+    compact,
     drop_unused_leading_slots,
-    gather_slots,
+    holes,
     left_pad,
     left_pad_mask,
 )
@@ -59,6 +60,9 @@ class RowIds:
     fed_positions: int = 0  # positions fed after the prompt (the sync cost)
     ends: list[int] = field(default_factory=list)  # helper: byte end of each generated id
     score: RowScore = field(default_factory=RowScore)  # the prompt's score (prompt_scores.py)
+    # (d,) hidden state after the last id while the row's logits cover only a shortlist
+    # (`MemberBatch.shortlist`): the full output layer is owed on it
+    owed: torch.Tensor | None = None
 
     @property
     def generated_ids(self) -> list[int]:
@@ -95,10 +99,9 @@ class MemberBatch:
         self.keep_fed_logits = False
         self.fed_logits: list[list[tuple[int, torch.Tensor]]] = []
         # Shortlist drafting (decoding/main_drafts.py): when set, forwards compute the
-        # logits over these output rows only (-inf elsewhere) and keep `hidden`, the (B, d)
-        # hidden states after each row's last id, for the full output layer later.
+        # logits over these output rows only (-inf elsewhere) and each fed row keeps its
+        # hidden state after its last id (`RowIds.owed`) for the full output layer later.
         self.shortlist: ShortlistHead | None = None
-        self.hidden: torch.Tensor | None = None
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -106,7 +109,24 @@ class MemberBatch:
         self._pad_id = int(pad) if pad is not None else 0
 
     def require_logits(self) -> torch.Tensor:
-        """The latest (B, V) next-token logits; there are none before the first forward."""
+        """The latest (B, V) next-token logits, over the full vocabulary (rows a shortlisted
+        forward left owing get their full output layer now); none before the first forward.
+        """
+        logits = self.shortlisted_logits()
+        owed = [(b, r.owed) for b, r in enumerate(self.rows) if r.owed is not None]
+        layer = self.member.output_layer
+        if owed and layer is not None:
+            index = torch.tensor([b for b, _ in owed], device=logits.device)
+            with torch.no_grad():
+                logits[index] = layer.logits(torch.stack([h for _, h in owed])).float()
+            for r in self.rows:
+                r.owed = None
+        return logits
+
+    def shortlisted_logits(self) -> torch.Tensor:
+        """The latest (B, V) logits as the last forward left them: rows with `owed` hidden
+        states hold shortlisted logits (-inf off the shortlist); for drafting only.
+        """
         if self.logits is None:
             raise RuntimeError(f"member {self.member.name!r} has no logits before its forward")
         return self.logits
@@ -239,9 +259,8 @@ class MemberBatch:
         elif scoring:
             keep = logits_kept(pending, [r.cached for r in self.rows], [r.score for r in self.rows])
         inputs = (input_ids, mask, positions)
-        out_logits, self.hidden = member_forward(
-            self.member, self.cache, inputs, keep, self.shortlist
-        )
+        shortlist = self.shortlist if keep == 1 else None  # a shortlist gives last logits only
+        out_logits, hidden = member_forward(self.member, self.cache, inputs, keep, shortlist)
         # float32 for fusion whatever the member's dtype; kept on the member's device
         # (fusion reads it there: deepen_engine/devices.py)
         if scoring:  # (B, keep, V): each prompt token's log-likelihood, before the rows move on
@@ -268,7 +287,9 @@ class MemberBatch:
         self.logits = logits
         self.valid = mask
         fed = 0
-        for r, ids in zip(self.rows, pending):
+        for b, (r, ids) in enumerate(zip(self.rows, pending)):
+            if ids:  # shortlisted logits owe the full layer on this hidden state
+                r.owed = None if hidden is None else hidden[b]
             # only positions past the prompt count as sync cost
             r.fed_positions += max(0, r.cached + len(ids) - max(r.cached, len(r.prompt_ids)))
             fed += len(ids)
@@ -289,10 +310,10 @@ class MemberBatch:
             for b, r in enumerate(self.rows):
                 new = min(len(r.ids) - r.cached, limit)
                 self._roll_back(b, max(0, r.cached - (width - new)))
-            if self._has_holes():
-                self._compact()
-        elif self._has_holes() and self._holes() * 4 >= self.valid.numel():
-            self._compact()  # holes waste a quarter of the cache
+            if holes(self.valid):
+                self.valid = compact(self.cache, self.valid)
+        elif holes(self.valid) * 4 >= self.valid.numel():
+            self.valid = compact(self.cache, self.valid)  # holes waste a quarter of the cache
 
     def _chunk(
         self, pending: list[list[int]], width: int
@@ -357,33 +378,3 @@ class MemberBatch:
         self.valid = torch.zeros(0, 0, dtype=torch.bool)
         self.rows = []
         self.logits = None
-
-    def _holes(self) -> int:
-        """Masked slots after a row's first valid slot (left padding does not count)."""
-        total = self.valid.shape[1]
-        if total == 0:
-            return 0
-        first = self.valid.float().argmax(dim=1, keepdim=True)  # (B, 1)
-        return int(((~self.valid) & (torch.arange(total)[None, :] >= first)).sum())
-
-    def _has_holes(self) -> bool:
-        return self._holes() > 0
-
-    def _compact(self) -> None:
-        """Gather each row's valid positions to the right end of a shorter cache."""
-        counts = self.valid.sum(dim=1)
-        length = int(counts.max())
-        index = torch.zeros(len(self.rows), length, dtype=torch.long)
-        valid = torch.zeros(len(self.rows), length, dtype=torch.bool)
-        for b in range(len(self.rows)):
-            slots = self.valid[b].nonzero().squeeze(1)
-            index[b, length - len(slots) :] = slots
-            valid[b, length - len(slots) :] = True
-        for layer in self.cache.layers:  # each on its own device in a sharded member
-            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                continue
-            layer.keys = gather_slots(layer.keys, index.to(layer.keys.device))
-            layer.values = gather_slots(layer.values, index.to(layer.values.device))
-            if hasattr(layer, "cumulative_length"):
-                layer.cumulative_length = length
-        self.valid = valid

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from ..members import Member
+from ..members.output_layer import ShortlistHead
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .acceptance import accept_draft
@@ -100,6 +101,20 @@ class Speculator:
         (one forward fewer per step): true when that step will be speculative.
         """
         return self.wanted()
+
+    def main_head(self) -> ShortlistHead | None:
+        """The output rows the main member's forward before the next step may stop at: its
+        draft shortlist when that step is speculative and every drafting row drafts with
+        the main member, which then drafts its first token from them too; the full layer
+        follows with the drafts' (main_drafts.py), or at the next `require_logits`.
+        """
+        dec = self.dec
+        lengths = [self._draft_length(b) for b in range(len(dec.rows))]
+        if not any(lengths) or any(
+            n and self._drafter(b) != dec.main for b, n in enumerate(lengths)
+        ):
+            return None
+        return draft_shortlist(dec.members, dec.main)
 
     def catch_up(self) -> None:
         """Feed helpers' ids left waiting (a plain step follows a speculative one)."""
@@ -181,9 +196,12 @@ class Speculator:
         """
         dec = self.dec
         main = dec.batches[dec.main]
-        logits = main.require_logits()  # (B, V)
-        drafts = [Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
         drafters = [self._drafter(b) if n else dec.main for b, n in enumerate(lengths)]
+        # shortlisted where `main_head` let the last forward stop there: drafted from, then
+        # completed by draft_own; a helper's draft needs the full logits first
+        everyone = all(n == 0 or drafters[b] == dec.main for b, n in enumerate(lengths))
+        logits = main.shortlisted_logits() if everyone else main.require_logits()  # (B, V)
+        drafts = [Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
         self.helper_drafts = cross_draft(dec.batches, dec.main, dec.rows, drafts, lengths, drafters)
         own = [n if drafters[b] == dec.main else 0 for b, n in enumerate(lengths)]
         if any(own):
