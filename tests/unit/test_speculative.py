@@ -303,6 +303,31 @@ def test_bench_speculative_section(tiny_folders, capsys):
     assert "--speculative-drafters: each must be main, auto or a member index, got 'fast'." in (
         capsys.readouterr().err
     )
+    task = ["--speculative-task", "arithmetic", "--speculative-batch-sizes", "1", "--json"]
+    assert (
+        main(["bench", *member_args(tiny_folders), *one, *task, "--speculative-groups", "3"]) == 0
+    )
+    section = json.loads(capsys.readouterr().out)["speculative"]
+    assert (section["prompts"], section["groups"]) == ("arithmetic", 3)
+    assert section["rows"][0]["same_tokens"] is True and section["rows"][0]["batch_size"] == 1
+    assert main(["bench", *member_args(tiny_folders), *one, "--speculative-groups", "0"]) == 2
+    assert "--speculative-groups must be >= 1, got 0." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", *member_args(tiny_folders), *one, "--speculative-task", "poems"])
+    assert "invalid choice: 'poems'" in capsys.readouterr().err
+
+
+def test_task_prompts_are_the_evals_test_prompts():
+    from deepen_engine.commands.bench.speculative import task_prompts
+    from deepen_engine.commands.eval.task import split_questions
+    from deepen_engine.commands.eval.tasks import TASKS
+
+    prompts = task_prompts("capitals", 3)
+    split = split_questions(TASKS["capitals"].load(), seed=0, shots=4, dev_size=50)
+    first = split.test[0]
+    assert len(prompts) == 3 and prompts[0].count("\n\n") == 4
+    assert prompts[0].endswith(TASKS["capitals"].template.format(subject=first.subject))
+    assert split.shots[0].answer in prompts[0]
 
 
 # --- another member drafts (`GenerationConfig.drafter`, decoding/cross_drafts.py) ----------

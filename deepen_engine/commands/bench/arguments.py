@@ -8,6 +8,7 @@ import argparse
 
 from ...config import SchedulerConfig
 from ...errors import ConfigError
+from ..eval.tasks import TASKS
 from .sections import PROMPTS, WINDOW
 from .soak_faults import SOAK_KINDS
 
@@ -123,6 +124,20 @@ def _speculative_arguments(bench: argparse.ArgumentParser) -> None:
         type=int,
         default=3,
         help="speculative section: interleaved rounds (3)",
+    )
+    bench.add_argument(
+        "--speculative-groups",
+        type=int,
+        default=1,
+        metavar="G",
+        help="speculative section: each run decodes G batches one after another, so batch "
+        "size 1 covers G prompts (1)",
+    )
+    bench.add_argument(
+        "--speculative-task",
+        choices=sorted(TASKS),
+        help="speculative section: prompts from this eval task's test questions (its "
+        "few-shot prompts as `deepen eval` builds them, seed 0) instead of the bench's",
     )
 
 
@@ -293,6 +308,8 @@ def check_flags(args: argparse.Namespace) -> None:
                     f"got {drafter!r}."
                 )
             args.speculative_drafters[i] = int(drafter)
+    if args.speculative_groups < 1:
+        raise ConfigError(f"--speculative-groups must be >= 1, got {args.speculative_groups}.")
     if args.speculative_repeats < 1:
         raise ConfigError(f"--speculative-repeats must be >= 1, got {args.speculative_repeats}.")
     if any(b < 1 for b in args.speculative_batch_sizes):

@@ -59,7 +59,7 @@ from .sections import PROMPTS, fidelity, gate_check, length_curve, memory, speed
 from .serving import print_serving, serving
 from .soak import run_soak
 from .soak_report import print_soak
-from .speculative import speculative_cost, speculative_table
+from .speculative import speculative_cost, speculative_table, task_prompts
 from .tables import constraint_table, print_table
 from .timing import rss_mb
 
@@ -222,7 +222,12 @@ def _speculative_section(ens: Ensemble, args: argparse.Namespace) -> dict[str, A
 
         k, repeats = args.speculate_k, args.speculative_repeats
         drafters = args.speculative_drafters
-        section = speculative_cost(ens, sizes, args.new_tokens, k, repeats, tick, drafters)
+        prompts = PROMPTS if args.speculative_task is None else task_prompts(args.speculative_task)
+        groups = args.speculative_groups
+        section = speculative_cost(
+            ens, sizes, args.new_tokens, k, repeats, tick, drafters, prompts, groups
+        )
+        section["prompts"] = args.speculative_task or "bench"
     return {"speculative": section}
 
 

@@ -3,10 +3,11 @@
 (docs/benchmarks.md).
 
 For each batch size and each kind (`greedy`; `sampled`: temperature 0.7, seed 0), `repeats`
-rounds of runs on the bench's prompts, exactly n tokens per row, interleaved so the
-machine's noise hits all alike: the slower member alone (transformers `generate`, greedy,
-its KV cache), the ensemble with `speculate=0`, and with `speculate=k` once per drafter
-compared (`GenerationConfig.drafter`). One line per batch size, kind and drafter, with
+rounds of runs on the bench's prompts (or an eval task's test prompts,
+`--speculative-task`), exactly n tokens per row, interleaved so the machine's noise hits
+all alike: the slower member alone (transformers `generate`, greedy, its KV cache), the
+ensemble with `speculate=0`, and with `speculate=k` once per drafter compared
+(`GenerationConfig.drafter`). One line per batch size, kind and drafter, with
 medians over the rounds:
 
 - `standard_tokens_per_s`, `speculative_tokens_per_s` and their ratio `speedup`;
@@ -27,6 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...ensemble import Ensemble
+from ..eval.task import split_questions
+from ..eval.tasks import TASKS
 from .sections import PROMPTS
 from .timing import ensemble_run, member_alone
 
@@ -44,26 +47,42 @@ def speculative_cost(
     repeats: int,
     tick: Callable[[], None],
     drafters: Sequence[int | str] = ("main",),
+    prompts: Sequence[str] = PROMPTS,
+    groups: int = 1,
 ) -> dict[str, Any]:
-    """Figures of every batch size, kind and drafter (see the module docstring)."""
+    """Figures of every batch size, kind and drafter (see the module docstring); each run
+    at batch size b decodes `groups` batches of b `prompts` one after another (the first
+    b * groups prompts, repeated when there are fewer).
+    """
     rows = []
     for size in batch_sizes:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(size)]
+        chosen = [prompts[i % len(prompts)] for i in range(size * groups)]
+        batches = [chosen[g * size : (g + 1) * size] for g in range(groups)]
         for kind, settings in KINDS.items():
-            rows.extend(_one(ens, prompts, n, k, repeats, kind, settings, drafters))
+            rows.extend(_one(ens, batches, n, k, repeats, kind, settings, drafters))
             tick()
     return {
         "new_tokens": n,
         "speculate": k,
         "rounds": repeats,
+        "groups": groups,
         "drafters": list(drafters),
         "rows": rows,
     }
 
 
+def task_prompts(name: str, count: int = 16) -> list[str]:
+    """The first `count` test prompts of eval task `name`, as `deepen eval` builds them with
+    its defaults (seed 0, 4 shots, 50 dev questions).
+    """
+    task = TASKS[name]
+    split = split_questions(task.load(), seed=0)
+    return [task.prompt(split.shots, q) for q in split.test[:count]]
+
+
 def _one(
     ens: Ensemble,
-    prompts: list[str],
+    batches: list[list[str]],
     n: int,
     k: int,
     repeats: int,
@@ -71,9 +90,9 @@ def _one(
     settings: dict[str, Any],
     drafters: Sequence[int | str],
 ) -> list[dict[str, Any]]:
-    tokens = n * len(prompts)
+    tokens = n * sum(len(b) for b in batches)
     for drafter in drafters:  # warm up
-        ens.generate(prompts, max_new_tokens=2, speculate=k, drafter=drafter, **settings)
+        ens.generate(batches[0], max_new_tokens=2, speculate=k, drafter=drafter, **settings)
     runs_of = [("standard", 0, "main")] + [(f"drafter {d}", k, d) for d in drafters]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in runs_of}
     seconds["slower"] = []
@@ -83,22 +102,26 @@ def _one(
     same = dict.fromkeys(drafters, True)
     for _ in range(repeats):
         seconds["slower"].append(
-            max(member_alone(m, prompts, n, warm_up=False)[-1] for m in ens.members)
+            max(sum(member_alone(m, b, n, warm_up=False)[-1] for b in batches) for m in ens.members)
         )
         seconds["slower_engine"].append(
-            max(ensemble_run(one, prompts, n)["seconds"] for one in alone)
+            max(sum(ensemble_run(one, b, n)["seconds"] for b in batches) for one in alone)
         )
         runs = {}
         for name, spec, drafter in runs_of:
             start = time.perf_counter()
-            runs[name] = ens.generate(
-                prompts,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                speculate=spec,
-                drafter=drafter,
-                **settings,
-            )
+            runs[name] = [
+                r
+                for b in batches
+                for r in ens.generate(
+                    b,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    speculate=spec,
+                    drafter=drafter,
+                    **settings,
+                )
+            ]
             seconds[name].append(time.perf_counter() - start)
         standard_ids = [r.token_ids for r in runs["standard"]]
         for d in drafters:
@@ -113,7 +136,7 @@ def _one(
         spec_s = med[f"drafter {d}"]
         drafted, accepted, drafts = counts[d]
         row: dict[str, Any] = {
-            "batch_size": len(prompts),
+            "batch_size": len(batches[0]),
             "kind": kind,
             "drafter": d,
             "standard_tokens_per_s": round(tokens / med["standard"], 2),
