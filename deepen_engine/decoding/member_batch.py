@@ -260,7 +260,12 @@ class MemberBatch:
             keep = logits_kept(pending, [r.cached for r in self.rows], [r.score for r in self.rows])
         inputs = (input_ids, mask, positions)
         shortlist = self.shortlist if keep == 1 else None  # a shortlist gives last logits only
-        out_logits, hidden = member_forward(self.member, self.cache, inputs, keep, shortlist)
+        # each row may also draft the tokens its own ids hold (a prompt's rare words, which
+        # answers copy): the shortlist's missing ones get their rows too
+        extras = [shortlist.missing(r.ids) for r in self.rows] if shortlist else None
+        out_logits, hidden = member_forward(
+            self.member, self.cache, inputs, keep, shortlist, extras
+        )
         # float32 for fusion whatever the member's dtype; kept on the member's device
         # (fusion reads it there: deepen_engine/devices.py)
         if scoring:  # (B, keep, V): each prompt token's log-likelihood, before the rows move on

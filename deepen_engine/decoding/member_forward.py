@@ -23,11 +23,13 @@ def member_forward(
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     keep: int,
     shortlist: ShortlistHead | None = None,
+    extras: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, keep, V) logits of the last `keep` positions of one forward over `inputs` (ids,
     attention mask, position ids: (B, W) each, on the CPU), and the (B, d) hidden states
     after the last position when `shortlist` is given (its logits then cover only the
-    shortlisted tokens, -inf elsewhere; `keep` must be 1), else None.
+    shortlisted tokens and, per row, `extras[b]`, -inf elsewhere; `keep` must be 1), else
+    None.
     """
     input_ids, mask, positions = inputs
     device = member.device
@@ -51,7 +53,7 @@ def member_forward(
             hidden = layer.body(**kwargs).last_hidden_state  # (B, W, d)
             if shortlist is not None:
                 last = hidden[:, -1, :]
-                return shortlist.logits(last)[:, None, :], last
+                return shortlist.logits(last, extras)[:, None, :], last
             return layer.logits(hidden[:, -keep:, :]), None
     except Exception as exc:
         # The cache may hold half a step now: the whole request is abandoned (the decoding

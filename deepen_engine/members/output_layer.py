@@ -72,7 +72,9 @@ class OutputLayer:
     def shortlist(self, rows: torch.Tensor) -> ShortlistHead:
         """The layer restricted to the output rows `rows` (their weights copied once)."""
         rows = rows.to(self.weight.device)
-        return ShortlistHead(self, rows, self.weight.detach()[rows].contiguous())
+        kept = torch.zeros(self.weight.shape[0], dtype=torch.bool)
+        kept[rows.cpu()] = True
+        return ShortlistHead(self, rows, self.weight.detach()[rows].contiguous(), kept)
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
         """`final_logit_softcapping` applied as the model applies it (none: unchanged)."""
@@ -83,19 +85,37 @@ class OutputLayer:
 
 @dataclass
 class ShortlistHead:
-    """An output layer restricted to some of its rows (shortlist drafting)."""
+    """An output layer restricted to some of its rows (shortlist drafting), plus, per
+    hidden state, any rows of the full layer asked for (`missing`: a row's own tokens).
+    """
 
     layer: OutputLayer
     rows: torch.Tensor  # (S,) token ids kept
     weight: torch.Tensor  # (S, d) their rows of the output layer
+    kept: torch.Tensor  # (V,) bool on the CPU: whether a token id is among `rows`
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def missing(self, ids: list[int]) -> torch.Tensor:
+        """The distinct token ids among `ids` that the shortlist lacks (ascending)."""
+        if not ids:
+            return torch.zeros(0, dtype=torch.long)
+        given = torch.tensor(ids, dtype=torch.long)
+        return torch.unique(given[~self.kept[given]])
+
+    def logits(
+        self, hidden: torch.Tensor, extras: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """(N, V) float32 logits of (N, d) hidden states: the shortlisted tokens' logits as
-        the full layer computes them (up to float rounding), -inf for every other token.
+        the full layer computes them (up to float rounding), and for hidden state n also
+        the tokens `extras[n]`; -inf for every other token.
         """
         out = self.layer.cap(product(hidden, self.weight))  # (N, S)
         full = torch.full(
             (hidden.shape[0], self.layer.weight.shape[0]), float("-inf"), device=out.device
         )
         full[:, self.rows] = out.float()
+        for n, ids in enumerate(extras or []):
+            if len(ids):  # a few hundred rows at most: a gather and one small product
+                ids = ids.to(full.device)
+                rows = self.layer.weight.detach()[ids]  # (E, d)
+                full[n, ids] = self.layer.cap(hidden[n] @ rows.T).float()
         return full

@@ -75,6 +75,25 @@ def test_shortlist_logits_are_the_full_layers_on_its_rows():
     assert bool(torch.isneginf(short[:, others]).all())
 
 
+def test_a_shortlist_adds_each_rows_missing_tokens():
+    model = _models()[2].eval()  # soft-capped
+    layer = OutputLayer.of(model)
+    assert layer is not None
+    head = layer.shortlist(torch.tensor([2, 9, 40, 41, 299]))
+    assert head.missing([9, 7, 300 - 1, 7, 120, 2]).tolist() == [7, 120]
+    assert head.missing([]).tolist() == []
+    hidden = torch.randn(2, 32)
+    full = layer.logits(hidden)
+    extras = [torch.tensor([7, 120]), torch.tensor([], dtype=torch.long)]
+    short = head.logits(hidden, extras)
+    allowed = [[2, 7, 9, 40, 41, 120, 299], [2, 9, 40, 41, 299]]
+    for n, ids in enumerate(allowed):
+        torch.testing.assert_close(short[n, ids], full[n, ids], rtol=1e-5, atol=1e-5)
+        others = torch.ones(300, dtype=torch.bool)
+        others[ids] = False
+        assert bool(torch.isneginf(short[n, others]).all())
+
+
 def test_members_that_keep_their_own_forward():
     model = tiny_llama(300)
     assert OutputLayer.of(model, device_map={"": "cpu"}) is None  # accelerate placed it

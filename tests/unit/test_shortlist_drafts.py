@@ -24,12 +24,13 @@ def forced(tiny_ensemble, monkeypatch) -> Iterator[list[int]]:
     """Each member, as main, drafts over its ids not divisible by 3 and its end tokens;
     yields the number of shortlisted draft positions so far (a one-item list)."""
     members = tiny_ensemble.members
-    drafted = [0]
+    drafted, extra = [0], [0]
     logits = ShortlistHead.logits
 
-    def counted(self, hidden):
+    def counted(self, hidden, extras=None):
         drafted[0] += hidden.shape[0]
-        return logits(self, hidden)
+        extra[0] += sum(len(ids) for ids in extras or [])
+        return logits(self, hidden, extras)
 
     monkeypatch.setattr(ShortlistHead, "logits", counted)
     for main, member in enumerate(members):
@@ -39,6 +40,7 @@ def forced(tiny_ensemble, monkeypatch) -> Iterator[list[int]]:
         key = tuple(m.name for i, m in enumerate(members) if i != main)
         layer.shortlists[key] = layer.shortlist(torch.tensor(rows))
     yield drafted
+    assert extra[0] > 0  # rows' own tokens off the shortlist were offered to the drafts
     for member in members:
         assert member.output_layer is not None
         member.output_layer.shortlists.clear()
