@@ -328,9 +328,13 @@ class GenerationConfig(_Settings):
     """Speculative fused decoding: `drafter` proposes up to this many tokens per step, the
     fused distribution verifies them; same output as `0` (docs/speculative.md). `0`: off."""
 
-    drafter: Annotated[int | Literal["main", "auto"], _index_or("main", "auto")] = "main"
+    drafter: Annotated[
+        int | Literal["main", "auto", "lookup"], _index_or("main", "auto", "lookup")
+    ] = "main"
     """Who drafts for `speculate`: `"main"`, a member index (its greedy text as main-member
-    tokens) or `"auto"` (fewest parameters, output layer included; ties: lower index)."""
+    tokens), `"auto"` (fewest parameters, output layer included; ties: lower index) or
+    `"lookup"` (no model: the ids that followed the row's last ids where they occurred
+    before in its prompt or output)."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:

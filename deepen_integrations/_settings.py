@@ -222,9 +222,10 @@ class DeepEnSettings(BaseModel):
     fused distribution verifies them (same greedy text, same sampled distribution).
     Default `0`: off."""
 
-    drafter: int | Literal["main", "auto"] = _DEFAULTS.drafter
-    """Which member drafts for `speculate`: `"main"` (default), a member index, or
-    `"auto"` (the member with the fewest parameters); output is unchanged either way."""
+    drafter: int | Literal["main", "auto", "lookup"] = _DEFAULTS.drafter
+    """Which member drafts for `speculate`: `"main"` (default), a member index, `"auto"`
+    (the member with the fewest parameters) or `"lookup"` (no model: ids copied from where
+    the row's last ids occurred before); output is unchanged either way."""
 
     timeout: float | None = _DEFAULTS.timeout
     """Seconds a call may take, waiting for other requests included; past it the call

@@ -199,14 +199,14 @@ def _main_index(text: str) -> int | str:
 
 
 def _drafter(text: str) -> int | str:
-    """`--drafter`: `main`, `auto` or a member index."""
-    if text in ("main", "auto"):
+    """`--drafter`: `main`, `auto`, `lookup` or a member index."""
+    if text in ("main", "auto", "lookup"):
         return text
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"give main, auto or a member index, got {text!r}"
+            f"give main, auto, lookup or a member index, got {text!r}"
         ) from None
 
 

@@ -31,6 +31,7 @@ import torch
 from ..members import Member
 from .cache_ops import common_prefix
 from .drafts import Draft, copy_ids, fed_logits
+from .lookup_drafts import LOOKUP
 from .member_batch import MemberBatch, RowIds
 from .rows import Row
 
@@ -46,10 +47,13 @@ class HelperDraft:
 def drafter_position(choice: int | str, sizes: Sequence[int], index: list[int], main: int) -> int:
     """The position among the members run (`index`: their ensemble indices, `sizes`: their
     parameter counts) of the member that drafts for a row with `GenerationConfig.drafter` =
-    `choice`; `main` when the main member drafts (also for a member that is not run).
+    `choice`; `main` when the main member drafts (also for a member that is not run),
+    `LOOKUP` for prompt lookup (lookup_drafts.py).
     """
     if choice == "main":
         return main
+    if choice == "lookup":
+        return LOOKUP
     if choice == "auto":
         return min(range(len(sizes)), key=lambda p: (sizes[p], index[p]))
     return index.index(choice) if choice in index else main
@@ -152,17 +156,18 @@ def cross_draft(
     drafts: list[Draft],
     lengths: list[int],
     drafters: list[int],
+    proposals: dict[int, list[int]],
 ) -> dict[int, HelperDraft]:
     """Steps 2-4 for the rows whose drafter (`drafters[b]`, a position in `batches`) is
     not the main member: fill their drafts with the proposal and the main member's logits
     after each proposed token; the state of each drafting helper, by position. A row whose
     text holds back part of a character does not draft (the helper's text and the main
-    member's ids differ there).
+    member's ids differ there). `proposals` holds the rows drafted without a model already
+    (lookup_drafts.py); the main member reads every proposal in the same forward.
     """
     states: dict[int, HelperDraft] = {}
-    proposals: dict[int, list[int]] = {}
     main_member = batches[main].member
-    for i in sorted(set(drafters) - {main}):
+    for i in sorted(set(drafters) - {main, LOOKUP}):
         batch = batches[i]
         window = batch.member.context_window
         wanted: dict[int, int] = {}

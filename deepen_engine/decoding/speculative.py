@@ -4,7 +4,9 @@ account, guarantees and limits are in docs/speculative.md). One step, for all ro
 1. Draft: each speculating row's main member proposes up to k tokens alone (argmax, or a
    draw from its own sampling distribution q), one forward per token, all rows together;
    or the row's drafter, another member, drafts text greedily and the main member reads
-   it, as its own tokens, in one forward (cross_drafts.py; `GenerationConfig.drafter`).
+   it, as its own tokens, in one forward (cross_drafts.py; `GenerationConfig.drafter`);
+   or, for `drafter="lookup"`, the ids that followed the row's last ids where they
+   occurred before are proposed and read the same way (lookup_drafts.py).
 2. Verify: every helper is synced to the drafted text (`MemberBatch.plan_sync`) and reads
    it in one forward that keeps the logits after every fed position.
 3. Boundaries: position t (after t drafted tokens) is verifiable while, for every helper,
@@ -36,6 +38,7 @@ from .cache_ops import common_prefix
 from .constraints import apply_masks
 from .cross_drafts import HelperDraft, cross_draft, drafter_position
 from .drafts import Draft, copy_ids, fed_logits, fits, row_sampler, starts
+from .lookup_drafts import lookup_proposals
 from .main_drafts import draft_own, draft_shortlist
 from .member_batch import MemberBatch, RowIds
 from .row_scores import fuse_rows
@@ -202,7 +205,10 @@ class Speculator:
         everyone = all(n == 0 or drafters[b] == dec.main for b, n in enumerate(lengths))
         logits = main.shortlisted_logits() if everyone else main.require_logits()  # (B, V)
         drafts = [Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
-        self.helper_drafts = cross_draft(dec.batches, dec.main, dec.rows, drafts, lengths, drafters)
+        proposals = lookup_proposals(main, lengths, drafters)
+        self.helper_drafts = cross_draft(
+            dec.batches, dec.main, dec.rows, drafts, lengths, drafters, proposals
+        )
         own = [n if drafters[b] == dec.main else 0 for b, n in enumerate(lengths)]
         if any(own):
             draft_own(main, dec.rows, drafts, own, draft_shortlist(dec.members, dec.main))

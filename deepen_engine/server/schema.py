@@ -58,7 +58,7 @@ class _Common(_Body):
     """A prompt too long for a member: `error` (400) or `left` (drop the oldest tokens)."""
     speculate: int | None = Field(None, ge=0, le=16)
     """Speculative decoding: tokens the main member drafts per step (0: off)."""
-    drafter: int | Literal["main", "auto"] | None = None
+    drafter: int | Literal["main", "auto", "lookup"] | None = None
     """Speculative decoding: who drafts, `main`, `auto` (the smallest member) or an index."""
     timeout: float | None = Field(None, gt=0)
     """Seconds the request may take, waiting included; 408 past it."""

@@ -18,7 +18,7 @@ PROMPTS = [
 def test_greedy_speculation_equals_standard_decoding(default_ensemble, main):
     view = default_ensemble.with_fusion(main=main)
     base = view.generate(PROMPTS, max_new_tokens=12)
-    for drafter in ("main", "auto", 0):
+    for drafter in ("main", "auto", 0, "lookup"):
         out = view.generate(PROMPTS, max_new_tokens=12, speculate=4, drafter=drafter)
         assert [r.text for r in out] == [r.text for r in base], drafter
         assert [r.token_ids for r in out] == [r.token_ids for r in base], drafter

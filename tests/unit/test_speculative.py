@@ -183,11 +183,11 @@ def test_rolled_back_caches_equal_a_fresh_prefill(tiny_ensemble, feed_helpers):
     assert (checked.count(helper) > 10) == feed_helpers
 
 
-def _sampled_ids(ensemble, config, seeds):
+def _sampled_ids(ensemble, config, seeds, text="The capital of France is"):
     """Token ids of one prompt's rows, one row per seed, decoded in one batch."""
     fuser = ensemble.fuser
     decoder = BatchDecoder(ensemble.members, fuser.main)
-    prompt = [("The capital of France is", True)] * 2
+    prompt = [(text, True)] * 2
     rows = [
         NewRow(prompts=prompt, config=config, fuser=fuser, index=i, seed=s)
         for i, s in enumerate(seeds)
@@ -210,7 +210,9 @@ def _sampled_ids(ensemble, config, seeds):
     return [out[i] for i in range(len(seeds))], drafted, accepted
 
 
-def _assert_plain_distribution(ensemble, first_seed: int, **speculation) -> None:
+def _assert_plain_distribution(
+    ensemble, first_seed: int, text: str = "The capital of France is", **speculation
+) -> None:
     """Chi-square test of homogeneity on the first three tokens of 800 seeded rows, with
     and without speculation (`speculate=2`; `speculation` in both runs), unite fusion led
     by member 1 (drafts are often rejected). Seeded: the test is deterministic."""
@@ -220,7 +222,7 @@ def _assert_plain_distribution(ensemble, first_seed: int, **speculation) -> None
         cfg = GenerationConfig(
             max_new_tokens=3, temperature=1.0, top_k=3, speculate=k, **speculation
         )
-        ids, drafted, accepted = _sampled_ids(view, cfg, seeds)
+        ids, drafted, accepted = _sampled_ids(view, cfg, seeds, text)
         if k:
             assert drafted > accepted > 0
         tally: dict[tuple[int, ...], int] = {}
@@ -300,8 +302,9 @@ def test_bench_speculative_section(tiny_folders, capsys):
     assert [r["same_tokens"] for r in rows[:2]] == [True, True]
     bad = ["--speculative-drafters", "fast"]
     assert main(["bench", *member_args(tiny_folders), *one, *bad]) == 2
-    assert "--speculative-drafters: each must be main, auto or a member index, got 'fast'." in (
-        capsys.readouterr().err
+    assert (
+        "--speculative-drafters: each must be main, auto, lookup or a member index, got 'fast'."
+        in (capsys.readouterr().err)
     )
     task = ["--speculative-task", "arithmetic", "--speculative-batch-sizes", "1", "--json"]
     assert (

@@ -116,8 +116,8 @@ def _speculative_arguments(bench: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["main"],
         metavar="DRAFTER",
-        help="speculative section: drafters compared in each round, each main, auto or a "
-        "member index (GenerationConfig.drafter; main)",
+        help="speculative section: drafters compared in each round, each main, auto, lookup "
+        "or a member index (GenerationConfig.drafter; main)",
     )
     bench.add_argument(
         "--speculative-repeats",
@@ -301,10 +301,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if not 1 <= args.speculate_k <= 16:
         raise ConfigError(f"--speculate-k must be from 1 to 16, got {args.speculate_k}.")
     for i, drafter in enumerate(args.speculative_drafters):
-        if drafter not in ("main", "auto"):
+        if drafter not in ("main", "auto", "lookup"):
             if not drafter.isdigit():
                 raise ConfigError(
-                    f"--speculative-drafters: each must be main, auto or a member index, "
+                    f"--speculative-drafters: each must be main, auto, lookup or a member index, "
                     f"got {drafter!r}."
                 )
             args.speculative_drafters[i] = int(drafter)
