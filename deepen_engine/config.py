@@ -333,8 +333,8 @@ class GenerationConfig(_Settings):
     ] = "main"
     """Who drafts for `speculate`: `"main"`, a member index (its greedy text as main-member
     tokens), `"auto"` (fewest parameters, output layer included; ties: lower index) or
-    `"lookup"` (no model: the ids that followed the row's last ids where they occurred
-    before in its prompt or output)."""
+    `"lookup"` (the ids that followed the row's last ids where they occurred before in its
+    prompt or output; else the main member)."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:

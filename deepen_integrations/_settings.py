@@ -224,8 +224,8 @@ class DeepEnSettings(BaseModel):
 
     drafter: int | Literal["main", "auto", "lookup"] = _DEFAULTS.drafter
     """Which member drafts for `speculate`: `"main"` (default), a member index, `"auto"`
-    (the member with the fewest parameters) or `"lookup"` (no model: ids copied from where
-    the row's last ids occurred before); output is unchanged either way."""
+    (the member with the fewest parameters) or `"lookup"` (ids copied from where the row's
+    last ids occurred before, else the main member); output is unchanged either way."""
 
     timeout: float | None = _DEFAULTS.timeout
     """Seconds a call may take, waiting for other requests included; past it the call

@@ -5,9 +5,10 @@ draft, so a step costs one forward per member (the main member reads the proposa
 cross_drafts.py step 4) plus the fusion of the verified positions.
 
 It pays where outputs copy their input: few-shot prompts (the next question's framing),
-retrieved passages quoted in answers, code edits, JSON keys. Where nothing repeats there
-is no proposal and the step is an ordinary one. The proposal depends only on the ids, so
-acceptance.py treats it as a point mass, as for a helper's draft: output is unchanged.
+retrieved passages quoted in answers, code edits, JSON keys. Where the row's tail never
+occurred before, the main member drafts that step as with `drafter="main"`. The proposal
+depends only on the ids, so acceptance.py treats it as a point mass, as for a helper's
+draft: output is unchanged.
 """
 
 from __future__ import annotations

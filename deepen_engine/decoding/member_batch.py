@@ -317,7 +317,7 @@ class MemberBatch:
                 self._roll_back(b, max(0, r.cached - (width - new)))
             if holes(self.valid):
                 self.valid = compact(self.cache, self.valid)
-        elif holes(self.valid) * 4 >= self.valid.numel():
+        elif (count := holes(self.valid)) and count * 4 >= self.valid.numel():
             self.valid = compact(self.cache, self.valid)  # holes waste a quarter of the cache
 
     def _chunk(

@@ -206,6 +206,9 @@ class Speculator:
         logits = main.shortlisted_logits() if everyone else main.require_logits()  # (B, V)
         drafts = [Draft(main_logits=[logits[b]]) for b in range(len(dec.rows))]
         proposals = lookup_proposals(main, lengths, drafters)
+        for b in [b for b, ids in proposals.items() if not ids]:
+            drafters[b] = dec.main  # nothing to look up: the main member drafts instead
+            del proposals[b]
         self.helper_drafts = cross_draft(
             dec.batches, dec.main, dec.rows, drafts, lengths, drafters, proposals
         )
