@@ -67,6 +67,7 @@ WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 PromptScore = Literal["whole", "second-half"]
 PROMPT_SCORES: tuple[str, ...] = get_args(PromptScore)
 """The prompt spans a prompt score may read (`FusionConfig.prompt_score`)."""
+Drafter = Literal["main", "auto", "lookup"]  # `GenerationConfig.drafter`, or a member index
 
 
 class FusionConfig(_Settings):
@@ -258,8 +259,7 @@ REQUEST_FUSION_NAMES: dict[str, str] = {
     "gate": "gate",
     "gate_threshold": "gate_threshold",
 }
-"""Public name -> FusionConfig field of every setting a request may change (a cheap view
-of the loaded ensemble, `Ensemble.view`)."""
+"""Public name -> FusionConfig field of every setting a request may change (`Ensemble.view`)."""
 
 LOAD_FUSION_NAMES: dict[str, str] = {"min_anchors": "min_anchors", "fusion_device": "fusion_device"}
 """Public name -> FusionConfig field of the settings fixed when the members are aligned."""
@@ -328,13 +328,9 @@ class GenerationConfig(_Settings):
     """Speculative fused decoding: `drafter` proposes up to this many tokens per step, the
     fused distribution verifies them; same output as `0` (docs/speculative.md). `0`: off."""
 
-    drafter: Annotated[
-        int | Literal["main", "auto", "lookup"], _index_or("main", "auto", "lookup")
-    ] = "main"
-    """Who drafts for `speculate`: `"main"`, a member index (its greedy text as main-member
-    tokens), `"auto"` (fewest parameters, output layer included; ties: lower index) or
-    `"lookup"` (the ids that followed the row's last ids where they occurred before in its
-    prompt or output; else the main member)."""
+    drafter: Annotated[int | Drafter, _index_or(*get_args(Drafter))] = "main"
+    """Who drafts for `speculate`: `"main"`, a member index (its greedy text), `"auto"` (fewest
+    parameters; ties: lower index) or `"lookup"` (ids copied from the row's text; else main)."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:

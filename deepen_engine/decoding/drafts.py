@@ -1,16 +1,19 @@
 """Small helpers of speculative decoding (speculative.py): one row's draft, a row's
-sampler, window and prefix checks, copies of a row's ids, and the logits a verification
-forward kept.
+sampler, window and prefix checks, copies of a row's ids, the logits a verification
+forward kept, and the check of new rows' speculation settings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
+from ..members import Member
 from .member_batch import MemberBatch, RowIds
-from .rows import Row
+from .rows import NewRow, Row
 from .sampling import Sampler
 
 
@@ -59,3 +62,26 @@ def fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None
         if first <= position < first + block.shape[0]:
             return block[position - first]
     return None
+
+
+def check_speculation(members: Sequence[Member], new: Sequence[NewRow], count: int) -> None:
+    """Raise `ConfigError` for a speculating row of an ensemble with members in Ray actors,
+    or a drafter index that is not one of the ensemble's `count` members.
+    """
+    remote = [m.name for m in members if m.remote is not None]
+    for item in new:
+        drafter = item.config.drafter
+        if isinstance(drafter, int) and drafter >= count:
+            raise ConfigError(
+                f"GenerationConfig.drafter={drafter} (row {item.index}) is not a member index: "
+                f"the ensemble has {count} members (0 to {count - 1}); set a member index, "
+                "'main' or 'auto'.",
+                field="drafter",
+                owner="GenerationConfig",
+            )
+        if item.config.speculate and remote:
+            raise ConfigError(
+                f"speculate={item.config.speculate} (row {item.index}) is not supported yet "
+                f"with members in Ray actors ({', '.join(remote)}): set speculate=0, or load "
+                "the members in process."
+            )

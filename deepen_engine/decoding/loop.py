@@ -22,10 +22,9 @@ the members' forward passes; they can join and leave between steps. Its phases:
    (members on distinct devices, or in their own Ray actors, concurrently).
 5. `remove` drops rows whose reader left; `close` frees every cache.
 
-`decode.py` drives one batch of rows from start to end; the scheduler
-(`deepen_engine/scheduler.py`) drives a long-lived decoder that requests join and leave.
-`DecodeHooks` let tools vary the loop without copying it: the bench swaps in helpers that re-encode
-their text each step (the reference implementation's way) and watches every step.
+`decode.py` drives one batch of rows to the end; `deepen_engine/scheduler.py` drives a
+long-lived decoder that requests join and leave. `DecodeHooks` let tools vary the loop
+without copying it: the bench swaps in helpers that re-encode their text each step.
 """
 
 from __future__ import annotations
@@ -42,12 +41,13 @@ from ..members import Member
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
+from .drafts import check_speculation
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .row_scores import fuse_rows, note_scores, start_scoring, step_weights
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob, row_generator
 from .sampling import Sampler, suppress_end_tokens
-from .speculative import Speculator, check_speculation
+from .speculative import Speculator
 from .text import TextAssembler
 
 
@@ -326,12 +326,8 @@ class BatchDecoder:
         wait when the next step is speculative: its verification forward feeds them).
         """
         wait = self.speculator.helpers_wait()  # never with Ray members (logits_needed)
-        main = self.batches[self.main]
-        main.shortlist = self.speculator.main_head() if wait else None
-        try:
-            self._forward([main] if wait else self.batches, self.rows)
-        finally:
-            main.shortlist = None
+        with self.speculator.shortlisted(wait):
+            self._forward([self.batches[self.main]] if wait else self.batches, self.rows)
 
     def remove(self, leaving: Sequence[Row]) -> None:
         """Drop rows without finishing them (their reader left); frees their cache rows."""

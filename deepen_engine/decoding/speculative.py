@@ -23,12 +23,12 @@ account, guarantees and limits are in docs/speculative.md). One step, for all ro
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 
-from ..errors import ConfigError
 from ..members import Member
 from ..members.output_layer import ShortlistHead
 from ..outputs import StreamEvent
@@ -42,7 +42,7 @@ from .lookup_drafts import lookup_proposals
 from .main_drafts import draft_own, draft_shortlist
 from .member_batch import MemberBatch, RowIds
 from .row_scores import fuse_rows
-from .rows import DecodeHooks, NewRow, Row, note_logprob
+from .rows import DecodeHooks, Row, note_logprob
 from .sampling import suppress_end_tokens
 
 
@@ -60,29 +60,6 @@ class Decoder(Protocol):
     def _finish(self, b: int, reason: str) -> Iterator[StreamEvent]: ...
 
     def _keep(self, keep: list[int]) -> None: ...
-
-
-def check_speculation(members: Sequence[Member], new: Sequence[NewRow], count: int) -> None:
-    """Raise `ConfigError` for a speculating row of an ensemble with members in Ray actors,
-    or a drafter index that is not one of the ensemble's `count` members.
-    """
-    remote = [m.name for m in members if m.remote is not None]
-    for item in new:
-        drafter = item.config.drafter
-        if isinstance(drafter, int) and drafter >= count:
-            raise ConfigError(
-                f"GenerationConfig.drafter={drafter} (row {item.index}) is not a member index: "
-                f"the ensemble has {count} members (0 to {count - 1}); set a member index, "
-                "'main' or 'auto'.",
-                field="drafter",
-                owner="GenerationConfig",
-            )
-        if item.config.speculate and remote:
-            raise ConfigError(
-                f"speculate={item.config.speculate} (row {item.index}) is not supported yet "
-                f"with members in Ray actors ({', '.join(remote)}): set speculate=0, or load "
-                "the members in process."
-            )
 
 
 class Speculator:
@@ -118,6 +95,18 @@ class Speculator:
         ):
             return None
         return draft_shortlist(dec.members, dec.main)
+
+    @contextmanager
+    def shortlisted(self, wait: bool) -> Iterator[None]:
+        """The main member's forwards inside stop at `main_head` when `wait` (the next step
+        is speculative), else read the full layer.
+        """
+        main = self.dec.batches[self.dec.main]
+        main.shortlist = self.main_head() if wait else None
+        try:
+            yield
+        finally:
+            main.shortlist = None
 
     def catch_up(self) -> None:
         """Feed helpers' ids left waiting (a plain step follows a speculative one)."""

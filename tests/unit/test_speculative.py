@@ -19,10 +19,10 @@ from deepen_engine.config import METHODS
 from deepen_engine.decoding.acceptance import accept_draft
 from deepen_engine.decoding.cache_ops import common_prefix
 from deepen_engine.decoding.cross_drafts import drafter_position, main_ids
+from deepen_engine.decoding.drafts import check_speculation
 from deepen_engine.decoding.loop import BatchDecoder
 from deepen_engine.decoding.rows import NewRow
 from deepen_engine.decoding.sampling import Sampler
-from deepen_engine.decoding.speculative import check_speculation
 from deepen_engine.server.protocol import parse_completion
 
 PROMPTS = [
