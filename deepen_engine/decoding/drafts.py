@@ -75,7 +75,7 @@ def check_speculation(members: Sequence[Member], new: Sequence[NewRow], count: i
             raise ConfigError(
                 f"GenerationConfig.drafter={drafter} (row {item.index}) is not a member index: "
                 f"the ensemble has {count} members (0 to {count - 1}); set a member index, "
-                "'main' or 'auto'.",
+                "'main', 'auto' or 'lookup'.",
                 field="drafter",
                 owner="GenerationConfig",
             )
