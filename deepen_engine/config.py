@@ -243,21 +243,10 @@ class FusionConfig(_Settings):
 # FusionConfig fields as the adapters, the server and the command line name them: the same
 # name, except `top_k`, which is public as `fusion_top_k` (a request's `top_k` samples).
 REQUEST_FUSION_NAMES: dict[str, str] = {
-    "method": "method",
-    "main": "main",
-    "weights": "weights",
-    "weighting": "weighting",
-    "weight_temperature": "weight_temperature",
-    "prompt_score": "prompt_score",
-    "eta": "eta",
-    "steps": "steps",
-    "tau": "tau",
+    **{name: name for name in ("method", "main", "weights", "weighting", "weight_temperature")},
+    **{name: name for name in ("prompt_score", "eta", "steps", "tau")},
     "fusion_top_k": "top_k",
-    "top_mass": "top_mass",
-    "candidates": "candidates",
-    "unite_top_k": "unite_top_k",
-    "gate": "gate",
-    "gate_threshold": "gate_threshold",
+    **{name: name for name in ("top_mass", "candidates", "unite_top_k", "gate", "gate_threshold")},
 }
 """Public name -> FusionConfig field of every setting a request may change (`Ensemble.view`)."""
 
@@ -398,3 +387,10 @@ class SchedulerConfig(_Settings):
     """Most positions of a prompt fed to a member in one forward pass: a longer prompt is
     read in chunks, so attention's memory grows with chunk x prompt length, not with the
     prompt length squared. `0`: the whole prompt in one pass."""
+
+    speculate_max_rows: int = Field(1, ge=0)
+    """Most rows in the batch for speculative steps (`GenerationConfig.speculate`): with
+    more, every row takes standard steps until rows leave (the same greedy text, the same
+    distribution sampled). Verifying many rows' drafts makes the forwards compute-bound: on
+    the 2-core CPU measured, greedy speculation was 1.5x faster at batch 1 but 0.91-1.01x
+    at batch 2 and slower at 4 and 8 (docs/benchmarks.md). `0`: no limit."""

@@ -363,6 +363,7 @@ class Scheduler:
             request.key[1],
             DecodeHooks(on_prefill=self._prefill_progress),
             prefill_chunk=self.config.prefill_chunk,
+            speculate_max_rows=self.config.speculate_max_rows,
         )
         self._key = request.key
 

@@ -211,14 +211,16 @@ test that turns on `weighting="prompt"` scores whole prompts at temperature 0.1.
 @pytest.fixture(scope="session")
 def tiny_ensemble(tiny_pair):
     """A fused ensemble of the two tiny members with PLAIN settings (main = 0, fixed
-    weights); low min_anchors for tiny vocabs."""
-    from deepen_engine import Ensemble, MemberSpec
+    weights); low min_anchors for tiny vocabs; speculative steps at any batch size (the
+    speculation tests decode batches of 4)."""
+    from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
 
     members = [
         MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
     ]
-    return Ensemble(members, min_anchors=50, **PLAIN)
+    limits = SchedulerConfig(speculate_max_rows=0)
+    return Ensemble(members, min_anchors=50, scheduler=limits, **PLAIN)
 
 
 @pytest.fixture(scope="session")

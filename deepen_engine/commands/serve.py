@@ -59,6 +59,13 @@ def add_parser(sub: Any) -> None:
         f"(default: {limits['max_queue'].default})",
     )
     parser.add_argument(
+        "--speculate-max-rows",
+        type=int,
+        default=limits["speculate_max_rows"].default,
+        help="most rows in the batch for speculative steps (requests' speculate); more: "
+        f"standard steps; 0: no limit (default: {limits['speculate_max_rows'].default})",
+    )
+    parser.add_argument(
         "--request-timeout",
         type=float,
         help="seconds a request may take, waiting included; 408 past it (default: none)",
@@ -111,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
-    scheduler = SchedulerConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    scheduler = SchedulerConfig(
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        speculate_max_rows=args.speculate_max_rows,
+    )
     specs = member_specs(args)
     fusion = fusion_settings(args)
     main = fusion.pop("main", None)

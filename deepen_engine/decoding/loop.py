@@ -53,9 +53,8 @@ from .text import TextAssembler
 
 class BatchDecoder:
     """The running rows and every member's state for them (see the module docstring).
-
-    All rows share one main member. `run_helpers=False` runs the main member alone (for
-    rows whose fusion is the identity: the other members could not change them).
+    All rows share one main member. `run_helpers=False` runs the main member alone (rows
+    whose fusion is the identity: the other members could not change them).
     """
 
     def __init__(
@@ -65,6 +64,7 @@ class BatchDecoder:
         run_helpers: bool = True,
         hooks: DecodeHooks | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        speculate_max_rows: int = 0,  # `SchedulerConfig.speculate_max_rows`
     ) -> None:
         self.hooks = hooks or DecodeHooks()
         self.prefill_chunk = prefill_chunk  # positions per forward pass in a long prefill
@@ -80,7 +80,7 @@ class BatchDecoder:
         places = [{m.name} if m.remote else m.devices for m in self.members]
         parallel = len(self.members) > 1 and len(set().union(*places)) == sum(map(len, places))
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
-        self.speculator = Speculator(self)  # speculative steps (`GenerationConfig.speculate`)
+        self.speculator = Speculator(self, speculate_max_rows)  # `GenerationConfig.speculate`
 
     def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
         """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""

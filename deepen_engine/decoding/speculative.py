@@ -65,8 +65,9 @@ class Decoder(Protocol):
 class Speculator:
     """Speculative steps of a `BatchDecoder` (see the module docstring)."""
 
-    def __init__(self, decoder: Decoder) -> None:
+    def __init__(self, decoder: Decoder, max_rows: int = 0) -> None:
         self.dec = decoder
+        self.max_rows = max_rows  # more rows than this (0: no limit): standard steps
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
         self.helper_drafts: dict[int, HelperDraft] = {}  # this step's drafting helpers
         self.sizes: list[int] | None = None  # the members' parameter counts, once needed
@@ -116,12 +117,15 @@ class Speculator:
 
     def _draft_length(self, b: int) -> int:
         """Row b's draft length now: its adaptive length, 0 where speculation is off (one
-        member run, a constraint, measuring hooks), short of max_new_tokens and windows.
+        member run, a constraint, measuring hooks, more rows than `max_rows`), short of
+        max_new_tokens and windows.
         """
         dec, row = self.dec, self.dec.rows[b]
         k = row.config.speculate
         plain_hooks = dec.hooks.on_step is None and dec.hooks.helper_batch is new_batch
-        if not k or row.constraint is not None or len(dec.members) == 1 or not plain_hooks:
+        off = row.constraint is not None or len(dec.members) == 1 or not plain_hooks
+        crowded = self.max_rows and len(dec.rows) > self.max_rows
+        if not k or off or crowded:
             return 0
         k = min(self.length.setdefault(id(row), k), row.config.max_new_tokens - row.generated - 1)
         window = dec.main_member.context_window

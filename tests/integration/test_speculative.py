@@ -18,9 +18,16 @@ PROMPTS = [
 def test_greedy_speculation_equals_standard_decoding(default_ensemble, main):
     view = default_ensemble.with_fusion(main=main)
     base = view.generate(PROMPTS, max_new_tokens=12)
+    assert view.scheduler_config.speculate_max_rows == 1  # the default: rows alone speculate
     for drafter in ("main", "auto", 0, "lookup"):
-        out = view.generate(PROMPTS, max_new_tokens=12, speculate=4, drafter=drafter)
+        # one row at a time, within the limit, so every row drafts
+        out = [view.generate(p, max_new_tokens=12, speculate=4, drafter=drafter) for p in PROMPTS]
         assert [r.text for r in out] == [r.text for r in base], drafter
         assert [r.token_ids for r in out] == [r.token_ids for r in base], drafter
         assert [r.finish_reason for r in out] == [r.finish_reason for r in base], drafter
-        assert sum(r.usage.drafts for r in out) > 0
+        assert all(r.usage.drafts > 0 for r in out), drafter
+    # more rows than the limit (one prompt thrice: one leader, so one batch): standard
+    # steps, the same text
+    out = view.generate([PROMPTS[0]] * 3, max_new_tokens=12, speculate=4)
+    assert [r.token_ids for r in out] == [base[0].token_ids] * 3
+    assert sum(r.usage.drafts for r in out) == 0

@@ -14,6 +14,7 @@ import torch
 from scipy.stats import chi2_contingency
 
 from deepen_engine import ConfigError, GenerationConfig
+from deepen_engine.commands.cli import build_parser
 from deepen_engine.commands.options import generation_options, generation_settings
 from deepen_engine.config import METHODS
 from deepen_engine.decoding.acceptance import accept_draft
@@ -106,12 +107,13 @@ def test_constrained_rows_decode_without_drafts_and_equal_plain(tiny_ensemble):
     assert _usage(out) == (0, 0)
 
 
-def _drive(ensemble, joins, configs, check=None):
+def _drive(ensemble, joins, configs, check=None, max_rows=0):
     """Drive a BatchDecoder by hand: rows join before the steps in `joins`; the token ids
-    of every row by prompt index. `check(decoder)` runs after every advance.
+    of every row by prompt index. `check(decoder)` runs after every advance; `max_rows`
+    is `SchedulerConfig.speculate_max_rows`.
     """
     fuser = ensemble.fuser
-    decoder = BatchDecoder(ensemble.members, fuser.main)
+    decoder = BatchDecoder(ensemble.members, fuser.main, speculate_max_rows=max_rows)
     ids: dict[int, list[int]] = {}
     try:
         for step in range(80):
@@ -149,6 +151,57 @@ def test_rows_of_different_k_joining_mid_flight_equal_each_alone(tiny_ensemble):
     for p, got in ids.items():
         plain = configs[p].model_copy(update={"speculate": 0})
         assert got == tiny_ensemble.generate(PROMPTS[p], plain).token_ids
+
+
+def test_more_rows_than_speculate_max_rows_take_standard_steps(tiny_ensemble):
+    """Two rows with a limit of one: standard steps; the long row drafts once the short
+    one has left, and stops drafting when a third row joins. Every row's ids equal it
+    decoded alone without speculation."""
+    seen = []
+
+    def check(decoder):
+        seen.append((len(decoder.rows), decoder.speculator.wanted()))
+
+    configs = [
+        GenerationConfig(max_new_tokens=30, min_new_tokens=30, speculate=4),
+        GenerationConfig(max_new_tokens=4, speculate=4),
+        GenerationConfig(max_new_tokens=6, speculate=2),
+    ]
+    ids = _drive(tiny_ensemble.view({"main": 1}), {0: [0, 1], 8: [2]}, configs, check, 1)
+    assert sorted(ids) == [0, 1, 2]
+    assert all(not wanted for rows, wanted in seen if rows > 1)
+    alone = [i for i, (rows, wanted) in enumerate(seen) if rows == 1 and wanted]
+    crowded = [i for i, (rows, _) in enumerate(seen) if rows > 1]
+    assert alone and crowded[0] < alone[0] < crowded[-1]  # off, on, off again
+    view = tiny_ensemble.view({"main": 1})
+    for p, got in ids.items():
+        plain = configs[p].model_copy(update={"speculate": 0})
+        assert got == view.generate(PROMPTS[p], plain).token_ids
+
+
+def test_the_default_limit_reaches_the_decoder(tiny_pair):
+    from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
+    from tests.conftest import PLAIN
+
+    assert SchedulerConfig().speculate_max_rows == 1
+    bad = r"SchedulerConfig.speculate_max_rows: Input should be greater than or equal to 0, got -1"
+    with pytest.raises(ConfigError, match=bad):
+        SchedulerConfig(speculate_max_rows=-1)
+    members = [MemberSpec(source=tiny_pair[0], name="l"), MemberSpec(source=tiny_pair[1], name="g")]
+    ens = Ensemble(members, min_anchors=50, **PLAIN)
+    try:
+        base = ens.generate(PROMPTS, max_new_tokens=12)
+        two = ens.generate(PROMPTS[:2], max_new_tokens=12, speculate=4)  # 2 rows > 1
+        _same(base[:2], two)
+        assert _usage(two) == (0, 0)
+        one = ens.generate(PROMPTS[:1], max_new_tokens=12, speculate=4)
+        _same(base[:1], one)
+        assert _usage(one)[0] > 0
+    finally:
+        ens.close()
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).speculate_max_rows == 1
+    assert parser.parse_args(["serve", "--speculate-max-rows", "0"]).speculate_max_rows == 0
 
 
 @pytest.mark.parametrize("feed_helpers", [True, False], ids=["helpers-fed", "helpers-wait"])
@@ -269,10 +322,11 @@ def test_bench_speculative_section(tiny_folders, capsys):
     from tests.conftest import member_args
 
     flags = ["--speculative-only", "--new-tokens", "6", "--speculative-repeats", "2", "--json"]
-    assert main(["bench", *member_args(tiny_folders), *flags]) == 0
+    assert main(["bench", *member_args(tiny_folders), *flags, "--speculate-max-rows", "0"]) == 0
     figures = json.loads(capsys.readouterr().out)
     section = figures["speculative"]
     assert (section["speculate"], section["rounds"], section["new_tokens"]) == (4, 2, 6)
+    assert section["speculate_max_rows"] == 0
     rows = section["rows"]
     assert [(r["batch_size"], r["kind"]) for r in rows] == [
         (1, "greedy"), (1, "sampled"), (8, "greedy"), (8, "sampled")
@@ -285,12 +339,21 @@ def test_bench_speculative_section(tiny_folders, capsys):
         assert r["ratio_to_slower_member"] > 0 and r["ratio_to_slower_member_engine"] > 0
     assert [r["same_tokens"] for r in rows if r["kind"] == "greedy"] == [True, True]
     one = ["--speculative-only", "--new-tokens", "3", "--speculative-repeats", "1"]
+    four = ["--speculative-batch-sizes", "4", "--json"]  # more rows than the default limit
+    assert main(["bench", *member_args(tiny_folders), *one, *four]) == 0
+    section = json.loads(capsys.readouterr().out)["speculative"]
+    assert section["speculate_max_rows"] == 1
+    assert [(r["acceptance_rate"], r["mean_accepted_length"]) for r in section["rows"]] == [
+        (None, None), (None, None)
+    ]  # fmt: skip
+    assert section["rows"][0]["same_tokens"] is True
     assert main(["bench", *member_args(tiny_folders), *one, "--speculative-batch-sizes", "2"]) == 0
     table = capsys.readouterr().out
     assert "spec tok/s" in table and "(engine)" in table
     assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
     assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
     drafters = ["--speculative-drafters", "main", "1", "--speculative-batch-sizes", "2"]
+    drafters += ["--speculate-max-rows", "2"]
     assert main(["bench", *member_args(tiny_folders), *one, *drafters, "--json"]) == 0
     section = json.loads(capsys.readouterr().out)["speculative"]
     assert section["drafters"] == ["main", 1]

@@ -214,10 +214,15 @@ def _ray_arguments(bench: argparse.ArgumentParser) -> None:
 
 
 def _scheduler_arguments(bench: argparse.ArgumentParser) -> None:
-    """The scheduler's limit, for the ensemble every in-process run builds."""
+    """The scheduler's limits, for the ensemble every in-process run builds."""
     bench.add_argument(
         "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
         help="--serving: most rows decoded together (32)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--speculate-max-rows", type=int, default=SchedulerConfig().speculate_max_rows,
+        help="most rows in a batch for speculative steps; more: standard steps; 0: no "
+        f"limit ({SchedulerConfig().speculate_max_rows})",
     )  # fmt: skip
 
 

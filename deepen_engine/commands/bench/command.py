@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
             print_ray(figures)
         return 0
     rss_start = rss_mb()
-    limits = SchedulerConfig(max_batch_size=args.max_batch_size)
+    limits = SchedulerConfig(
+        max_batch_size=args.max_batch_size, speculate_max_rows=args.speculate_max_rows
+    )
     ens = Ensemble(specs, scheduler=limits, **fusion_settings(args))
     if args.serving:
         return _serving(ens, args)

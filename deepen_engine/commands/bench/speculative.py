@@ -7,8 +7,9 @@ rounds of runs on the bench's prompts (or an eval task's test prompts,
 `--speculative-task`), exactly n tokens per row, interleaved so the machine's noise hits
 all alike: the slower member alone (transformers `generate`, greedy, its KV cache), the
 ensemble with `speculate=0`, and with `speculate=k` once per drafter compared
-(`GenerationConfig.drafter`). One line per batch size, kind and drafter, with
-medians over the rounds:
+(`GenerationConfig.drafter`). Batches of more than `SchedulerConfig.speculate_max_rows`
+rows take standard steps (`--speculate-max-rows 0`: no limit). One line per batch size,
+kind and drafter, with medians over the rounds:
 
 - `standard_tokens_per_s`, `speculative_tokens_per_s` and their ratio `speedup`;
 - `acceptance_rate`: drafted tokens the fused distribution kept / drafted tokens;
@@ -64,6 +65,7 @@ def speculative_cost(
     return {
         "new_tokens": n,
         "speculate": k,
+        "speculate_max_rows": ens.scheduler_config.speculate_max_rows,
         "rounds": repeats,
         "groups": groups,
         "drafters": list(drafters),
@@ -158,8 +160,9 @@ def speculative_table(f: dict[str, Any]) -> str:
     """Standard against speculative decoding, one line per batch size and kind."""
     s = f["speculative"]
     lines = [
-        f"speculative decoding, speculate={s['speculate']}, {s['new_tokens']} new tokens "
-        f"(medians of {s['rounds']} interleaved rounds)",
+        f"speculative decoding, speculate={s['speculate']}, {s['new_tokens']} new tokens, "
+        f"speculate_max_rows={s['speculate_max_rows']} (medians of {s['rounds']} interleaved "
+        "rounds)",
         f"{'batch':>5} {'kind':8}{'drafter':>8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
         f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'(engine)':>9}{'same':>6}",
     ]
