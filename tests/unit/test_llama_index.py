@@ -143,11 +143,11 @@ def test_astream_complete_does_not_block_the_event_loop(tiny_ensemble):
         ticks = 0
         done = asyncio.Event()
 
-        async def ticker():
+        async def ticker():  # ticks every ms: sleep(0) would spin and starve the decoder
             nonlocal ticks
             while not done.is_set():
                 ticks += 1
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.001)
 
         task = asyncio.create_task(ticker())
         async for _r in await llm.astream_complete(PROMPT):
@@ -167,11 +167,11 @@ def test_achat_does_not_block_the_event_loop(llm):
     async def run():
         ticks = 0
 
-        async def ticker():
+        async def ticker():  # ticks every ms: sleep(0) would spin and starve the decoder
             nonlocal ticks
             while True:
                 ticks += 1
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.001)
 
         task = asyncio.create_task(ticker())
         await llm.achat(MESSAGES)
