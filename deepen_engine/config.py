@@ -280,8 +280,9 @@ class GenerationConfig(_Settings):
     """Sample among the top_k most likely tokens. `0`: no cut."""
 
     seed: int | None = None
-    """Seed of each row's random stream: the same seed gives the same text for the same
-    prompt, whatever the batch. `None`: a fresh random seed per row."""
+    """Seed of each row's sampling (its n-th token is drawn at a number made from the seed
+    and n): the same seed gives the same text for the same prompt, whatever the batch,
+    the device or `speculate`. `None`: a fresh random seed per row."""
 
     logprobs: int | None = Field(None, ge=0, le=20)
     """Report each generated token's log-probability under the fused distribution (the

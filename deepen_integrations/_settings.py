@@ -206,7 +206,7 @@ class DeepEnSettings(BaseModel):
     """Sample among the `top_k` most likely fused tokens. Default `0`: no cut."""
 
     seed: int | None = _DEFAULTS.seed
-    """Seed of each row's random stream (same seed, same prompt: same text). Default
+    """Seed of each row's sampling (same seed, same prompt: same text). Default
     `None`: a fresh seed per row."""
 
     truncation: Literal["error", "left"] = _DEFAULTS.truncation

@@ -188,5 +188,4 @@ def cross_draft(
         for b, found in feed_proposals(batches[main], proposals).items():
             drafts[b].tokens = list(proposals[b])
             drafts[b].main_logits.extend(found)
-            drafts[b].q = [None] * len(found)  # a point mass on the proposal
     return states

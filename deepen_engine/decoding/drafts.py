@@ -23,9 +23,6 @@ class Draft:
 
     tokens: list[int] = field(default_factory=list)  # drafted main-member ids
     main_logits: list[torch.Tensor] = field(default_factory=list)  # (V,) after 0..n fed drafts
-    # (V,) distribution each drafted token was drawn from; None: a point mass on it (greedy
-    # main drafts keep none)
-    q: list[torch.Tensor | None] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)  # text after 0..n drafted tokens
     positions: int = 1  # verifiable positions (speculative.py, step 3)
 

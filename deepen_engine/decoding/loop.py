@@ -11,8 +11,8 @@ the members' forward passes; they can join and leave between steps. Its phases:
    into the running batches.
 3. `step`: fuse the members' next-token logits into the main member's vocabulary (each
    row with its own fuser); mask what each constrained row's grammar forbids
-   (`constraints.py`); choose each row's token (its own sampling settings and random
-   stream; end tokens masked before `min_new_tokens`), where the main member's end tokens
+   (`constraints.py`); choose each row's token (its own sampling settings and
+   seeded numbers; end tokens masked before `min_new_tokens`), where the main member's end tokens
    end a row, and so does a grammar that can take nothing more; append it to the main
    member's ids and its bytes to the row's text, cut at stop strings; sync every helper
    to the new texts (a row that no longer fits some member's context window ends with
@@ -45,7 +45,7 @@ from .drafts import check_speculation
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .row_scores import fuse_rows, note_scores, start_scoring, step_weights
-from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob, row_generator
+from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .speculative import Speculator
 from .text import TextAssembler
@@ -108,7 +108,6 @@ class BatchDecoder:
                     fuser=item.fuser,
                     owner=item.owner,
                     text=TextAssembler(item.config.stop),
-                    generator=row_generator(seed),
                     seed=seed,
                     constraint=self._constraint(item),
                 )
@@ -245,7 +244,7 @@ class BatchDecoder:
         for (temperature, top_k, top_p), rows in groups.items():
             sampler = Sampler(temperature, top_k, top_p)
             part = fused if len(groups) == 1 else fused[torch.tensor(rows, device=fused.device)]
-            chosen = sampler(part, [self.rows[b].generator_on(part.device) for b in rows])
+            chosen = sampler(part, [self.rows[b].uniform(self.rows[b].generated) for b in rows])
             for b, token in zip(rows, chosen):
                 tokens[b] = token
         return tokens

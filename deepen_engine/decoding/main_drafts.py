@@ -92,10 +92,8 @@ def draft_own(
                 sampler = row_sampler(row)
                 if sampler.greedy:
                     token = int(scores[0].argmax())
-                else:
-                    q = sampler.probs(scores)[0]  # (V,)
-                    token = int(torch.multinomial(q, 1, generator=row.generator_on(q.device)))
-                    d.q.append(q)
+                else:  # the number plain sampling reads at this position (sampling.py)
+                    token = sampler(scores, [row.uniform(row.generated + r)])[0]
                 d.tokens.append(token)
                 if token not in eos_ids:
                     main.append(b, token)

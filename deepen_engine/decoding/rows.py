@@ -20,6 +20,7 @@ from ..remote.batch import new_batch
 from .constraints import RowConstraint
 from .member_batch import MemberBatch
 from .prompts import MemberPrompt
+from .sampling import position_uniform
 from .text import TextAssembler
 
 
@@ -79,8 +80,7 @@ class Row:
     fuser: Fuser
     owner: object
     text: TextAssembler
-    generator: torch.Generator  # the row's own random stream (CPU)
-    seed: int = 0  # its seed: a stream on another device starts from it
+    seed: int = 0  # its seed: a sampled token's number comes from it and its position
     usage: Usage = field(default_factory=Usage)
     generated: int = 0  # tokens chosen so far (resumed ids included)
     start: float = field(default_factory=time.perf_counter)
@@ -89,22 +89,12 @@ class Row:
     prompt_scores: dict[int, float | None] = field(default_factory=dict)
     """Bits per byte of the prompt by ensemble member index (decoding/prompt_scores.py),
     when the row's fusion reads them."""
-    _device_generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
-    def generator_on(self, device: torch.device) -> torch.Generator:
-        """The row's random stream for sampling on `device`: `generator` on the CPU, else
-        a stream of that device seeded with the same seed, made on first use. CUDA draws
-        other numbers than the CPU from the same seed: a seeded sampled row repeats
-        itself on the same device, not across devices.
+    def uniform(self, position: int) -> float:
+        """The number that chooses the row's token at `position` when sampled (tokens
+        generated before it; sampling.py): the same on every device and in every batch.
         """
-        if device.type == "cpu":
-            return self.generator
-        gen = self._device_generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._device_generators[device] = gen
-        return gen
+        return position_uniform(self.seed, position)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         """The log-probabilities noted since the last event (None when not asked for)."""
@@ -151,10 +141,3 @@ def note_logprob(
     entry = token_logprob(texts, token, float(logp[token]))
     entry.top = alternatives
     row.logprobs.append(entry)
-
-
-def row_generator(seed: int) -> torch.Generator:
-    """A row's own random stream."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    return gen

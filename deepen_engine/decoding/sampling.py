@@ -9,13 +9,29 @@ Pipeline of `Sampler.__call__`, for a batch of rows:
 2. divide the logits by the temperature;
 3. keep the `top_k` highest logits (0: all);
 4. keep the smallest set whose probability reaches `top_p` (1.0: all);
-5. draw one token per row from the renormalised distribution, each row with its own
-   seeded generator, so a row's draws do not depend on the other rows of the batch.
+5. draw one token per row from the renormalised distribution by its inverse CDF (in token
+   id order) at the row's number for the position (`position_uniform`).
+
+The number for a row's n-th generated token depends only on the row's seed and n: not on
+the other rows of the batch, the device, or how many numbers were drawn before. So a
+speculative step (decoding/speculative.py) can draft with the drafter's distribution at
+the same number and keep a drafted token exactly when the fused distribution's inverse
+CDF picks it there too: sampled output is then the same token for token as without
+speculation (the coupling is exact; only how often drafts are kept depends on it).
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
+
+
+def position_uniform(seed: int, position: int) -> float:
+    """The number in [0, 1) that chooses the token a row with seed `seed` generates at
+    `position` (tokens generated before it).
+    """
+    return random.Random(f"{seed}:{position}").random()  # seeded through SHA-512
 
 
 def suppress_end_tokens(
@@ -31,8 +47,8 @@ def suppress_end_tokens(
 
 
 class Sampler:
-    """Batched next-token choice with temperature, top-k and top-p; each row draws from its
-    own random generator.
+    """Batched next-token choice with temperature, top-k and top-p; each row's draw reads
+    its own number for the position (`position_uniform`).
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
@@ -45,18 +61,27 @@ class Sampler:
         """Whether the choice is the argmax."""
         return self.temperature == 0
 
-    def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
-        """Next token of each row. logits: (B, V) on any device; `generators[b]` is row b's
-        stream, on that device. Only the chosen ids leave the device.
+    def __call__(self, logits: torch.Tensor, uniforms: list[float]) -> list[int]:
+        """Next token of each row. logits: (B, V) on any device; `uniforms[b]` is row b's
+        number for this position (`position_uniform`; not read when greedy). Only the
+        chosen ids leave the device.
         """
         # 1. greedy.
         if self.greedy:
             return logits.argmax(-1).tolist()
         # 2.-4. temperature, top-k, top-p.
         probs = self.probs(logits)
-        # 5. one draw per row from its own generator.
-        draws = [torch.multinomial(probs[b], 1, generator=gen) for b, gen in enumerate(generators)]
-        return torch.cat(draws).tolist() if draws else []
+        # 5. the inverse CDF at each row's number: the first token whose cumulative
+        # probability passes it (a token of probability 0 never does).
+        cdf = probs.cumsum(-1)  # (B, V)
+        at = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, at, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+        chosen = tokens.squeeze(1).tolist()
+        if bool((probs.gather(1, tokens) == 0).any()):  # rounding at the very end of the CDF
+            for b, token in enumerate(chosen):
+                if float(probs[b, token]) == 0:
+                    chosen[b] = int(probs[b].nonzero()[-1])
+        return chosen
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) float32 probabilities each row draws from (steps 2-4; not greedy)."""

@@ -151,9 +151,11 @@ class Speculator:
         finished: dict[int, str] = {}
         for b, row in enumerate(dec.rows):
             d, sampler = drafts[b], row_sampler(row)
-            gen = None if sampler.greedy else row.generator_on(fused.device)
             mine = fused[where[b] : where[b] + d.positions]  # (P, V)
-            kept = accept_draft(sampler, mine, d.tokens, d.q, gen)
+            numbers = (
+                [] if sampler.greedy else [row.uniform(row.generated + t) for t in range(len(mine))]
+            )
+            kept = accept_draft(sampler, mine, d.tokens, numbers)
             reason = self._apply(b, row, drafts[b], kept, fused[where[b] :])
             self._adapt(row, drafts[b], kept, lengths[b])
             if reason is not None:

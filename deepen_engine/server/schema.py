@@ -34,7 +34,7 @@ class _Common(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     """Nucleus sampling cut."""
     seed: int | None = None
-    """Seed of the row's random stream (same seed, same prompt: same text)."""
+    """Seed of the row's sampling (same seed, same prompt: same text)."""
     n: int | None = Field(None, ge=1, le=1)
     """Choices per prompt: 1 only."""
     stream: bool | None = None

@@ -31,3 +31,14 @@ def test_greedy_speculation_equals_standard_decoding(default_ensemble, main):
     out = view.generate([PROMPTS[0]] * 3, max_new_tokens=12, speculate=4)
     assert [r.token_ids for r in out] == [base[0].token_ids] * 3
     assert sum(r.usage.drafts for r in out) == 0
+
+
+def test_seeded_sampling_with_speculation_equals_without(default_ensemble):
+    """Sampled rows read the same number per position with and without drafts, so a seed
+    gives the same tokens either way (decoding/sampling.py)."""
+    kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=5)
+    for prompt in PROMPTS:
+        base = default_ensemble.generate(prompt, **kw)
+        out = default_ensemble.generate(prompt, speculate=4, **kw)
+        assert out.token_ids == base.token_ids and out.text == base.text
+        assert out.usage.drafts > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepen_engine import ConfigError, FusionConfig, MemberSpec
-from deepen_engine.decoding.rows import row_generator
+from deepen_engine.decoding.sampling import position_uniform
 from deepen_engine.devices import DeviceCopies, check_device, device_problem, resolve_device
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
@@ -71,15 +71,12 @@ def test_device_copies_are_made_once_per_device():
     assert copies.on(table, meta) is first
 
 
-def test_a_row_samples_on_the_cpu_with_its_cpu_generator():
+def test_a_rows_numbers_depend_on_its_seed_and_position_only():
     from deepen_engine.decoding.rows import Row
     from deepen_engine.decoding.text import TextAssembler
 
-    gen = row_generator(3)
-    row = Row(
-        index=0, config=None, fuser=None, owner=None, text=TextAssembler([]), generator=gen, seed=3
-    )
-    assert row.generator_on(torch.device("cpu")) is gen
+    row = Row(index=0, config=None, fuser=None, owner=None, text=TextAssembler([]), seed=3)
+    assert [row.uniform(n) for n in range(3)] == [position_uniform(3, n) for n in range(3)]
 
 
 @pytest.mark.parametrize("method", ["deepen", "union", "unite"])

@@ -17,7 +17,7 @@ from deepen_engine.errors import ConfigError
 from deepen_engine.server.protocol import parse_completion
 from tests.unit.test_speculative import (
     PROMPTS,
-    _assert_plain_distribution,
+    _assert_plain_sampling,
     _drive,
     _same,
     _usage,
@@ -86,9 +86,9 @@ def test_stops_streaming_and_rows_joining_mid_flight(tiny_ensemble):
         assert got == view.generate(PROMPTS[p], plain_config).token_ids  # _drive's prompts
 
 
-def test_sampled_output_has_the_plain_distribution(tiny_ensemble):
-    """Proposals are a point mass: kept with probability p(x), else a draw from the rest."""
-    _assert_plain_distribution(tiny_ensemble, 30_000, REPEATING[0], drafter="lookup")
+def test_sampled_output_equals_plain_sampling(tiny_ensemble):
+    """Proposals are kept where the fused choice at the row's number is the proposal."""
+    _assert_plain_sampling(tiny_ensemble, 30_000, REPEATING[0], drafter="lookup")
 
 
 def test_the_setting_where_users_give_it():

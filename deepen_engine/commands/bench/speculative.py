@@ -18,7 +18,8 @@ kind and drafter, with medians over the rounds:
   `ratio_to_slower_member_engine`: the same against the slower member run alone through
   deepen's own loop (`main=i, eta=0`), which applies the member's output layer the faster
   way on the CPU (members/output_layer.py) where `generate` does not;
-- `same_tokens` (greedy): the speculative runs' token ids equal the standard runs'.
+- `same_tokens`: the speculative runs' token ids equal the standard runs' (greedy, and
+  sampled with the same seed).
 """
 
 from __future__ import annotations
@@ -150,8 +151,7 @@ def _one(
             "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
             "ratio_to_slower_member_engine": round(spec_s / med["slower_engine"], 3),
         }
-        if kind == "greedy":
-            row["same_tokens"] = same[d]
+        row["same_tokens"] = same[d]  # sampled too: same seeds, same numbers (sampling.py)
         out.append(row)
     return out
 
