@@ -45,26 +45,17 @@ def add_parser(sub: Any) -> None:
         help="model name in responses and /v1/models (default: deepen:<member>+<member>)",
     )
     limits = SchedulerConfig.model_fields
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=limits["max_batch_size"].default,
-        help=f"most rows decoded together (default: {limits['max_batch_size'].default})",
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=limits["max_queue"].default,
-        help="most requests waiting to start; more get 429 "
-        f"(default: {limits['max_queue'].default})",
-    )
-    parser.add_argument(
-        "--speculate-max-rows",
-        type=int,
-        default=limits["speculate_max_rows"].default,
-        help="most rows in the batch for speculative steps (requests' speculate); more: "
-        f"standard steps; 0: no limit (default: {limits['speculate_max_rows'].default})",
-    )
+    for name, meaning in (  # SchedulerConfig's limits, as --max-batch-size etc.
+        ("max_batch_size", "most rows decoded together"),
+        ("max_queue", "most requests waiting to start; more get 429"),
+        ("speculate_max_rows", "most rows in the batch for speculative steps (requests' "
+         "speculate); more: standard steps; 0: no limit"),
+    ):  # fmt: skip
+        default = limits[name].default
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=default,
+            help=f"{meaning} (default: {default})",
+        )  # fmt: skip
     parser.add_argument(
         "--request-timeout",
         type=float,
