@@ -201,6 +201,9 @@ def test_the_default_limit_reaches_the_decoder(tiny_pair):
     parser = build_parser()
     assert parser.parse_args(["serve"]).speculate_max_rows == 1
     assert parser.parse_args(["serve", "--speculate-max-rows", "0"]).speculate_max_rows == 0
+    args = parser.parse_args(["serve", "--max-batch-size", "3", "--max-queue", "5"])
+    assert (args.max_batch_size, args.max_queue) == (3, 5)
+    assert (parser.parse_args(["serve"]).max_batch_size, args.speculate_max_rows) == (32, 1)
 
 
 @pytest.mark.parametrize("feed_helpers", [True, False], ids=["helpers-fed", "helpers-wait"])
