@@ -391,7 +391,7 @@ class SchedulerConfig(_Settings):
 
     speculate_max_rows: int = Field(1, ge=0)
     """Most rows in the batch for speculative steps (`GenerationConfig.speculate`): with
-    more, every row takes standard steps until rows leave (the same greedy text, the same
-    distribution sampled). Verifying many rows' drafts makes the forwards compute-bound: on
+    more, every row takes standard steps until rows leave (the same text, greedy and
+    sampled alike). Verifying many rows' drafts makes the forwards compute-bound: on
     the 2-core CPU measured, greedy speculation was 1.5x faster at batch 1 but 0.91-1.01x
     at batch 2 and slower at 4 and 8 (docs/benchmarks.md). `0`: no limit."""

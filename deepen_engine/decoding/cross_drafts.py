@@ -12,8 +12,8 @@ speculative decoding (speculative.py), so that the cheapest member pays for the 
 3. Convert: the drafted bytes are tokenised by the main member. Kept are the leading ids
    that the draft without its last drafted token tokenises to as well (later text cannot
    merge into them) and whose bytes are the draft's own; a draft that ended on an end
-   token keeps all of them. The proposal is deterministic given the text, so exactness
-   needs no drafter distribution: acceptance.py treats it as a point mass.
+   token keeps all of them. Exactness needs no drafter distribution: acceptance.py keeps
+   proposed tokens while they equal plain decoding's choice.
 4. Feed: the main member reads every row's proposal in one forward that keeps every fed
    position's logits; they are its distributions at the verified positions.
 

@@ -6,9 +6,9 @@ cross_drafts.py step 4) plus the fusion of the verified positions.
 
 It pays where outputs copy their input: few-shot prompts (the next question's framing),
 retrieved passages quoted in answers, code edits, JSON keys. Where the row's tail never
-occurred before, the main member drafts that step as with `drafter="main"`. The proposal
-depends only on the ids, so acceptance.py treats it as a point mass, as for a helper's
-draft: output is unchanged.
+occurred before, the main member drafts that step as with `drafter="main"`. Acceptance.py
+keeps proposed tokens while they equal plain decoding's choice, as for a helper's draft:
+output is unchanged.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the members' forward passes; they can join and leave between steps. Its phases:
    into the running batches.
 3. `step`: fuse the members' next-token logits into the main member's vocabulary (each
    row with its own fuser); mask what each constrained row's grammar forbids
-   (`constraints.py`); choose each row's token (its own sampling settings and
-   seeded numbers; end tokens masked before `min_new_tokens`), where the main member's end tokens
+   (`constraints.py`); choose each row's token (its own sampling settings and seeded
+   numbers; end tokens masked before `min_new_tokens`), where the main member's end tokens
    end a row, and so does a grammar that can take nothing more; append it to the main
    member's ids and its bytes to the row's text, cut at stop strings; sync every helper
    to the new texts (a row that no longer fits some member's context window ends with

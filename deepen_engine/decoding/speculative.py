@@ -15,7 +15,7 @@ account, guarantees and limits are in docs/speculative.md). One step, for all ro
    a plain decoder takes.
 4. Fuse every verifiable position at once, each row with its own fuser; mask as the plain
    step does (constrained rows do not draft).
-5. Accept (acceptance.py): the greedy prefix rule, or rejection sampling against q.
+5. Accept (acceptance.py): keep drafted tokens while they equal plain decoding's choice.
 6. Apply the kept tokens as the plain step would; roll every member back to them; adapt
    each row's draft length to its acceptance.
 """
