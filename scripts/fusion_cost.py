@@ -8,6 +8,9 @@ two checkouts fuse to the same tokens.
    machine shared with other work measures the work done, not the wait.
 3. `save` / `compare`: the fused logits of every recorded step (batch 8 and each row
    alone), then the greedy tokens and largest logit difference against a saved file.
+4. `reductions`: `torch.topk` (k 64) and `torch.argmax` against deepen_engine/reductions.py's
+   blocked ones (block sizes 32-256) on each member's recorded logits at batch 1 and 8,
+   interleaved, median wall ms of one thread; checks they return the same ids.
 
 Run each checkout's copy by putting it first on the path (A/B of two commits):
 
@@ -15,6 +18,7 @@ Run each checkout's copy by putting it first on the path (A/B of two commits):
     HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py time steps.pt --repeat 3
     HF_HUB_OFFLINE=1 PYTHONPATH=../old python scripts/fusion_cost.py save steps.pt old.pt
     HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py compare steps.pt old.pt
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py reductions steps.pt
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from deepen_engine import Ensemble
+from deepen_engine import Ensemble, reductions
 from deepen_engine.commands.bench.sections import PROMPTS
 
 BENCH_FUSION = {"main": 0, "weighting": "fixed"}
@@ -61,10 +65,45 @@ def _fusions(ens: Ensemble, steps: list[list[torch.Tensor]]) -> list[torch.Tenso
     return out
 
 
+def _time_each(
+    timings: dict[str, list[float]], name: str, fn: Callable[[torch.Tensor], object], xs: list
+) -> None:
+    """Add one pass of `fn` over xs to `timings[name]`: wall ms per call."""
+    start = time.perf_counter()
+    for x in xs:
+        fn(x)
+    timings.setdefault(name, []).append((time.perf_counter() - start) * 1e3 / len(xs))
+
+
+def _reductions(steps: list[list[torch.Tensor]], repeat: int) -> None:
+    """Time torch's top-k and argmax against the blocked ones (see the module docstring)."""
+    default = reductions.BLOCK
+    for batch in (1, 8):
+        for member in range(len(steps[0])):
+            xs = [step[member][:batch].float().contiguous() for step in steps]
+            timings: dict[str, list[float]] = {}
+            for _ in range(repeat):
+                _time_each(timings, "torch topk", lambda x: x.topk(64, dim=-1), xs)
+                for size in (32, 64, 128, 256):
+                    reductions.BLOCK = size
+                    _time_each(timings, f"top_k {size}", lambda x: reductions.top_k(x, 64), xs)
+                reductions.BLOCK = default
+                _time_each(timings, "torch argmax", lambda x: x.argmax(-1), xs)
+                _time_each(timings, f"argmax {default}", reductions.argmax, xs)
+            same = all(
+                torch.equal(reductions.top_k(x, 64)[1], x.topk(64, dim=-1).indices)
+                and torch.equal(reductions.argmax(x), x.argmax(-1))
+                for x in xs
+            )
+            figures = "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in timings.items())
+            vocab = xs[0].shape[-1]
+            print(f"batch {batch} member {member} (V={vocab}): {figures} ms; same ids: {same}")
+
+
 def main() -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=["record", "time", "save", "compare"])
+    parser.add_argument("action", choices=["record", "time", "save", "compare", "reductions"])
     parser.add_argument("steps", help="file of recorded steps")
     parser.add_argument("fused", nargs="?", help="save/compare: file of fused logits")
     parser.add_argument("--tokens", type=int, default=16, help="record: steps to record")
@@ -75,6 +114,9 @@ def main() -> None:
         _record(args.steps, args.tokens)
         return
     steps = torch.load(args.steps)
+    if args.action == "reductions":
+        _reductions(steps, args.repeat)
+        return
     ens = Ensemble(**BENCH_FUSION)
     if args.action == "time":
         batch = len(steps[0][0])

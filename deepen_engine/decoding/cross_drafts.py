@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..members import Member
+from ..reductions import argmax
 from .cache_ops import common_prefix
 from .drafts import Draft, copy_ids, fed_logits
 from .lookup_drafts import LOOKUP
@@ -80,7 +81,7 @@ def draft_text(
         for b, n in lengths.items():
             if r >= n or b in stopped:
                 continue
-            token = int(logits[b].argmax())
+            token = int(argmax(logits[b : b + 1])[0])
             piece = texts[token]
             if token in eos or not piece:
                 stopped.add(b)

@@ -23,6 +23,7 @@ import torch
 
 from ..members import Member
 from ..members.output_layer import ShortlistHead
+from ..reductions import argmax
 from .drafts import Draft, row_sampler
 from .member_batch import MemberBatch
 from .rows import Row
@@ -91,7 +92,7 @@ def draft_own(
                 scores = suppress_end_tokens(scores, eos.to(scores.device), early.to(scores.device))
                 sampler = row_sampler(row)
                 if sampler.greedy:
-                    token = int(scores[0].argmax())
+                    token = int(argmax(scores)[0])
                 else:  # the number plain sampling reads at this position (sampling.py)
                     token = sampler(scores, [row.uniform(row.generated + r)])[0]
                 d.tokens.append(token)

@@ -26,6 +26,8 @@ import random
 
 import torch
 
+from ..reductions import argmax
+
 
 def position_uniform(seed: int, position: int) -> float:
     """The number in [0, 1) that chooses the token a row with seed `seed` generates at
@@ -68,7 +70,7 @@ class Sampler:
         """
         # 1. greedy.
         if self.greedy:
-            return logits.argmax(-1).tolist()
+            return argmax(logits).tolist()
         # 2.-4. temperature, top-k, top-p.
         probs = self.probs(logits)
         # 5. the inverse CDF at each row's number: the first token whose cumulative

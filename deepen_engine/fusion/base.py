@@ -30,6 +30,7 @@ import torch
 from ..alignment.vocabulary import Anchors
 from ..config import FusionConfig
 from ..devices import DeviceCopies, resolve_device
+from ..reductions import argmax
 
 if TYPE_CHECKING:
     from ..members import Member
@@ -208,7 +209,7 @@ class Fuser:
         # Each member's top token, anchor and end test on its own device; (B,) crosses.
         anchor, ends = [], []
         for i, x in enumerate(logits):
-            top_id = x.argmax(-1)  # (B,)
+            top_id = argmax(x)  # (B,)
             to_anchor = self.on(self.anchors.token_to_anchor[i], top_id.device)
             anchor.append(to_anchor[top_id].to(device))
             ends.append(torch.isin(top_id, self.on(self.end_ids[i], top_id.device)).to(device))

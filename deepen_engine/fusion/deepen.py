@@ -30,6 +30,7 @@ import torch
 from ..alignment.relative import RelativeSpace
 from ..alignment.vocabulary import Anchors
 from ..config import FusionConfig
+from ..reductions import top_k
 from .base import Fuser, register
 from .context import FusionContext
 from .search import Q_FLOOR, adamw_search
@@ -82,7 +83,7 @@ def _top_of_parts(
     for x, part_ids in parts:
         if x.shape[-1] == 0:
             continue
-        top, where = x.topk(min(c, x.shape[-1]), dim=-1)
+        top, where = top_k(x, min(c, x.shape[-1]))
         values.append(top)
         ids.append(part_ids[where] if part_ids.dim() == 1 else part_ids.gather(1, where))
     best, pick = torch.cat(values, dim=1).topk(c, dim=-1)
@@ -212,12 +213,16 @@ class DeepenFuser(Fuser):
         anchor_tokens, no_text = self.on(tables.anchor_tokens, dev), self.on(tables.no_text, dev)
         x_anchor = x.index_select(1, anchor_tokens)  # (B, n_a)
         p_anchor = (x_anchor - lse).exp()
-        out = torch.zeros(x.shape[0], space.num_anchors, device=dev)  # (B, A)
-        out.index_add_(1, self.on(tables.anchor_index, dev), p_anchor)
+        n = tables.first_count if tables.first_count == space.num_anchors else 0
+        if n:  # every anchor's first token, in anchor order: (B, A) as gathered
+            out = p_anchor[:, :n].clone()  # a copy: out is added to, p_anchor read again
+        else:
+            out = torch.zeros(x.shape[0], space.num_anchors, device=dev)  # (B, A)
+        out.index_add_(1, self.on(tables.anchor_index, dev)[n:], p_anchor[:, n:])
         c = min(cfg.candidates, x.shape[-1])
         k = min(cfg.top_k, x.shape[-1])
         # (B, max(k, C)): the mass bound's tokens, and the candidates among non-anchors
-        top_x, ids = (x + self.on(tables.non_anchor_bias, dev)).topk(max(k, c), dim=-1)
+        top_x, ids = top_k(x + self.on(tables.non_anchor_bias, dev), max(k, c))
         top_p = (top_x[:, :k] - lse).exp()  # 0 past the last non-anchor token
         x_special = x.index_select(1, no_text)  # (B, n_s)
         special = (x_special - lse).exp().sum(-1)  # (B,)
@@ -227,8 +232,8 @@ class DeepenFuser(Fuser):
         if b_idx.numel():  # rows ascending, distinct ids per row (topk)
             tokens = ids[b_idx, j_idx].tolist()
             out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], x.shape[0])
-        mass = out.sum(-1, keepdim=True)
-        relative = torch.where(mass > 0, out / mass.clamp(min=1e-30), out)
+        # normalised in place (a row without mass is all 0 and stays so)
+        relative = out.div_(out.sum(-1, keepdim=True).clamp(min=1e-30))
         parts = [(x_anchor, anchor_tokens), (top_x[:, :c], ids[:, :c])]
         if specials:
             parts.append((x_special, no_text))
@@ -273,8 +278,13 @@ class DeepenFuser(Fuser):
         anchor = self.on(space.token_to_anchor, device)[cand_ids]  # (B, M)
         one_hot = (anchor >= 0) & valid
         anchor_idx = anchor.clamp(min=0)
-        # rows with one-hot candidates only: (B, M, M) "same anchor" and r at the candidates
-        same = ((anchor[:, :, None] == anchor[:, None, :]) & one_hot[:, None, :]).float()
+        # one-hot candidates: q at a candidate's anchor sums the candidates of that anchor
+        # in its row; `group` numbers each row's distinct anchors (all others share -1's)
+        keys = (
+            torch.where(one_hot, anchor, -1)
+            + (num_anchors + 1) * torch.arange(len(anchor), device=device)[:, None]
+        )
+        groups_of, group = torch.unique(keys, return_inverse=True)  # (G,), (B, M)
         r_at = torch.where(one_hot, r.gather(1, anchor_idx), 0.0)  # (B, M)
         # rows with a non-anchor candidate: D of them, n dense rows in all, grouped by row
         dense = (anchor < 0) & valid  # (B, M)
@@ -288,7 +298,11 @@ class DeepenFuser(Fuser):
         entries = torch.arange(len(e_b), device=device)
 
         def gradient_of_s(s: torch.Tensor) -> torch.Tensor:
-            q_at = (same @ s[:, :, None]).squeeze(-1)  # (B, M) q at each candidate's anchor
+            s_one_hot = torch.where(one_hot, s, 0.0).flatten()
+            q_group = torch.zeros(len(groups_of), device=device).index_add_(
+                0, group.flatten(), s_one_hot
+            )
+            q_at = q_group[group]  # (B, M) q at each candidate's anchor
             ratio_at = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
             u = torch.where(one_hot, -ratio_at, 0.0)  # (B, M) dL/ds * A
             if rows_d.numel():
@@ -299,8 +313,9 @@ class DeepenFuser(Fuser):
                     entries, dense_rows, offsets, mode="sum", per_sample_weights=s_d[e_b, e_j]
                 )
                 q.scatter_add_(1, idx_d, torch.where(one_hot_d, s_d, 0.0))
-                ratio = r_d / q.clamp(min=Q_FLOOR)  # (D, A); 0 where q is at the floor
-                ratio.masked_fill_(q <= Q_FLOOR, 0.0)
+                low = q <= Q_FLOOR  # anchors the candidates cannot reach: no gradient
+                ratio = torch.div(r_d, q, out=q)  # (D, A), in q's place
+                ratio.masked_fill_(low, 0.0)
                 # u_j = dL/ds_j * A = -R_j . (r / q): a product per row's dense rows
                 u_d = torch.where(one_hot_d, -ratio.gather(1, idx_d), 0.0)
                 dots = [dense_rows[o : o + c] @ ratio[d] for d, (o, c) in enumerate(groups)]

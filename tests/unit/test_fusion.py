@@ -468,3 +468,48 @@ def test_fusers_of_one_ensemble_share_the_member_tables(tiny_ensemble):
     other = fuser.with_config(fuser.config.model_copy(update={"main": 1, "eta": 0.3}))
     assert len(fuser.tables) == 2
     assert all(a is b for a, b in zip(fuser.tables, other.tables))
+
+
+def test_member_tables_list_each_anchors_first_token_in_anchor_order():
+    """The first tokens of `anchor_tokens` are each anchor's lowest id, in anchor order
+    (gathered, they are the relative distribution's anchor part); the others follow."""
+    from deepen_engine.fusion.tables import MemberTables
+
+    to_anchor = torch.tensor([2, -1, 0, 1, 0, 2, -1])
+    tables = MemberTables.build(to_anchor, torch.ones(7, dtype=torch.bool))
+    assert tables.anchor_tokens.tolist() == [2, 3, 0, 4, 5]
+    assert tables.anchor_index.tolist() == [0, 1, 2, 0, 2]
+    assert tables.first_count == 3
+    missing = MemberTables.build(torch.tensor([1, -1, 1]), torch.ones(3, dtype=torch.bool))
+    assert missing.first_count == 1  # anchor 0 has no token: not every anchor's first
+
+
+@pytest.mark.parametrize("duplicate", [9, 12])
+def test_an_anchor_with_two_tokens_counts_both(duplicate):
+    """A main token that writes an anchor's text a second time (here anchor 3) is one-hot
+    on that anchor: the relative distribution adds both tokens' probabilities."""
+    from deepen_engine.fusion.deepen import kept_non_anchors
+    from deepen_engine.fusion.tables import MemberTables
+
+    fuser = _fuser(top_k=2, top_mass=0.999)
+    space = fuser.spaces[0]
+    to_anchor = space.token_to_anchor.clone()
+    to_anchor[duplicate] = 3
+    main_ids = _token_maps()[0][0]
+    space = RelativeSpace(space._embeddings, main_ids, to_anchor, tau=5.0)
+    fuser.spaces[0] = space
+    fuser.tables[0] = MemberTables.build(to_anchor, fuser.has_text[0])
+    assert fuser.tables[0].first_count == NUM_ANCHORS
+    logits = torch.randn(2, MAIN_V, generator=torch.Generator().manual_seed(duplicate)) * 2
+    r = fuser._relative(logits, logits.logsumexp(-1, keepdim=True), 0, space, True)[0]
+    probs = torch.softmax(logits, -1)
+    probs[:, EOS] = 0.0
+    is_anchor = to_anchor >= 0
+    ids, kept, _ = kept_non_anchors(probs, is_anchor, 2, 0.999)
+    for b in range(2):
+        expected = torch.zeros(NUM_ANCHORS)
+        expected.index_add_(0, to_anchor[is_anchor], probs[b, is_anchor])
+        for j in range(ids.shape[1]):
+            if kept[b, j] > 0:
+                expected += probs[b, ids[b, j]] * space.exact_rows(ids[b, j : j + 1])[0]
+        torch.testing.assert_close(r[b], expected / expected.sum(), atol=1e-6, rtol=0)

@@ -1,0 +1,78 @@
+"""Top-k and argmax over a vocabulary's logits, read in blocks.
+
+`torch.topk` and `torch.argmax` on a CPU row of 262k logits (Gemma-3's vocabulary) cost
+0.5-0.9 ms a row, 10-20 times a row's `amax`: they carry an index through the whole pass
+(topk also copies the row into (value, index) pairs). Here the row is read once by a
+blockwise `amax`; only the blocks whose maximum can hold a winner are read again.
+
+- `top_k`: the k largest of a row lie in the k blocks with the largest maxima (each of
+  them is at most its block's maximum, so fewer than k blocks beat its block). The same
+  values and ids as `torch.topk`, largest first; only among equal values may another of
+  them be picked or come first, as `torch.topk` itself does not promise which.
+- `argmax`: the first block holding the row's maximum, then the first position of the
+  maximum in that block: the same id as `torch.argmax` (its first maximal value), NaN
+  included (both treat NaN as the maximum).
+
+Small rows, rows that are not whole blocks and other devices use torch's own operations
+(on a GPU each is one kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64
+"""Logits per block (measured on the default pair: 64 beat 32, 128 and 256 at batch 1
+and 8; `python scripts/fusion_cost.py reductions steps.pt`)."""
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """The rows of x (B, V) as (B, V / BLOCK, BLOCK)."""
+    return x.reshape(x.shape[0], -1, BLOCK)
+
+
+MIN_LOGITS = 1 << 17
+"""Fewer logits than this in all rows together are read by torch's own operations: below,
+the blocks' few extra operations cost more than they save (SmolLM2's 49k at batch 1)."""
+
+
+def _blocked(x: torch.Tensor, k: int) -> bool:
+    """Whether to read x in blocks: a 2-D CPU tensor of whole blocks (vocabularies are
+    padded to multiples of 64), with many more blocks than k, where it pays.
+    """
+    vocab = x.shape[-1]
+    return (
+        x.dim() == 2
+        and x.device.type == "cpu"
+        and vocab % BLOCK == 0
+        and vocab >= 8 * k * BLOCK
+        and x.numel() >= MIN_LOGITS
+    )
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of x (B, V) and their ids, largest first, as
+    `x.topk(k, dim=-1)` (see the module docstring for ties). k must be at most V.
+    """
+    if not _blocked(x, k):
+        return x.topk(k, dim=-1)
+    batch = x.shape[0]
+    blocks = _blocks(x)  # (B, nb, BLOCK)
+    best_blocks = blocks.amax(-1).topk(k, dim=-1).indices  # (B, k)
+    rows = torch.arange(batch, device=x.device)[:, None]
+    values = blocks[rows, best_blocks].reshape(batch, k * BLOCK)  # (B, k * BLOCK)
+    top, where = values.topk(k, dim=-1)
+    ids = best_blocks.gather(1, where // BLOCK) * BLOCK + where % BLOCK
+    return top, ids
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """(B,) the id of each row's largest value, the first one where several are equal, as
+    `x.argmax(-1)` for x (B, V).
+    """
+    if not _blocked(x, 1):
+        return x.argmax(-1)
+    blocks = _blocks(x)  # (B, nb, BLOCK)
+    block = blocks.amax(-1).argmax(-1)  # (B,) the first block holding the maximum
+    rows = torch.arange(x.shape[0], device=x.device)
+    return block * BLOCK + blocks[rows, block].argmax(-1)

@@ -1,0 +1,84 @@
+"""Top-k and argmax read in blocks (deepen_engine/reductions.py) give torch's answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepen_engine.reductions import BLOCK, MIN_LOGITS, _blocked, argmax, top_k
+
+VOCAB = 1 << 16  # 1024 blocks: read in blocks for k up to 128
+
+
+def _logits(batch: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_the_rows_here_are_read_in_blocks():
+    """The tests below check the blocked path, not torch's fallback."""
+    assert _blocked(_logits(2, 0), 64)
+    assert _blocked(_logits(1, 0).expand(2, -1), 64)
+    assert not _blocked(_logits(1, 0), 64)  # fewer than MIN_LOGITS in all
+    assert not _blocked(torch.zeros(4, VOCAB - 1), 1)  # not whole blocks
+    assert not _blocked(torch.zeros(2, 8 * 64 * BLOCK - BLOCK), 64)  # too few blocks
+    assert VOCAB * 2 >= MIN_LOGITS
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 128])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_equals_torch_topk(k, seed):
+    x = _logits(3, seed)
+    values, ids = top_k(x, k)
+    expected_values, expected_ids = x.topk(k, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(ids, expected_ids)  # random logits: no ties
+
+
+def test_top_k_when_the_winners_share_a_few_blocks():
+    """All of a row's k largest in two neighbouring blocks, the rest of the row far below."""
+    x = _logits(2, 3) - 100.0
+    x[0, 5 * BLOCK : 7 * BLOCK] += 200.0
+    x[1, -BLOCK:] += 200.0  # the last block
+    values, ids = top_k(x, 64)
+    expected_values, expected_ids = x.topk(64, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(ids, expected_ids)
+
+
+def test_top_k_with_most_of_the_row_at_minus_infinity():
+    """As the fuser calls it: non-anchor tokens only (the others at -inf)."""
+    x = _logits(4, 4)
+    masked = torch.rand(VOCAB, generator=torch.Generator().manual_seed(5)) < 0.9
+    x[:, masked] = float("-inf")
+    values, ids = top_k(x, 64)
+    expected_values, expected_ids = x.topk(64, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(ids, expected_ids)
+    assert not bool(masked[ids].any())
+
+
+def test_argmax_equals_torch_argmax():
+    x = _logits(8, 6)
+    assert torch.equal(argmax(x), x.argmax(-1))
+
+
+def test_argmax_takes_the_first_of_equal_maxima():
+    x = _logits(3, 7)
+    x[0, [40, 9000, 30000]] = 50.0  # in three blocks
+    x[1, [BLOCK + 3, BLOCK + 1]] = 50.0  # in one block
+    x[2] = float("-inf")  # every value equal
+    assert argmax(x).tolist() == [40, BLOCK + 1, 0]
+    assert torch.equal(argmax(x), x.argmax(-1))
+
+
+def test_argmax_with_nan_answers_as_torch():
+    x = _logits(2, 8)
+    x[0, 12345] = float("nan")
+    assert argmax(x).tolist()[0] == 12345
+    assert torch.equal(argmax(x), x.argmax(-1))
+
+
+def test_small_or_ragged_rows_use_torch():
+    x = torch.randn(2, 1000, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert torch.equal(top_k(x, 10)[1], x.topk(10, dim=-1).indices)
