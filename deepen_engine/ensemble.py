@@ -21,6 +21,7 @@ from .decoding.rows import NewRow
 from .decoding.tools import ToolSet, atool_events, tool_events
 from .errors import ConfigError
 from .fusion import Fuser
+from .fusion.context import cache_view
 from .members import (
     DEFAULT_MEMBERS,
     Member,
@@ -138,9 +139,7 @@ class Ensemble:
             view = self._views.get(key)
             if view is None:
                 view = self.with_fusion(**changes)
-                if len(self._views) >= VIEW_CACHE:
-                    self._views.pop(next(iter(self._views)))  # the oldest
-                self._views[key] = view
+                cache_view(self._views, key, view, VIEW_CACHE, self.fusion.tau)
         return view
 
     @property

@@ -15,7 +15,9 @@ Everything is built on first use, so a method that does not need it never pays f
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -26,6 +28,28 @@ from ..alignment.vocabulary import Anchors
 from ..devices import DeviceCopies
 from ..members import Member, cache_dir
 from .tables import MemberTables
+
+MAX_SPACE_SETTINGS = 4
+"""Relative-space settings (tau, caches) kept at once per ensemble: the ensemble's own and
+the three used most recently by requests with another `tau`. One evicted is rebuilt
+(its rows computed again, or read from the disk cache) when a request uses it again."""
+
+
+def cache_view(views: dict[str, Any], key: str, view: Any, size: int, own_tau: float) -> None:
+    """Add an ensemble's fusion view to its cache (`Ensemble.view`: key -> view, oldest
+    first), keeping at most `size` views, and views of at most `MAX_SPACE_SETTINGS - 1`
+    taus other than `own_tau` (the most recently added kept): each tau's relative spaces
+    and row caches live as long as a view holds them, so a client trying many taus would
+    otherwise keep a row cache per tau alive.
+    """
+    if len(views) >= size:
+        views.pop(next(iter(views)))  # the oldest
+    views[key] = view
+    taus = [v.fusion.tau for v in reversed(views.values()) if v.fusion.tau != own_tau]
+    old = set(list(dict.fromkeys(taus))[MAX_SPACE_SETTINGS - 1 :])  # taus newest first
+    for stale in [k for k, v in views.items() if v.fusion.tau in old]:
+        del views[stale]
+
 
 END = b""
 """The key of end-of-text tokens in `FusionContext.keys` (no token's text is empty)."""
@@ -64,7 +88,10 @@ class FusionContext:
             torch.tensor([t is not None for t in m.vocab.texts], dtype=torch.bool) for m in members
         ]
         self.end_ids = [frozenset(m.eos_ids) for m in members]
-        self._spaces: dict[tuple[float, int, int], list[RelativeSpace]] = {}
+        # relative spaces by (tau, row cache size, disk rows), least recently used first;
+        # the first settings made (the ensemble's own) stay, MAX_SPACE_SETTINGS in all
+        self._spaces: OrderedDict[tuple[float, int, int], list[RelativeSpace]] = OrderedDict()
+        self._first_spaces: tuple[float, int, int] | None = None
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
         self._keys: dict[int, EndKeys] = {}
         self._digests: dict[int, str] = {}
@@ -109,9 +136,10 @@ class FusionContext:
         """
         key = (tau, cache_size, disk_rows)
         if key in self._spaces:
+            self._spaces.move_to_end(key)
             return self._spaces[key]
-        if self._spaces:  # another tau or cache: share the first spaces' anchor embeddings
-            first = next(iter(self._spaces.values()))
+        if self._first_spaces is not None:  # another tau or cache: share their anchors
+            first = self._spaces[self._first_spaces]
             spaces = [
                 space.with_settings(tau, cache_size, self._store(i, tau, disk_rows))
                 for i, space in enumerate(first)
@@ -129,6 +157,12 @@ class FusionContext:
                 for i, m in enumerate(self.members)
             ]
         self._spaces[key] = spaces
+        if self._first_spaces is None:
+            self._first_spaces = key
+        if len(self._spaces) > MAX_SPACE_SETTINGS:
+            # the least recently used but the first: requests with their own tau would
+            # otherwise each keep row caches of up to `cache_size` rows per member for good
+            del self._spaces[next(k for k in self._spaces if k != self._first_spaces)]
         return spaces
 
     def rows_cached(self) -> list[int]:

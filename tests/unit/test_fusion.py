@@ -513,3 +513,40 @@ def test_an_anchor_with_two_tokens_counts_both(duplicate):
             if kept[b, j] > 0:
                 expected += probs[b, ids[b, j]] * space.exact_rows(ids[b, j : j + 1])[0]
         torch.testing.assert_close(r[b], expected / expected.sum(), atol=1e-6, rtol=0)
+
+
+def test_requests_with_many_taus_keep_a_few_relative_spaces(tiny_ensemble, monkeypatch):
+    """Each tau has its own relative spaces and row caches: the fusion context keeps the
+    ensemble's own and the 3 most recent others, and so do the ensemble's cached views; a
+    tau used again after its spaces went gives the same text (rows computed again)."""
+    from deepen_engine.fusion.context import MAX_SPACE_SETTINGS
+
+    monkeypatch.setattr(tiny_ensemble, "_views", {})
+    context = tiny_ensemble.fuser.context
+    own = tiny_ensemble.fuser.spaces
+    first = tiny_ensemble.view({"tau": 3.0}).generate("Hello", max_new_tokens=6)
+    for tau in (4.0, 5.0, 6.0, 7.0, 8.0):
+        tiny_ensemble.view({"tau": tau}).generate("Hello", max_new_tokens=2)
+    assert len(context._spaces) == MAX_SPACE_SETTINGS == 4
+    kept = {key[0] for key in context._spaces}
+    assert kept == {tiny_ensemble.fusion.tau, 6.0, 7.0, 8.0}
+    assert {v.fusion.tau for v in tiny_ensemble._views.values()} == {6.0, 7.0, 8.0}
+    assert tiny_ensemble.fuser.spaces is own
+    again = tiny_ensemble.view({"tau": 3.0}).generate("Hello", max_new_tokens=6)
+    assert again.token_ids == first.token_ids
+    assert {v.fusion.tau for v in tiny_ensemble._views.values()} == {3.0, 7.0, 8.0}
+
+
+def test_cache_view_keeps_the_newest_views_of_three_other_taus():
+    from types import SimpleNamespace
+
+    from deepen_engine.fusion.context import cache_view
+
+    def view(tau):
+        return SimpleNamespace(fusion=SimpleNamespace(tau=tau))
+
+    views: dict = {}
+    for key, tau in [("a", 1.0), ("b", 100.0), ("c", 2.0), ("d", 3.0), ("e", 1.0), ("f", 4.0)]:
+        cache_view(views, key, view(tau), size=5, own_tau=100.0)
+    # tau 2 is the least recently added other tau; "a" went first as the oldest of 5
+    assert list(views) == ["b", "d", "e", "f"]
