@@ -93,7 +93,9 @@ def test_forced_calls_parse_and_match_their_schema(tiny_ensemble, choice):
 
 def test_auto_gives_text_or_a_call_and_streams_text(tiny_ensemble):
     kinds = set()
-    for seed in range(8):
+    # seeds 0 to 6 give 40 tokens of text (finish "length") on these random weights and
+    # seed 7 text that ends at EOS (none of 0 to 7 calls a tool): three seeds cover both
+    for seed in (0, 1, 7):
         kwargs = dict(tools=TOOLS, max_new_tokens=40, temperature=1.0, seed=seed)
         result = tiny_ensemble.generate(ASK, **kwargs)
         events = list(tiny_ensemble.stream(ASK, **kwargs))
