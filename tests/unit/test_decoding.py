@@ -256,8 +256,8 @@ def test_closing_a_stream_early_frees_and_leaves_the_ensemble_usable(tiny_ensemb
 def test_concurrent_threads_get_their_own_results(tiny_ensemble):
     from concurrent.futures import ThreadPoolExecutor
 
-    prompts = BATCH_PROMPTS * 2
-    expected = [tiny_ensemble.generate(p, max_new_tokens=10).token_ids for p in prompts]
+    prompts = BATCH_PROMPTS * 2  # each prompt twice, concurrently; its sequential result once
+    expected = [tiny_ensemble.generate(p, max_new_tokens=10).token_ids for p in BATCH_PROMPTS] * 2
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda p: tiny_ensemble.generate(p, max_new_tokens=10), prompts))
     assert [r.token_ids for r in got] == expected
