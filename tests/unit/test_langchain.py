@@ -221,7 +221,7 @@ def test_ainvoke_and_abatch_equal_sync(llm):
 
 
 def test_astream_does_not_block_the_event_loop(tiny_ensemble):
-    slow = DeepEnLLM(ensemble=tiny_ensemble, max_tokens=60)
+    slow = DeepEnLLM(ensemble=tiny_ensemble, max_tokens=20)  # ~20 ms a token: 100s of ticks
 
     async def run():
         ticks = 0
