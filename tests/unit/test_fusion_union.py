@@ -38,8 +38,20 @@ def _key(member, token):
     return member.vocab.texts[token]
 
 
+_WRITERS: dict[int, tuple[object, dict]] = {}
+"""Per member (by id, the member kept so the id stays its own): `_writer`'s answers so far;
+a pure function of the member's vocabulary, asked for every token of every row and test."""
+
+
 def _writer(member, key):
     """The member's token that writes `key`: same text, else its longest token starting it."""
+    known = _WRITERS.setdefault(id(member), (member, {}))[1]
+    if key not in known:
+        known[key] = _find_writer(member, key)
+    return known[key]
+
+
+def _find_writer(member, key):
     if key is None:
         return None
     if key == END:
