@@ -522,9 +522,11 @@ def test_the_sampler_draws_from_the_filtered_distribution():
     sampler = Sampler(0.8, 4, 0.9)
     want = sampler.probs(logits)[0]
     assert float(want[4]) == 0 and float(want[3]) == 0  # top-k, then top-p, drop them
-    counts = torch.zeros(5)
-    for seed in range(4000):
-        counts[sampler(logits, [position_uniform(seed, 7)])[0]] += 1
+    # the 4,000 seeds' rows in one batch (each row draws at its own number, as alone)
+    uniforms = [position_uniform(seed, 7) for seed in range(4000)]
+    drawn = sampler(logits.expand(4000, -1), uniforms)
+    assert drawn[:50] == [sampler(logits, [u])[0] for u in uniforms[:50]]  # as drawn alone
+    counts = torch.bincount(torch.tensor(drawn), minlength=5).float()
     assert counts[3] == 0 and counts[4] == 0
     assert torch.allclose(counts / 4000, want, atol=0.025)
     assert position_uniform(3, 7) == position_uniform(3, 7) != position_uniform(3, 8)
