@@ -217,10 +217,11 @@ class DeepEnSettings(BaseModel):
     """Strings that end generation; the text is cut exactly before the first one. A call's
     `stop` adds to these. Default `None`: none."""
 
-    speculate: int = _DEFAULTS.speculate
+    speculate: int | None = _DEFAULTS.speculate
     """Speculative fused decoding: `drafter` proposes up to this many tokens per step, the
-    fused distribution verifies them (same greedy text, same sampled distribution).
-    Default `0`: off."""
+    fused distribution verifies them (the same text, greedy and sampled). `0`: off. Default
+    `None`: 4 with members in process (standard steps while several rows decode together),
+    0 with members in Ray actors."""
 
     drafter: int | Literal["main", "auto", "lookup"] = _DEFAULTS.drafter
     """Which member drafts for `speculate`: `"main"` (default), a member index, `"auto"`

@@ -237,7 +237,16 @@ def generation_options() -> argparse.ArgumentParser:
     _option(parser, GenerationConfig, "top_k", type=int)
     _option(parser, GenerationConfig, "seed", type=int)
     _option(parser, GenerationConfig, "truncation", choices=["error", "left"])
-    _option(parser, GenerationConfig, "speculate", type=int, metavar="K")
+    _option(
+        parser,
+        GenerationConfig,
+        "speculate",
+        type=int,
+        metavar="K",
+        help="Speculative fused decoding: the drafter proposes up to K tokens per step, the "
+        "fused distribution verifies them; the same output as 0 (docs/speculative.md) "
+        "(default: 4 with members in process, 0 with --ray; 0: off)",
+    )
     _option(parser, GenerationConfig, "drafter", type=_drafter, metavar="MEMBER")
     parser.add_argument(
         "--escape",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import DEFAULT_SPECULATE
 from ..errors import ConfigError
 from ..members import Member
 from .member_batch import MemberBatch, RowIds
@@ -61,12 +62,17 @@ def fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None
     return None
 
 
-def check_speculation(members: Sequence[Member], new: Sequence[NewRow], count: int) -> None:
-    """Raise `ConfigError` for a speculating row of an ensemble with members in Ray actors,
-    or a drafter index that is not one of the ensemble's `count` members.
+def settle_speculation(members: Sequence[Member], new: Sequence[NewRow], count: int) -> None:
+    """Set each row's `speculate` where it is unset (`DEFAULT_SPECULATE` with members in
+    process, 0 with members in Ray actors); raise `ConfigError` for a row that asks for
+    speculation with members in Ray actors, or a drafter index that is not one of the
+    ensemble's `count` members.
     """
     remote = [m.name for m in members if m.remote is not None]
     for item in new:
+        if item.config.speculate is None:
+            k = 0 if remote else DEFAULT_SPECULATE
+            item.config = item.config.model_copy(update={"speculate": k})
         drafter = item.config.drafter
         if isinstance(drafter, int) and drafter >= count:
             raise ConfigError(

@@ -41,7 +41,7 @@ from ..members import Member
 from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
-from .drafts import check_speculation
+from .drafts import settle_speculation
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .row_scores import fuse_rows, note_scores, start_scoring, step_weights
@@ -95,7 +95,7 @@ class BatchDecoder:
         """Tokenise and check new rows for every member run; raises `ConfigError` naming
         the first bad row, before anything changes.
         """
-        check_speculation(self.members, new, self.member_count)
+        settle_speculation(self.members, new, self.member_count)
         rows = []
         for item in new:
             seed = item.seed if item.seed is not None else item.config.seed

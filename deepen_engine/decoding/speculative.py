@@ -392,4 +392,4 @@ class Speculator:
         row.usage.drafts += 1
         grow = accepted >= len(d.tokens)
         nxt = length + 1 if grow else max(1, accepted + 1)
-        self.length[id(row)] = min(row.config.speculate, nxt)
+        self.length[id(row)] = min(row.config.speculate or 0, nxt)

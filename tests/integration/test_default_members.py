@@ -79,7 +79,8 @@ def test_fused_output_differs_from_main_alone(ensemble):
 
 
 def test_sync_feeds_about_one_position_per_token(ensemble):
-    result = ensemble.generate(PROMPTS[0], max_new_tokens=32)
+    # standard steps: a speculative step also feeds drafted positions it may roll back
+    result = ensemble.generate(PROMPTS[0], max_new_tokens=32, speculate=0)
     n = result.usage.completion_tokens
     for name, fed in result.usage.fed_positions.items():
         assert fed <= 1.5 * n, (name, fed, n)

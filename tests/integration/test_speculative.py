@@ -17,7 +17,7 @@ PROMPTS = [
 @pytest.mark.parametrize("main", ["auto", 1])
 def test_greedy_speculation_equals_standard_decoding(default_ensemble, main):
     view = default_ensemble.with_fusion(main=main)
-    base = view.generate(PROMPTS, max_new_tokens=12)
+    base = view.generate(PROMPTS, max_new_tokens=12, speculate=0)
     assert view.scheduler_config.speculate_max_rows == 1  # the default: rows alone speculate
     for drafter in ("main", "auto", 0, "lookup"):
         # one row at a time, within the limit, so every row drafts
@@ -31,6 +31,10 @@ def test_greedy_speculation_equals_standard_decoding(default_ensemble, main):
     out = view.generate([PROMPTS[0]] * 3, max_new_tokens=12, speculate=4)
     assert [r.token_ids for r in out] == [base[0].token_ids] * 3
     assert sum(r.usage.drafts for r in out) == 0
+    # the default (speculate unset) drafts for a row alone, with the same text
+    out = [view.generate(p, max_new_tokens=12) for p in PROMPTS]
+    assert [r.token_ids for r in out] == [r.token_ids for r in base]
+    assert all(r.usage.drafts > 0 for r in out)
 
 
 def test_seeded_sampling_with_speculation_equals_without(default_ensemble):
@@ -38,7 +42,7 @@ def test_seeded_sampling_with_speculation_equals_without(default_ensemble):
     gives the same tokens either way (decoding/sampling.py)."""
     kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=5)
     for prompt in PROMPTS:
-        base = default_ensemble.generate(prompt, **kw)
+        base = default_ensemble.generate(prompt, speculate=0, **kw)
         out = default_ensemble.generate(prompt, speculate=4, **kw)
         assert out.token_ids == base.token_ids and out.text == base.text
         assert out.usage.drafts > 0

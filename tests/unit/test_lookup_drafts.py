@@ -51,7 +51,7 @@ def test_the_latest_occurrence_of_the_longest_tail():
 @pytest.mark.parametrize("main", [0, 1], ids=["bpe-main", "sp-main"])
 def test_greedy_output_equals_plain_decoding(tiny_ensemble, main):
     view = tiny_ensemble.view({"main": main, "method": "union"})
-    base = view.generate(REPEATING, max_new_tokens=24)
+    base = view.generate(REPEATING, max_new_tokens=24, speculate=0)
     for k in (2, 4, 8):
         out = view.generate(REPEATING, max_new_tokens=24, speculate=k, drafter="lookup")
         _same(base, out)
@@ -61,10 +61,10 @@ def test_greedy_output_equals_plain_decoding(tiny_ensemble, main):
 
 def test_stops_streaming_and_rows_joining_mid_flight(tiny_ensemble):
     view = tiny_ensemble.view({"main": 0, "method": "union"})
-    plain = view.generate(REPEATING, max_new_tokens=30)
+    plain = view.generate(REPEATING, max_new_tokens=30, speculate=0)
     stops = [r.text[len(r.text) // 2 : len(r.text) // 2 + 2] for r in plain if len(r.text) > 6]
     settings = {"max_new_tokens": 30, "stop": stops, "logprobs": 1}
-    base = view.generate(REPEATING, **settings)
+    base = view.generate(REPEATING, **settings, speculate=0)
     out = view.generate(REPEATING, speculate=4, drafter="lookup", **settings)
     _same(base, out)
     for a, b in zip(base, out):

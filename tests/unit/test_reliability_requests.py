@@ -170,11 +170,12 @@ def test_incomplete_utf8_at_the_end(tiny_ensemble, monkeypatch, pieces, end, tex
     ids = [_id(ens, p) for p in pieces]
     script = ids + ([min(ens.members[0].eos_ids)] if end == "eos" else [])
     monkeypatch.setattr(decoding, "Sampler", _Scripted(script))
-    result = ens.generate("Q:", max_new_tokens=len(script))
+    # standard steps: the scripted Sampler stands in for the plain choice only
+    result = ens.generate("Q:", max_new_tokens=len(script), speculate=0)
     assert (result.text, result.finish_reason, result.token_ids) == (text, reason, ids)
     # streamed: the same text, and no replacement character before the final events
     monkeypatch.setattr(decoding, "Sampler", _Scripted(script))
-    events = list(ens.stream("Q:", max_new_tokens=len(script)))
+    events = list(ens.stream("Q:", max_new_tokens=len(script), speculate=0))
     assert "".join(e.delta for e in events) == text
     assert events[-1].finish_reason == reason
     assert all("\ufffd" not in e.delta for e in events if e.delta != events[-2].delta)

@@ -19,7 +19,7 @@ from deepen_engine.config import METHODS
 from deepen_engine.decoding.acceptance import accept_draft
 from deepen_engine.decoding.cache_ops import common_prefix
 from deepen_engine.decoding.cross_drafts import drafter_position, main_ids
-from deepen_engine.decoding.drafts import check_speculation
+from deepen_engine.decoding.drafts import settle_speculation
 from deepen_engine.decoding.loop import BatchDecoder
 from deepen_engine.decoding.rows import NewRow
 from deepen_engine.decoding.sampling import Sampler, position_uniform
@@ -49,7 +49,7 @@ def plain_greedy(tiny_ensemble):
     def results(method: str, main: int) -> list:
         if (method, main) not in done:
             view = tiny_ensemble.view({"method": method, "main": main})
-            done[method, main] = view.generate(PROMPTS, max_new_tokens=24)
+            done[method, main] = view.generate(PROMPTS, max_new_tokens=24, speculate=0)
         return done[method, main]
 
     return results
@@ -79,17 +79,17 @@ def test_greedy_output_equals_plain_decoding(tiny_ensemble, plain_greedy, method
 @pytest.mark.parametrize("gate", ["agree", "confident"])
 def test_greedy_equality_with_the_gate(tiny_ensemble, gate):
     view = tiny_ensemble.view({"gate": gate, "gate_threshold": 0.05, "main": 1})
-    base = view.generate(PROMPTS, max_new_tokens=20)
+    base = view.generate(PROMPTS, max_new_tokens=20, speculate=0)
     _same(base, view.generate(PROMPTS, max_new_tokens=20, speculate=4))
 
 
 def test_stop_strings_min_tokens_and_end_tokens(tiny_ensemble):
     view = tiny_ensemble.view({"main": 1})
-    plain = view.generate(PROMPTS, max_new_tokens=30)
+    plain = view.generate(PROMPTS, max_new_tokens=30, speculate=0)
     # a stop string from the middle of each row's own text: it fires inside a draft
     stops = [r.text[len(r.text) // 2 : len(r.text) // 2 + 2] for r in plain if len(r.text) > 6]
     settings = {"max_new_tokens": 30, "stop": stops, "min_new_tokens": 5}
-    base = view.generate(PROMPTS, **settings)
+    base = view.generate(PROMPTS, **settings, speculate=0)
     assert "stop" in [r.finish_reason for r in base]
     for k in (2, 8):
         _same(base, view.generate(PROMPTS, speculate=k, **settings))
@@ -97,7 +97,7 @@ def test_stop_strings_min_tokens_and_end_tokens(tiny_ensemble):
 
 def test_streaming_and_logprobs_equal_plain_decoding(tiny_ensemble):
     view = tiny_ensemble.view({"main": 1})
-    base = view.generate(PROMPTS[:2], max_new_tokens=20, logprobs=2)
+    base = view.generate(PROMPTS[:2], max_new_tokens=20, logprobs=2, speculate=0)
     out = view.generate(PROMPTS[:2], max_new_tokens=20, logprobs=2, speculate=4)
     _same(base, out)
     for a, b in zip(base, out):
@@ -116,7 +116,7 @@ def test_streaming_and_logprobs_equal_plain_decoding(tiny_ensemble):
 def test_constrained_rows_decode_without_drafts_and_equal_plain(tiny_ensemble):
     view = tiny_ensemble.view({"main": 1})
     settings = {"max_new_tokens": 24, "regex": r"[a-z ]{3,12}![0-9]{2}"}
-    base = view.generate(PROMPTS[:2], **settings)
+    base = view.generate(PROMPTS[:2], **settings, speculate=0)
     out = view.generate(PROMPTS[:2], speculate=4, **settings)
     _same(base, out)
     assert _usage(out) == (0, 0)
@@ -205,7 +205,7 @@ def test_the_default_limit_reaches_the_decoder(tiny_pair):
     members = [MemberSpec(source=tiny_pair[0], name="l"), MemberSpec(source=tiny_pair[1], name="g")]
     ens = Ensemble(members, min_anchors=50, **PLAIN)
     try:
-        base = ens.generate(PROMPTS, max_new_tokens=12)
+        base = ens.generate(PROMPTS, max_new_tokens=12, speculate=0)
         two = ens.generate(PROMPTS[:2], max_new_tokens=12, speculate=4)  # 2 rows > 1
         _same(base[:2], two)
         assert _usage(two) == (0, 0)
@@ -323,8 +323,20 @@ def test_ray_members_are_refused_with_speculation():
     members = [SimpleNamespace(name="a", remote=None), SimpleNamespace(name="b", remote=object())]
     row = NewRow(prompts=[], config=GenerationConfig(speculate=2), fuser=None, index=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"speculate=2 \(row 1\) is not supported yet"):
-        check_speculation(members, [row], 2)  # type: ignore[arg-type]
-    check_speculation(members, [NewRow(prompts=[], config=GenerationConfig(), fuser=None)], 2)  # type: ignore[arg-type]
+        settle_speculation(members, [row], 2)  # type: ignore[arg-type]
+    unset = NewRow(prompts=[], config=GenerationConfig(), fuser=None)  # type: ignore[arg-type]
+    settle_speculation(members, [unset], 2)  # type: ignore[arg-type]
+    assert unset.config.speculate == 0  # the default: off with members in Ray actors
+
+
+def test_unset_speculate_is_the_default_with_members_in_process():
+    from deepen_engine.config import DEFAULT_SPECULATE
+
+    members = [SimpleNamespace(name="a", remote=None), SimpleNamespace(name="b", remote=None)]
+    unset = NewRow(prompts=[], config=GenerationConfig(), fuser=None)  # type: ignore[arg-type]
+    off = NewRow(prompts=[], config=GenerationConfig(speculate=0), fuser=None)  # type: ignore[arg-type]
+    settle_speculation(members, [unset, off], 2)  # type: ignore[arg-type]
+    assert (unset.config.speculate, off.config.speculate) == (DEFAULT_SPECULATE, 0) == (4, 0)
 
 
 def test_bench_speculative_section(tiny_folders, capsys):
@@ -430,10 +442,10 @@ def test_helper_drafter_greedy_output_equals_plain_decoding(
 
 def test_helper_drafter_with_stops_streaming_logprobs_and_the_gate(tiny_ensemble):
     view = tiny_ensemble.view({"main": 0, "method": "union"})
-    plain = view.generate(PROMPTS, max_new_tokens=30)
+    plain = view.generate(PROMPTS, max_new_tokens=30, speculate=0)
     stops = [r.text[len(r.text) // 2 : len(r.text) // 2 + 2] for r in plain if len(r.text) > 6]
     settings = {"max_new_tokens": 30, "stop": stops, "min_new_tokens": 5, "logprobs": 1}
-    base = view.generate(PROMPTS, **settings)
+    base = view.generate(PROMPTS, **settings, speculate=0)
     assert "stop" in [r.finish_reason for r in base]
     for k in (2, 8):
         out = view.generate(PROMPTS, speculate=k, drafter=1, **settings)
@@ -447,7 +459,7 @@ def test_helper_drafter_with_stops_streaming_logprobs_and_the_gate(tiny_ensemble
         deltas[event.index] += event.delta
     assert list(deltas.values()) == [r.text for r in base]
     gated = tiny_ensemble.view({"gate": "agree", "gate_threshold": 0.05, "main": 0})
-    base = gated.generate(PROMPTS, max_new_tokens=20)
+    base = gated.generate(PROMPTS, max_new_tokens=20, speculate=0)
     _same(base, gated.generate(PROMPTS, max_new_tokens=20, speculate=4, drafter="auto"))
 
 

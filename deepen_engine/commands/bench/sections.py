@@ -121,7 +121,7 @@ def gate_check(
         runs = {}
         for gate in ("off", "agree", "confident"):
             view = ens.with_fusion(method=method, gate=gate)
-            results = view.generate(list(prompts), max_new_tokens=n, min_new_tokens=n)
+            results = view.generate(list(prompts), max_new_tokens=n, min_new_tokens=n, speculate=0)
             stats = view.fuser.stats
             runs[gate] = (stats, [r.token_ids for r in results])
             tick()

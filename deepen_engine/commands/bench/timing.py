@@ -78,9 +78,11 @@ def member_alone(
 
 
 def ensemble_run(ens: Ensemble, prompts: Sequence[str], n: int) -> dict[str, float]:
-    """One `Ensemble.generate` of exactly n tokens per prompt: wall and split seconds."""
+    """One `Ensemble.generate` of exactly n tokens per prompt, standard steps (the
+    speculative section times `speculate`): wall and split seconds.
+    """
     start = time.perf_counter()
-    results = ens.generate(list(prompts), max_new_tokens=n, min_new_tokens=n)
+    results = ens.generate(list(prompts), max_new_tokens=n, min_new_tokens=n, speculate=0)
     wall = time.perf_counter() - start
     usage = results[-1].usage  # the batch's figures (forwards and fusion are per batch)
     return {
@@ -118,7 +120,9 @@ def timed_decode(
 
     hooks = DecodeHooks(helper_batch=ReencodingBatch if reencode else new_batch, on_step=watch)
     total = len(resume) + n
-    config = GenerationConfig(max_new_tokens=total, min_new_tokens=min(min_new_tokens, total))
+    config = GenerationConfig(
+        max_new_tokens=total, min_new_tokens=min(min_new_tokens, total), speculate=0
+    )
     prompts = [[(prompt, True)] * len(ens.members)]
     ids: list[int] = []
     for event in decode(ens.members, ens.fuser, prompts, config, hooks=hooks, resume=[resume]):
