@@ -254,13 +254,6 @@ LOAD_FUSION_NAMES: dict[str, str] = {"min_anchors": "min_anchors", "fusion_devic
 """Public name -> FusionConfig field of the settings fixed when the members are aligned."""
 
 
-DEFAULT_SPECULATE = 4
-"""`GenerationConfig.speculate` when unset, with members in process: measured on the default
-pair at batch 1 (`deepen bench --speculative`), 1.5-1.7x the tokens per second of standard
-decoding on the bench's prompts and 1.1-1.3x on the eval tasks' (README, "Speculative
-decoding"); never slower there, and the same tokens, greedy and sampled."""
-
-
 class GenerationConfig(_Settings):
     """How text is generated from the fused distribution."""
 
@@ -322,11 +315,10 @@ class GenerationConfig(_Settings):
     (`start: ...`; `%json {schema}` embeds a JSON schema). `None`: no constraint."""
 
     speculate: int | None = Field(None, ge=0, le=16)
-    """Speculative fused decoding: `drafter` proposes up to this many tokens per step, the
-    fused distribution verifies them; the same output as `0` (docs/speculative.md). `0`:
-    off. `None`: `DEFAULT_SPECULATE` when every member runs in this process, 0 with members
-    in Ray actors (not supported there yet). Rows take standard steps anyway while more
-    than `SchedulerConfig.speculate_max_rows` rows decode together, or under a constraint."""
+    """Speculative fused decoding: `drafter` proposes up to this many tokens a step, the fused
+    distribution verifies them; the same output as `0` (off; docs/speculative.md). `None`: 4
+    in process, 0 with members in Ray actors; standard steps anyway while more than
+    `SchedulerConfig.speculate_max_rows` rows decode together, or under a constraint."""
 
     drafter: Annotated[int | Drafter, _index_or(*get_args(Drafter))] = "main"
     """Who drafts for `speculate`: `"main"`, a member index (its greedy text), `"auto"` (fewest

@@ -330,7 +330,7 @@ def test_ray_members_are_refused_with_speculation():
 
 
 def test_unset_speculate_is_the_default_with_members_in_process():
-    from deepen_engine.config import DEFAULT_SPECULATE
+    from deepen_engine.decoding.drafts import DEFAULT_SPECULATE
 
     members = [SimpleNamespace(name="a", remote=None), SimpleNamespace(name="b", remote=None)]
     unset = NewRow(prompts=[], config=GenerationConfig(), fuser=None)  # type: ignore[arg-type]
