@@ -85,6 +85,23 @@ def test_fidelity_is_total_when_the_fast_path_keeps_every_token(tiny_ensemble):
     assert result["steps"] >= 2
     assert result["agreement"] == 1.0 and result["disagreements"] == []
     assert all(m["max"] < 1e-6 for m in result["fast_path_leftout_mass"].values())
+    margins = result["closest_reference_margins"]
+    assert len(margins) == min(5, result["steps"]) and margins == sorted(margins)
+    assert all(m >= 0 for m in margins)
+
+
+def test_fidelity_reports_how_far_apart_disagreeing_tokens_are(tiny_ensemble):
+    from deepen_engine.commands.bench.sections import fidelity
+
+    # one candidate: the search can only lift the main member's own top token
+    narrow = tiny_ensemble.with_fusion(candidates=1)
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+    result = fidelity(narrow, prompts, 8, 0.0, lambda: None)
+    assert result["steps"] == 24 and result["agreeing_steps"] < 24
+    gaps = [d["reference_gap"] for d in result["disagreements"]]
+    assert len(gaps) == 24 - result["agreeing_steps"]
+    assert all(g >= 0 for g in gaps) and max(gaps) > 0
+    assert len(result["closest_reference_margins"]) == 5
 
 
 def test_timed_decode_matches_generate_with_both_helper_modes(tiny_ensemble):

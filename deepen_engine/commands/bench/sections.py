@@ -256,6 +256,7 @@ def fidelity(
     rows_used = [0] * len(ens.members)
     fast_leftout: list[list[float]] = [[] for _ in ens.members]
     disagreements = []
+    margins: list[float] = []  # per step: the reference's best logit minus its second
     for p, prompt in enumerate(prompts):
 
         def check(record: StepRecord, p: int = p) -> None:
@@ -264,6 +265,8 @@ def fidelity(
             token = record.tokens[0]
             weights = None if record.weights is None else record.weights[0]
             ref = reference.fuse_row(logits, weights)
+            top2 = ref.logits.topk(2).values
+            margins.append(float(top2[0] - top2[1]))
             ref_token = int(ref.logits.argmax())
             steps += 1
             if ref_token == token:
@@ -274,6 +277,8 @@ def fidelity(
                         "prompt": p,
                         "fast": main.tokenizer.decode([token]),
                         "reference": main.tokenizer.decode([ref_token]),
+                        # how far the reference put the fast path's token below its own
+                        "reference_gap": float(ref.logits[ref_token] - ref.logits[token]),
                     }
                 )
             for i, (left, used) in enumerate(zip(ref.leftout_mass, ref.rows_used)):
@@ -302,6 +307,7 @@ def fidelity(
             for i, m in enumerate(ens.members)
         },
         "max_non_anchor_rows_per_step": {m.name: rows_used[i] for i, m in enumerate(ens.members)},
+        "closest_reference_margins": sorted(margins)[:5],
         "disagreements": disagreements,
     }
 
