@@ -19,11 +19,15 @@ import os
 import sys
 from typing import Any
 
-from ..config import FusionConfig, SchedulerConfig
+from ..config import FusionConfig
 from ..ensemble import Ensemble
 from ..errors import ConfigError
 from ..heap import MALLOC_TRIM_INTERVAL
 from .options import fusion_options, fusion_settings, member_options, member_specs
+from .scheduler_options import add_scheduler_limits, scheduler_limits
+
+SERVER_LIMITS = ("max_batch_size", "max_queue", "speculate_max_rows")
+"""The `SchedulerConfig` limits `deepen serve` takes as flags."""
 
 
 def add_parser(sub: Any) -> None:
@@ -44,18 +48,7 @@ def add_parser(sub: Any) -> None:
         "--served-model-name",
         help="model name in responses and /v1/models (default: deepen:<member>+<member>)",
     )
-    limits = SchedulerConfig.model_fields
-    for name, meaning in (  # SchedulerConfig's limits, as --max-batch-size etc.
-        ("max_batch_size", "most rows decoded together"),
-        ("max_queue", "most requests waiting to start; more get 429"),
-        ("speculate_max_rows", "most rows in the batch for speculative steps (requests' "
-         "speculate); more: standard steps; 0: no limit"),
-    ):  # fmt: skip
-        default = limits[name].default
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=int, default=default,
-            help=f"{meaning} (default: {default})",
-        )  # fmt: skip
+    add_scheduler_limits(parser, SERVER_LIMITS)
     parser.add_argument(
         "--request-timeout",
         type=float,
@@ -109,11 +102,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
-    scheduler = SchedulerConfig(
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        speculate_max_rows=args.speculate_max_rows,
-    )
+    scheduler = scheduler_limits(args, SERVER_LIMITS)
     specs = member_specs(args)
     fusion = fusion_settings(args)
     main = fusion.pop("main", None)

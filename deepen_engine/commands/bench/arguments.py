@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-from ...config import SchedulerConfig
 from ...errors import ConfigError
 from ..eval.tasks import TASKS
+from ..scheduler_options import add_scheduler_limits
 from .sections import PROMPTS, WINDOW
 from .soak_faults import SOAK_KINDS
+
+BENCH_LIMITS = ("max_batch_size", "speculate_max_rows")
+"""The `SchedulerConfig` limits `deepen bench` takes as flags."""
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
@@ -215,15 +218,7 @@ def _ray_arguments(bench: argparse.ArgumentParser) -> None:
 
 def _scheduler_arguments(bench: argparse.ArgumentParser) -> None:
     """The scheduler's limits, for the ensemble every in-process run builds."""
-    bench.add_argument(
-        "--max-batch-size", type=int, default=SchedulerConfig().max_batch_size,
-        help="--serving: most rows decoded together (32)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--speculate-max-rows", type=int, default=SchedulerConfig().speculate_max_rows,
-        help="most rows in a batch for speculative steps; more: standard steps; 0: no "
-        f"limit ({SchedulerConfig().speculate_max_rows})",
-    )  # fmt: skip
+    add_scheduler_limits(bench, BENCH_LIMITS, where={"max_batch_size": "--serving: "})
 
 
 def _gate_arguments(bench: argparse.ArgumentParser) -> None:

@@ -46,12 +46,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...config import SchedulerConfig
 from ...ensemble import Ensemble
 from ...errors import ConfigError
 from ..options import fusion_options, fusion_settings, member_options, member_specs
 from ..plotting import plot_bench
-from .arguments import add_arguments, check_flags
+from ..scheduler_options import scheduler_limits
+from .arguments import BENCH_LIMITS, add_arguments, check_flags
 from .constraint import constraint_cost
 from .load import load_costs, load_table
 from .ray import print_ray, run_ray
@@ -102,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
             print_ray(figures)
         return 0
     rss_start = rss_mb()
-    limits = SchedulerConfig(
-        max_batch_size=args.max_batch_size, speculate_max_rows=args.speculate_max_rows
-    )
+    limits = scheduler_limits(args, BENCH_LIMITS)
     ens = Ensemble(specs, scheduler=limits, **fusion_settings(args))
     if args.serving:
         return _serving(ens, args)
