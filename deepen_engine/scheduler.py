@@ -38,6 +38,7 @@ from .decoding.loop import BatchDecoder
 from .decoding.rows import DecodeHooks, NewRow, Row
 from .errors import ConfigError, QueueFullError, RequestTimeoutError
 from .members import Member
+from .openmp import release_thread_pool
 from .outputs import Progress, StreamEvent
 
 Sink = Callable[[str, object], None]
@@ -117,6 +118,8 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises `QueueFullError` at once when the queue is full."""
+        if threading.current_thread() is not self._thread:
+            release_thread_pool()  # the worker's pool alone while it decodes (openmp.py)
         with self._cond:
             if self._closed:
                 raise ConfigError("this ensemble was closed; make a new one.")
@@ -174,6 +177,7 @@ class Scheduler:
             # 1. wait for work.
             with self._cond:
                 while not self._closed and not self._waiting and not self.running_rows:
+                    release_thread_pool()  # idle: other threads' torch work runs alone
                     self._cond.wait()
                 if self._closed:
                     self._shut_down()
