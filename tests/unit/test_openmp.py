@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
+from deepen_engine import Ensemble, MemberSpec
 from deepen_engine.openmp import release_thread_pool
+from tests.conftest import PLAIN
 
 needs_pools = pytest.mark.skipif(
     not release_thread_pool() or (os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"),
@@ -78,16 +80,23 @@ def test_release_without_a_pool_is_harmless():
 
 
 @needs_pools
-def test_the_scheduler_frees_its_pool_when_idle(tiny_ensemble):
-    prompt = "The capital of France is"
-    tiny_ensemble.generate(prompt, max_new_tokens=2, speculate=0)  # pools that persist
-    release_thread_pool()
-    time.sleep(0.2)
-    before = _tasks()
-    during: set[int] = set()
-    for _ in tiny_ensemble.stream(prompt, max_new_tokens=6, speculate=0):
-        during |= _tasks() - before
-    # new workers: the pool of the first request was freed when the scheduler went idle
-    assert during, "no new OpenMP worker while decoding: the scheduler kept its old pool"
-    assert _gone(during), "the scheduler kept its OpenMP workers while idle"
-    assert tiny_ensemble.generate(prompt, max_new_tokens=2, speculate=0).text  # still decodes
+def test_the_scheduler_frees_its_pool_when_idle(tiny_pair):
+    # a new ensemble: its scheduler thread takes torch's thread count (2 here) when it
+    # starts, where a session fixture's would keep the unit tier's one
+    members = [MemberSpec(source=tiny_pair[0], name="l"), MemberSpec(source=tiny_pair[1], name="g")]
+    ens = Ensemble(members, min_anchors=50, **PLAIN)
+    try:
+        prompt = "The capital of France is"
+        ens.generate(prompt, max_new_tokens=2, speculate=0)  # pools that persist
+        release_thread_pool()
+        time.sleep(0.2)
+        before = _tasks()
+        during: set[int] = set()
+        for _ in ens.stream(prompt, max_new_tokens=6, speculate=0):
+            during |= _tasks() - before
+        # new workers: the first request's pool was freed when the scheduler went idle
+        assert during, "no new OpenMP worker while decoding: the scheduler kept its old pool"
+        assert _gone(during), "the scheduler kept its OpenMP workers while idle"
+        assert ens.generate(prompt, max_new_tokens=2, speculate=0).text  # still decodes
+    finally:
+        ens.close()

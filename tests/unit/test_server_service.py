@@ -243,12 +243,14 @@ def test_a_drain_refuses_new_requests_and_finishes_those_in_flight(tiny_pair):
     # While the gate is shut, member a's forward waits: the three streams stay in flight
     # until after SIGTERM whatever the machine's load (short streams on the tiny members
     # could otherwise finish before the signal, and the drain would have nothing to wait for).
+    # The hook is on the model's body: the engine runs a supported member's body and its own
+    # output layer, never the model's top-level forward (members/output_layer.py).
     gate = threading.Event()
 
     def hold(*_: object) -> None:  # a pre-hook that returns None leaves the inputs alone
         gate.wait(timeout=120)
 
-    hook = ens.members[0].model.register_forward_pre_hook(hold)
+    hook = ens.members[0].model.model.register_forward_pre_hook(hold)
     results: list[str] = []
     clients = [threading.Thread(target=_stream_text, args=(url, results)) for _ in range(3)]
     for c in clients:
