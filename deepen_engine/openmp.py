@@ -7,8 +7,9 @@ thread exits. Once the pools' threads outnumber the CPUs, libgomp stops letting 
 workers spin at the end of a region ("throttled" waiting), so every later region of every
 pool first waits for its workers to wake. The ensemble decodes on its scheduler thread,
 while the thread that loaded the members (or measured them) still holds a pool: on the
-default pair, 2 cores, a decoding step at batch 8 took 233 ms on a second thread against
-185 ms with one pool (`python scripts/openmp_pools.py`, docs/benchmarks.md).
+default pair, 2 cores, a decoding step at batch 8 took 239 ms on a second thread with the
+main thread's pool alive against 186 ms after freeing it (`python scripts/openmp_pools.py`,
+docs/benchmarks.md "One OpenMP pool at a time").
 
 `release_thread_pool` frees the calling thread's pool (libgomp's `omp_pause_resource_all`
 frees the calling thread's pool only, and returns at once when it has none); that thread's
