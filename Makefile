@@ -50,6 +50,7 @@ test-unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check deepen_engine deepen_integrations tests cookbook scripts
+	$(VENV)/bin/ruff format --check deepen_engine deepen_integrations tests cookbook scripts
 	$(VENV)/bin/mypy
 
 clean:

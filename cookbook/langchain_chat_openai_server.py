@@ -64,8 +64,16 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "deepen_engine.commands.cli", "serve", "--port", str(port),
-         "--log-level", "warning"]  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deepen_engine.commands.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]  # fmt: skip
     )
     try:
         wait_until_ready(url, server)
