@@ -17,6 +17,11 @@ next parallel region starts a new one, which costs well under a millisecond. The
 calls it in every thread that submits a request, and in its own thread when it goes idle,
 so the thread that decodes holds the only pool. Nothing happens where torch does not run on
 libgomp (another OpenMP runtime, or not Linux).
+
+`hand_over` and `follow_thread_count` carry the submitting thread's torch thread count to
+the scheduler's thread: torch applies `torch.set_num_threads` to the calling thread (and
+to threads that have not run parallel work yet), so without them a scheduler thread
+started earlier kept the count it first saw.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import ctypes
 import functools
 from collections.abc import Callable
 
-import torch  # noqa: F401  (loads its libgomp, which `_pause` finds in the process's maps)
+import torch  # (also loads its libgomp, which `_pause` finds in the process's maps)
 
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t; libgomp treats both kinds alike
 
@@ -60,3 +65,17 @@ def release_thread_pool() -> bool:
         return False
     pause(OMP_PAUSE_SOFT)
     return True
+
+
+def hand_over() -> int:
+    """For a thread handing torch work to another: free its pool (`release_thread_pool`)
+    and return its torch thread count, for the other thread to `follow_thread_count`.
+    """
+    release_thread_pool()
+    return torch.get_num_threads()
+
+
+def follow_thread_count(threads: int) -> None:
+    """Run this thread's torch work on `threads` intra-op threads (0: leave it as it is)."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -38,7 +38,7 @@ from .decoding.loop import BatchDecoder
 from .decoding.rows import DecodeHooks, NewRow, Row
 from .errors import ConfigError, QueueFullError, RequestTimeoutError
 from .members import Member
-from .openmp import release_thread_pool
+from .openmp import follow_thread_count, hand_over, release_thread_pool
 from .outputs import Progress, StreamEvent
 
 Sink = Callable[[str, object], None]
@@ -115,11 +115,12 @@ class Scheduler:
         self._key: tuple[int, bool] | None = None  # the running batch's key
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._threads = 0  # torch threads of the last submitter, followed by the worker
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises `QueueFullError` at once when the queue is full."""
-        if threading.current_thread() is not self._thread:
-            release_thread_pool()  # the worker's pool alone while it decodes (openmp.py)
+        if threading.current_thread() is not self._thread:  # (openmp.py) its pool freed,
+            self._threads = hand_over()  # and its torch thread count for the worker
         with self._cond:
             if self._closed:
                 raise ConfigError("this ensemble was closed; make a new one.")
@@ -182,6 +183,7 @@ class Scheduler:
                 if self._closed:
                     self._shut_down()
                     return
+                follow_thread_count(self._threads)
             # 2. drop rows whose reader left or whose time is up.
             self._drop_leaving()
             # 3. admit waiting rows.
@@ -299,11 +301,7 @@ class Scheduler:
             return
         merged = prepared[0][1]
         for _, more in prepared[1:]:
-            merged.rows.extend(more.rows)
-            for ids, more_ids in zip(merged.ids, more.ids):
-                ids.extend(more_ids)
-            merged.resume.extend(more.resume)
-            merged.scores.extend(more.scores)
+            merged.extend(more)
         try:
             decoder.join(merged)
         except BaseException as exc:  # a member failed at the prefill: these rows fail

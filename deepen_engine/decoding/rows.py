@@ -114,6 +114,14 @@ class Prepared:
     scores: list[dict[int, float | None]] = field(default_factory=list)
     """Each row's prompt scores from before it joined (`main="auto"`), by member index."""
 
+    def extend(self, more: Prepared) -> None:
+        """Append another set of prepared rows (for the same member runs), to join as one."""
+        self.rows.extend(more.rows)
+        for ids, more_ids in zip(self.ids, more.ids):
+            ids.extend(more_ids)
+        self.resume.extend(more.resume)
+        self.scores.extend(more.scores)
+
 
 def token_logprob(texts: Sequence[bytes | None], token: int, value: float) -> TokenLogprob:
     """A token's log-probability entry, its text from the vocabulary's bytes."""

@@ -100,3 +100,29 @@ def test_the_scheduler_frees_its_pool_when_idle(tiny_pair):
         assert ens.generate(prompt, max_new_tokens=2, speculate=0).text  # still decodes
     finally:
         ens.close()
+
+
+def test_the_scheduler_follows_the_submitters_thread_count(tiny_pair):
+    # torch.set_num_threads reaches only the calling thread (and threads that never ran
+    # parallel work): the scheduler's thread, started by the first request, takes the
+    # count of the thread that submits each request
+    members = [MemberSpec(source=tiny_pair[0], name="l"), MemberSpec(source=tiny_pair[1], name="g")]
+    ens = Ensemble(members, min_anchors=50, **PLAIN)
+    seen: list[int] = []
+    body = ens.members[0].model.model
+    hook = body.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        prompt = "The capital of France is"
+        ens.generate(prompt, max_new_tokens=2, speculate=0)
+        assert set(seen) == {2}
+        torch.set_num_threads(1)  # after the scheduler's thread started
+        seen.clear()
+        ens.generate(prompt, max_new_tokens=2, speculate=0)
+        assert seen and set(seen) == {1}
+        torch.set_num_threads(2)
+        seen.clear()
+        ens.generate(prompt, max_new_tokens=2, speculate=0)
+        assert seen and set(seen) == {2}
+    finally:
+        hook.remove()
+        ens.close()
