@@ -359,7 +359,15 @@ def test_bench_speculative_section(tiny_folders, capsys):
         )
         assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 0
         assert r["ratio_to_slower_member"] > 0 and r["ratio_to_slower_member_engine"] > 0
+        # after the first token: 5 of the 6 tokens of each row
+        assert r["first_token_s"] > 0
+        if r["decode_speedup"] is not None:
+            assert r["decode_speedup"] == pytest.approx(
+                r["speculative_decode_tokens_per_s"] / r["standard_decode_tokens_per_s"],
+                rel=0.02,
+            )
     assert [r["same_tokens"] for r in rows] == [True] * 4  # sampled too: same seeds
+    assert any(r["decode_speedup"] is not None for r in rows)
     one = ["--speculative-only", "--new-tokens", "3", "--speculative-repeats", "1"]
     four = ["--speculative-batch-sizes", "4", "--json"]  # more rows than the default limit
     assert main(["bench", *member_args(tiny_folders), *one, *four]) == 0
@@ -371,7 +379,7 @@ def test_bench_speculative_section(tiny_folders, capsys):
     assert section["rows"][0]["same_tokens"] is True
     assert main(["bench", *member_args(tiny_folders), *one, "--speculative-batch-sizes", "2"]) == 0
     table = capsys.readouterr().out
-    assert "spec tok/s" in table and "(engine)" in table
+    assert "spec tok/s" in table and "(engine)" in table and "decode" in table
     assert main(["bench", *member_args(tiny_folders), *one, "--speculate-k", "0"]) == 2
     assert "--speculate-k must be from 1 to 16, got 0." in capsys.readouterr().err
     drafters = ["--speculative-drafters", "main", "1", "--speculative-batch-sizes", "2"]

@@ -20,6 +20,12 @@ kind and drafter, with medians over the rounds:
   way on the CPU (members/output_layer.py) where `generate` does not;
 - `same_tokens`: the speculative runs' token ids equal the standard runs' (greedy, and
   sampled with the same seed).
+- `standard_decode_tokens_per_s`, `speculative_decode_tokens_per_s`, `decode_speedup`:
+  the same after the first token. Each round also times the prompts with one new token
+  (`first_token_s`: the prefill and the first fused step, which speculation does not
+  change); a run's decode time is its time less that round's, over n - 1 tokens per row.
+  The whole-request figures above include the prefill, which on long few-shot prompts
+  (the eval tasks', `--speculative-task`) is a large share of 16 new tokens.
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ def _one(
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in runs_of}
     seconds["slower"] = []
     seconds["slower_engine"] = []
+    seconds["first"] = []  # one new token: the prefill and the first step
     alone = [ens.with_fusion(main=i, eta=0) for i in range(len(ens.members))]
     counts = {d: [0, 0, 0] for d in drafters}  # drafted, accepted, drafts
     same = dict.fromkeys(drafters, True)
@@ -110,6 +117,10 @@ def _one(
         seconds["slower_engine"].append(
             max(sum(ensemble_run(one, b, n)["seconds"] for b in batches) for one in alone)
         )
+        start = time.perf_counter()
+        for b in batches:
+            ens.generate(b, max_new_tokens=1, speculate=0, **settings)
+        seconds["first"].append(time.perf_counter() - start)
         runs = {}
         for name, spec, drafter in runs_of:
             start = time.perf_counter()
@@ -134,6 +145,12 @@ def _one(
                 counts[d][2] += r.usage.drafts
             same[d] = same[d] and standard_ids == [r.token_ids for r in runs[f"drafter {d}"]]
     med = {name: statistics.median(v) for name, v in seconds.items()}
+    # after the first token: each run's time less its round's one-token time
+    decode = {
+        name: statistics.median(t - f for t, f in zip(v, seconds["first"]))
+        for name, v in seconds.items()
+    }
+    after_first = (n - 1) * sum(len(b) for b in batches)
     out = []
     for d in drafters:
         spec_s = med[f"drafter {d}"]
@@ -151,6 +168,16 @@ def _one(
             "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
             "ratio_to_slower_member_engine": round(spec_s / med["slower_engine"], 3),
         }
+        decode_s = (decode["standard"], decode[f"drafter {d}"])
+        usable = after_first > 0 and min(decode_s) > 0
+        row["first_token_s"] = round(med["first"], 3)
+        row["standard_decode_tokens_per_s"] = (
+            round(after_first / decode_s[0], 2) if usable else None
+        )
+        row["speculative_decode_tokens_per_s"] = (
+            round(after_first / decode_s[1], 2) if usable else None
+        )
+        row["decode_speedup"] = round(decode_s[0] / decode_s[1], 3) if usable else None
         row["same_tokens"] = same[d]  # sampled too: same seeds, same numbers (sampling.py)
         out.append(row)
     return out
@@ -164,16 +191,18 @@ def speculative_table(f: dict[str, Any]) -> str:
         f"speculate_max_rows={s['speculate_max_rows']} (medians of {s['rounds']} interleaved "
         "rounds)",
         f"{'batch':>5} {'kind':8}{'drafter':>8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
-        f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'(engine)':>9}{'same':>6}",
+        f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'(engine)':>9}{'decode':>8}"
+        f"{'same':>6}",
     ]
     for r in s["rows"]:
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
+        decode = "-" if r.get("decode_speedup") is None else f"{r['decode_speedup']:.2f}"
         length = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
         lines.append(
             f"{r['batch_size']:>5} {r['kind']:8}{r.get('drafter', 'main')!s:>8}"
             f"{r['standard_tokens_per_s']:>10.2f}"
             f"{r['speculative_tokens_per_s']:>11.2f}{r['speedup']:>8.2f}{rate:>8}{length:>9}"
             f"{r['ratio_to_slower_member']:>12.2f}{r['ratio_to_slower_member_engine']:>9.2f}"
-            f"{str(r.get('same_tokens', '-')):>6}"
+            f"{decode:>8}{str(r.get('same_tokens', '-')):>6}"
         )
     return "\n".join(lines)
