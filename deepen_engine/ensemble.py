@@ -42,7 +42,8 @@ from .requests import (
     is_single,
     render_chat,
 )
-from .scheduler import Request, Scheduler, Sink
+from .scheduled_request import Request, Sink
+from .scheduler import Scheduler
 
 VIEW_CACHE = 32  # fusion views `Ensemble.view` keeps per ensemble
 

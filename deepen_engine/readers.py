@@ -15,7 +15,8 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any
 
 from .outputs import Progress, StreamEvent
-from .scheduler import Request, Scheduler, Sink
+from .scheduled_request import Request, Sink
+from .scheduler import Scheduler
 
 RELEASE_WAIT = 60.0  # seconds a stopped reader waits for its rows to leave the batch
 

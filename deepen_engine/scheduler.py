@@ -28,79 +28,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from functools import partial
 
 from .config import SchedulerConfig
 from .decoding.cache_ops import cache_bytes
 from .decoding.leaders import assign_leaders
 from .decoding.loop import BatchDecoder
 from .decoding.rows import DecodeHooks, NewRow, Row
-from .errors import ConfigError, QueueFullError, RequestTimeoutError
+from .errors import ConfigError, QueueFullError
 from .members import Member
 from .openmp import follow_thread_count, hand_over, release_thread_pool
 from .outputs import Progress, StreamEvent
-
-Sink = Callable[[str, object], None]
-"""Receives ("event", StreamEvent)s, then ("done", None) or ("error", exception), and last
-("released", None) once none of the request's rows is in the batch any more (its cache
-rows are freed); a request that asked for progress also gets ("progress", Progress)
-messages as its prompts are read and after each step. Called from the worker thread."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One call's rows, where its events go, and its limits."""
-
-    rows: list[NewRow]  # every row of the request (main="auto": ordered by leader)
-    main: int | None  # None: main="auto", each row's leader chosen at admission
-    run_helpers: bool
-    sink: Sink
-    batch_size: int | None = None  # most rows of this request running at once
-    deadline: float | None = None  # time.monotonic() past which it fails
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    admitted: int = 0  # rows that joined the batch so far
-    running: int = 0  # rows in the batch now
-    finished: int = 0  # rows done
-    failed: bool = False
-    released: bool = False
-    progress: bool = False  # whether the reader wants ("progress", Progress) messages
-    generated: int = 0  # tokens chosen for the request's rows so far
-    led: bool = False  # main="auto": the rows' leaders are chosen
-
-    @property
-    def key(self) -> tuple[int, bool]:
-        """Requests with the same key can share a batch (main="auto": the key of the next
-        row to admit, whose leader is chosen by then).
-        """
-        if self.main is None:
-            row = self.rows[min(self.admitted, len(self.rows) - 1)]
-            return (row.fuser.main, not row.fuser.is_identity)
-        return (self.main, self.run_helpers)
-
-    def same_key(self, start: int, take: int) -> int:
-        """How many of the `take` rows from `start` share the row at `start`'s leader."""
-        if self.main is None:
-            lead = self.rows[start].fuser.main
-            rows = self.rows[start : start + take]
-            return next((n for n, r in enumerate(rows) if r.fuser.main != lead), len(rows))
-        return take
-
-    def fail(self, error: BaseException) -> None:
-        """Hand the reader an error, once."""
-        if not self.failed:
-            self.failed = True
-            self.sink("error", error)
-
-    def release(self) -> None:
-        """Tell the reader, once, that no row of this request runs any more, and drop its
-        rows: each names this request as its owner, and the cycle kept a finished
-        request's rows (their fusers and prompts) alive until a full garbage collection.
-        """
-        if not self.released:
-            self.released = True
-            self.rows = []
-            self.sink("released", None)
+from .scheduled_request import Request
 
 
 class Scheduler:
@@ -210,7 +150,7 @@ class Scheduler:
         gone: list[Request] = []
         with self._cond:
             for request in list(self._waiting):
-                if request.cancelled.is_set() or _expired(request, now):
+                if request.cancelled.is_set() or request.expired(now):
                     self._waiting.remove(request)
                     gone.append(request)
         decoder = self._decoder
@@ -218,7 +158,7 @@ class Scheduler:
         if decoder is not None:
             for row in decoder.rows:
                 request = _owner(row)
-                if request.cancelled.is_set() or request.failed or _expired(request, now):
+                if request.cancelled.is_set() or request.failed or request.expired(now):
                     leaving.append(row)
                     request.running -= 1
                     gone.append(request)
@@ -226,7 +166,7 @@ class Scheduler:
                 decoder.remove(leaving)  # frees their cache rows before the reader hears
         for request in {id(r): r for r in gone}.values():
             if not request.cancelled.is_set():
-                request.fail(_timeout(request))
+                request.fail(request.timeout_error())
             self._release_if_out(request)
 
     def _release_if_out(self, request: Request) -> None:
@@ -269,18 +209,28 @@ class Scheduler:
                 chosen.append((request, rows))
                 if request.admitted == len(request.rows):
                     self._waiting.remove(request)
+            for row in (r for q in self._waiting for r in q.rows[q.admitted :]):
+                row.drop_prefill()  # rows left waiting read their prompt again when they join
         self._join(chosen)
 
     def _lead_waiting(self) -> None:
         """Choose the leader of every row of waiting main="auto" requests (a prefill per
-        member scores their prompts: decoding/leaders.py); a bad prompt fails its request.
+        member scores their prompts: decoding/leaders.py; the rows that fit the batch keep
+        it for their join); a bad prompt fails its request.
         """
         with self._cond:
             todo = [r for r in self._waiting if r.main is None and not r.led]
+        room = self.config.max_batch_size - self.running_rows  # rows that keep the prefill
         for request in todo:
             try:
-                request.rows = assign_leaders(self.members, request.rows, self.config.prefill_chunk)
-                request.led = True
+                rows = assign_leaders(
+                    self.members,
+                    request.rows,
+                    self.config.prefill_chunk,
+                    room,
+                    partial(self._reading_progress, request),
+                )
+                request.rows, request.led, room = rows, True, room - len(rows)
             except BaseException as exc:
                 self._abandon(request, exc)
                 self._release_if_out(request)
@@ -295,6 +245,8 @@ class Scheduler:
                 prepared.append((request, decoder.prepare(rows)))
             except BaseException as exc:  # a bad prompt fails its own request only
                 request.running -= len(rows)
+                for row in rows:
+                    row.drop_prefill()
                 self._abandon(request, exc)
                 self._release_if_out(request)
         if not prepared:
@@ -313,8 +265,14 @@ class Scheduler:
     def _prefill_progress(self, member: Member, rows: Sequence[Row], done: int, total: int) -> None:
         """Tell the requests whose rows are being prefilled how far `member` has read."""
         for request in {id(_owner(r)): _owner(r) for r in rows}.values():
-            if request.progress:
-                request.sink("progress", Progress("prefill", done, total, member.name))
+            self._reading_progress(request, member, done, total)
+
+    def _reading_progress(self, request: Request, member: Member, done: int, total: int) -> None:
+        """Tell the request how far `member` has read its prompts (main="auto": while the
+        prefill that scores them chooses their leaders, which their batch then adopts).
+        """
+        if request.progress:
+            request.sink("progress", Progress("prefill", done, total, member.name))
 
     def _step_progress(self, stepping: list[Request]) -> None:
         """Count the tokens a step chose for each request (one per row it ran)."""
@@ -383,15 +341,3 @@ def _owner(row: Row) -> Request:
     owner = row.owner
     assert isinstance(owner, Request)
     return owner
-
-
-def _expired(request: Request, now: float) -> bool:
-    return request.deadline is not None and now > request.deadline
-
-
-def _timeout(request: Request) -> RequestTimeoutError:
-    timeout = request.rows[0].config.timeout if request.rows else None
-    return RequestTimeoutError(
-        f"the request ran past its timeout of {timeout} s (waiting included) and was "
-        "stopped; raise GenerationConfig.timeout, or send fewer or shorter requests at once."
-    )

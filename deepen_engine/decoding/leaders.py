@@ -6,10 +6,14 @@ batch (`BatchDecoder`: all rows share one main member). The scheduler therefore 
 row's leader before the row joins a batch:
 
 1. `score_rows`: every member prefills the rows' prompts once, scoring them
-   (decoding/prompt_scores.py: bits per UTF-8 byte of the member's own tokens), then frees
-   that cache; a member in a Ray actor prefills and scores in its actor (remote/batch.py).
-   This is one prefill more than a fixed leader costs: the row's batch prefills its prompt
-   again when it joins (reusing this cache is future work).
+   (decoding/prompt_scores.py: bits per UTF-8 byte of the member's own tokens); a member
+   in a Ray actor prefills and scores in its actor (remote/batch.py). Up to `keep` rows
+   (the scheduler's free room) keep that prefill, one batch per member and row
+   (`NewRow.prefill`), when every member runs in this process: the row's decoder adopts
+   those caches when it joins (`adopt`), so choosing the leader costs no second prefill.
+   The other rows' caches are freed, and those rows are prefilled again when they join (a
+   member in a Ray actor, a row that waits for a later batch): one prefill more than a
+   fixed leader costs.
 2. `lowest_score`: the row's leader is the member with the lowest bits per byte; a chat row
    chooses among the members with a chat template (a base model does not follow a
    conversation), any member if none has one. A prompt too short to score (one text
@@ -23,22 +27,34 @@ row's leader before the row joins a batch:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from ..fusion import Fuser
 from ..fusion.weights import lowest_score
 from ..members import Member
 from ..remote.batch import new_batch
-from .member_batch import PREFILL_CHUNK
+from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
-from .rows import NewRow
+from .rows import NewRow, Prepared
+
+OnRead = Callable[[Member, int, int], None]
+"""Told (member, positions read, positions in all) after each pass of a scoring prefill."""
 
 
 def score_rows(
-    members: Sequence[Member], rows: Sequence[NewRow], chunk: int = PREFILL_CHUNK
+    members: Sequence[Member],
+    rows: Sequence[NewRow],
+    chunk: int = PREFILL_CHUNK,
+    keep: int = 0,
+    on_read: OnRead | None = None,
 ) -> list[list[float | None]]:
-    """[row][member] bits per byte of each row's prompt (a prefill per member, freed)."""
+    """[row][member] bits per byte of each row's prompt (a prefill per member, freed; the
+    first `keep` rows keep theirs as `NewRow.prefill` where every member is in process).
+    """
+    keep = max(0, keep) if all(m.remote is None for m in members) else 0
     scores: list[list[float | None]] = [[] for _ in rows]
+    kept: list[list[MemberBatch]] = [[] for _ in rows[:keep]]  # [row][member]
     for i, member in enumerate(members):
         ids = []
         for row in rows:
@@ -51,11 +67,19 @@ def score_rows(
         for row_ids, row in zip(batch.rows, rows):
             row_ids.score.span = row.fuser.config.prompt_score
         try:
-            batch.forward()
+            batch.forward(None if on_read is None else partial(on_read, member))
             for b, r in enumerate(batch.rows):
                 scores[b].append(r.score.bits_per_byte)
+                if b < keep:
+                    kept[b].append(batch.take_row(b))
+        except BaseException:
+            for taken in (t for row_batches in kept for t in row_batches):
+                taken.free()
+            raise
         finally:
             batch.free()
+    for row, batches in zip(rows, kept):
+        row.prefill = batches
     return scores
 
 
@@ -70,10 +94,15 @@ def chat_capable(members: Sequence[Member]) -> list[int]:
 
 
 def assign_leaders(
-    members: Sequence[Member], rows: list[NewRow], chunk: int = PREFILL_CHUNK
+    members: Sequence[Member],
+    rows: list[NewRow],
+    chunk: int = PREFILL_CHUNK,
+    keep: int = 0,
+    on_read: OnRead | None = None,
 ) -> list[NewRow]:
     """The rows, each with the fuser of its leader, ordered by leader (see the module
-    docstring). Every row's fuser must have `main="auto"`.
+    docstring); up to `keep` of them keep their scoring prefill, whose progress goes to
+    `on_read`. Every row's fuser must have `main="auto"`.
     """
     if not rows:
         return rows
@@ -84,7 +113,7 @@ def assign_leaders(
     leaders = [a[0] for a in allowed]
     open_rows = [b for b, a in enumerate(allowed) if len(a) > 1]
     if open_rows:
-        scores = score_rows(members, [rows[b] for b in open_rows], chunk)
+        scores = score_rows(members, [rows[b] for b in open_rows], chunk, keep, on_read)
         for b, row_scores in zip(open_rows, scores):
             best = lowest_score(row_scores, allowed[b])
             leaders[b] = allowed[b][0] if best is None else best
@@ -100,3 +129,42 @@ def assign_leaders(
         row.fuser = fusers[key]
     order = sorted(range(len(rows)), key=lambda b: leaders[b])
     return [rows[b] for b in order]
+
+
+def adopt(
+    prepared: Prepared,
+    members_run: Sequence[int],
+    helper_batch: Callable[..., MemberBatch],
+    chunk: int,
+) -> tuple[Prepared, list[MemberBatch], Prepared]:
+    """Split prepared rows into those a decoder adopts prefilled (`NewRow.prefill`), with
+    one batch per member it runs (`members_run`, ensemble indices) holding their caches,
+    and the rest. Adopted: every member run read in this process the ids the row would be
+    fed now, nothing is to be resumed, and helpers' batches are the plain ones. Prefilled
+    batches not adopted (members not run, rows that do not qualify) are freed.
+    """
+    plain = helper_batch is new_batch and prepared.prefill
+    adopted = [
+        b
+        for b, batches in enumerate(prepared.prefill if plain else [])
+        if batches is not None
+        and not prepared.resume[b]
+        and all(
+            type(batches[i]) is MemberBatch and batches[i].rows[0].ids == prepared.ids[k][b]
+            for k, i in enumerate(members_run)
+        )
+    ]
+    for b, batches in enumerate(prepared.prefill):
+        for i, batch in enumerate(batches or []):
+            if b not in adopted or i not in members_run:
+                batch.free()
+    part = prepared.subset(adopted)
+    fresh = []
+    for i in members_run if adopted else []:
+        batches = [p[i] for p in part.prefill if p is not None]
+        for more in batches[1:]:
+            batches[0].merge(more)
+        batches[0].chunk = chunk
+        fresh.append(batches[0])
+    rest = prepared.subset([b for b in range(len(prepared.rows)) if b not in adopted])
+    return part, fresh, rest

@@ -42,10 +42,11 @@ from ..outputs import StreamEvent
 from ..remote.batch import new_batch
 from .constraints import RowConstraint, apply_masks, constraint_vocab, spec_from_config
 from .drafts import settle_speculation
+from .leaders import adopt
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .row_scores import fuse_rows, note_scores, start_scoring, step_weights
-from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, note_logprob
+from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, logits_needed, note_logprob
 from .sampling import Sampler, suppress_end_tokens
 from .speculative import Speculator
 from .text import TextAssembler
@@ -127,7 +128,7 @@ class BatchDecoder:
                 row.usage.prompt_tokens[member.name] = len(row_ids)
                 member_ids.append(row_ids)
             ids.append(member_ids)
-        return Prepared(rows, ids, [item.resume for item in new], [i.prompt_scores for i in new])
+        return Prepared.of(rows, ids, new)
 
     def _constraint(self, item: NewRow) -> RowConstraint | None:
         """The new row's grammar state over the main member's vocabulary, if constrained."""
@@ -137,7 +138,13 @@ class BatchDecoder:
         return RowConstraint(spec, constraint_vocab(self.main_member))
 
     def join(self, prepared: Prepared) -> None:
-        """Prefill the prepared rows and add them to the running batch."""
+        """Prefill the prepared rows and add them to the running batch (rows whose every
+        member read the prompt already, `NewRow.prefill`, join with those caches).
+        """
+        helpers = self.hooks.helper_batch  # (decoding/leaders.py)
+        adopted, held, prepared = adopt(prepared, self.member_index, helpers, self.prefill_chunk)
+        if adopted.rows:
+            self._add(adopted, held)
         if not prepared.rows:
             return
         fresh = [self._batch(i, ids) for i, ids in enumerate(prepared.ids)]
@@ -151,6 +158,10 @@ class BatchDecoder:
             for batch in fresh:
                 batch.free()
             raise
+        self._add(prepared, fresh)
+
+    def _add(self, prepared: Prepared, fresh: list[MemberBatch]) -> None:
+        """Prefilled rows (their batches `fresh`, per member run) join the running batch."""
         note_scores(prepared, fresh, self.member_index)
         for batch, new in zip(self.batches, fresh):
             batch.merge(new)
@@ -357,7 +368,7 @@ class BatchDecoder:
         """
         for batch in batches:  # what a remote member sends
             i = self.member_index[[m is batch.member for m in self.members].index(True)]
-            batch.logits_needed = _logits_needed(rows, i)
+            batch.logits_needed = logits_needed(rows, i)
         before = [batch.forward_seconds for batch in batches]
         feeds = [
             partial(batch.forward, None if report is None else partial(report, batch.member, rows))
@@ -383,17 +394,3 @@ class BatchDecoder:
         for batch in self.batches:
             batch.free()
         self.rows = []
-
-
-def _logits_needed(rows: Sequence[Row], member: int) -> int | None:
-    """The widest top-k of member `member`'s logits the rows' fusion reads; None: all of
-    them (a fusion method that does not say reads all).
-    """
-    widest = 0
-    for row in rows:
-        ask = getattr(row.fuser, "logits_needed", None)
-        need = ask(member) if ask is not None else None
-        if need is None:
-            return None
-        widest = max(widest, need)
-    return widest or None

@@ -24,6 +24,7 @@ tests check the ids equal a full tokenisation of the same text.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -352,6 +353,22 @@ class MemberBatch:
                     layer.batch_select_indices(index.to(layer.keys.device))
         # cut slots no row uses: a batch that never empties would grow a slot per step
         self.valid = drop_unused_leading_slots(self.cache, self.valid)
+
+    def take_row(self, b: int) -> MemberBatch:
+        """Row b in a batch of its own: a copy of its ids, cache slots and logits (this
+        batch is unchanged). A prefill made to choose `main="auto"`'s leader is adopted
+        this way by the row's decoder instead of being read again (decoding/leaders.py).
+        """
+        one = MemberBatch(self.member, [])
+        one.chunk, one.score_prompts = self.chunk, self.score_prompts
+        one.rows = [copy.deepcopy(self.rows[b])]
+        for i, layer in enumerate(self.cache.layers):
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                one.cache.update(layer.keys[b : b + 1].clone(), layer.values[b : b + 1].clone(), i)
+        one.valid = drop_unused_leading_slots(one.cache, self.valid[b : b + 1].clone())
+        if self.logits is not None:
+            one.logits = self.logits[b : b + 1].clone()
+        return one
 
     def merge(self, other: MemberBatch) -> None:
         """Append the rows of `other` (same member, prefilled) after this batch's rows.

@@ -69,6 +69,15 @@ class NewRow:
     prompt_scores: dict[int, float | None] = field(default_factory=dict)
     """Bits per byte of the prompt by member index, when scored before the row joined
     (`main="auto"`, decoding/leaders.py)."""
+    prefill: list[MemberBatch] | None = None
+    """Every member's batch of this row alone, its prompt read while its leader was chosen
+    (decoding/leaders.py): the decoder adopts them instead of prefilling again."""
+
+    def drop_prefill(self) -> None:
+        """Free the `prefill` batches (the row is prefilled again when it joins)."""
+        for batch in self.prefill or []:
+            batch.free()
+        self.prefill = None
 
 
 @dataclass
@@ -114,6 +123,30 @@ class Prepared:
     scores: list[dict[int, float | None]] = field(default_factory=list)
     """Each row's prompt scores from before it joined (`main="auto"`), by member index."""
 
+    prefill: list[list[MemberBatch] | None] = field(default_factory=list)
+    """Each row's `NewRow.prefill` (None: the decoder prefills it)."""
+
+    @classmethod
+    def of(cls, rows: list[Row], ids: list[list[list[int]]], new: Sequence[NewRow]) -> Prepared:
+        """The prepared `rows` (ids: [member run][row]) of the requested rows `new`, whose
+        prefilled batches it takes over (`NewRow.prefill` is cleared).
+        """
+        prefill = [item.prefill for item in new]
+        for item in new:
+            item.prefill = None
+        scores = [item.prompt_scores for item in new]
+        return cls(rows, ids, [item.resume for item in new], scores, prefill)
+
+    def subset(self, rows: list[int]) -> Prepared:
+        """These rows only, in this order."""
+        return Prepared(
+            [self.rows[b] for b in rows],
+            [[member_ids[b] for b in rows] for member_ids in self.ids],
+            [self.resume[b] for b in rows],
+            [self.scores[b] for b in rows] if self.scores else [],
+            [self.prefill[b] for b in rows] if self.prefill else [],
+        )
+
     def extend(self, more: Prepared) -> None:
         """Append another set of prepared rows (for the same member runs), to join as one."""
         self.rows.extend(more.rows)
@@ -121,6 +154,7 @@ class Prepared:
             ids.extend(more_ids)
         self.resume.extend(more.resume)
         self.scores.extend(more.scores)
+        self.prefill.extend(more.prefill)
 
 
 def token_logprob(texts: Sequence[bytes | None], token: int, value: float) -> TokenLogprob:
@@ -149,3 +183,17 @@ def note_logprob(
     entry = token_logprob(texts, token, float(logp[token]))
     entry.top = alternatives
     row.logprobs.append(entry)
+
+
+def logits_needed(rows: Sequence[Row], member: int) -> int | None:
+    """The widest top-k of member `member`'s logits the rows' fusion reads; None: all of
+    them (a fusion method that does not say reads all).
+    """
+    widest = 0
+    for row in rows:
+        ask = getattr(row.fuser, "logits_needed", None)
+        need = ask(member) if ask is not None else None
+        if need is None:
+            return None
+        widest = max(widest, need)
+    return widest or None

@@ -310,3 +310,42 @@ def test_a_bad_main_names_the_value():
         FusionConfig(main="best")
     with pytest.raises(ConfigError, match="main"):
         FusionConfig(main=-1)
+
+
+def _positions_read(ensemble):
+    """{member name: positions its forwards read so far} and the hooks counting them."""
+    read = {m.name: 0 for m in ensemble.members}
+    hooks = []
+    for m in ensemble.members:
+        body = m.output_layer.body if m.output_layer is not None else m.model
+
+        def count(module, args, kwargs, name=m.name):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            read[name] += int(ids.numel())
+
+        hooks.append(body.register_forward_pre_hook(count, with_kwargs=True))
+    return read, hooks
+
+
+def test_auto_rows_read_their_prompt_once(tiny_ensemble):
+    """The prefill that scores an auto row's prompt to choose its leader is the row's own:
+    its batch adopts those caches, so every member reads the prompt once, as with the
+    leader fixed, and the row is what that leader gives."""
+    auto_view = tiny_ensemble.with_fusion(main="auto", weighting="prompt")
+    for prompt in PROMPTS[:2]:
+        read, hooks = _positions_read(tiny_ensemble)
+        try:
+            auto = auto_view.generate(prompt, max_new_tokens=5, speculate=0)
+            by_auto = dict(read)
+            lead = [m.name for m in tiny_ensemble.members].index(auto.usage.leader)
+            for name in read:
+                read[name] = 0
+            fixed = tiny_ensemble.with_fusion(main=lead, weighting="prompt").generate(
+                prompt, max_new_tokens=5, speculate=0
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert (auto.token_ids, auto.text) == (fixed.token_ids, fixed.text)
+        assert by_auto == read  # before: one more read of the prompt by every member
+        assert auto.usage.prompt_bits_per_byte == fixed.usage.prompt_bits_per_byte

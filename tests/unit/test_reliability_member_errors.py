@@ -210,3 +210,23 @@ def test_integrations_pass_the_member_error_through(tiny_ensemble, expected):
         return (await llama_index.acomplete(PROMPTS[0])).text
 
     assert asyncio.run(main()) == expected[0].text
+
+
+def test_auto_rows_keep_their_scoring_prefill_only_while_they_fit(tiny_pair, batches):
+    """main="auto" rows adopt the prefill that chose their leader when they join at once;
+    rows left waiting (one row at a time here) free it and are prefilled when they join.
+    Every batch made is freed, and each row equals the same prompt alone."""
+    from deepen_engine import SchedulerConfig
+
+    ens = Ensemble(
+        [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
+        min_anchors=50,
+        scheduler=SchedulerConfig(max_batch_size=1),
+    )
+    together = ens.generate(PROMPTS, max_new_tokens=N, speculate=0)
+    alone = [ens.generate(p, max_new_tokens=N, speculate=0) for p in PROMPTS]
+    assert _ids(together) == _ids(alone)
+    ens.close()
+    made, freed = batches
+    assert len(made) > 2 * len(PROMPTS)  # the rows' own batches, kept and adopted
+    assert {id(b) for b in made} <= {id(b) for b in freed}

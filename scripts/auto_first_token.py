@@ -1,0 +1,50 @@
+"""Time to the first token with `main="auto"` against a fixed leader, on an eval task's
+few-shot test prompts (batch 1, one prompt after another), rounds interleaved.
+
+`main="auto"` reads every prompt with every member to choose the row's leader
+(decoding/leaders.py). Since 2026-12-07 the row's batch adopts those caches; before, it read
+the prompt again, so the first token took one more prefill than with the leader fixed.
+Prints the median seconds per prompt of `generate(prompt, max_new_tokens=1)` for each
+setting and the median ratio auto / fixed. Run each checkout's copy by putting it first
+on the path:
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/auto_first_token.py --task capitals
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from deepen_engine import Ensemble
+from deepen_engine.commands.bench.speculative import task_prompts
+
+
+def main() -> None:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="capitals", help="eval task of the prompts")
+    parser.add_argument("--prompts", type=int, default=4, help="test prompts per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    args = parser.parse_args()
+    ens = Ensemble()
+    prompts = task_prompts(args.task, args.prompts)
+    views = {"auto": ens.with_fusion(main="auto"), "main 0": ens.with_fusion(main=0)}
+    for view in views.values():  # warm-up: relative rows, first-call costs
+        view.generate(prompts[0], max_new_tokens=1)
+    seconds: dict[str, list[float]] = {name: [] for name in views}
+    for _ in range(args.rounds):
+        for name, view in views.items():
+            start = time.perf_counter()
+            for prompt in prompts:
+                view.generate(prompt, max_new_tokens=1)
+            seconds[name].append((time.perf_counter() - start) / len(prompts))
+    ratios = [a / f for a, f in zip(seconds["auto"], seconds["main 0"])]
+    for name, runs in seconds.items():
+        print(f"{name}: {statistics.median(runs):.3f} s per prompt (rounds {runs})")
+    print(f"auto / main 0: {statistics.median(ratios):.2f} (median of {len(ratios)} rounds)")
+
+
+if __name__ == "__main__":
+    main()
