@@ -355,9 +355,8 @@ class MemberBatch:
         self.valid = drop_unused_leading_slots(self.cache, self.valid)
 
     def take_row(self, b: int) -> MemberBatch:
-        """Row b in a batch of its own: a copy of its ids, cache slots and logits (this
-        batch is unchanged). A prefill made to choose `main="auto"`'s leader is adopted
-        this way by the row's decoder instead of being read again (decoding/leaders.py).
+        """Row b alone: a copy of its ids, cache slots and logits (decoding/leaders.py: a
+        row's decoder adopts the prefill that chose `main="auto"`'s leader this way).
         """
         one = MemberBatch(self.member, [])
         one.chunk, one.score_prompts = self.chunk, self.score_prompts
@@ -366,8 +365,7 @@ class MemberBatch:
             if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
                 one.cache.update(layer.keys[b : b + 1].clone(), layer.values[b : b + 1].clone(), i)
         one.valid = drop_unused_leading_slots(one.cache, self.valid[b : b + 1].clone())
-        if self.logits is not None:
-            one.logits = self.logits[b : b + 1].clone()
+        one.logits = None if self.logits is None else self.logits[b : b + 1].clone()
         return one
 
     def merge(self, other: MemberBatch) -> None:
