@@ -214,14 +214,18 @@ class Scheduler:
         self._join(chosen)
 
     def _lead_waiting(self) -> None:
-        """Choose the leader of every row of waiting main="auto" requests (a prefill per
-        member scores their prompts: decoding/leaders.py; the rows that fit the batch keep
-        it for their join); a bad prompt fails its request.
+        """Choose the leader of the rows of waiting main="auto" requests, oldest first, while
+        the batch has room for them (a prefill per member scores their prompts, and the
+        rows that fit keep it for their join: decoding/leaders.py); a bad prompt fails its
+        request. Requests that would not fit are scored when room opens: scoring them now
+        would stall the running rows for a prefill their join would repeat.
         """
         with self._cond:
             todo = [r for r in self._waiting if r.main is None and not r.led]
         room = self.config.max_batch_size - self.running_rows  # rows that keep the prefill
         for request in todo:
+            if room <= 0:
+                break
             try:
                 rows = assign_leaders(
                     self.members,

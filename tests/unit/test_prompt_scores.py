@@ -4,6 +4,8 @@ on tiny members with different tokenizers."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -349,3 +351,52 @@ def test_auto_rows_read_their_prompt_once(tiny_ensemble):
         assert (auto.token_ids, auto.text) == (fixed.token_ids, fixed.text)
         assert by_auto == read  # before: one more read of the prompt by every member
         assert auto.usage.prompt_bits_per_byte == fixed.usage.prompt_bits_per_byte
+
+
+def test_auto_requests_waiting_for_room_read_their_prompt_once(tiny_pair):
+    """A main="auto" request that arrives while the batch is full is scored when room
+    opens, right before it joins, so it adopts that prefill: the prompt is read once, as
+    when it runs alone (scoring it while it waited would read it twice)."""
+    from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
+
+    ens = Ensemble(
+        [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
+        min_anchors=50,
+        scheduler=SchedulerConfig(max_batch_size=1),
+    )
+    long_run = {"max_new_tokens": 160, "min_new_tokens": 160, "speculate": 0}
+    read, hooks = _positions_read(ens)
+    try:
+        first = ens.generate(PROMPTS[0], **long_run)
+        alone_first = dict(read)
+        for name in read:
+            read[name] = 0
+        second = ens.generate(PROMPTS[1], max_new_tokens=5, speculate=0)
+        alone_second = dict(read)
+        for name in read:
+            read[name] = 0
+        results: dict[str, object] = {}
+        stream = ens.stream(PROMPTS[0], **long_run)
+        next(stream)  # the long row runs and fills the batch
+        waiter = threading.Thread(
+            target=lambda: results.update(
+                second=ens.generate(PROMPTS[1], max_new_tokens=5, speculate=0)
+            )
+        )
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while ens.queue_state()["waiting_requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        waited = (
+            ens.queue_state()["waiting_requests"] == 1 and ens.queue_state()["running_rows"] == 1
+        )
+        rest = list(stream)
+        waiter.join()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        ens.close()
+    assert waited, "the second request never waited for the long one"
+    assert rest and results["second"].token_ids == second.token_ids
+    assert first.token_ids  # the long row decoded alone and beside a waiting request alike
+    assert read == {n: alone_first[n] + alone_second[n] for n in read}
