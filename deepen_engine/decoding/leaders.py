@@ -66,18 +66,24 @@ def score_rows(
         batch.score_prompts = True
         for row_ids, row in zip(batch.rows, rows):
             row_ids.score.span = row.fuser.config.prompt_score
+        held = False  # a lone row keeps its batch itself rather than a copy
         try:
             batch.forward(None if on_read is None else partial(on_read, member))
             for b, r in enumerate(batch.rows):
                 scores[b].append(r.score.bits_per_byte)
-                if b < keep:
+            if keep and len(rows) == 1:
+                kept[0].append(batch)
+                held = True
+            else:
+                for b in range(min(keep, len(rows))):
                     kept[b].append(batch.take_row(b))
         except BaseException:
             for taken in (t for row_batches in kept for t in row_batches):
                 taken.free()
             raise
         finally:
-            batch.free()
+            if not held:
+                batch.free()
     for row, batches in zip(rows, kept):
         row.prefill = batches
     return scores

@@ -147,8 +147,8 @@ def _one(
     med = {name: statistics.median(v) for name, v in seconds.items()}
     # after the first token: each run's time less its round's one-token time
     decode = {
-        name: statistics.median(t - f for t, f in zip(v, seconds["first"]))
-        for name, v in seconds.items()
+        name: statistics.median(t - f for t, f in zip(seconds[name], seconds["first"]))
+        for name in ("standard", *(f"drafter {d}" for d in drafters))
     }
     after_first = (n - 1) * sum(len(b) for b in batches)
     out = []
