@@ -11,6 +11,15 @@ two checkouts fuse to the same tokens.
 4. `reductions`: `torch.topk` (k 64) and `torch.argmax` against deepen_engine/reductions.py's
    blocked ones (block sizes 32-256) on each member's recorded logits at batch 1 and 8,
    interleaved, median wall ms of one thread; checks they return the same ids.
+5. `passes`: on each member's recorded batch-8 logits, the fast path's passes over a
+   vocabulary, old way against new, interleaved, median wall ms of one thread:
+   `logsumexp` against `reductions.log_normaliser`, `exp` against `reductions.exp_` (on
+   the anchor tokens' logits), the anchor tokens' logits read in one `index_select`
+   against two (`MemberTables.anchor_read` / `anchor_order`; also right after an `amax`
+   of the rows, as in the fuser, where a row that fits the cache is still there), and the
+   main member's top 64 merged from the parts the fast path reads anyway (the top of its
+   anchor, non-anchor and special tokens) against one blocked `top_k`; checks each pair
+   agrees.
 
 Run each checkout's copy by putting it first on the path (A/B of two commits):
 
@@ -19,6 +28,7 @@ Run each checkout's copy by putting it first on the path (A/B of two commits):
     HF_HUB_OFFLINE=1 PYTHONPATH=../old python scripts/fusion_cost.py save steps.pt old.pt
     HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py compare steps.pt old.pt
     HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py reductions steps.pt
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/fusion_cost.py passes steps.pt
 """
 
 from __future__ import annotations
@@ -100,10 +110,83 @@ def _reductions(steps: list[list[torch.Tensor]], repeat: int) -> None:
             print(f"batch {batch} member {member} (V={vocab}): {figures} ms; same ids: {same}")
 
 
+def _passes(ens: Ensemble, steps: list[list[torch.Tensor]], repeat: int) -> None:
+    """Old and new ways of the fast path's passes over a vocabulary (module docstring)."""
+    for member in range(len(steps[0])):
+        xs = [step[member].float().contiguous() for step in steps]
+        print(_member_passes(ens, member, xs, repeat))
+
+
+def _member_passes(ens: Ensemble, member: int, xs: list[torch.Tensor], repeat: int) -> str:
+    """One member's line of `passes`."""
+    from deepen_engine.fusion.deepen import _top_of_parts
+    from deepen_engine.fusion.tables import MemberTables
+
+    fuser = ens.fuser
+    tables = fuser.tables[member]
+    large = MemberTables.build(fuser.spaces[member].token_to_anchor, fuser.has_text[member])
+    read, order = large.anchor_read, large.anchor_order
+    if order is None:  # a small vocabulary: build the two reads to time them anyway
+        read, by_id = tables.anchor_tokens.sort()
+        order = by_id.argsort()
+    lses = [x.logsumexp(-1, keepdim=True) for x in xs]
+    anchors = [x.index_select(1, tables.anchor_tokens) - lse for x, lse in zip(xs, lses)]
+
+    # the old candidates merged the parts the fast path reads anyway: the anchor tokens',
+    # the top non-anchor tokens' and the special tokens' logits (read here, not timed)
+    read_parts = {
+        id(x): [
+            (x.index_select(1, tables.anchor_tokens), tables.anchor_tokens),
+            reductions.top_k(x + tables.non_anchor_bias, 64),
+            (x.index_select(1, tables.no_text), tables.no_text),
+        ]
+        for x in xs
+    }
+
+    ways: list[tuple[str, Callable[[torch.Tensor], object], list[torch.Tensor]]] = [
+        ("logsumexp", lambda x: x.logsumexp(-1, keepdim=True), xs),
+        ("log_normaliser", reductions.log_normaliser, xs),
+        ("exp", lambda a: a.exp(), anchors),
+        ("exp_", lambda a: reductions.exp_(a.clone()), anchors),
+        ("one read", lambda x: x.index_select(1, tables.anchor_tokens), xs),
+        ("two reads", lambda x: x.index_select(1, read).index_select(1, order), xs),
+        # as in the fuser, right after a pass over the row (its log normaliser's)
+        ("amax", lambda x: x.amax(-1), xs),
+        ("amax + one read", lambda x: (x.amax(-1), x.index_select(1, tables.anchor_tokens)), xs),
+        (
+            "amax + two reads",
+            lambda x: (x.amax(-1), x.index_select(1, read).index_select(1, order)),
+            xs,
+        ),
+    ]
+    if member == fuser.main:
+        ways += [
+            ("top 64 from parts", lambda x: _top_of_parts(read_parts[id(x)], 64), xs),
+            ("top 64 blocked", lambda x: reductions.top_k(x, 64), xs),
+        ]
+    timings: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        for name, fn, args in ways:
+            _time_each(timings, name, fn, args)
+    figures = "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in timings.items())
+    agree = all(
+        torch.allclose(reductions.log_normaliser(x), lse, rtol=1e-6, atol=0)
+        and torch.equal(
+            x.index_select(1, read).index_select(1, order),
+            x.index_select(1, tables.anchor_tokens),
+        )
+        for x, lse in zip(xs, lses)
+    )
+    shape = f"V={xs[0].shape[-1]}, batch {len(xs[0])}"
+    return f"member {member} ({shape}): {figures} ms; agree: {agree}"
+
+
 def main() -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=["record", "time", "save", "compare", "reductions"])
+    parser.add_argument(
+        "action", choices=["record", "time", "save", "compare", "reductions", "passes"]
+    )
     parser.add_argument("steps", help="file of recorded steps")
     parser.add_argument("fused", nargs="?", help="save/compare: file of fused logits")
     parser.add_argument("--tokens", type=int, default=16, help="record: steps to record")
@@ -118,7 +201,9 @@ def main() -> None:
         _reductions(steps, args.repeat)
         return
     ens = Ensemble(**BENCH_FUSION)
-    if args.action == "time":
+    if args.action == "passes":
+        _passes(ens, steps, args.repeat)
+    elif args.action == "time":
         batch = len(steps[0][0])
         rows = [[x[b : b + 1] for x in step] for step in steps for b in range(batch)]
         for s in steps + rows:  # warm-up: every relative row cached

@@ -30,7 +30,7 @@ import torch
 from ..alignment.relative import RelativeSpace
 from ..alignment.vocabulary import Anchors
 from ..config import FusionConfig
-from ..reductions import top_k
+from ..reductions import exp_, log_normaliser, top_k
 from .base import Fuser, register
 from .context import FusionContext
 from .search import Q_FLOOR, adamw_search
@@ -160,7 +160,7 @@ class DeepenFuser(Fuser):
         weights = self.row_weights(logits)  # (B, N)
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
             x = member_logits.float().to(space.device)  # (B, V_i)
-            lse = x.logsumexp(-1, keepdim=True)  # (B, 1): log of the softmax's normaliser
+            lse = log_normaliser(x)  # (B, 1): log of the softmax's normaliser
             # (B, A) rows summing to 1 or 0; (B, C) the top tokens (the main member's with
             # special ones: step 3's; a helper's with text only: its proposals), best first
             r_i, top_x, top_ids = self._relative(x, lse, i, space, specials=i == self.main)
@@ -171,7 +171,7 @@ class DeepenFuser(Fuser):
                 main_top = top_ids.to(device)
                 proposals.append(None)
                 continue
-            top_p = (top_x - lse).exp()  # (B, C) proposals: anchors among them
+            top_p = exp_(top_x - lse)  # (B, C) proposals: anchors among them
             proposal = torch.where(top_p > 0, space.token_to_anchor[top_ids], -1)
             proposals.append(proposal.cpu())  # read row by row on the CPU (_candidates)
         r = r / weight_sum.clamp(min=1e-30)
@@ -203,16 +203,20 @@ class DeepenFuser(Fuser):
         Probabilities are `exp(x - lse)`, read only where needed: gathered at the anchor
         tokens, and at the top non-anchor tokens (one add of a 0/-inf table and one
         top-k). The non-anchor mass for the bound is what the anchor and special tokens
-        leave of 1, so no pass masks or sums the whole vocabulary. The top tokens are
-        merged from the top of each of those parts (the anchor tokens, the top non-anchor
-        tokens, the special tokens), which are far fewer than the vocabulary.
+        leave of 1, so no pass masks or sums the whole vocabulary. The main member's top
+        tokens are one top-k of its vocabulary (`reductions.top_k`, read in blocks); a
+        helper's, which exclude special tokens, are merged from the top of the anchor
+        tokens and of the non-anchor tokens, both already read. `exp_` and
+        `log_normaliser` (reductions.py) take exponentials through `exp2`.
         """
         cfg = self.config
         tables = self.tables[i]
         dev = x.device
         anchor_tokens, no_text = self.on(tables.anchor_tokens, dev), self.on(tables.no_text, dev)
-        x_anchor = x.index_select(1, anchor_tokens)  # (B, n_a)
-        p_anchor = (x_anchor - lse).exp()
+        x_anchor = x.index_select(1, self.on(tables.anchor_read, dev))  # (B, n_a)
+        if tables.anchor_order is not None:  # read by id: put in anchor_tokens' order
+            x_anchor = x_anchor.index_select(1, self.on(tables.anchor_order, dev))
+        p_anchor = exp_(x_anchor - lse)
         n = tables.first_count if tables.first_count == space.num_anchors else 0
         if n:  # every anchor's first token, in anchor order: (B, A) as gathered
             out = p_anchor[:, :n].clone()  # a copy: out is added to, p_anchor read again
@@ -221,12 +225,12 @@ class DeepenFuser(Fuser):
         out.index_add_(1, self.on(tables.anchor_index, dev)[n:], p_anchor[:, n:])
         c = min(cfg.candidates, x.shape[-1])
         k = min(cfg.top_k, x.shape[-1])
+        x_special = x.index_select(1, no_text)  # (B, n_s)
+        special = exp_(x_special - lse).sum(-1)  # (B,)
+        total = (1.0 - p_anchor.sum(-1) - special).clamp(min=0.0)  # (B,) non-anchor mass
         # (B, max(k, C)): the mass bound's tokens, and the candidates among non-anchors
         top_x, ids = top_k(x + self.on(tables.non_anchor_bias, dev), max(k, c))
-        top_p = (top_x[:, :k] - lse).exp()  # 0 past the last non-anchor token
-        x_special = x.index_select(1, no_text)  # (B, n_s)
-        special = (x_special - lse).exp().sum(-1)  # (B,)
-        total = (1.0 - p_anchor.sum(-1) - special).clamp(min=0.0)  # (B,) non-anchor mass
+        top_p = exp_(top_x[:, :k] - lse)  # 0 past the last non-anchor token
         kept_p, _ = kept_by_mass(top_p, total, cfg.top_mass)
         b_idx, j_idx = (kept_p > 0).nonzero(as_tuple=True)
         if b_idx.numel():  # rows ascending, distinct ids per row (topk)
@@ -234,9 +238,9 @@ class DeepenFuser(Fuser):
             out += space.weighted_sum(tokens, b_idx, kept_p[b_idx, j_idx], x.shape[0])
         # normalised in place (a row without mass is all 0 and stays so)
         relative = out.div_(out.sum(-1, keepdim=True).clamp(min=1e-30))
+        if specials:  # every token: one top-k over the vocabulary (read in blocks)
+            return (relative, *top_k(x, c))
         parts = [(x_anchor, anchor_tokens), (top_x[:, :c], ids[:, :c])]
-        if specials:
-            parts.append((x_special, no_text))
         return (relative, *_top_of_parts(parts, c))
 
     def _candidates(
@@ -313,9 +317,10 @@ class DeepenFuser(Fuser):
                     entries, dense_rows, offsets, mode="sum", per_sample_weights=s_d[e_b, e_j]
                 )
                 q.scatter_add_(1, idx_d, torch.where(one_hot_d, s_d, 0.0))
-                low = q <= Q_FLOOR  # anchors the candidates cannot reach: no gradient
+                # anchors the candidates cannot reach carry no gradient: q there becomes
+                # inf, so r / q is 0 (one pass, where a mask and a fill took two more)
+                torch.nn.functional.threshold(q, Q_FLOOR, float("inf"), inplace=True)
                 ratio = torch.div(r_d, q, out=q)  # (D, A), in q's place
-                ratio.masked_fill_(low, 0.0)
                 # u_j = dL/ds_j * A = -R_j . (r / q): a product per row's dense rows
                 u_d = torch.where(one_hot_d, -ratio.gather(1, idx_d), 0.0)
                 dots = [dense_rows[o : o + c] @ ratio[d] for d, (o, c) in enumerate(groups)]

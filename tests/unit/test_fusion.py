@@ -473,13 +473,24 @@ def test_fusers_of_one_ensemble_share_the_member_tables(tiny_ensemble):
 def test_member_tables_list_each_anchors_first_token_in_anchor_order():
     """The first tokens of `anchor_tokens` are each anchor's lowest id, in anchor order
     (gathered, they are the relative distribution's anchor part); the others follow."""
-    from deepen_engine.fusion.tables import MemberTables
+    from deepen_engine.fusion.tables import TWO_READS_FROM, MemberTables
 
     to_anchor = torch.tensor([2, -1, 0, 1, 0, 2, -1])
     tables = MemberTables.build(to_anchor, torch.ones(7, dtype=torch.bool))
     assert tables.anchor_tokens.tolist() == [2, 3, 0, 4, 5]
     assert tables.anchor_index.tolist() == [0, 1, 2, 0, 2]
     assert tables.first_count == 3
+    assert tables.anchor_read.tolist() == [2, 3, 0, 4, 5] and tables.anchor_order is None
+    # a large vocabulary is read by ascending id, then put in that order: the same values
+    big = torch.full((TWO_READS_FROM + 7,), -1)
+    big[-7:] = to_anchor
+    large = MemberTables.build(big, torch.ones(big.numel(), dtype=torch.bool))
+    assert (large.anchor_read - TWO_READS_FROM).tolist() == [0, 2, 3, 4, 5]
+    assert large.anchor_order is not None
+    assert (large.anchor_read[large.anchor_order] - TWO_READS_FROM).tolist() == [2, 3, 0, 4, 5]
+    x = torch.randn(2, big.numel())
+    two_reads = x.index_select(1, large.anchor_read).index_select(1, large.anchor_order)
+    assert torch.equal(two_reads, x.index_select(1, large.anchor_tokens))
     missing = MemberTables.build(torch.tensor([1, -1, 1]), torch.ones(3, dtype=torch.bool))
     assert missing.first_count == 1  # anchor 0 has no token: not every anchor's first
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepen_engine.reductions import BLOCK, MIN_LOGITS, _blocked, argmax, top_k
+from deepen_engine.reductions import (
+    BLOCK,
+    MIN_LOGITS,
+    _blocked,
+    argmax,
+    exp_,
+    log_normaliser,
+    top_k,
+)
 
 VOCAB = 1 << 16  # 1024 blocks: read in blocks for k up to 128
 
@@ -82,3 +90,26 @@ def test_small_or_ragged_rows_use_torch():
     x = torch.randn(2, 1000, generator=torch.Generator().manual_seed(9))
     assert torch.equal(argmax(x), x.argmax(-1))
     assert torch.equal(top_k(x, 10)[1], x.topk(10, dim=-1).indices)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_log_normaliser_and_exp_equal_torchs_to_float_rounding(seed):
+    x = _logits(3, seed) * 4  # logits spread over about +-40
+    assert torch.allclose(log_normaliser(x), x.logsumexp(-1, keepdim=True), rtol=1e-6, atol=0)
+    probs = exp_(x - x.logsumexp(-1, keepdim=True))
+    assert torch.allclose(probs, torch.softmax(x, -1), rtol=1e-5, atol=1e-12)
+    assert log_normaliser(x).shape == (3, 1)
+
+
+def test_log_normaliser_of_infinite_and_nan_rows_as_torch():
+    x = torch.zeros(4, 8)
+    x[0] = float("-inf")  # every token masked: -inf, not NaN
+    x[1, 3] = float("inf")
+    x[2, 5] = float("nan")
+    x[3, :4] = float("-inf")
+    expected = x.logsumexp(-1, keepdim=True)
+    got = log_normaliser(x)
+    assert got[0].item() == float("-inf") and got[1].item() == float("inf")
+    assert got[2].isnan().item()
+    assert torch.allclose(got[3], expected[3])
+    assert exp_(torch.tensor([float("-inf"), 0.0])).tolist() == [0.0, 1.0]
