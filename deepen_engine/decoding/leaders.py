@@ -9,11 +9,14 @@ row's leader before the row joins a batch:
    (decoding/prompt_scores.py: bits per UTF-8 byte of the member's own tokens); a member
    in a Ray actor prefills and scores in its actor (remote/batch.py). Up to `keep` rows
    (the scheduler's free room) keep that prefill, one batch per member and row
-   (`NewRow.prefill`), when every member runs in this process: the row's decoder adopts
-   those caches when it joins (`adopt`), so choosing the leader costs no second prefill.
-   The other rows' caches are freed, and those rows are prefilled again when they join (a
-   member in a Ray actor, a row that waits for a later batch): one prefill more than a
-   fixed leader costs.
+   (`NewRow.prefill`): the row's decoder adopts those caches when it joins (`adopt`), so
+   choosing the leader costs no second prefill. A request of one row keeps its scoring
+   batches themselves, a member's in a Ray actor included (the actor keeps the cache, the
+   decoder merges that batch into its own); of several rows, each kept row's caches are
+   copied out (`MemberBatch.take_row`), which only members in this process do. The other
+   rows' caches are freed, and those rows are prefilled again when they join (rows of a
+   request of several rows with a member in a Ray actor, a row that waits for a later
+   batch): one prefill more than a fixed leader costs.
 2. `lowest_score`: the row's leader is the member with the lowest bits per byte; a chat row
    chooses among the members with a chat template (a base model does not follow a
    conversation), any member if none has one. A prompt too short to score (one text
@@ -28,12 +31,13 @@ row's leader before the row joins a batch:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from ..fusion import Fuser
 from ..fusion.weights import lowest_score
 from ..members import Member
-from ..remote.batch import new_batch
+from ..remote.batch import RemoteMemberBatch, new_batch
 from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .rows import NewRow, Prepared
@@ -50,43 +54,74 @@ def score_rows(
     on_read: OnRead | None = None,
 ) -> list[list[float | None]]:
     """[row][member] bits per byte of each row's prompt (a prefill per member, freed; the
-    first `keep` rows keep theirs as `NewRow.prefill` where every member is in process).
+    first `keep` rows keep theirs as `NewRow.prefill`: a lone row always, several rows
+    where every member is in process).
     """
-    keep = max(0, keep) if all(m.remote is None for m in members) else 0
+    # a row taken out of a batch is copied here (`take_row`); in a Ray actor only a lone
+    # row's batch can be kept, as it is
+    keep = max(0, keep) if len(rows) == 1 or all(m.remote is None for m in members) else 0
+    held = keep > 0 and len(rows) == 1  # a lone row keeps its batches themselves
     scores: list[list[float | None]] = [[] for _ in rows]
     kept: list[list[MemberBatch]] = [[] for _ in rows[:keep]]  # [row][member]
-    for i, member in enumerate(members):
-        ids = []
-        for row in rows:
-            text, special = row.prompts[i]
-            tokens = member.tokenizer(text, add_special_tokens=special).input_ids
-            ids.append(fit_context(tokens, text, member, row.index, row.config))
-        batch = new_batch(member, ids)  # in this process or in the member's actor
-        batch.chunk = chunk
-        batch.score_prompts = True
-        for row_ids, row in zip(batch.rows, rows):
-            row_ids.score.span = row.fuser.config.prompt_score
-        held = False  # a lone row keeps its batch itself rather than a copy
-        try:
-            batch.forward(None if on_read is None else partial(on_read, member))
+    batches: list[MemberBatch] = []
+    try:
+        for i, member in enumerate(members):
+            ids = []
+            for row in rows:
+                text, special = row.prompts[i]
+                tokens = member.tokenizer(text, add_special_tokens=special).input_ids
+                ids.append(fit_context(tokens, text, member, row.index, row.config))
+            batch = new_batch(member, ids)  # in this process or in the member's actor
+            batches.append(batch)
+            batch.chunk = chunk
+            batch.score_prompts = True
+            for row_ids, row in zip(batch.rows, rows):
+                row_ids.score.span = row.fuser.config.prompt_score
+        _read(batches, on_read)
+        for batch in batches:
             for b, r in enumerate(batch.rows):
                 scores[b].append(r.score.bits_per_byte)
-            if keep and len(rows) == 1:
+            if held:
                 kept[0].append(batch)
-                held = True
             else:
-                for b in range(min(keep, len(rows))):
-                    kept[b].append(batch.take_row(b))
-        except BaseException:
+                for b, taken in enumerate(kept):  # the first `keep` rows, copied out
+                    taken.append(batch.take_row(b))
+    except BaseException:
+        if not held:
             for taken in (t for row_batches in kept for t in row_batches):
                 taken.free()
-            raise
-        finally:
-            if not held:
+        held = False  # every batch made is freed below
+        raise
+    finally:
+        if not held:
+            for batch in batches:
                 batch.free()
-    for row, batches in zip(rows, kept):
-        row.prefill = batches
+    for row, row_batches in zip(rows, kept):
+        row.prefill = row_batches
     return scores
+
+
+def _read(batches: Sequence[MemberBatch], on_read: OnRead | None) -> None:
+    """Every member's scoring prefill. Members in Ray actors read at the same time as the
+    others, each from a thread of its own that only waits for its actor (as the decoding
+    loop feeds them); members in this process read here, one after another.
+    """
+    feeds = [
+        (batch, partial(batch.forward, None if on_read is None else partial(on_read, batch.member)))
+        for batch in batches
+    ]
+    remote = [feed for batch, feed in feeds if batch.member.remote is not None]
+    if len(feeds) < 2 or not remote:
+        for _, feed in feeds:
+            feed()
+        return
+    with ThreadPoolExecutor(max_workers=len(remote)) as pool:  # waits for them on exit
+        futures = [pool.submit(feed) for feed in remote]
+        for batch, feed in feeds:
+            if batch.member.remote is None:
+                feed()
+        for future in futures:
+            future.result()  # the first actor's error, if any
 
 
 def chat_capable(members: Sequence[Member]) -> list[int]:
@@ -145,9 +180,10 @@ def adopt(
 ) -> tuple[Prepared, list[MemberBatch], Prepared]:
     """Split prepared rows into those a decoder adopts prefilled (`NewRow.prefill`), with
     one batch per member it runs (`members_run`, ensemble indices) holding their caches,
-    and the rest. Adopted: every member run read in this process the ids the row would be
-    fed now, nothing is to be resumed, and helpers' batches are the plain ones. Prefilled
-    batches not adopted (members not run, rows that do not qualify) are freed.
+    and the rest. Adopted: every member run read (here or in its Ray actor) the ids the
+    row would be fed now, nothing is to be resumed, and helpers' batches are the plain
+    ones. Prefilled batches not adopted (members not run, rows that do not qualify) are
+    freed.
     """
     plain = helper_batch is new_batch and prepared.prefill
     adopted = [
@@ -156,7 +192,8 @@ def adopt(
         if batches is not None
         and not prepared.resume[b]
         and all(
-            type(batches[i]) is MemberBatch and batches[i].rows[0].ids == prepared.ids[k][b]
+            type(batches[i]) in (MemberBatch, RemoteMemberBatch)
+            and batches[i].rows[0].ids == prepared.ids[k][b]
             for k, i in enumerate(members_run)
         )
     ]

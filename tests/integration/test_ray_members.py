@@ -123,6 +123,32 @@ def test_prompt_scores_and_auto_leader_equal_in_process(placed, local):
             )
 
 
+def test_an_auto_row_keeps_the_actors_scoring_prefill(placed, local):
+    """A one-row `main="auto"` request: the prefill in which each actor scores the prompt
+    is the row's own (the actor keeps that batch, the decoder merges it), so each actor is
+    called as often as with the leader fixed; before, one call more, a second prefill."""
+    names = [m.name for m in placed.members]
+
+    def calls() -> list[int]:
+        return [m.remote.stats.calls for m in placed.members]
+
+    run = dict(max_new_tokens=6, speculate=0)
+    start = calls()
+    auto = placed.with_fusion(main="auto").generate(PROMPTS[1], **run)
+    auto_calls = [c - s for c, s in zip(calls(), start)]
+    start = calls()
+    fixed = placed.with_fusion(main=names.index(auto.usage.leader)).generate(PROMPTS[1], **run)
+    fixed_calls = [c - s for c, s in zip(calls(), start)]
+    assert auto_calls == fixed_calls
+    assert (auto.token_ids, auto.text) == (fixed.token_ids, fixed.text)
+    _same([auto], [local.with_fusion(main="auto").generate(PROMPTS[1], **run)])
+    assert auto.usage.prompt_bits_per_byte == pytest.approx(
+        fixed.usage.prompt_bits_per_byte, rel=1e-6
+    )
+    for member in placed.members:  # the request's batches are gone from the actors
+        assert sum(ray.get(member.remote.actor.held_rows.remote()).values()) == 0
+
+
 def test_concurrent_requests_equal_in_process_and_free_their_rows(placed, local):
     jobs = [(PROMPTS[i % 3], 6 + 5 * i) for i in range(4)]
     got = {}
