@@ -100,9 +100,10 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
 def log_normaliser(x: torch.Tensor) -> torch.Tensor:
     """(B, 1) `x.logsumexp(-1, keepdim=True)` of x (B, V): the log of each row's softmax
     normaliser, with one `exp2` pass on the CPU (see the module docstring). Rows of -inf
-    give -inf, a +inf logit +inf and NaN NaN, as torch's.
+    give -inf, a +inf logit +inf and NaN NaN, as torch's. Anything else with a
+    `logsumexp` (a remote helper's `TopLogits`, which carries its normaliser) gives that.
     """
-    if x.device.type != "cpu":
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return x.logsumexp(-1, keepdim=True)
     top = x.amax(-1, keepdim=True)
     top = torch.where(top.isinf(), 0.0, top)  # as torch: -inf rows sum to 0, +inf stays

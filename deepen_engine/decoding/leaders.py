@@ -88,8 +88,8 @@ def score_rows(
                     taken.append(batch.take_row(b))
     except BaseException:
         if not held:
-            for taken in (t for row_batches in kept for t in row_batches):
-                taken.free()
+            for copy in (c for row_batches in kept for c in row_batches):
+                copy.free()
         held = False  # every batch made is freed below
         raise
     finally:
