@@ -20,6 +20,12 @@ first served), so a steady stream of requests of the running key cannot starve i
 with different fusion settings but the same key (say eta 0.15 and 0.3) share the batch:
 each row is fused with its own settings.
 
+`main="auto"` rows are scored (their leader chosen) before they are admitted, oldest first
+while the running rows and the waiting rows already holding a scoring prefill leave room;
+each keeps that prefill until it joins, which adopts it (decoding/leaders.py), also when
+it waits for the running batch of another leader to drain. A waiting request that leaves
+(cancelled, timed out, failed, the ensemble closed) frees its rows' prefill.
+
 A member whose forward pass fails (`MemberError`) fails every request running in the
 batch; their caches are freed and the next requests are served.
 """
@@ -151,7 +157,7 @@ class Scheduler:
         with self._cond:
             for request in list(self._waiting):
                 if request.cancelled.is_set() or request.expired(now):
-                    self._waiting.remove(request)
+                    self._forget_waiting(request)
                     gone.append(request)
         decoder = self._decoder
         leaving = []
@@ -209,8 +215,6 @@ class Scheduler:
                 chosen.append((request, rows))
                 if request.admitted == len(request.rows):
                     self._waiting.remove(request)
-            for row in (r for q in self._waiting for r in q.rows[q.admitted :]):
-                row.drop_prefill()  # rows left waiting read their prompt again when they join
         self._join(chosen)
 
     def _lead_waiting(self) -> None:
@@ -218,11 +222,16 @@ class Scheduler:
         the batch has room for them (a prefill per member scores their prompts, and the
         rows that fit keep it for their join: decoding/leaders.py); a bad prompt fails its
         request. Requests that would not fit are scored when room opens: scoring them now
-        would stall the running rows for a prefill their join would repeat.
+        would stall the running rows for a prefill their join would repeat. Waiting rows
+        that hold a prefill (say behind another leader's batch) count as running: the
+        caches held stay within `max_batch_size` rows.
         """
         with self._cond:
             todo = [r for r in self._waiting if r.main is None and not r.led]
-        room = self.config.max_batch_size - self.running_rows  # rows that keep the prefill
+            held = sum(
+                row.prefill is not None for q in self._waiting for row in q.rows[q.admitted :]
+            )
+        room = self.config.max_batch_size - self.running_rows - held  # rows that keep it
         for request in todo:
             if room <= 0:
                 break
@@ -302,8 +311,16 @@ class Scheduler:
         """Fail a request and forget its waiting rows (its running rows leave next step)."""
         with self._cond:
             if request in self._waiting:
-                self._waiting.remove(request)
+                self._forget_waiting(request)
         request.fail(error)
+
+    def _forget_waiting(self, request: Request) -> None:
+        """Take a request out of the queue (the caller holds the lock), freeing the scoring
+        prefill its rows not admitted hold.
+        """
+        self._waiting.remove(request)
+        for row in request.rows[request.admitted :]:
+            row.drop_prefill()
 
     def _fail_batch(self, error: BaseException) -> None:
         decoder, self._decoder = self._decoder, None
@@ -335,6 +352,8 @@ class Scheduler:
         error = ConfigError("the ensemble was closed while this request was waiting or running.")
         waiting, self._waiting = self._waiting, []
         for request in waiting:
+            for row in request.rows[request.admitted :]:
+                row.drop_prefill()
             request.fail(error)
             if request.running <= 0:
                 request.release()

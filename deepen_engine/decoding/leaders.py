@@ -13,10 +13,12 @@ row's leader before the row joins a batch:
    choosing the leader costs no second prefill. A request of one row keeps its scoring
    batches themselves, a member's in a Ray actor included (the actor keeps the cache, the
    decoder merges that batch into its own); of several rows, each kept row's caches are
-   copied out (`MemberBatch.take_row`), which only members in this process do. The other
-   rows' caches are freed, and those rows are prefilled again when they join (rows of a
-   request of several rows with a member in a Ray actor, a row that waits for a later
-   batch): one prefill more than a fixed leader costs.
+   copied out (`MemberBatch.take_row`), which only members in this process do. A row
+   keeps its prefill while it waits (say for the running batch of another leader to
+   drain; the scheduler counts it against `max_batch_size`). The other rows' caches are
+   freed, and those rows are prefilled again when they join (rows beyond the room, rows of
+   a request of several rows with a member in a Ray actor): one prefill more than a fixed
+   leader costs.
 2. `lowest_score`: the row's leader is the member with the lowest bits per byte; a chat row
    chooses among the members with a chat template (a base model does not follow a
    conversation), any member if none has one. A prompt too short to score (one text

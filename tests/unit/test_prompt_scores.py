@@ -400,3 +400,51 @@ def test_auto_requests_waiting_for_room_read_their_prompt_once(tiny_pair):
     assert rest and results["second"].token_ids == second.token_ids
     assert first.token_ids  # the long row decoded alone and beside a waiting request alike
     assert read == {n: alone_first[n] + alone_second[n] for n in read}
+
+
+def test_auto_request_waiting_for_another_leader_keeps_its_prefill(tiny_pair):
+    """A main="auto" request whose leader is not the running batch's waits for that batch
+    to drain, holding the prefill that chose its leader, and joins with it: its prompt is
+    read once, as alone (freeing it while waiting read it twice)."""
+    from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
+
+    ens = Ensemble(
+        [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
+        min_anchors=50,
+        scheduler=SchedulerConfig(max_batch_size=2),
+    )
+    long_run = {"max_new_tokens": 160, "min_new_tokens": 160, "speculate": 0}
+    short_run = {"max_new_tokens": 5, "speculate": 0}
+    read, hooks = _positions_read(ens)
+    try:
+        first = ens.generate(PROMPTS[0], **long_run)
+        alone_first = dict(read)
+        for name in read:
+            read[name] = 0
+        second = ens.generate(PROMPTS[2], **short_run)
+        alone_second = dict(read)
+        for name in read:
+            read[name] = 0
+        assert first.usage.leader != second.usage.leader  # the premise: two leaders
+        results: dict[str, object] = {}
+        stream = ens.stream(PROMPTS[0], **long_run)
+        next(stream)  # the long row runs, led by its member
+        waiter = threading.Thread(
+            target=lambda: results.update(second=ens.generate(PROMPTS[2], **short_run))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while ens.queue_state()["waiting_requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        waited = (
+            ens.queue_state()["waiting_requests"] == 1 and ens.queue_state()["running_rows"] == 1
+        )
+        rest = list(stream)
+        waiter.join()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        ens.close()
+    assert waited, "the second request never waited behind the other leader's batch"
+    assert rest and results["second"].token_ids == second.token_ids
+    assert read == {n: alone_first[n] + alone_second[n] for n in read}

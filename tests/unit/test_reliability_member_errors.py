@@ -230,3 +230,30 @@ def test_auto_rows_keep_their_scoring_prefill_only_while_they_fit(tiny_pair, bat
     made, freed = batches
     assert len(made) > 2 * len(PROMPTS)  # the rows' own batches, kept and adopted
     assert {id(b) for b in made} <= {id(b) for b in freed}
+
+
+def test_a_waiting_auto_request_that_times_out_frees_its_prefill(tiny_pair, batches):
+    """A main="auto" request scored while another leader's batch runs holds its scoring
+    prefill while it waits; when its timeout passes there, it fails with
+    `RequestTimeoutError` and that prefill is freed (every batch made is freed)."""
+    from deepen_engine import RequestTimeoutError, SchedulerConfig
+
+    ens = Ensemble(
+        [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
+        min_anchors=50,
+        scheduler=SchedulerConfig(max_batch_size=2),
+    )
+    long_prompt = "The capital of France is Paris. The capital of Peru is"  # led by "b"
+    other_leader = "def add(a, b):\n    return a + b"  # led by "a"
+    long_run = {"max_new_tokens": 200, "min_new_tokens": 200, "speculate": 0}
+    assert ens.generate(other_leader, max_new_tokens=1).usage.leader != (
+        ens.generate(long_prompt, max_new_tokens=1).usage.leader
+    )
+    stream = ens.stream(long_prompt, **long_run)
+    next(stream)
+    with pytest.raises(RequestTimeoutError, match="timeout"):
+        ens.generate(other_leader, max_new_tokens=N, timeout=0.3)
+    assert list(stream)  # the long row finished
+    ens.close()
+    made, freed = batches
+    assert {id(b) for b in made} <= {id(b) for b in freed}
