@@ -105,11 +105,15 @@ class Scheduler:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes of the running batch's KV caches, of the members in this process (a
-        Ray member's cache is in its actor). Read from any thread: shapes only.
+        """Bytes of the running batch's KV caches and of the scoring prefill waiting
+        main="auto" rows hold, of the members in this process (a Ray member's cache is in
+        its actor). Read from any thread: shapes only.
         """
         decoder = self._decoder
-        return sum(cache_bytes(b.cache) for b in decoder.batches) if decoder is not None else 0
+        running = sum(cache_bytes(b.cache) for b in decoder.batches) if decoder else 0
+        with self._cond:
+            rows = [r for q in self._waiting for r in q.rows[q.admitted :]]
+        return running + sum(cache_bytes(b.cache) for r in rows for b in r.prefill or [])
 
     @property
     def waiting_requests(self) -> int:

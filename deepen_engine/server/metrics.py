@@ -13,7 +13,7 @@ Per request (`RequestMeter`, fed by the app as the answer's events pass):
     deepen_e2e_request_latency_seconds            arrival -> last event
 Read from the engine when scraped (no cost per step beyond two additions):
     deepen_num_requests_running / _waiting        rows decoding, requests waiting
-    deepen_kv_cache_bytes                         the running rows' KV caches (in process)
+    deepen_kv_cache_bytes                         KV caches of running and waiting rows (in process)
     deepen_fused_steps_total, deepen_gated_steps_total   row-steps fused / skipped by the gate
     deepen_member_forward_seconds_total{member}   time in each member's forward passes
     deepen_relative_rows_cached{member}           DeePEn relative rows each member caches
@@ -111,7 +111,8 @@ class _EngineCollector:
         )
         yield GaugeMetricFamily(
             "deepen_kv_cache_bytes",
-            "Bytes of the running rows' KV caches (members in this process).",
+            "Bytes of the running rows' KV caches and of the prefill waiting rows hold "
+            "(members in this process).",
             state.get("kv_cache_bytes", 0),
         )
         context = ens.fuser.context if ens is not None else None

@@ -439,12 +439,15 @@ def test_auto_request_waiting_for_another_leader_keeps_its_prefill(tiny_pair):
         waited = (
             ens.queue_state()["waiting_requests"] == 1 and ens.queue_state()["running_rows"] == 1
         )
+        holding = ens.queue_state()["kv_cache_bytes"]
         rest = list(stream)
         waiter.join()
+        idle = ens.queue_state()["kv_cache_bytes"]
     finally:
         for hook in hooks:
             hook.remove()
         ens.close()
     assert waited, "the second request never waited behind the other leader's batch"
+    assert holding > 0 and idle == 0  # every cache, the waiting row's prefill too, freed
     assert rest and results["second"].token_ids == second.token_ids
     assert read == {n: alone_first[n] + alone_second[n] for n in read}
