@@ -353,65 +353,28 @@ def test_auto_rows_read_their_prompt_once(tiny_ensemble):
         assert auto.usage.prompt_bits_per_byte == fixed.usage.prompt_bits_per_byte
 
 
-def test_auto_requests_waiting_for_room_read_their_prompt_once(tiny_pair):
-    """A main="auto" request that arrives while the batch is full is scored when room
-    opens, right before it joins, so it adopts that prefill: the prompt is read once, as
-    when it runs alone (scoring it while it waited would read it twice)."""
+@pytest.mark.parametrize(
+    ("second_prompt", "max_batch_size"),
+    [
+        # the batch is full: the request is scored when room opens, right before it joins
+        (PROMPTS[1], 1),
+        # another leader's batch runs: the request is scored at once (the batch has room)
+        # and keeps that prefill while it waits for the batch to drain
+        (PROMPTS[2], 2),
+    ],
+    ids=["waiting-for-room", "waiting-for-another-leader"],
+)
+def test_auto_requests_waiting_read_their_prompt_once(tiny_pair, second_prompt, max_batch_size):
+    """A main="auto" request that waits behind a long row joins with the prefill that
+    chose its leader: its prompt is read once, as when it runs alone (scoring it while it
+    waited and reading it again at its join read it twice; before, a request waiting for
+    another leader freed that prefill). Every cache is freed once both are done."""
     from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
 
     ens = Ensemble(
         [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
         min_anchors=50,
-        scheduler=SchedulerConfig(max_batch_size=1),
-    )
-    long_run = {"max_new_tokens": 160, "min_new_tokens": 160, "speculate": 0}
-    read, hooks = _positions_read(ens)
-    try:
-        first = ens.generate(PROMPTS[0], **long_run)
-        alone_first = dict(read)
-        for name in read:
-            read[name] = 0
-        second = ens.generate(PROMPTS[1], max_new_tokens=5, speculate=0)
-        alone_second = dict(read)
-        for name in read:
-            read[name] = 0
-        results: dict[str, object] = {}
-        stream = ens.stream(PROMPTS[0], **long_run)
-        next(stream)  # the long row runs and fills the batch
-        waiter = threading.Thread(
-            target=lambda: results.update(
-                second=ens.generate(PROMPTS[1], max_new_tokens=5, speculate=0)
-            )
-        )
-        waiter.start()
-        deadline = time.monotonic() + 10
-        while ens.queue_state()["waiting_requests"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        waited = (
-            ens.queue_state()["waiting_requests"] == 1 and ens.queue_state()["running_rows"] == 1
-        )
-        rest = list(stream)
-        waiter.join()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        ens.close()
-    assert waited, "the second request never waited for the long one"
-    assert rest and results["second"].token_ids == second.token_ids
-    assert first.token_ids  # the long row decoded alone and beside a waiting request alike
-    assert read == {n: alone_first[n] + alone_second[n] for n in read}
-
-
-def test_auto_request_waiting_for_another_leader_keeps_its_prefill(tiny_pair):
-    """A main="auto" request whose leader is not the running batch's waits for that batch
-    to drain, holding the prefill that chose its leader, and joins with it: its prompt is
-    read once, as alone (freeing it while waiting read it twice)."""
-    from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
-
-    ens = Ensemble(
-        [MemberSpec(source=tiny_pair[0], name="a"), MemberSpec(source=tiny_pair[1], name="b")],
-        min_anchors=50,
-        scheduler=SchedulerConfig(max_batch_size=2),
+        scheduler=SchedulerConfig(max_batch_size=max_batch_size),
     )
     long_run = {"max_new_tokens": 160, "min_new_tokens": 160, "speculate": 0}
     short_run = {"max_new_tokens": 5, "speculate": 0}
@@ -421,16 +384,17 @@ def test_auto_request_waiting_for_another_leader_keeps_its_prefill(tiny_pair):
         alone_first = dict(read)
         for name in read:
             read[name] = 0
-        second = ens.generate(PROMPTS[2], **short_run)
+        second = ens.generate(second_prompt, **short_run)
         alone_second = dict(read)
         for name in read:
             read[name] = 0
-        assert first.usage.leader != second.usage.leader  # the premise: two leaders
+        # the premise: one leader for both, or two (PROMPTS[0] is led by "b", [2] by "a")
+        assert (first.usage.leader == second.usage.leader) == (max_batch_size == 1)
         results: dict[str, object] = {}
         stream = ens.stream(PROMPTS[0], **long_run)
-        next(stream)  # the long row runs, led by its member
+        next(stream)  # the long row runs
         waiter = threading.Thread(
-            target=lambda: results.update(second=ens.generate(PROMPTS[2], **short_run))
+            target=lambda: results.update(second=ens.generate(second_prompt, **short_run))
         )
         waiter.start()
         deadline = time.monotonic() + 10
@@ -439,7 +403,6 @@ def test_auto_request_waiting_for_another_leader_keeps_its_prefill(tiny_pair):
         waited = (
             ens.queue_state()["waiting_requests"] == 1 and ens.queue_state()["running_rows"] == 1
         )
-        holding = ens.queue_state()["kv_cache_bytes"]
         rest = list(stream)
         waiter.join()
         idle = ens.queue_state()["kv_cache_bytes"]
@@ -447,7 +410,8 @@ def test_auto_request_waiting_for_another_leader_keeps_its_prefill(tiny_pair):
         for hook in hooks:
             hook.remove()
         ens.close()
-    assert waited, "the second request never waited behind the other leader's batch"
-    assert holding > 0 and idle == 0  # every cache, the waiting row's prefill too, freed
+    assert waited, "the second request never waited for the long one"
     assert rest and results["second"].token_ids == second.token_ids
+    assert first.token_ids  # the long row decoded alone and beside a waiting request alike
     assert read == {n: alone_first[n] + alone_second[n] for n in read}
+    assert idle == 0  # every cache freed, the waiting row's prefill too
