@@ -8,6 +8,8 @@ Gemma-3, by default; `auto` for the engine's own). Prints per task: tokens draft
 the helper could verify (a token past a cut in its draft is not), and those kept
 (`usage.accepted_tokens`). A token past a cut may also follow a rejected one: the cut
 counts are what verification could not read, an upper bound of what boundaries cost.
+Then, decoding the same prompts without speculation, the share of steps whose fused
+argmax differs from the leader's own argmax.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/draft_losses.py --main 0
 """
@@ -19,9 +21,12 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from deepen_engine import Ensemble
 from deepen_engine.commands.bench.speculative import task_prompts
 from deepen_engine.decoding import speculative
+from deepen_engine.fusion.base import Fuser
 
 
 def main() -> None:
@@ -40,6 +45,16 @@ def main() -> None:
         return fuse(self, drafts, helper_logits)
 
     speculative.Speculator._fuse = counting  # type: ignore[method-assign]
+    fuse_step: Callable[..., torch.Tensor] = Fuser.fuse
+    differs: list[bool] = []
+
+    def comparing(self: Fuser, logits: list, weights: torch.Tensor | None = None) -> torch.Tensor:
+        fused = fuse_step(self, logits, weights)
+        leader = logits[self.main].float().to(fused.device)
+        differs.extend((fused.argmax(-1) != leader.argmax(-1)).tolist())
+        return fused
+
+    Fuser.fuse = comparing  # type: ignore[method-assign]
     ens = Ensemble()
     view = ens.with_fusion(main=args.main if args.main == "auto" else int(args.main))
     for task in ("capitals", "countries", "arithmetic", "demonyms"):
@@ -48,11 +63,16 @@ def main() -> None:
         for prompt in task_prompts(task, args.prompts):
             result = view.generate(prompt, max_new_tokens=16, speculate=4)
             kept += result.usage.accepted_tokens
+        differs.clear()
+        for prompt in task_prompts(task, args.prompts):
+            view.generate(prompt, max_new_tokens=16, speculate=0)
+        share = sum(differs) / max(1, len(differs))
         drafted, verifiable = counts["drafted"], counts["verifiable"]
         print(
             f"{task}: drafted {drafted}; past a cut at a helper boundary "
             f"{drafted - verifiable}; verifiable {verifiable}, of them not kept (the fused "
-            f"choice differed there or before) {verifiable - kept}; kept {kept}"
+            f"choice differed there or before) {verifiable - kept}; kept {kept}; "
+            f"standard steps whose fused argmax is not the leader's: {share:.1%}"
         )
 
 
