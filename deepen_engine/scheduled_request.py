@@ -56,6 +56,18 @@ class Request:
             return next((n for n, r in enumerate(rows) if r.fuser.main != lead), len(rows))
         return take
 
+    @property
+    def waiting_rows(self) -> list[NewRow]:
+        """Its rows not admitted yet."""
+        return self.rows[self.admitted :]
+
+    def drop_prefill(self) -> None:
+        """Free the scoring prefill its rows not admitted hold (main="auto": kept for their
+        join, decoding/leaders.py), when it leaves the queue without them.
+        """
+        for row in self.waiting_rows:
+            row.drop_prefill()
+
     def expired(self, now: float) -> bool:
         """Whether its timeout has passed at `now` (`time.monotonic()`)."""
         return self.deadline is not None and now > self.deadline

@@ -112,7 +112,7 @@ class Scheduler:
         decoder = self._decoder
         running = sum(cache_bytes(b.cache) for b in decoder.batches) if decoder else 0
         with self._cond:
-            rows = [r for q in self._waiting for r in q.rows[q.admitted :]]
+            rows = [r for q in self._waiting for r in q.waiting_rows]
         return running + sum(cache_bytes(b.cache) for r in rows for b in r.prefill or [])
 
     @property
@@ -232,9 +232,7 @@ class Scheduler:
         """
         with self._cond:
             todo = [r for r in self._waiting if r.main is None and not r.led]
-            held = sum(
-                row.prefill is not None for q in self._waiting for row in q.rows[q.admitted :]
-            )
+            held = sum(row.prefill is not None for q in self._waiting for row in q.waiting_rows)
         room = self.config.max_batch_size - self.running_rows - held  # rows that keep it
         for request in todo:
             if room <= 0:
@@ -323,8 +321,7 @@ class Scheduler:
         prefill its rows not admitted hold.
         """
         self._waiting.remove(request)
-        for row in request.rows[request.admitted :]:
-            row.drop_prefill()
+        request.drop_prefill()
 
     def _fail_batch(self, error: BaseException) -> None:
         decoder, self._decoder = self._decoder, None
@@ -356,8 +353,7 @@ class Scheduler:
         error = ConfigError("the ensemble was closed while this request was waiting or running.")
         waiting, self._waiting = self._waiting, []
         for request in waiting:
-            for row in request.rows[request.admitted :]:
-                row.drop_prefill()
+            request.drop_prefill()
             request.fail(error)
             if request.running <= 0:
                 request.release()
