@@ -57,6 +57,10 @@ class Usage:
     """Speculative decoding: drafted tokens the fused distribution kept."""
     drafts: int = 0
     """Speculative decoding: steps in which the row drafted."""
+    resyncs: int = 0
+    """Speculative decoding: drafted positions whose text did not end on a boundary of some
+    helper's tokens, where its draft was kept so far and the helpers were re-synced to read
+    on (decoding/speculative.py, step 5)."""
 
     def token_counts(self, main: str) -> dict[str, int]:
         """OpenAI-style counts: `prompt_tokens` (in the tokens of the member that wrote the

@@ -8,14 +8,16 @@ account, guarantees and limits are in docs/speculative.md). One step, for all ro
    or, for `drafter="lookup"`, the ids that followed the row's last ids where they
    occurred before are proposed and read the same way (lookup_drafts.py).
 2. Verify: every helper is synced to the drafted text (`MemberBatch.plan_sync`) and reads
-   it in one forward that keeps the logits after every fed position.
-3. Boundaries: position t (after t drafted tokens) is verifiable while, for every helper,
-   the ids of the text at t are a prefix of the ids fed, their last position fed in this
-   forward; the first other position ends the row's verification. Position 0 is the step
-   a plain decoder takes.
-4. Fuse every verifiable position at once, each row with its own fuser; mask as the plain
-   step does (constrained rows do not draft).
+   it in one forward that keeps the logits after every fed position (verification.py).
+3. Boundaries: a helper has read position t (after t drafted tokens) when the ids of the
+   text at t are a prefix of the ids fed, their last position fed in this forward; another
+   position is a gap. Position 0 is the step a plain decoder takes.
+4. Fuse each row's run of positions every helper read, each row with its own fuser; mask
+   as the plain step does (constrained rows do not draft).
 5. Accept (acceptance.py): keep drafted tokens while they equal plain decoding's choice.
+   A row kept up to a gap has its helpers re-synced to the text there (rolled back to
+   the ids that text gives and fed them, the rows together in one more forward) and goes
+   on from 4 with its next run; the rest of its draft was read already.
 6. Apply the kept tokens as the plain step would; roll every member back to them; adapt
    each row's draft length to its acceptance.
 """
@@ -37,13 +39,14 @@ from .acceptance import accept_draft
 from .cache_ops import common_prefix
 from .constraints import apply_masks
 from .cross_drafts import HelperDraft, cross_draft, drafter_position
-from .drafts import Draft, copy_ids, fed_logits, fits, row_sampler, starts
+from .drafts import Draft, row_sampler
 from .lookup_drafts import lookup_proposals
 from .main_drafts import draft_own, draft_shortlist
-from .member_batch import MemberBatch, RowIds
+from .member_batch import MemberBatch
 from .row_scores import fuse_rows
 from .rows import DecodeHooks, Row, note_logprob
 from .sampling import suppress_end_tokens
+from .verification import HelperReads, read_drafts, resync
 
 
 class Decoder(Protocol):
@@ -71,7 +74,7 @@ class Speculator:
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
         self.helper_drafts: dict[int, HelperDraft] = {}  # this step's drafting helpers
         self.sizes: list[int] | None = None  # the members' parameter counts, once needed
-        self.before: list[list[RowIds]] = []  # helpers' ids before this step's draft
+        self.reads: list[HelperReads | None] = []  # each helper's reading of this step's drafts
 
     def wanted(self) -> bool:
         """Whether some row would draft this step (else the plain step runs)."""
@@ -143,20 +146,15 @@ class Speculator:
         # 1. draft with the main member alone.
         drafts = self._draft(lengths)
         # 2.-3. helpers read the drafts in one forward; which positions they verify.
-        helper_logits = self._verify_forwards(drafts)
-        # 4. fuse every verifiable position of every row.
-        fused, where = self._fuse(drafts, helper_logits)  # (N, V_main)
-        # 5.-6. accept, apply, roll back, finish.
+        self._read(drafts)
+        # 4.-5. fuse and accept every verifiable position, re-syncing helpers at gaps.
+        verdicts = self._verify(drafts)
+        # 6. apply, roll back, finish.
         events: list[tuple[Row, StreamEvent]] = []
         finished: dict[int, str] = {}
         for b, row in enumerate(dec.rows):
-            d, sampler = drafts[b], row_sampler(row)
-            mine = fused[where[b] : where[b] + d.positions]  # (P, V)
-            numbers = (
-                [] if sampler.greedy else [row.uniform(row.generated + t) for t in range(len(mine))]
-            )
-            kept = accept_draft(sampler, mine, d.tokens, numbers)
-            reason = self._apply(b, row, drafts[b], kept, fused[where[b] :])
+            kept, fused = verdicts[b]
+            reason = self._apply(b, row, drafts[b], kept, fused)
             self._adapt(row, drafts[b], kept, lengths[b])
             if reason is not None:
                 finished[b] = reason
@@ -219,93 +217,77 @@ class Speculator:
 
     # --- 2.-3. verification forwards -----------------------------------------------------
 
-    def _verify_forwards(self, drafts: list[Draft]) -> list[list[list[torch.Tensor]]]:
-        """Sync every helper to each row's drafted text in one forward; per helper, per row,
-        the (V_i,) logits at each verifiable position (`Draft.positions` is cut to the
-        positions every helper verifies). Helpers' ids before the draft are kept in
-        `self.before` for the roll-back.
+    def _read(self, drafts: list[Draft]) -> None:
+        """Every helper reads every row's draft in one forward (verification.py); rows are
+        cut to the positions each helper's window holds.
         """
         dec = self.dec
-        out: list[list[list[torch.Tensor]]] = []
-        self.before = []
         for d in drafts:
             d.positions = d.fed + 1
-        for i, batch in enumerate(dec.batches):
-            if i == dec.main:
-                out.append([])
-                self.before.append([])
-                continue
-            # a drafting helper fed all its ids while drafting and keeps those logits
-            drafted = self.helper_drafts.get(i)
-            before = drafted.before if drafted else [copy_ids(r) for r in batch.rows]
-            # rows whose last ids wait for this forward (`helpers_wait`): position 0 is read
-            # off it, unless the draft re-tokenises those ids; then they are fed first
-            waiting = [not drafted and r.cached < len(r.ids) for r in batch.rows]
-            plans = [
-                [batch.plan_sync(before[b], text) for text in d.texts[1 : d.positions]]
-                for b, d in enumerate(drafts)
-            ]
-            for b, d in enumerate(drafts):  # feed no more than the member's window holds
-                window = batch.member.context_window
-                while d.positions > 1 and not fits(plans[b][d.positions - 2][0], window):
-                    d.positions -= 1
-            if any(
-                waiting[b] and d.positions > 1 and not starts(plans[b][d.positions - 2][0], r.ids)
-                for b, (d, r) in enumerate(zip(drafts, before))
-            ):
-                batch.forward()
-                waiting = [False] * len(waiting)
-            # (B, V_i) position 0 of rows not waiting
-            now = drafted.start if drafted else batch.require_logits()
-            for b, d in enumerate(drafts):
-                if d.positions > 1:
-                    batch.apply_plan(b, plans[b][d.positions - 2])
-            if not drafted:
-                batch.fed_logits = [[] for _ in batch.rows]
-            batch.keep_fed_logits = True
-            try:
-                batch.forward()
-            finally:
-                batch.keep_fed_logits = False
-            found: list[list[torch.Tensor]] = []
-            for b, d in enumerate(drafts):
-                first = fed_logits(batch, b, len(before[b].ids) - 1) if waiting[b] else now[b]
-                assert first is not None  # a waiting row feeds at least its last id
-                row_logits = [first]
-                fed_ids = batch.rows[b].ids
-                for t in range(1, d.positions):
-                    ids = plans[b][t - 1][0]
-                    at = fed_logits(batch, b, len(ids) - 1)
-                    if at is None or ids != fed_ids[: len(ids)]:
-                        break  # not a boundary this helper's own sync makes: stop here
-                    row_logits.append(at)
-                d.positions = len(row_logits)
-                found.append(row_logits)
-            batch.fed_logits = []
-            out.append(found)
-            self.before.append(before)
-        return out
+        self.reads = [
+            None if i == dec.main else read_drafts(batch, drafts, self.helper_drafts.get(i))
+            for i, batch in enumerate(dec.batches)
+        ]
+
+    def _reach(self, b: int, d: Draft, start: int) -> int:
+        """The end of row b's run of positions every helper has read, from `start`."""
+        t = start
+        while t < d.positions and all(r is None or r.logits[b][t] is not None for r in self.reads):
+            t += 1
+        return t
+
+    def _verify(self, drafts: list[Draft]) -> list[tuple[list[int], torch.Tensor]]:
+        """Each row's kept tokens and its fused (P, V_main) logits at the positions they
+        were chosen at: runs of positions every helper read are fused and accepted; a row
+        whose draft is kept up to a gap has its helpers re-synced there (verification.py)
+        and goes on, until its draft ends or a drafted token is not kept.
+        """
+        dec = self.dec
+        start = [0] * len(drafts)
+        end = [self._reach(b, d, 0) for b, d in enumerate(drafts)]
+        kept: list[list[int]] = [[] for _ in drafts]
+        parts: list[list[torch.Tensor]] = [[] for _ in drafts]
+        active = list(range(len(drafts)))
+        while active:
+            owners = [(b, t) for b in active for t in range(start[b], end[b])]
+            fused = self._fuse(owners, drafts)
+            at, going = 0, []
+            for b in active:
+                row, d, s, n = dec.rows[b], drafts[b], start[b], end[b] - start[b]
+                sampler, mine = row_sampler(row), fused[at : at + n]
+                at += n
+                numbers = (
+                    []
+                    if sampler.greedy
+                    else [row.uniform(row.generated + t) for t in range(s, end[b])]
+                )
+                more = accept_draft(sampler, mine, d.tokens[s:], numbers)
+                kept[b] += more
+                parts[b].append(mine)
+                if end[b] < d.positions and more == d.tokens[s : end[b]]:
+                    going.append(b)  # kept up to a gap: re-sync there and go on
+            for reads in self.reads:
+                if reads is not None:
+                    resync(reads, {b: end[b] for b in going})
+            for b in going:
+                dec.rows[b].usage.resyncs += 1
+                start[b], end[b] = end[b], self._reach(b, drafts[b], end[b])
+            active = going
+        return [(k, torch.cat(p)) for k, p in zip(kept, parts)]
 
     # --- 4. fuse --------------------------------------------------------------------------
 
-    def _fuse(
-        self, drafts: list[Draft], helper_logits: list[list[list[torch.Tensor]]]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Fused (N, V_main) logits of every row's verifiable positions (row b's start at
-        `where[b]`), masked as the plain step masks them.
+    def _fuse(self, owners: list[tuple[int, int]], drafts: list[Draft]) -> torch.Tensor:
+        """Fused (N, V_main) logits at `owners` (row b's position t, after t drafted
+        tokens), masked as the plain step masks them.
         """
         dec = self.dec
-        where, n = [], 0
-        for d in drafts:
-            where.append(n)
-            n += d.positions
-        owners = [(b, t) for b, d in enumerate(drafts) for t in range(d.positions)]
         stacked = []
-        for i in range(len(dec.members)):
-            if i == dec.main:
+        for reads in self.reads:
+            if reads is None:  # the main member
                 parts = [drafts[b].main_logits[t] for b, t in owners]
             else:
-                parts = [helper_logits[i][b][t] for b, t in owners]
+                parts = [reads.logits[b][t] for b, t in owners]  # type: ignore[misc]
             stacked.append(torch.stack(parts))  # (N, V_i)
         groups: dict[int, list[int]] = {}
         for p, (b, _) in enumerate(owners):
@@ -327,8 +309,7 @@ class Speculator:
         fused = apply_masks(fused, [rows[b].constraint if t == 0 else None for b, t in owners])
         early = [rows[b].generated + t < rows[b].config.min_new_tokens for b, t in owners]
         eos = torch.tensor(sorted(dec.main_member.eos_ids), dtype=torch.long, device=fused.device)
-        fused = suppress_end_tokens(fused, eos, torch.tensor(early, device=fused.device))
-        return fused, where
+        return suppress_end_tokens(fused, eos, torch.tensor(early, device=fused.device))
 
     # --- 6. apply -------------------------------------------------------------------------
 
@@ -375,7 +356,8 @@ class Speculator:
         # helpers: re-sync from their ids before the draft to the row's text
         for i, batch in enumerate(dec.batches):
             if i != dec.main:
-                batch.apply_plan(b, batch.plan_sync(self.before[i][b], row.text.text))
+                before = self.reads[i].before[b]  # type: ignore[union-attr]
+                batch.apply_plan(b, batch.plan_sync(before, row.text.text))
             if not batch.fits(b):
                 return "length"
         return None

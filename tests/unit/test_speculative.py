@@ -122,10 +122,10 @@ def test_constrained_rows_decode_without_drafts_and_equal_plain(tiny_ensemble):
     assert _usage(out) == (0, 0)
 
 
-def _drive(ensemble, joins, configs, check=None, max_rows=0):
+def _drive(ensemble, joins, configs, check=None, max_rows=0, prompts=PROMPTS):
     """Drive a BatchDecoder by hand: rows join before the steps in `joins`; the token ids
-    of every row by prompt index. `check(decoder)` runs after every advance; `max_rows`
-    is `SchedulerConfig.speculate_max_rows`.
+    of every row by prompt index (into `prompts`). `check(decoder)` runs after every
+    advance; `max_rows` is `SchedulerConfig.speculate_max_rows`.
     """
     fuser = ensemble.fuser
     decoder = BatchDecoder(ensemble.members, fuser.main, speculate_max_rows=max_rows)
@@ -135,7 +135,7 @@ def _drive(ensemble, joins, configs, check=None, max_rows=0):
             if step in joins:
                 new = [
                     NewRow(
-                        prompts=[(PROMPTS[p], True)] * 2, config=configs[p], fuser=fuser, index=p
+                        prompts=[(prompts[p], True)] * 2, config=configs[p], fuser=fuser, index=p
                     )
                     for p in joins[step]
                 ]
@@ -358,6 +358,7 @@ def test_bench_speculative_section(tiny_folders, capsys):
             r["speculative_tokens_per_s"] / r["standard_tokens_per_s"], rel=0.02
         )
         assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 0
+        assert isinstance(r["resyncs"], int) and r["resyncs"] >= 0
         assert r["ratio_to_slower_member"] > 0 and r["ratio_to_slower_member_engine"] > 0
         # after the first token: 5 of the 6 tokens of each row
         assert r["first_token_s"] > 0
