@@ -1,15 +1,14 @@
-"""Where speculative drafts are lost on an eval task's test prompts: cut before
-verification (the drafted text does not end on a boundary the helper's own sync makes
-there, decoding/speculative.py step 3) or rejected by the fused choice (acceptance.py).
+"""Where speculative drafts go on an eval task's test prompts: kept, or rejected by the
+fused choice (acceptance.py), and how often a draft kept up to a position whose text does
+not end on a boundary of the helper's tokens had the helper re-synced there to read on
+(decoding/speculative.py step 5; before that re-sync, verification stopped there).
 
 Greedy, batch 1, the first `--prompts` test prompts of each task one after another, 16 new
 tokens, speculate 4, the main-member drafter, the leader given by `--main` (the bench's 0,
-Gemma-3, by default; `auto` for the engine's own). Prints per task: tokens drafted, those
-the helper could verify (a token past a cut in its draft is not), and those kept
-(`usage.accepted_tokens`). A token past a cut may also follow a rejected one: the cut
-counts are what verification could not read, an upper bound of what boundaries cost.
-Then, decoding the same prompts without speculation, the share of steps whose fused
-argmax differs from the leader's own argmax.
+Gemma-3, by default; `auto` for the engine's own). Prints per task: tokens drafted, kept
+(`usage.accepted_tokens`) and the re-syncs (`usage.resyncs`). Then, decoding the same
+prompts without speculation, the share of steps whose fused argmax differs from the
+leader's own argmax.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/draft_losses.py --main 0
 """
@@ -19,13 +18,11 @@ from __future__ import annotations
 import argparse
 import collections
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from deepen_engine import Ensemble
 from deepen_engine.commands.bench.speculative import task_prompts
-from deepen_engine.decoding import speculative
 from deepen_engine.fusion.base import Fuser
 
 
@@ -36,15 +33,6 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="test prompts per task")
     args = parser.parse_args()
     counts: collections.Counter[str] = collections.Counter()
-    fuse: Callable[..., Any] = speculative.Speculator._fuse
-
-    def counting(self: speculative.Speculator, drafts: list, helper_logits: list) -> Any:
-        for d in drafts:  # d.positions: fused positions; position t verifies drafted token t
-            counts["drafted"] += len(d.tokens)
-            counts["verifiable"] += min(len(d.tokens), d.positions)
-        return fuse(self, drafts, helper_logits)
-
-    speculative.Speculator._fuse = counting  # type: ignore[method-assign]
     fuse_step: Callable[..., torch.Tensor] = Fuser.fuse
     differs: list[bool] = []
 
@@ -59,20 +47,19 @@ def main() -> None:
     view = ens.with_fusion(main=args.main if args.main == "auto" else int(args.main))
     for task in ("capitals", "countries", "arithmetic", "demonyms"):
         counts.clear()
-        kept = 0
         for prompt in task_prompts(task, args.prompts):
-            result = view.generate(prompt, max_new_tokens=16, speculate=4)
-            kept += result.usage.accepted_tokens
+            usage = view.generate(prompt, max_new_tokens=16, speculate=4).usage
+            counts.update(
+                drafted=usage.drafted_tokens, kept=usage.accepted_tokens, resyncs=usage.resyncs
+            )
         differs.clear()
         for prompt in task_prompts(task, args.prompts):
             view.generate(prompt, max_new_tokens=16, speculate=0)
         share = sum(differs) / max(1, len(differs))
-        drafted, verifiable = counts["drafted"], counts["verifiable"]
         print(
-            f"{task}: drafted {drafted}; past a cut at a helper boundary "
-            f"{drafted - verifiable}; verifiable {verifiable}, of them not kept (the fused "
-            f"choice differed there or before) {verifiable - kept}; kept {kept}; "
-            f"standard steps whose fused argmax is not the leader's: {share:.1%}"
+            f"{task}: drafted {counts['drafted']}; kept {counts['kept']}; helper re-synced "
+            f"inside a draft {counts['resyncs']} times; standard steps whose fused argmax "
+            f"is not the leader's: {share:.1%}"
         )
 
 

@@ -108,7 +108,7 @@ def _one(
     seconds["slower_engine"] = []
     seconds["first"] = []  # one new token: the prefill and the first step
     alone = [ens.with_fusion(main=i, eta=0) for i in range(len(ens.members))]
-    counts = {d: [0, 0, 0] for d in drafters}  # drafted, accepted, drafts
+    counts = {d: [0, 0, 0, 0] for d in drafters}  # drafted, accepted, drafts, re-syncs
     same = dict.fromkeys(drafters, True)
     for _ in range(repeats):
         seconds["slower"].append(
@@ -143,6 +143,7 @@ def _one(
                 counts[d][0] += r.usage.drafted_tokens
                 counts[d][1] += r.usage.accepted_tokens
                 counts[d][2] += r.usage.drafts
+                counts[d][3] += r.usage.resyncs
             same[d] = same[d] and standard_ids == [r.token_ids for r in runs[f"drafter {d}"]]
     med = {name: statistics.median(v) for name, v in seconds.items()}
     # after the first token: each run's time less its round's one-token time
@@ -154,7 +155,7 @@ def _one(
     out = []
     for d in drafters:
         spec_s = med[f"drafter {d}"]
-        drafted, accepted, drafts = counts[d]
+        drafted, accepted, drafts, resyncs = counts[d]
         row: dict[str, Any] = {
             "batch_size": len(batches[0]),
             "kind": kind,
@@ -164,6 +165,7 @@ def _one(
             "speedup": round(med["standard"] / spec_s, 3),
             "acceptance_rate": round(accepted / drafted, 3) if drafted else None,
             "mean_accepted_length": round(accepted / drafts, 2) if drafts else None,
+            "resyncs": resyncs,  # helpers re-synced inside a draft (speculative.py step 5)
             "ratio_to_slower_member": round(spec_s / med["slower"], 3),
             "standard_ratio_to_slower_member": round(med["standard"] / med["slower"], 3),
             "ratio_to_slower_member_engine": round(spec_s / med["slower_engine"], 3),
