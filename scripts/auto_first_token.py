@@ -13,6 +13,9 @@ on the path:
 `--ray` places each member in a Ray actor of a local Ray cluster: since later the same
 evening the row's batch adopts the actors' scoring prefill for requests of one row (as
 here), and the actors score at the same time (auto / fixed 2.00-2.05 -> 1.00 on capitals).
+`--batch` sends each round's prompts as one request of several rows instead: their
+caches are copied out of the scoring prefill (in process, and in the actors since
+2026-12-07, night).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="test prompts per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--ray", action="store_true", help="members in Ray actors")
+    parser.add_argument(
+        "--batch", action="store_true", help="each round's prompts as one request of many rows"
+    )
     args = parser.parse_args()
     if args.ray:
         from deepen_engine.members import DEFAULT_MEMBERS
@@ -40,12 +46,12 @@ def main() -> None:
     else:
         ens = Ensemble()
     try:
-        _time(ens, args.task, args.prompts, args.rounds)
+        _time(ens, args.task, args.prompts, args.rounds, args.batch)
     finally:
         ens.close()
 
 
-def _time(ens: Ensemble, task: str, count: int, rounds: int) -> None:
+def _time(ens: Ensemble, task: str, count: int, rounds: int, batch: bool) -> None:
     """Print the medians (see the module docstring)."""
     prompts = task_prompts(task, count)
     views = {"auto": ens.with_fusion(main="auto"), "main 0": ens.with_fusion(main=0)}
@@ -55,8 +61,8 @@ def _time(ens: Ensemble, task: str, count: int, rounds: int) -> None:
     for _ in range(rounds):
         for name, view in views.items():
             start = time.perf_counter()
-            for prompt in prompts:
-                view.generate(prompt, max_new_tokens=1)
+            for request in [prompts] if batch else prompts:
+                view.generate(request, max_new_tokens=1)
             seconds[name].append((time.perf_counter() - start) / len(prompts))
     ratios = [a / f for a, f in zip(seconds["auto"], seconds["main 0"])]
     for name, runs in seconds.items():

@@ -13,12 +13,11 @@ row's leader before the row joins a batch:
    choosing the leader costs no second prefill. A request of one row keeps its scoring
    batches themselves, a member's in a Ray actor included (the actor keeps the cache, the
    decoder merges that batch into its own); of several rows, each kept row's caches are
-   copied out (`MemberBatch.take_row`), which only members in this process do. A row
-   keeps its prefill while it waits (say for the running batch of another leader to
-   drain; the scheduler counts it against `max_batch_size`). The other rows' caches are
-   freed, and those rows are prefilled again when they join (rows beyond the room, rows of
-   a request of several rows with a member in a Ray actor): one prefill more than a fixed
-   leader costs.
+   copied out (`MemberBatch.take_row`; an actor copies all of a batch's rows in one call,
+   `RemoteMemberBatch.take_rows`). A row keeps its prefill while it waits (say for the
+   running batch of another leader to drain; the scheduler counts it against
+   `max_batch_size`). The other rows' caches (rows beyond the room) are freed, and those
+   rows are prefilled again when they join: one prefill more than a fixed leader costs.
 2. `lowest_score`: the row's leader is the member with the lowest bits per byte; a chat row
    chooses among the members with a chat template (a base model does not follow a
    conversation), any member if none has one. A prompt too short to score (one text
@@ -56,12 +55,9 @@ def score_rows(
     on_read: OnRead | None = None,
 ) -> list[list[float | None]]:
     """[row][member] bits per byte of each row's prompt (a prefill per member, freed; the
-    first `keep` rows keep theirs as `NewRow.prefill`: a lone row always, several rows
-    where every member is in process).
+    first `keep` rows keep theirs as `NewRow.prefill`).
     """
-    # a row taken out of a batch is copied here (`take_row`); in a Ray actor only a lone
-    # row's batch can be kept, as it is
-    keep = max(0, keep) if len(rows) == 1 or all(m.remote is None for m in members) else 0
+    keep = max(0, keep)
     held = keep > 0 and len(rows) == 1  # a lone row keeps its batches themselves
     scores: list[list[float | None]] = [[] for _ in rows]
     kept: list[list[MemberBatch]] = [[] for _ in rows[:keep]]  # [row][member]
@@ -86,8 +82,8 @@ def score_rows(
             if held:
                 kept[0].append(batch)
             else:
-                for b, taken in enumerate(kept):  # the first `keep` rows, copied out
-                    taken.append(batch.take_row(b))
+                for taken, one in zip(kept, _take_rows(batch, len(kept))):
+                    taken.append(one)  # the first `keep` rows, copied out
     except BaseException:
         if not held:
             for copy in (c for row_batches in kept for c in row_batches):
@@ -101,6 +97,15 @@ def score_rows(
     for row, row_batches in zip(rows, kept):
         row.prefill = row_batches
     return scores
+
+
+def _take_rows(batch: MemberBatch, count: int) -> list[MemberBatch]:
+    """The batch's first `count` rows, each copied out alone: in a Ray actor all in one
+    call (`RemoteMemberBatch.take_rows`), in this process one by one (`take_row`).
+    """
+    if isinstance(batch, RemoteMemberBatch):
+        return batch.take_rows(list(range(count)))
+    return [batch.take_row(b) for b in range(count)]
 
 
 def _read(batches: Sequence[MemberBatch], on_read: OnRead | None) -> None:

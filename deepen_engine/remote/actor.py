@@ -32,6 +32,7 @@ from .protocol import (
     Open,
     StepReply,
     StepRequest,
+    TakeRows,
 )
 
 
@@ -161,6 +162,10 @@ class MemberActor:
         elif isinstance(op, Merge):
             self._batch(op.batch).merge(self._batch(op.other))
             del self.batches[op.other]
+        elif isinstance(op, TakeRows):
+            source = self._batch(op.batch)
+            for b, new in zip(op.rows, op.into):
+                self.batches[new] = source.take_row(b)
         elif isinstance(op, Free):
             self.free(op.batch)
 

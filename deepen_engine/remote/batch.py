@@ -21,6 +21,7 @@ the spans; each reply of a scoring batch carries the rows' score sums, copied in
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from .protocol import (
     Open,
     StepReply,
     StepRequest,
+    TakeRows,
     TopLogits,
 )
 
@@ -233,6 +235,31 @@ class RemoteMemberBatch(MemberBatch):
             # Full logits for some rows, top-k for others (rows of fusion methods that read
             # different amounts): fetch every row's full logits, which the actor still has.
             self._call(None)
+
+    def take_rows(self, rows: list[int]) -> list[MemberBatch]:
+        """Each of these rows alone, as `MemberBatch.take_row` gives one: the actor copies
+        their caches into new batches of its own in one call (`TakeRows`); their ids,
+        scores and logits are copied here.
+        """
+        copies: list[RemoteMemberBatch] = []
+        for b in rows:
+            one = RemoteMemberBatch(self.member, [])
+            one._ops, one._opened, one._opened_rows = [], True, []  # made by the TakeRows
+            one.chunk, one.score_prompts = self.chunk, self.score_prompts
+            one.rows = [copy.deepcopy(self.rows[b])]
+            one._held, one._same = [self._held[b]], [self._same[b]]
+            pick = torch.tensor([b], dtype=torch.long)
+            one.logits = None if self.logits is None else self.logits[pick].clone()
+            one.top = None if self.top is None else self.top[pick]
+            copies.append(one)
+        self._ops.append(TakeRows(self.batch_id, list(rows), [c.batch_id for c in copies]))
+        try:
+            self._call(self.logits_needed)  # nothing to feed: the copies are made
+        except BaseException:
+            for one in copies:  # an actor that made some frees them; others ignore it
+                one.free()
+            raise
+        return list(copies)
 
     def free(self) -> None:
         """Drop the rows here and the cache in the actor; the batch can take new rows."""

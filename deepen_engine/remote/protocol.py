@@ -6,7 +6,7 @@ their text here, exactly as in process); the actor keeps the KV cache and runs t
 forward passes. One call per step and member, `MemberActor.step(StepRequest)`:
 
 - in, `StepRequest`: the batch operations since the last call (`Open`, `KeepRows`,
-  `Merge`, `Free`), then one `EditIds` per row whose ids changed: the ids it keeps and
+  `Merge`, `TakeRows`, `Free`), then one `EditIds` per row whose ids changed: the ids it keeps and
   the new ids after them (the main member: the chosen token; a helper: its re-tokenised
   tail, usually one id), and which batch to run. A batch whose prefill scores its prompts
   (decoding/prompt_scores.py) says so in its `Open`: each row's span to score;
@@ -71,6 +71,17 @@ class Merge:
 
 
 @dataclass
+class TakeRows:
+    """Copy rows of `batch` (prefilled) out, row `rows[j]` into a new batch `into[j]` of
+    its own (`MemberBatch.take_row`); `batch` is unchanged.
+    """
+
+    batch: int
+    rows: list[int]
+    into: list[int]
+
+
+@dataclass
 class Free:
     """Drop a batch: its KV cache and rows."""
 
@@ -89,7 +100,7 @@ class EditIds:
     tail: list[int]
 
 
-Op = Open | KeepRows | Merge | Free | EditIds
+Op = Open | KeepRows | Merge | TakeRows | Free | EditIds
 
 
 @dataclass
@@ -114,6 +125,8 @@ class StepRequest:
                 total += INT_BYTES * (1 + len(op.rows))
             elif isinstance(op, EditIds):
                 total += INT_BYTES * (3 + len(op.tail))
+            elif isinstance(op, TakeRows):
+                total += INT_BYTES * (1 + 2 * len(op.rows))
             else:
                 total += INT_BYTES * 2
         return total

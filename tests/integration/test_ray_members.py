@@ -149,6 +149,34 @@ def test_an_auto_row_keeps_the_actors_scoring_prefill(placed, local):
         assert sum(ray.get(member.remote.actor.held_rows.remote()).values()) == 0
 
 
+def test_auto_rows_are_copied_out_of_the_actors_scoring_batch(placed, local, monkeypatch):
+    """A `main="auto"` request of several rows: each actor copies the rows' caches out of
+    the batch that scored their prompts (one `TakeRows` call), so it opens and reads every
+    prompt once (before, the rows' own batch read them all again); outputs equal in
+    process, and the actors hold no rows after."""
+    from deepen_engine.remote.protocol import Open, TakeRows
+
+    ops: dict[str, list] = {m.name: [] for m in placed.members}
+    for member in placed.members:
+        link, step = member.remote, member.remote.step
+
+        def recording(request, step=step, name=member.name):
+            ops[name].extend(request.ops)
+            return step(request)
+
+        monkeypatch.setattr(link, "step", recording)
+    run = dict(max_new_tokens=8, speculate=0)
+    mine = placed.with_fusion(main="auto").generate(PROMPTS, **run)
+    _same(mine, local.with_fusion(main="auto").generate(PROMPTS, **run))
+    for member in placed.members:
+        sent = ops[member.name]
+        opened = [ids for op in sent if isinstance(op, Open) for ids in op.prompt_ids]
+        prompts = [member.tokenizer(p).input_ids for p in PROMPTS]
+        assert sorted(opened) == sorted(prompts)  # each prompt once
+        assert [op.rows for op in sent if isinstance(op, TakeRows)] == [[0, 1, 2]]
+        assert sum(ray.get(member.remote.actor.held_rows.remote()).values()) == 0
+
+
 def test_concurrent_requests_equal_in_process_and_free_their_rows(placed, local):
     jobs = [(PROMPTS[i % 3], 6 + 5 * i) for i in range(4)]
     got = {}

@@ -15,7 +15,7 @@ from deepen_engine import Ensemble
 from deepen_engine.decoding.member_batch import MemberBatch
 from deepen_engine.members import load_local_member as load_member
 from deepen_engine.remote.batch import RemoteMemberBatch
-from deepen_engine.remote.protocol import Open, StepReply, StepRequest
+from deepen_engine.remote.protocol import Open, StepReply, StepRequest, TakeRows
 from tests.conftest import PLAIN
 from tests.unit.test_remote_members import _specs, remote_twin
 
@@ -95,6 +95,30 @@ def test_auto_leader_equals_in_process(mixed, tiny_ensemble):
     )
 
 
+def test_auto_rows_keep_the_actors_scoring_prefill(mixed, tiny_ensemble, monkeypatch):
+    """A `main="auto"` request of several rows: the actor copies each row's cache out of
+    the batch that scored the prompts (one `TakeRows` call), so it opens and reads every
+    prompt once; before, the rows' own batch opened and read them all again."""
+    ens, remote = mixed
+    link = remote.remote
+    ops = []
+    step = link.step
+
+    def recording(request):
+        ops.extend(request.ops)
+        return step(request)
+
+    monkeypatch.setattr(link, "step", recording)
+    mine = ens.with_fusion(main="auto").generate(PROMPTS, max_new_tokens=N)
+    _same(mine, tiny_ensemble.with_fusion(main="auto").generate(PROMPTS, max_new_tokens=N))
+    opened = [ids for op in ops if isinstance(op, Open) for ids in op.prompt_ids]
+    prompts = [remote.tokenizer(p).input_ids for p in PROMPTS]
+    assert sorted(opened) == sorted(prompts)  # each prompt once
+    takes = [op for op in ops if isinstance(op, TakeRows)]
+    assert [op.rows for op in takes] == [[0, 1, 2]]
+    assert all(rows == 0 for rows in link.actor.held_rows().values())
+
+
 def _scored(batch: MemberBatch, spans: list[str]) -> MemberBatch:
     """`batch` scoring its rows over `spans`, as the loop sets it, then prefilled."""
     batch.score_prompts = True
@@ -139,3 +163,5 @@ def test_the_spans_and_sums_are_counted_in_the_payload():
     sums = StepReply(fed_positions=[0, 0], scores=[(1.5, 4, 2), (0.5, 3, 1)])
     assert sums.payload_bytes() - StepReply(fed_positions=[0, 0]).payload_bytes() == 48
     assert pickle.loads(pickle.dumps(sums)).scores == sums.scores
+    take = StepRequest([TakeRows(1, [0, 1, 2], [7, 8, 9])], 1, None)
+    assert take.payload_bytes() - StepRequest([], 1, None).payload_bytes() == 8 * 7
