@@ -24,7 +24,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)  # drafted main-member ids
     main_logits: list[torch.Tensor] = field(default_factory=list)  # (V,) after 0..n fed drafts
     texts: list[str] = field(default_factory=list)  # text after 0..n drafted tokens
-    positions: int = 1  # verifiable positions (speculative.py, step 3)
+    positions: int = 1  # positions the helpers read, gaps included (verification.py)
 
     @property
     def fed(self) -> int:
