@@ -238,8 +238,9 @@ class RemoteMemberBatch(MemberBatch):
 
     def take_rows(self, rows: list[int]) -> list[MemberBatch]:
         """Each of these rows alone, as `MemberBatch.take_row` gives one: the actor copies
-        their caches into new batches of its own in one call (`TakeRows`); their ids,
-        scores and logits are copied here.
+        their caches into new batches of its own in one call (`TakeRows`, sent with the
+        first copy, so the reply carries that copy's logits, not the whole batch's again);
+        their ids, scores and logits are copied here.
         """
         copies: list[RemoteMemberBatch] = []
         for b in rows:
@@ -252,9 +253,14 @@ class RemoteMemberBatch(MemberBatch):
             one.logits = None if self.logits is None else self.logits[pick].clone()
             one.top = None if self.top is None else self.top[pick]
             copies.append(one)
-        self._ops.append(TakeRows(self.batch_id, list(rows), [c.batch_id for c in copies]))
+        if not copies:
+            return []
+        # the request goes with a copy, so this batch must have nothing left to send
+        assert self._opened and not self._ops and not self._edits(), "take_rows after a call"
+        first = copies[0]
+        first._ops = [TakeRows(self.batch_id, list(rows), [c.batch_id for c in copies])]
         try:
-            self._call(self.logits_needed)  # nothing to feed: the copies are made
+            first._call(self.logits_needed)  # nothing to feed: the copies are made
         except BaseException:
             for one in copies:  # an actor that made some frees them; others ignore it
                 one.free()

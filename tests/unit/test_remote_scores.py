@@ -101,12 +101,15 @@ def test_auto_rows_keep_the_actors_scoring_prefill(mixed, tiny_ensemble, monkeyp
     prompt once; before, the rows' own batch opened and read them all again."""
     ens, remote = mixed
     link = remote.remote
-    ops = []
+    ops, take_replies = [], []
     step = link.step
 
     def recording(request):
         ops.extend(request.ops)
-        return step(request)
+        reply = step(request)
+        if any(isinstance(op, TakeRows) for op in request.ops):
+            take_replies.append(reply)
+        return reply
 
     monkeypatch.setattr(link, "step", recording)
     mine = ens.with_fusion(main="auto").generate(PROMPTS, max_new_tokens=N)
@@ -116,6 +119,8 @@ def test_auto_rows_keep_the_actors_scoring_prefill(mixed, tiny_ensemble, monkeyp
     assert sorted(opened) == sorted(prompts)  # each prompt once
     takes = [op for op in ops if isinstance(op, TakeRows)]
     assert [op.rows for op in takes] == [[0, 1, 2]]
+    # the call runs the first copy: its reply brings one row's logits, not the batch's
+    assert [len(reply.fed_positions) for reply in take_replies] == [1]
     assert all(rows == 0 for rows in link.actor.held_rows().values())
 
 
