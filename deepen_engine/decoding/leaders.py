@@ -13,7 +13,7 @@ row's leader before the row joins a batch:
    choosing the leader costs no second prefill. A request of one row keeps its scoring
    batches themselves, a member's in a Ray actor included (the actor keeps the cache, the
    decoder merges that batch into its own); of several rows, each kept row's caches are
-   copied out (`MemberBatch.take_row`; an actor copies all of a batch's rows in one call,
+   copied out (`MemberBatch.take_rows`; an actor copies all of a batch's rows in one call,
    `RemoteMemberBatch.take_rows`). A row keeps its prefill while it waits (say for the
    running batch of another leader to drain; the scheduler counts it against
    `max_batch_size`). The other rows' caches (rows beyond the room) are freed, and those
@@ -82,7 +82,7 @@ def score_rows(
             if held:
                 kept[0].append(batch)
             else:
-                for taken, one in zip(kept, _take_rows(batch, len(kept))):
+                for taken, one in zip(kept, batch.take_rows(list(range(len(kept))))):
                     taken.append(one)  # the first `keep` rows, copied out
     except BaseException:
         if not held:
@@ -97,15 +97,6 @@ def score_rows(
     for row, row_batches in zip(rows, kept):
         row.prefill = row_batches
     return scores
-
-
-def _take_rows(batch: MemberBatch, count: int) -> list[MemberBatch]:
-    """The batch's first `count` rows, each copied out alone: in a Ray actor all in one
-    call (`RemoteMemberBatch.take_rows`), in this process one by one (`take_row`).
-    """
-    if isinstance(batch, RemoteMemberBatch):
-        return batch.take_rows(list(range(count)))
-    return [batch.take_row(b) for b in range(count)]
 
 
 def _read(batches: Sequence[MemberBatch], on_read: OnRead | None) -> None:

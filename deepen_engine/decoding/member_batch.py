@@ -17,9 +17,7 @@ Layout of the batched cache, `(B, heads, T, dim)` per layer, with a `(B, T)` mas
   window no hole may stay: rows that feed fewer ids than the widest row re-feed their
   latest ids instead of padding, and the holes are squeezed out before the forward.
 
-A helper re-tokenises only the tail of a row's text, from a word boundary a few tokens
-back (`_safe_cut`), so a sync costs the same at token 10 and at token 10,000; the property
-tests check the ids equal a full tokenisation of the same text.
+A helper re-tokenises only the tail of a row's text (text_sync.py).
 """
 
 from __future__ import annotations
@@ -45,10 +43,9 @@ from .cache_ops import (
 )
 from .member_forward import member_forward
 from .prompt_scores import RowScore, logits_kept, score_pass, score_width
+from .text_sync import plan_sync
 
-_TAIL_TOKENS = 6  # a helper re-tokenises at least this many of its newest tokens
 PREFILL_CHUNK = 512  # positions a row feeds per forward pass (`SchedulerConfig.prefill_chunk`)
-_SPACES = (b" ", b"\n", b"\t", b"\r")
 
 
 @dataclass
@@ -147,26 +144,16 @@ class MemberBatch:
         """Helper member: make a row's ids equal the tokenisation of prompt + `text`.
 
         `text` is the row's whole generated text; it only grows between calls. Only its
-        tail is re-tokenised: from a word boundary at least `_TAIL_TOKENS` tokens back.
+        tail is re-tokenised (text_sync.py).
         """
         self.apply_plan(row, self.plan_sync(self.rows[row], text))
 
     def plan_sync(self, r: RowIds, text: str) -> tuple[list[int], list[int]]:
         """The ids and byte ends `sync_text` would give row ids `r` for `text` (a text
-        that extends the one `r` holds), without changing anything.
+        that extends the one `r` holds), without changing anything (text_sync.py).
         """
-        data = text.encode("utf-8")
-        generated = r.ids[len(r.prompt_ids) :]
-        cut = self._safe_cut(generated)
-        start = r.ends[cut - 1] if cut else 0
-        tail_text = data[start:].decode("utf-8")
-        tail = self._encode(tail_text) if tail_text else []
-        target = r.prompt_ids + generated[:cut] + tail
         texts = self.member.vocab.texts
-        ends = r.ends[:cut]
-        for token in tail:
-            ends.append((ends[-1] if ends else 0) + len(texts[token] or b""))
-        return target, ends
+        return plan_sync(r.prompt_ids, r.ids, r.ends, text, texts, self._encode)
 
     def apply_plan(self, row: int, plan: tuple[list[int], list[int]]) -> None:
         """Make a row's ids and byte ends a plan's (`plan_sync`), rolling the cache back
@@ -191,24 +178,6 @@ class MemberBatch:
 
     def _encode(self, text: str) -> list[int]:
         return self.member.tokenizer(text, add_special_tokens=False).input_ids
-
-    def _safe_cut(self, generated: list[int]) -> int:
-        """Index of a generated token before which re-tokenising cannot change anything.
-
-        A token that starts with a space followed by a non-space, after a token that ends
-        in a non-space, starts a pre-token (byte-level BPE splits words there) or a word
-        (SentencePiece BPE merges within words), so tokens before it are final. 0 (the whole
-        generated text) when no such token lies at least `_TAIL_TOKENS` back, or when a
-        token without text (a special token matched in the text) makes offsets unclear.
-        """
-        texts = self.member.vocab.texts
-        for i in range(len(generated) - _TAIL_TOKENS, 0, -1):
-            word, before = texts[generated[i]], texts[generated[i - 1]]
-            if not word or not before:
-                return 0
-            if word[:1] == b" " and word[1:2] not in (b"", b" ") and before[-1:] not in _SPACES:
-                return i
-        return 0
 
     def _roll_back(self, row: int, keep: int) -> None:
         """Drop a row's cached positions after its first `keep` ids (they become holes)."""
@@ -367,6 +336,12 @@ class MemberBatch:
         one.valid = drop_unused_leading_slots(one.cache, self.valid[b : b + 1].clone())
         one.logits = None if self.logits is None else self.logits[b : b + 1].clone()
         return one
+
+    def take_rows(self, rows: list[int]) -> list[MemberBatch]:
+        """Each of these rows alone (`take_row`); a batch in a Ray actor copies them in
+        one call (remote/batch.py).
+        """
+        return [self.take_row(b) for b in rows]
 
     def merge(self, other: MemberBatch) -> None:
         """Append the rows of `other` (same member, prefilled) after this batch's rows.

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from deepen_engine import MemberSpec, load_member
+from deepen_engine.decoding import text_sync
 from deepen_engine.decoding.member_batch import MemberBatch
 
 PIECES = [
@@ -28,8 +29,8 @@ def random_text(rng: random.Random) -> str:
 
 
 def _recording(safe_cut, cuts: list[int]):
-    def wrapped(generated: list[int]) -> int:
-        cuts.append(safe_cut(generated))
+    def wrapped(texts, generated: list[int]) -> int:
+        cuts.append(safe_cut(texts, generated))
         return cuts[-1]
 
     return wrapped
@@ -40,23 +41,36 @@ def check_incremental_equals_full(member, seeds: range) -> tuple[int, int]:
 
     Returns (syncs run, syncs that re-tokenised only a tail).
     """
-    syncs = tails = 0
-    for seed in seeds:
-        rng = random.Random(seed)
-        text = random_text(rng)
-        prompt = member.tokenizer("Prompt:", add_special_tokens=True).input_ids
-        batch = MemberBatch(member, [prompt])
-        cuts: list[int] = []
-        batch._safe_cut = _recording(batch._safe_cut, cuts)
-        pos = 0
-        while pos < len(text):
-            pos = min(len(text), pos + rng.randint(1, 6))
-            batch.sync_text(0, text[:pos])
-            full = member.tokenizer(text[:pos], add_special_tokens=False).input_ids
-            assert batch.rows[0].ids == prompt + full, (seed, text[:pos])
-            syncs += 1
-        tails += sum(1 for c in cuts if c > 0)
+    syncs = 0
+    cuts: list[int] = []
+    safe_cut = text_sync.safe_cut
+    text_sync.safe_cut = _recording(safe_cut, cuts)
+    try:
+        for seed in seeds:
+            syncs += _grow(member, seed)
+    finally:
+        text_sync.safe_cut = safe_cut
+    tails = sum(1 for c in cuts if c > 0)
     return syncs, tails
+
+
+def _grow(member, seed: int) -> int:
+    """One seeded random text grown piece by piece; asserts the ids after each sync and
+    returns the syncs run.
+    """
+    syncs = 0
+    rng = random.Random(seed)
+    text = random_text(rng)
+    prompt = member.tokenizer("Prompt:", add_special_tokens=True).input_ids
+    batch = MemberBatch(member, [prompt])
+    pos = 0
+    while pos < len(text):
+        pos = min(len(text), pos + rng.randint(1, 6))
+        batch.sync_text(0, text[:pos])
+        full = member.tokenizer(text[:pos], add_special_tokens=False).input_ids
+        assert batch.rows[0].ids == prompt + full, (seed, text[:pos])
+        syncs += 1
+    return syncs
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["byte-level-bpe", "sentencepiece-bpe"])
