@@ -10,49 +10,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from .errors import ConfigError, InvalidField, validation_error
+from .errors import ConfigError, InvalidField
 from .grammar import check_constraint
+from .settings import Settings, index_or
 from .text_checks import check_text as check_text
 from .text_checks import text_problem
-
-
-def _index_or(*words: str) -> BeforeValidator:
-    def check(value: object) -> object:  # a member index >= 0 (not a bool) or one of `words`
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0 or value in words:
-            return value
-        raise ValueError("Input should be a member index >= 0 or " + " or ".join(map(repr, words)))
-
-    return BeforeValidator(check)
-
-
-class _Settings(BaseModel):
-    # use_attribute_docstrings: each field's docstring is its description (the CLI's help).
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, use_attribute_docstrings=True
-    )
-
-    def __init__(self, **data: object) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise validation_error(type(self).__name__, exc) from None
-
-    def __setattr__(self, name: str, value: object) -> None:
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as exc:
-            raise validation_error(type(self).__name__, exc) from None
-
 
 Method = Literal["deepen", "union", "unite"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -67,10 +31,11 @@ WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 PromptScore = Literal["whole", "second-half"]
 PROMPT_SCORES: tuple[str, ...] = get_args(PromptScore)
 """The prompt spans a prompt score may read (`FusionConfig.prompt_score`)."""
+DraftPrecision = Literal["auto", "float32", "bfloat16"]  # `SchedulerConfig.draft_precision`
 Drafter = Literal["main", "auto", "lookup"]  # `GenerationConfig.drafter`, or a member index
 
 
-class FusionConfig(_Settings):
+class FusionConfig(Settings):
     """How the members' next-token distributions are fused.
 
     `method` chooses the rule: DeePEn (arXiv 2404.12715, the default), GaC's union of the
@@ -120,7 +85,7 @@ class FusionConfig(_Settings):
     steps: int = Field(5, ge=0)
     """Optimiser steps of the inverse search (T). `0` means the main member alone."""
 
-    main: Annotated[int | Literal["auto"], _index_or("auto")] = "auto"
+    main: Annotated[int | Literal["auto"], index_or("auto")] = "auto"
     """Index of the member whose vocabulary the fused token is chosen from (the leader).
     `"auto"`: per row, the member that reads the row's prompt best (lowest bits per byte;
     chat rows among the members with a chat template), fixed for the row; it costs one
@@ -254,7 +219,7 @@ LOAD_FUSION_NAMES: dict[str, str] = {"min_anchors": "min_anchors", "fusion_devic
 """Public name -> FusionConfig field of the settings fixed when the members are aligned."""
 
 
-class GenerationConfig(_Settings):
+class GenerationConfig(Settings):
     """How text is generated from the fused distribution."""
 
     max_new_tokens: int = Field(128, ge=1)
@@ -320,7 +285,7 @@ class GenerationConfig(_Settings):
     in process, 0 with members in Ray actors; standard steps anyway while more than
     `SchedulerConfig.speculate_max_rows` rows decode together, or under a constraint."""
 
-    drafter: Annotated[int | Drafter, _index_or(*get_args(Drafter))] = "main"
+    drafter: Annotated[int | Drafter, index_or(*get_args(Drafter))] = "main"
     """Who drafts for `speculate`: `"main"`, a member index (its greedy text), `"auto"` (fewest
     parameters; ties: lower index) or `"lookup"` (ids copied from the row's text; else main)."""
 
@@ -373,7 +338,7 @@ CONSTRAINT_FIELDS = ("json_schema", "regex", "grammar")
 """The `GenerationConfig` fields that constrain the output (at most one may be set)."""
 
 
-class SchedulerConfig(_Settings):
+class SchedulerConfig(Settings):
     """How concurrent requests share the members (continuous batching).
 
     Requests from any thread or task wait in one queue; between two decoding steps the
@@ -397,3 +362,12 @@ class SchedulerConfig(_Settings):
     sampled alike). Verifying many rows' drafts makes the forwards compute-bound: on
     the 2-core CPU measured, greedy speculation was 1.5x faster at batch 1 but 0.91-1.01x
     at batch 2 and slower at 4 and 8 (docs/benchmarks.md). `0`: no limit."""
+
+    draft_precision: DraftPrecision = "auto"
+    """The precision of the main member's own drafts in speculative steps: `"bfloat16"` runs
+    them through a copy of its body whose linear layers hold bfloat16 weights (half the
+    body's float32 bytes more, per member once it leads); verification still reads the
+    member's float32 logits at every drafted position, so the output is the same, only the
+    share of drafts kept can change. `"float32"`: the member's own body. `"auto"`: bfloat16
+    for a float32 member with an engine output layer where bfloat16 products are native
+    (CPUs with AVX-512 BF16 or AMX, CUDA GPUs that support it), else float32."""

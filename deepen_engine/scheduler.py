@@ -346,6 +346,7 @@ class Scheduler:
             DecodeHooks(on_prefill=self._prefill_progress),
             prefill_chunk=self.config.prefill_chunk,
             speculate_max_rows=self.config.speculate_max_rows,
+            draft_precision=self.config.draft_precision,
         )
         self._key = request.key
 

@@ -212,14 +212,15 @@ test that turns on `weighting="prompt"` scores whole prompts at temperature 0.1.
 def tiny_ensemble(tiny_pair):
     """A fused ensemble of the two tiny members with PLAIN settings (main = 0, fixed
     weights); low min_anchors for tiny vocabs; speculative steps at any batch size (the
-    speculation tests decode batches of 4)."""
+    speculation tests decode batches of 4), the main member drafting in bfloat16 on every
+    machine (`draft_precision="auto"` would only where bfloat16 is native)."""
     from deepen_engine import Ensemble, MemberSpec, SchedulerConfig
 
     members = [
         MemberSpec(source=tiny_pair[0], name="tiny-llama"),
         MemberSpec(source=tiny_pair[1], name="tiny-gemma"),
     ]
-    limits = SchedulerConfig(speculate_max_rows=0)
+    limits = SchedulerConfig(speculate_max_rows=0, draft_precision="bfloat16")
     return Ensemble(members, min_anchors=50, scheduler=limits, **PLAIN)
 
 

@@ -26,7 +26,7 @@ from ..heap import MALLOC_TRIM_INTERVAL
 from .options import fusion_options, fusion_settings, member_options, member_specs
 from .scheduler_options import add_scheduler_limits, scheduler_limits
 
-SERVER_LIMITS = ("max_batch_size", "max_queue", "speculate_max_rows")
+SERVER_LIMITS = ("max_batch_size", "max_queue", "speculate_max_rows", "draft_precision")
 """The `SchedulerConfig` limits `deepen serve` takes as flags."""
 
 

@@ -66,6 +66,7 @@ class BatchDecoder:
         hooks: DecodeHooks | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         speculate_max_rows: int = 0,  # `SchedulerConfig.speculate_max_rows`
+        draft_precision: str = "auto",  # `SchedulerConfig.draft_precision`
     ) -> None:
         self.hooks = hooks or DecodeHooks()
         self.prefill_chunk = prefill_chunk  # positions per forward pass in a long prefill
@@ -81,7 +82,8 @@ class BatchDecoder:
         places = [{m.name} if m.remote else m.devices for m in self.members]
         parallel = len(self.members) > 1 and len(set().union(*places)) == sum(map(len, places))
         self.pool = ThreadPoolExecutor(max_workers=len(self.members)) if parallel else None
-        self.speculator = Speculator(self, speculate_max_rows)  # `GenerationConfig.speculate`
+        # `GenerationConfig.speculate`
+        self.speculator = Speculator(self, speculate_max_rows, draft_precision)
 
     def _batch(self, i: int, ids: list[list[int]]) -> MemberBatch:
         """A batch of the i-th member run (helpers through `DecodeHooks.helper_batch`)."""

@@ -13,6 +13,13 @@ every drafted position: those full logits are what verification fuses. So the ou
 unchanged (greedy text identical; sampled rows accept against q, the shortlisted
 distribution a draft was drawn from); a draft whose best token lies outside the shortlist
 is only rejected, at the cost of that draft's remaining positions.
+
+Drafting in bfloat16 (`SchedulerConfig.draft_precision`, members/draft_body.py): the draft
+forwards (the loop's `advance` before the step too) run the member's body with bfloat16
+linear layers and a bfloat16 shortlist, and the last drafted token is not fed. Then one
+float32 forward feeds every position the draft body fed again (the cache is rolled back
+there first) together with that last token, keeping every position's logits: the exact
+logits verification fuses, from one pass of the body and the full layer over all of them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from ..members import Member
 from ..members.output_layer import ShortlistHead
 from ..reductions import argmax
-from .drafts import Draft, row_sampler
+from .drafts import Draft, fed_logits, row_sampler
 from .member_batch import MemberBatch
 from .rows import Row
 from .sampling import suppress_end_tokens
@@ -33,16 +40,19 @@ from .sampling import suppress_end_tokens
 _MOST_ROWS = 0.5
 
 
-def draft_shortlist(members: Sequence[Member], main: int) -> ShortlistHead | None:
-    """The main member's draft shortlist (module docstring), built once per set of other
-    members; None where it has no engine output layer or the shortlist keeps more than
-    half of it.
+def draft_shortlist(
+    members: Sequence[Member], main: int, dtype: torch.dtype | None = None
+) -> ShortlistHead | None:
+    """The main member's draft shortlist (module docstring), its weights in `dtype` where
+    given, built once per set of other members and dtype; None where it has no engine
+    output layer or the shortlist keeps more than half of it (in another dtype than the
+    layer's, the whole layer in that dtype then).
     """
     member = members[main]
     layer = member.output_layer
     if layer is None:
         return None
-    key = tuple(m.name for i, m in enumerate(members) if i != main)
+    key = (tuple(m.name for i, m in enumerate(members) if i != main), dtype or layer.weight.dtype)
     if key in layer.shortlists:
         return layer.shortlists[key]
     others = [
@@ -56,7 +66,9 @@ def draft_shortlist(members: Sequence[Member], main: int) -> ShortlistHead | Non
     rows |= {int(i) for i in member.tokenizer.added_tokens_decoder if int(i) < size}
     head = None
     if len(rows) <= _MOST_ROWS * size:
-        head = layer.shortlist(torch.tensor(sorted(rows), dtype=torch.long))
+        head = layer.shortlist(torch.tensor(sorted(rows), dtype=torch.long), dtype)
+    elif dtype is not None and dtype != layer.weight.dtype:  # every row, in the drafts' dtype
+        head = layer.shortlist(torch.arange(size), dtype)
     layer.shortlists[key] = head
     return head
 
@@ -67,19 +79,24 @@ def draft_own(
     drafts: list[Draft],
     lengths: list[int],
     shortlist: ShortlistHead | None,
+    body: torch.nn.Module | None = None,
 ) -> None:
     """Row b drafts up to `lengths[b]` tokens with the main member (`main`), appended to
     `drafts[b]`; over `shortlist` where given, then the full logits of every drafted
     position (and of position 0 where the last forward was shortlisted already: the loop's
     `advance` feeds the main member that way before a speculative step) from one pass of the
-    full output layer.
+    full output layer. With `body` (a draft body, members/draft_body.py) the draft forwards
+    run it, the last drafted token is not fed, and `_exact_logits` reads every drafted
+    position's logits from one exact forward instead.
     """
     member = main.member
     eos_ids = member.eos_ids
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     # (row, index in its draft's main_logits, (d,) hidden state) where the full layer is owed
     owed = [(b, 0, r.owed) for b, r in enumerate(main.rows) if r.owed is not None]
-    main.shortlist = shortlist
+    # each row's index of its first drafted id (another drafter's rows hold theirs already)
+    starts = [len(r.ids) - d.fed for r, d in zip(main.rows, drafts)]
+    main.shortlist, main.draft_body = shortlist, body
     try:
         for r in range(max(lengths, default=0)):
             fed = False
@@ -98,7 +115,8 @@ def draft_own(
                 d.tokens.append(token)
                 if token not in eos_ids:
                     main.append(b, token)
-                    fed = True
+                    # a draft body feeds a token only to draft the next one
+                    fed = fed or body is None or r + 1 < lengths[b]
             if not fed:
                 break
             main.forward()
@@ -111,8 +129,34 @@ def draft_own(
                     if hidden is not None:
                         owed.append((b, r + 1, hidden))
     finally:
-        main.shortlist = None
+        main.shortlist, main.draft_body = None, None
+    if body is not None:
+        _exact_logits(main, drafts, starts)
     _full_logits(main, drafts, owed)
+
+
+def _exact_logits(main: MemberBatch, drafts: list[Draft], starts: list[int]) -> None:
+    """After drafting with a draft body: one exact forward feeds every position it fed
+    (rolled back first: `MemberBatch.forward`) and each row's drafted ids not fed yet, and
+    keeps every fed position's logits; those replace or complete each row's `main_logits`
+    (position t: after the id at `starts[b] + t - 1`, `starts[b]` the row's first drafted
+    id). Positions this forward did not feed were exact already.
+    """
+    main.fed_logits = [[] for _ in main.rows]
+    main.keep_fed_logits = True
+    try:
+        main.forward()
+    finally:
+        main.keep_fed_logits = False
+    for b, d in enumerate(drafts):
+        for t in range(len(main.rows[b].ids) - starts[b] + 1):
+            at = fed_logits(main, b, starts[b] + t - 1)
+            if t < len(d.main_logits):
+                d.main_logits[t] = d.main_logits[t] if at is None else at
+            else:  # a drafted token the draft body did not feed: fed just now
+                assert at is not None and t == len(d.main_logits)
+                d.main_logits.append(at)
+    main.fed_logits = []
 
 
 def _full_logits(

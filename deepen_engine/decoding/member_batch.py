@@ -61,6 +61,9 @@ class RowIds:
     # (d,) hidden state after the last id while the row's logits cover only a shortlist
     # (`MemberBatch.shortlist`): the full output layer is owed on it
     owed: torch.Tensor | None = None
+    # newest cached positions a draft body fed (`MemberBatch.draft_body`): their cache and
+    # logits are approximate, and the next exact forward feeds them again
+    drafted: int = 0
 
     @property
     def generated_ids(self) -> list[int]:
@@ -100,6 +103,9 @@ class MemberBatch:
         # logits over these output rows only (-inf elsewhere) and each fed row keeps its
         # hidden state after its last id (`RowIds.owed`) for the full output layer later.
         self.shortlist: ShortlistHead | None = None
+        # Drafting in lower precision (members/draft_body.py): when set, forwards run this
+        # body instead of the member's; the positions they feed count as `RowIds.drafted`.
+        self.draft_body: torch.nn.Module | None = None
         config = member.model.config
         window = getattr(config, "sliding_window", None)
         self._window: int | None = int(window) if window else None
@@ -108,8 +114,16 @@ class MemberBatch:
 
     def require_logits(self) -> torch.Tensor:
         """The latest (B, V) next-token logits, over the full vocabulary (rows a shortlisted
-        forward left owing get their full output layer now); none before the first forward.
+        forward left owing get their full output layer now, rows a draft body fed are fed
+        again); none before the first forward.
         """
+        if any(r.drafted for r in self.rows):
+            head, body = self.shortlist, self.draft_body
+            self.shortlist = self.draft_body = None
+            try:
+                self.forward()
+            finally:
+                self.shortlist, self.draft_body = head, body
         logits = self.shortlisted_logits()
         owed = [(b, r.owed) for b, r in enumerate(self.rows) if r.owed is not None]
         layer = self.member.output_layer
@@ -185,6 +199,7 @@ class MemberBatch:
         if keep < r.cached:
             stale = self.valid[row].nonzero().squeeze(1)[keep:]  # the row's last positions
             self.valid[row, stale] = False
+            r.drafted = max(0, r.drafted - (r.cached - keep))
             r.cached = keep
 
     def forward(self, on_fed: Callable[[int, int], None] | None = None) -> None:
@@ -195,6 +210,9 @@ class MemberBatch:
         `on_fed(done, total)` is called after each pass with the positions fed so far and
         in all (for progress bars).
         """
+        if self.draft_body is None:  # an exact forward: what a draft body fed is fed again
+            for b, r in enumerate(self.rows):
+                self._roll_back(b, r.cached - r.drafted)
         total = sum(len(r.ids) - r.cached for r in self.rows)
         done = 0
         while True:
@@ -234,7 +252,7 @@ class MemberBatch:
         # answers copy): the shortlist's missing ones get their rows too
         extras = [shortlist.missing(r.ids) for r in self.rows] if shortlist else None
         out_logits, hidden = member_forward(
-            self.member, self.cache, inputs, keep, shortlist, extras
+            self.member, self.cache, inputs, keep, shortlist, extras, self.draft_body
         )
         # float32 for fusion whatever the member's dtype; kept on the member's device
         # (fusion reads it there: deepen_engine/devices.py)
@@ -263,8 +281,9 @@ class MemberBatch:
         self.valid = mask
         fed = 0
         for b, (r, ids) in enumerate(zip(self.rows, pending)):
-            if ids:  # shortlisted logits owe the full layer on this hidden state
-                r.owed = None if hidden is None else hidden[b]
+            if ids:  # shortlisted logits owe the full layer on this (exact) hidden state
+                r.owed = None if hidden is None or self.draft_body else hidden[b]
+                r.drafted = r.drafted + len(ids) if self.draft_body else 0
             # only positions past the prompt count as sync cost
             r.fed_positions += max(0, r.cached + len(ids) - max(r.cached, len(r.prompt_ids)))
             fed += len(ids)

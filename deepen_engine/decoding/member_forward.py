@@ -24,12 +24,13 @@ def member_forward(
     keep: int,
     shortlist: ShortlistHead | None = None,
     extras: list[torch.Tensor] | None = None,
+    body: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, keep, V) logits of the last `keep` positions of one forward over `inputs` (ids,
     attention mask, position ids: (B, W) each, on the CPU), and the (B, d) hidden states
     after the last position when `shortlist` is given (its logits then cover only the
     shortlisted tokens and, per row, `extras[b]`, -inf elsewhere; `keep` must be 1), else
-    None.
+    None. `body` (a draft body, members/draft_body.py) runs in place of the member's.
     """
     input_ids, mask, positions = inputs
     device = member.device
@@ -50,7 +51,7 @@ def member_forward(
         with torch.no_grad(), rerouted:
             if layer is None:
                 return member.model(**kwargs, logits_to_keep=keep).logits, None
-            hidden = layer.body(**kwargs).last_hidden_state  # (B, W, d)
+            hidden = (body or layer.body)(**kwargs).last_hidden_state  # (B, W, d)
             if shortlist is not None:
                 last = hidden[:, -1, :]
                 return shortlist.logits(last, extras)[:, None, :], last

@@ -68,9 +68,10 @@ class Decoder(Protocol):
 class Speculator:
     """Speculative steps of a `BatchDecoder` (see the module docstring)."""
 
-    def __init__(self, decoder: Decoder, max_rows: int = 0) -> None:
+    def __init__(self, decoder: Decoder, max_rows: int = 0, precision: str = "auto") -> None:
         self.dec = decoder
         self.max_rows = max_rows  # more rows than this (0: no limit): standard steps
+        self.precision = precision  # of the main member's drafts (`_draft_body`)
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
         self.helper_drafts: dict[int, HelperDraft] = {}  # this step's drafting helpers
         self.sizes: list[int] | None = None  # the members' parameter counts, once needed
@@ -86,19 +87,29 @@ class Speculator:
         """
         return self.wanted()
 
-    def main_head(self) -> ShortlistHead | None:
-        """The output rows the main member's forward before the next step may stop at: its
-        draft shortlist when that step is speculative and every drafting row drafts with
-        the main member, which then drafts its first token from them too; the full layer
-        follows with the drafts' (main_drafts.py), or at the next `require_logits`.
+    def main_head(self) -> tuple[ShortlistHead | None, torch.nn.Module | None]:
+        """The output rows the main member's forward before the next step may stop at, and
+        the body it may run: its draft shortlist and draft body (`_draft_body`) when that
+        step is speculative and every drafting row drafts with the main member, which then
+        drafts its first token from them too; the exact logits follow with the drafts'
+        (main_drafts.py), or at the next `require_logits`.
         """
         dec = self.dec
         lengths = [self._draft_length(b) for b in range(len(dec.rows))]
         if not any(lengths) or any(
             n and self._drafter(b) != dec.main for b, n in enumerate(lengths)
         ):
-            return None
-        return draft_shortlist(dec.members, dec.main)
+            return None, None
+        body = self._draft_body()
+        dtype = None if body is None else torch.bfloat16
+        return draft_shortlist(dec.members, dec.main, dtype), body
+
+    def _draft_body(self) -> torch.nn.Module | None:
+        """The main member's body for its drafts in lower precision (members/draft_body.py,
+        `SchedulerConfig.draft_precision`), or None to draft with its own.
+        """
+        layer = self.dec.main_member.output_layer
+        return None if layer is None else layer.draft_body(self.precision)
 
     @contextmanager
     def shortlisted(self, wait: bool) -> Iterator[None]:
@@ -106,11 +117,11 @@ class Speculator:
         is speculative), else read the full layer.
         """
         main = self.dec.batches[self.dec.main]
-        main.shortlist = self.main_head() if wait else None
+        main.shortlist, main.draft_body = self.main_head() if wait else (None, None)
         try:
             yield
         finally:
-            main.shortlist = None
+            main.shortlist, main.draft_body = None, None
 
     def catch_up(self) -> None:
         """Feed helpers' ids left waiting (a plain step follows a speculative one)."""
@@ -207,7 +218,10 @@ class Speculator:
         )
         own = [n if drafters[b] == dec.main else 0 for b, n in enumerate(lengths)]
         if any(own):
-            draft_own(main, dec.rows, drafts, own, draft_shortlist(dec.members, dec.main))
+            body = self._draft_body()
+            dtype = None if body is None else torch.bfloat16
+            head = draft_shortlist(dec.members, dec.main, dtype)
+            draft_own(main, dec.rows, drafts, own, head, body)
         texts = dec.main_member.vocab.texts
         for b, row in enumerate(dec.rows):
             d = drafts[b]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .draft_body import bfloat16_body, bfloat16_supported
 from .few_rows import product
 
 # Causal LMs whose forward is `self.model(...)`, `slice_logits_to_keep`, `self.lm_head`, then
@@ -45,10 +46,13 @@ class OutputLayer:
     body: torch.nn.Module  # the model without its output layer
     weight: torch.Tensor  # (V, d) the output layer's weight
     softcap: float | None  # `final_logit_softcapping`, or None
-    # draft shortlists built so far, by the other members' names (decoding/main_drafts.py)
-    shortlists: dict[tuple[str, ...], ShortlistHead | None] = field(
+    # draft shortlists built so far, by the other members' names and the drafts' dtype
+    # (decoding/main_drafts.py)
+    shortlists: dict[tuple[tuple[str, ...], torch.dtype], ShortlistHead | None] = field(
         default_factory=dict, repr=False
     )
+    # the body with bfloat16 linear layers, for drafts (draft_body.py), once built
+    low_precision: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, model: Any, device_map: dict[str, Any] | None = None) -> OutputLayer | None:
@@ -69,12 +73,30 @@ class OutputLayer:
         flat = hidden.reshape(-1, hidden.shape[-1])
         return self.cap(product(flat, self.weight)).reshape(*hidden.shape[:-1], -1)
 
-    def shortlist(self, rows: torch.Tensor) -> ShortlistHead:
-        """The layer restricted to the output rows `rows` (their weights copied once)."""
+    def shortlist(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> ShortlistHead:
+        """The layer restricted to the output rows `rows` (their weights copied once, in
+        `dtype` where given).
+        """
         rows = rows.to(self.weight.device)
         kept = torch.zeros(self.weight.shape[0], dtype=torch.bool)
         kept[rows.cpu()] = True
-        return ShortlistHead(self, rows, self.weight.detach()[rows].contiguous(), kept)
+        weight = self.weight.detach()[rows].to(dtype or self.weight.dtype).contiguous()
+        return ShortlistHead(self, rows, weight, kept)
+
+    def draft_body(self, precision: str) -> torch.nn.Module | None:
+        """The body for drafts at `precision` (`SchedulerConfig.draft_precision`): with
+        bfloat16 linear layers (draft_body.py, built on first use), or None for the body
+        itself: at "float32", for weights that are not float32, and at "auto" where
+        bfloat16 products are not native here.
+        """
+        weight = self.weight
+        if precision == "float32" or weight.dtype != torch.float32:
+            return None
+        if precision == "auto" and not bfloat16_supported(weight.device):
+            return None
+        if self.low_precision is None:
+            self.low_precision = bfloat16_body(self.body)
+        return self.low_precision
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
         """`final_logit_softcapping` applied as the model applies it (none: unchanged)."""
@@ -108,11 +130,11 @@ class ShortlistHead:
         the full layer computes them (up to float rounding), and for hidden state n also
         the tokens `extras[n]`; -inf for every other token.
         """
-        out = self.layer.cap(product(hidden, self.weight))  # (N, S)
+        out = self.layer.cap(product(hidden.to(self.weight.dtype), self.weight).float())
         full = torch.full(
             (hidden.shape[0], self.layer.weight.shape[0]), float("-inf"), device=out.device
         )
-        full[:, self.rows] = out.float()
+        full[:, self.rows] = out  # (N, S)
         for n, ids in enumerate(extras or []):
             if len(ids):  # a few hundred rows at most: a gather and one small product
                 ids = ids.to(full.device)

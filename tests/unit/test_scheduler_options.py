@@ -29,6 +29,17 @@ def test_flags_reach_the_scheduler_config():
         parser.parse_args(["bench", "--max-queue", "5"])
 
 
+def test_draft_precision_is_a_choice_flag(capsys):
+    parser = build_parser()
+    for command, names in (("serve", SERVER_LIMITS), ("bench", BENCH_LIMITS)):
+        args = parser.parse_args([command, "--draft-precision", "float32"])
+        assert scheduler_limits(args, names).draft_precision == "float32"
+    assert scheduler_limits(parser.parse_args(["serve"]), SERVER_LIMITS).draft_precision == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--draft-precision", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_a_bad_limit_is_refused_with_the_field_named():
     args = build_parser().parse_args(["serve", "--max-batch-size", "0"])
     with pytest.raises(ValueError, match="max_batch_size"):

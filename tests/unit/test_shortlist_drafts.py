@@ -21,8 +21,9 @@ from tests.unit.test_speculative import PROMPTS, _assert_plain_sampling, _drive,
 
 @pytest.fixture
 def forced(tiny_ensemble, monkeypatch) -> Iterator[list[int]]:
-    """Each member, as main, drafts over its ids not divisible by 3 and its end tokens;
-    yields the number of shortlisted draft positions so far (a one-item list)."""
+    """Each member, as main, drafts over its ids not divisible by 3 and its end tokens
+    (in float32 and in bfloat16); yields the number of shortlisted draft positions so far
+    (a one-item list)."""
     members = tiny_ensemble.members
     drafted, extra = [0], [0]
     logits = ShortlistHead.logits
@@ -37,8 +38,9 @@ def forced(tiny_ensemble, monkeypatch) -> Iterator[list[int]]:
         layer = member.output_layer
         assert layer is not None
         rows = [i for i in range(len(member.vocab)) if i % 3 or i in member.eos_ids]
-        key = tuple(m.name for i, m in enumerate(members) if i != main)
-        layer.shortlists[key] = layer.shortlist(torch.tensor(rows))
+        names = tuple(m.name for i, m in enumerate(members) if i != main)
+        for dtype in (torch.float32, torch.bfloat16):  # drafts in either precision
+            layer.shortlists[names, dtype] = layer.shortlist(torch.tensor(rows), dtype)
     yield drafted
     assert extra[0] > 0  # rows' own tokens off the shortlist were offered to the drafts
     for member in members:
@@ -60,8 +62,9 @@ def test_greedy_output_equals_plain_decoding(tiny_ensemble, forced, main):
     assert forced[0] > 0  # the drafts read the shortlist
 
 
-def test_logits_after_each_step_equal_a_fresh_forward(tiny_ensemble, forced):
-    checked, owed = [], []
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_logits_after_each_step_equal_a_fresh_forward(tiny_ensemble, forced, precision):
+    checked, owed, drafted = [], [], []
 
     def check(decoder):
         decoder.speculator.catch_up()
@@ -69,6 +72,8 @@ def test_logits_after_each_step_equal_a_fresh_forward(tiny_ensemble, forced):
             # the forward before a speculative step stops at the shortlist: the full layer
             # is owed, and paid by require_logits
             owed.append(any(row.owed is not None for row in batch.rows))
+            # in bfloat16 the draft body fed it: require_logits feeds it again exactly
+            drafted.append(any(row.drafted for row in batch.rows))
             logits = batch.require_logits()
             for b, row in enumerate(batch.rows):
                 if row.cached < len(row.ids):
@@ -80,8 +85,10 @@ def test_logits_after_each_step_equal_a_fresh_forward(tiny_ensemble, forced):
                 checked.append(batch.member is decoder.main_member)
 
     configs = [GenerationConfig(max_new_tokens=20, speculate=k) for k in (8, 4, 2)]
-    ids = _drive(tiny_ensemble.view({"main": 1}), {0: [0, 1], 3: [2]}, configs, check)
-    assert len(ids) == 3 and checked.count(True) > 10 and forced[0] > 0 and any(owed)
+    view = tiny_ensemble.view({"main": 1})
+    ids = _drive(view, {0: [0, 1], 3: [2]}, configs, check, precision=precision)
+    assert len(ids) == 3 and checked.count(True) > 10 and forced[0] > 0
+    assert (any(owed), any(drafted)) == (precision == "float32", precision == "bfloat16")
 
 
 def test_sampled_output_equals_plain_sampling(tiny_ensemble, forced):
@@ -93,6 +100,9 @@ def test_sampled_output_equals_plain_sampling(tiny_ensemble, forced):
 def test_the_shortlist_of_shared_texts(tiny_ensemble, monkeypatch):
     members = tiny_ensemble.members
     assert draft_shortlist(members, 1) is None  # tiny vocabs share most texts: no saving
+    whole = draft_shortlist(members, 1, torch.bfloat16)  # in bfloat16: the whole layer
+    assert whole is not None and whole.weight.dtype == torch.bfloat16
+    assert whole.rows.tolist() == list(range(len(members[1].vocab)))
     members[1].output_layer.shortlists.clear()
     monkeypatch.setattr(main_drafts, "_MOST_ROWS", 1.0)
     head = draft_shortlist(members, 1)

@@ -122,13 +122,16 @@ def test_constrained_rows_decode_without_drafts_and_equal_plain(tiny_ensemble):
     assert _usage(out) == (0, 0)
 
 
-def _drive(ensemble, joins, configs, check=None, max_rows=0, prompts=PROMPTS):
+def _drive(ensemble, joins, configs, check=None, max_rows=0, prompts=PROMPTS, precision="bfloat16"):
     """Drive a BatchDecoder by hand: rows join before the steps in `joins`; the token ids
     of every row by prompt index (into `prompts`). `check(decoder)` runs after every
-    advance; `max_rows` is `SchedulerConfig.speculate_max_rows`.
+    advance; `max_rows` and `precision` are `SchedulerConfig.speculate_max_rows` and
+    `draft_precision`.
     """
     fuser = ensemble.fuser
-    decoder = BatchDecoder(ensemble.members, fuser.main, speculate_max_rows=max_rows)
+    decoder = BatchDecoder(
+        ensemble.members, fuser.main, speculate_max_rows=max_rows, draft_precision=precision
+    )
     ids: dict[int, list[int]] = {}
     try:
         for step in range(80):
@@ -222,13 +225,31 @@ def test_the_default_limit_reaches_the_decoder(tiny_pair):
     assert (parser.parse_args(["serve"]).max_batch_size, args.speculate_max_rows) == (32, 1)
 
 
+def exact_logits(batch, b):
+    """Row b's latest logits as the next step reads them: where a draft body fed its last
+    position (`RowIds.drafted`), a copy of the row is fed again exactly, as
+    `require_logits` does, and the decoder's own state is left as it is.
+    """
+    if not batch.rows[b].drafted:
+        return batch.logits[b]
+    one = batch.take_row(b)
+    try:
+        return one.require_logits()[0]
+    finally:
+        one.free()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("feed_helpers", [True, False], ids=["helpers-fed", "helpers-wait"])
-def test_rolled_back_caches_equal_a_fresh_prefill(tiny_ensemble, feed_helpers):
+def test_rolled_back_caches_equal_a_fresh_prefill(tiny_ensemble, feed_helpers, precision):
     """After every speculative step and advance, each member's logits for each fed row equal
     a fresh forward over that row's ids, and each helper's ids equal its tokenisation of
     prompt + text. Helpers' last ids wait for the next verification forward; with
-    `feed_helpers` they are fed at once (the next step then reads position 0 off them)."""
+    `feed_helpers` they are fed at once (the next step then reads position 0 off them).
+    Drafting in bfloat16, the main member's last position is the draft body's after each
+    advance: fed again exactly (`exact_logits`), it gives the fresh forward's logits."""
     checked = []
+    drafted = []
 
     def check(decoder):
         if feed_helpers:
@@ -242,22 +263,28 @@ def test_rolled_back_caches_equal_a_fresh_prefill(tiny_ensemble, feed_helpers):
                     assert row.ids == row.prompt_ids + tail
                 if row.cached < len(row.ids):
                     continue  # waiting for the next step's verification forward
+                drafted.append(row.drafted)
                 with torch.inference_mode():
                     fresh = member.model(input_ids=torch.tensor([row.ids])).logits[0, -1]
-                torch.testing.assert_close(batch.logits[b], fresh.float(), atol=1e-4, rtol=1e-4)
+                logits = exact_logits(batch, b)
+                torch.testing.assert_close(logits, fresh.float(), atol=1e-4, rtol=1e-4)
                 checked.append(member.name)
 
     configs = [GenerationConfig(max_new_tokens=20, speculate=k) for k in (8, 4, 2, 8)]
-    ids = _drive(tiny_ensemble.view({"main": 1}), {0: [0, 1, 2], 3: [3]}, configs, check)
+    view = tiny_ensemble.view({"main": 1})
+    ids = _drive(view, {0: [0, 1, 2], 3: [3]}, configs, check, precision=precision)
     assert len(ids) == 4
     helper = tiny_ensemble.members[0].name
     assert (checked.count(helper) > 10) == feed_helpers
+    # the draft body fed the main member's last position before most steps, or never
+    assert (drafted.count(1) > 10) == (precision == "bfloat16")
+    assert max(drafted) <= 1
 
 
 def _sampled_ids(ensemble, config, seeds, text="The capital of France is"):
     """Token ids of one prompt's rows, one row per seed, decoded in one batch."""
     fuser = ensemble.fuser
-    decoder = BatchDecoder(ensemble.members, fuser.main)
+    decoder = BatchDecoder(ensemble.members, fuser.main, draft_precision="bfloat16")
     prompt = [(text, True)] * 2
     rows = [
         NewRow(prompts=prompt, config=config, fuser=fuser, index=i, seed=s)

@@ -12,7 +12,7 @@ import torch
 from deepen_engine import GenerationConfig
 from deepen_engine.config import METHODS
 from deepen_engine.decoding import speculative
-from tests.unit.test_speculative import _drive, _same
+from tests.unit.test_speculative import _drive, _same, exact_logits
 
 RESYNC_PROMPTS = ["Berli", "def add(a, b):\n    r", "Once upon a "]
 
@@ -72,7 +72,8 @@ def test_a_resync_reads_what_a_fresh_forward_over_the_texts_ids_gives(tiny_ensem
             for b, row in enumerate(batch.rows):
                 with torch.inference_mode():
                     fresh = batch.member.model(input_ids=torch.tensor([row.ids])).logits[0, -1]
-                torch.testing.assert_close(batch.logits[b], fresh.float(), atol=1e-4, rtol=1e-4)
+                logits = exact_logits(batch, b)  # fed again where the draft body fed it
+                torch.testing.assert_close(logits, fresh.float(), atol=1e-4, rtol=1e-4)
                 checked.append(b)
 
     view = tiny_ensemble.view({"main": 1})

@@ -12,7 +12,7 @@ from ..scheduler_options import add_scheduler_limits
 from .sections import PROMPTS, WINDOW
 from .soak_faults import SOAK_KINDS
 
-BENCH_LIMITS = ("max_batch_size", "speculate_max_rows")
+BENCH_LIMITS = ("max_batch_size", "speculate_max_rows", "draft_precision")
 """The `SchedulerConfig` limits `deepen bench` takes as flags."""
 
 

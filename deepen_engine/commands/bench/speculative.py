@@ -73,6 +73,7 @@ def speculative_cost(
         "new_tokens": n,
         "speculate": k,
         "speculate_max_rows": ens.scheduler_config.speculate_max_rows,
+        "draft_precision": ens.scheduler_config.draft_precision,
         "rounds": repeats,
         "groups": groups,
         "drafters": list(drafters),
@@ -190,8 +191,8 @@ def speculative_table(f: dict[str, Any]) -> str:
     s = f["speculative"]
     lines = [
         f"speculative decoding, speculate={s['speculate']}, {s['new_tokens']} new tokens, "
-        f"speculate_max_rows={s['speculate_max_rows']} (medians of {s['rounds']} interleaved "
-        "rounds)",
+        f"speculate_max_rows={s['speculate_max_rows']}, draft_precision="
+        f"{s.get('draft_precision', 'float32')} (medians of {s['rounds']} interleaved rounds)",
         f"{'batch':>5} {'kind':8}{'drafter':>8}{'std tok/s':>10}{'spec tok/s':>11}{'speedup':>8}"
         f"{'accept':>8}{'mean len':>9}{'spec/slower':>12}{'(engine)':>9}{'decode':>8}"
         f"{'same':>6}",
