@@ -63,11 +63,11 @@ def fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None
 
 DEFAULT_SPECULATE = 4
 """`GenerationConfig.speculate` when unset, with members in process: measured on the default
-pair at batch 1 (`deepen bench --speculative`), about 1.9x the tokens per second of
-standard decoding on the bench's prompts and 1.36-1.68x (greedy, whole requests) on the
-eval tasks' with the default leader (README, "Speculative decoding"); never slower there,
-and the same tokens, greedy and sampled. Drafts of 6 and 8 measured no faster on the eval
-prompts."""
+pair at batch 1 (`deepen bench --speculative`), with bfloat16 drafts about 2.5x the tokens
+per second of standard decoding on the bench's prompts and 1.61-1.90x (greedy, whole
+requests) on the eval tasks' with the default leader (README, "Speculative decoding");
+never slower there, and the same tokens, greedy and sampled. Drafts of 6 and 8 measured no
+faster on the eval prompts (with float32 drafts)."""
 
 
 def settle_speculation(members: Sequence[Member], new: Sequence[NewRow], count: int) -> None:
