@@ -119,18 +119,19 @@ class DeepEnSettings(BaseModel):
     ensemble's."""
 
     weighting: Literal["fixed", "confidence", "prompt"] | None = None
-    """How the weights apply at each step (`FusionConfig.weighting`, default `"fixed"`);
-    `"prompt"`: per request, from how well each member reads the prompt (bits per byte).
+    """How the weights apply at each step (`FusionConfig.weighting`, default `"prompt"`):
+    `"prompt"`, per request, from how well each member reads the prompt (bits per byte);
+    `"fixed"`, the given weights; `"confidence"`, scaled by each member's top probability.
     `None`: the ensemble's."""
 
     weight_temperature: float | None = None
     """Temperature of `weighting="prompt"` (`FusionConfig.weight_temperature`, default
-    0.1; lower: the member that reads the prompt best dominates). `None`: the ensemble's."""
+    0.03; lower: the member that reads the prompt best dominates). `None`: the ensemble's."""
 
     prompt_score: Literal["whole", "second-half"] | None = None
     """The prompt's tokens the prompt score reads (`FusionConfig.prompt_score`, default
-    `"whole"`): all of them, or those from the middle of the prompt's text on. `None`: the
-    ensemble's."""
+    `"second-half"`): those from the middle of the prompt's text on, or all of them
+    (`"whole"`). `None`: the ensemble's."""
 
     gate_threshold: float | None = None
     """Top probability of the main member from which `gate="confident"` skips fusion

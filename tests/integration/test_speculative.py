@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from deepen_engine import GenerationConfig
+
 pytestmark = pytest.mark.integration
 
 PROMPTS = [
@@ -46,3 +48,22 @@ def test_seeded_sampling_with_speculation_equals_without(default_ensemble):
         out = default_ensemble.generate(prompt, speculate=4, **kw)
         assert out.token_ids == base.token_ids and out.text == base.text
         assert out.usage.drafts > 0
+
+
+@pytest.mark.parametrize("main", [0, 1], ids=["smollm2-leads", "gemma3-leads"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_drafts_in_either_precision_give_the_standard_text(default_ensemble, main, precision):
+    """The main member drafting through its bfloat16 draft body (`draft_precision`, forced
+    here so machines without native bfloat16 run it too) or its own body: each row alone
+    gives the standard decoding's token ids."""
+    from tests.unit.test_speculative import _drive
+
+    view = default_ensemble.with_fusion(main=main)
+    base = [view.generate(p, max_new_tokens=12, speculate=0).token_ids for p in PROMPTS]
+    config = GenerationConfig(max_new_tokens=12, speculate=4)
+    for p in range(len(PROMPTS)):
+        ids = _drive(view, {0: [p]}, [config] * len(PROMPTS), prompts=PROMPTS, precision=precision)
+        assert ids[p] == base[p], (precision, PROMPTS[p])
+    layer = default_ensemble.members[main].output_layer
+    assert layer is not None
+    assert (layer.low_precision is not None) or precision == "float32"

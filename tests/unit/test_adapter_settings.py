@@ -248,3 +248,25 @@ def test_structure_check_passes_whole_replies_and_names_the_setting():
         "(finish_reason 'length'): '{\"a\": 1'. Raise max_new_tokens (e.g. max_new_tokens=80) "
         "so the object can be completed."
     )
+
+
+def test_the_defaults_the_fusion_fields_name_are_the_engines():
+    """Each fusion field's description says `(FusionConfig.name, default X)`: X must be
+    FusionConfig's default (the descriptions are what LangChain and LlamaIndex users read)."""
+    import re
+
+    named = 0
+    for name, field in DeepEnSettings.model_fields.items():
+        text = field.description or ""
+        found = re.search(r"`FusionConfig\.(\w+)`,\s+default\s+([^;)]+?)[;)]", text)
+        if found is None:
+            continue
+        assert name in (found.group(1), "fusion_" + found.group(1))
+        said = found.group(2).strip().strip("`").strip('"')
+        default = FusionConfig.model_fields[found.group(1)].default
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert float(said) == default, (name, said, default)
+        else:
+            assert said == str(default), (name, said, default)
+        named += 1
+    assert named >= 13
