@@ -31,7 +31,7 @@ import torch
 from ..members import Member
 from ..reductions import argmax
 from .cache_ops import common_prefix
-from .drafts import Draft, copy_ids, fed_logits
+from .drafts import Draft, copy_ids, fed_logits, forward_keeping
 from .lookup_drafts import LOOKUP
 from .member_batch import MemberBatch, RowIds
 from .rows import Row
@@ -137,16 +137,16 @@ def feed_proposals(
     for b, ids in proposals.items():
         for token in ids:
             main.append(b, token)
-    main.keep_fed_logits, main.fed_logits = True, [[] for _ in main.rows]
+    main.fed_logits = [[] for _ in main.rows]
     try:
-        main.forward()
+        forward_keeping(main)
         out: dict[int, list[torch.Tensor]] = {}
         for b, ids in proposals.items():
             found = [fed_logits(main, b, starts[b] + t) for t in range(len(ids))]
             out[b] = [x for x in found if x is not None]
             assert len(out[b]) == len(ids)  # every proposed position was fed just now
     finally:
-        main.keep_fed_logits, main.fed_logits = False, []
+        main.fed_logits = []
     return out
 
 

@@ -53,6 +53,18 @@ def copy_ids(r: RowIds) -> RowIds:
     return RowIds(prompt_ids=r.prompt_ids, ids=list(r.ids), cached=r.cached, ends=list(r.ends))
 
 
+def forward_keeping(batch: MemberBatch) -> None:
+    """One forward that keeps every fed position's logits in `batch.fed_logits` (by row,
+    read with `fed_logits`), after what it holds already: the caller empties it first for
+    this forward alone, and clears it when done.
+    """
+    batch.keep_fed_logits = True
+    try:
+        batch.forward()
+    finally:
+        batch.keep_fed_logits = False
+
+
 def fed_logits(batch: MemberBatch, b: int, position: int) -> torch.Tensor | None:
     """Row b's logits after `position`, if this forward fed it."""
     for first, block in reversed(batch.fed_logits[b]):  # the latest feed of a position

@@ -31,7 +31,7 @@ import torch
 from ..members import Member
 from ..members.output_layer import ShortlistHead
 from ..reductions import argmax
-from .drafts import Draft, fed_logits, row_sampler
+from .drafts import Draft, fed_logits, forward_keeping, row_sampler
 from .member_batch import MemberBatch
 from .rows import Row
 from .sampling import suppress_end_tokens
@@ -143,16 +143,13 @@ def _exact_logits(main: MemberBatch, drafts: list[Draft], starts: list[int]) -> 
     id). Positions this forward did not feed were exact already.
     """
     main.fed_logits = [[] for _ in main.rows]
-    main.keep_fed_logits = True
-    try:
-        main.forward()
-    finally:
-        main.keep_fed_logits = False
+    forward_keeping(main)
     for b, d in enumerate(drafts):
         for t in range(len(main.rows[b].ids) - starts[b] + 1):
             at = fed_logits(main, b, starts[b] + t - 1)
             if t < len(d.main_logits):
-                d.main_logits[t] = d.main_logits[t] if at is None else at
+                if at is not None:
+                    d.main_logits[t] = at
             else:  # a drafted token the draft body did not feed: fed just now
                 assert at is not None and t == len(d.main_logits)
                 d.main_logits.append(at)

@@ -71,7 +71,7 @@ class Speculator:
     def __init__(self, decoder: Decoder, max_rows: int = 0, precision: str = "auto") -> None:
         self.dec = decoder
         self.max_rows = max_rows  # more rows than this (0: no limit): standard steps
-        self.precision = precision  # of the main member's drafts (`_draft_body`)
+        self.precision = precision  # of the main member's drafts (`_draft_heads`)
         self.length: dict[int, int] = {}  # id(row) -> its current draft length
         self.helper_drafts: dict[int, HelperDraft] = {}  # this step's drafting helpers
         self.sizes: list[int] | None = None  # the members' parameter counts, once needed
@@ -89,7 +89,7 @@ class Speculator:
 
     def main_head(self) -> tuple[ShortlistHead | None, torch.nn.Module | None]:
         """The output rows the main member's forward before the next step may stop at, and
-        the body it may run: its draft shortlist and draft body (`_draft_body`) when that
+        the body it may run: its draft shortlist and draft body (`_draft_heads`) when that
         step is speculative and every drafting row drafts with the main member, which then
         drafts its first token from them too; the exact logits follow with the drafts'
         (main_drafts.py), or at the next `require_logits`.
@@ -100,16 +100,18 @@ class Speculator:
             n and self._drafter(b) != dec.main for b, n in enumerate(lengths)
         ):
             return None, None
-        body = self._draft_body()
+        return self._draft_heads()
+
+    def _draft_heads(self) -> tuple[ShortlistHead | None, torch.nn.Module | None]:
+        """The main member's draft shortlist and the body its drafts run: in bfloat16 per
+        `SchedulerConfig.draft_precision` (members/draft_body.py), else None: its own body,
+        a float32 shortlist.
+        """
+        dec = self.dec
+        layer = dec.main_member.output_layer
+        body = None if layer is None else layer.draft_body(self.precision)
         dtype = None if body is None else torch.bfloat16
         return draft_shortlist(dec.members, dec.main, dtype), body
-
-    def _draft_body(self) -> torch.nn.Module | None:
-        """The main member's body for its drafts in lower precision (members/draft_body.py,
-        `SchedulerConfig.draft_precision`), or None to draft with its own.
-        """
-        layer = self.dec.main_member.output_layer
-        return None if layer is None else layer.draft_body(self.precision)
 
     @contextmanager
     def shortlisted(self, wait: bool) -> Iterator[None]:
@@ -218,10 +220,7 @@ class Speculator:
         )
         own = [n if drafters[b] == dec.main else 0 for b, n in enumerate(lengths)]
         if any(own):
-            body = self._draft_body()
-            dtype = None if body is None else torch.bfloat16
-            head = draft_shortlist(dec.members, dec.main, dtype)
-            draft_own(main, dec.rows, drafts, own, head, body)
+            draft_own(main, dec.rows, drafts, own, *self._draft_heads())
         texts = dec.main_member.vocab.texts
         for b, row in enumerate(dec.rows):
             d = drafts[b]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cross_drafts import HelperDraft
-from .drafts import Draft, copy_ids, fed_logits, fits, starts
+from .drafts import Draft, copy_ids, fed_logits, fits, forward_keeping, starts
 from .member_batch import MemberBatch, RowIds
 
 Plan = tuple[list[int], list[int]]  # a helper row's ids and byte ends (`plan_sync`)
@@ -67,7 +67,7 @@ def read_drafts(
             batch.apply_plan(b, plans[b][d.positions - 2])
     if not drafted:
         batch.fed_logits = [[] for _ in batch.rows]
-    _forward_keeping(batch)
+    forward_keeping(batch)
     logits: list[list[torch.Tensor | None]] = []
     for b, d in enumerate(drafts):
         first = fed_logits(batch, b, len(before[b].ids) - 1) if waiting[b] else now[b]
@@ -97,18 +97,9 @@ def resync(reads: HelperReads, at: dict[int, int]) -> None:
         if r.cached == len(r.ids):  # ids the cache holds already: feed the last one again
             batch.replace_ids(b, len(r.ids) - 1, r.ids[-1:])
     batch.fed_logits = [[] for _ in batch.rows]
-    _forward_keeping(batch)
+    forward_keeping(batch)
     for b, t in gaps.items():
         found = fed_logits(batch, b, len(reads.plans[b][t - 1][0]) - 1)
         assert found is not None
         reads.logits[b][t] = found
     batch.fed_logits = []
-
-
-def _forward_keeping(batch: MemberBatch) -> None:
-    """One forward that keeps every fed position's logits in `batch.fed_logits`."""
-    batch.keep_fed_logits = True
-    try:
-        batch.forward()
-    finally:
-        batch.keep_fed_logits = False

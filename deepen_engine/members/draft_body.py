@@ -6,10 +6,10 @@ drafted position, from one forward of its float32 body over them, and the positi
 drafts fed are rolled back first (`MemberBatch.draft_body`). So drafting in lower precision
 changes no output, only how often drafts are kept. On the CPU measured (AVX-512 with
 bfloat16 instructions) a bfloat16 product reads half the bytes of a float32 one, and a
-draft forward at one position is memory-bound; Gemma-3-270m's body took 18 ms against 29
-(`scripts/draft_precision.py`). Activations stay float32 (each product's input is rounded to
-bfloat16 and its output widened back), so the KV cache and the attention are the model's
-own.
+draft forward at one position is memory-bound; Gemma-3-270m's draft forward (body and
+shortlist) took 19.0 ms against 39.5 (`scripts/draft_precision.py`). Activations stay
+float32 (each product's input is rounded to bfloat16 and its output widened back), so the
+KV cache and the attention are the model's own.
 
 The copy shares every parameter and buffer of the body except the linear layers' weights,
 which it holds once more in bfloat16 (half the body's float32 bytes).
