@@ -62,15 +62,28 @@ def _blocked(x: torch.Tensor, k: int) -> bool:
     )
 
 
-def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_maxima(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """(B, V / BLOCK) the largest value of each block of x (B, V), where `top_k(x, k)`
+    reads x in blocks; else None. One pass that serves several readers of the same
+    logits: `top_k(x, k, maxima)` and each row's maximum for `log_normaliser(x, top)`.
+    """
+    return _blocks(x).amax(-1) if _blocked(x, k) else None
+
+
+def top_k(
+    x: torch.Tensor, k: int, maxima: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of x (B, V) and their ids, largest first, as
     `x.topk(k, dim=-1)` (see the module docstring for ties). k must be at most V.
+    `maxima`: x's `block_maxima`, when the caller has them (the pass is not repeated).
     """
     if not _blocked(x, k):
         return x.topk(k, dim=-1)
     batch = x.shape[0]
     blocks = _blocks(x)  # (B, nb, BLOCK)
-    best_blocks = blocks.amax(-1).topk(k, dim=-1).indices  # (B, k)
+    if maxima is None:
+        maxima = blocks.amax(-1)  # (B, nb)
+    best_blocks = maxima.topk(k, dim=-1).indices  # (B, k)
     rows = torch.arange(batch, device=x.device)[:, None]
     values = blocks[rows, best_blocks].reshape(batch, k * BLOCK)  # (B, k * BLOCK)
     top, where = values.topk(k, dim=-1)
@@ -97,14 +110,19 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(LOG2E).exp2_()
 
 
-def log_normaliser(x: torch.Tensor) -> torch.Tensor:
+def log_normaliser(x: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 1) `x.logsumexp(-1, keepdim=True)` of x (B, V): the log of each row's softmax
     normaliser, with one `exp2` pass on the CPU (see the module docstring). Rows of -inf
     give -inf, a +inf logit +inf and NaN NaN, as torch's. Anything else with a
     `logsumexp` (a remote helper's `TopLogits`, which carries its normaliser) gives that.
+    `top`: each row's maximum (B, 1), when the caller has it (`block_maxima`).
     """
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return x.logsumexp(-1, keepdim=True)
-    top = x.amax(-1, keepdim=True)
+    if top is None:
+        top = x.amax(-1, keepdim=True)
     top = torch.where(top.isinf(), 0.0, top)  # as torch: -inf rows sum to 0, +inf stays
-    return exp_(x - top).sum(-1, keepdim=True).log_().add_(top)
+    # (x - top) log2(e) written in one pass as x log2(e) - top log2(e): three passes over
+    # the rows in all (this, exp2, sum), where a subtraction and a product took two
+    shifted = torch.add(top * -LOG2E, x, alpha=LOG2E)
+    return shifted.exp2_().sum(-1, keepdim=True).log_().add_(top)

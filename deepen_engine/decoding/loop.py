@@ -47,7 +47,7 @@ from .member_batch import PREFILL_CHUNK, MemberBatch
 from .prompts import fit_context
 from .row_scores import fuse_rows, note_scores, start_scoring, step_weights
 from .rows import DecodeHooks, NewRow, Prepared, Row, StepRecord, logits_needed, note_logprob
-from .sampling import Sampler, suppress_end_tokens
+from .sampling import Sampler, shares_memory, suppress_end_tokens
 from .speculative import Speculator
 from .text import TextAssembler
 
@@ -203,7 +203,7 @@ class BatchDecoder:
         device = fused.device  # sampling and masks run where the fused logits are
         early = torch.tensor([r.generated < r.config.min_new_tokens for r in rows], device=device)
         eos = torch.tensor(sorted(self.main_member.eos_ids), dtype=torch.long, device=device)
-        fused = suppress_end_tokens(fused, eos, early)
+        fused = suppress_end_tokens(fused, eos, early, in_place=not shares_memory(fused, logits))
         tokens = self._choose(fused)
         self._note_logprobs(fused, tokens)
         if self.hooks.on_step is not None:

@@ -30,7 +30,7 @@ import torch
 from ..alignment.relative import RelativeSpace
 from ..alignment.vocabulary import Anchors
 from ..config import FusionConfig
-from ..reductions import exp_, log_normaliser, top_k
+from ..reductions import block_maxima, exp_, log_normaliser, top_k
 from .base import Fuser, register
 from .context import FusionContext
 from .search import Q_FLOOR, adamw_search
@@ -160,10 +160,13 @@ class DeepenFuser(Fuser):
         weights = self.row_weights(logits)  # (B, N)
         for i, (member_logits, space) in enumerate(zip(logits, self.spaces)):
             x = member_logits.float().to(space.device)  # (B, V_i)
-            lse = log_normaliser(x)  # (B, 1): log of the softmax's normaliser
+            # the main member's block maxima serve its normaliser and its top-k (one pass)
+            maxima = block_maxima(x, self.config.candidates) if i == self.main else None
+            top = None if maxima is None else maxima.amax(-1, keepdim=True)
+            lse = log_normaliser(x, top)  # (B, 1): log of the softmax's normaliser
             # (B, A) rows summing to 1 or 0; (B, C) the top tokens (the main member's with
             # special ones: step 3's; a helper's with text only: its proposals), best first
-            r_i, top_x, top_ids = self._relative(x, lse, i, space, specials=i == self.main)
+            r_i, top_x, top_ids = self._relative(x, lse, i, space, i == self.main, maxima)
             w = weights[:, i : i + 1]  # (B, 1)
             r += w * r_i.to(device)
             weight_sum += w * (r_i.sum(-1, keepdim=True) > 0).float().to(device)
@@ -193,12 +196,18 @@ class DeepenFuser(Fuser):
         return fused
 
     def _relative(
-        self, x: torch.Tensor, lse: torch.Tensor, i: int, space: RelativeSpace, specials: bool
+        self,
+        x: torch.Tensor,
+        lse: torch.Tensor,
+        i: int,
+        space: RelativeSpace,
+        specials: bool,
+        maxima: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Member i's (B, A) relative distributions (step 1), normalised, and its top
         `candidates` logits and token ids (B, C), best first: among the tokens with text,
         or among all tokens with `specials`. x: its (B, V) logits, lse (B, 1) their
-        log-sum-exp. On the space's device, where `x` is.
+        log-sum-exp, maxima its `block_maxima` if read. On the space's device, where `x` is.
 
         Probabilities are `exp(x - lse)`, read only where needed: gathered at the anchor
         tokens, and at the top non-anchor tokens (one add of a 0/-inf table and one
@@ -239,7 +248,7 @@ class DeepenFuser(Fuser):
         # normalised in place (a row without mass is all 0 and stays so)
         relative = out.div_(out.sum(-1, keepdim=True).clamp(min=1e-30))
         if specials:  # every token: one top-k over the vocabulary (read in blocks)
-            return (relative, *top_k(x, c))
+            return (relative, *top_k(x, c, maxima))
         parts = [(x_anchor, anchor_tokens), (top_x[:, :c], ids[:, :c])]
         return (relative, *_top_of_parts(parts, c))
 
@@ -306,9 +315,9 @@ class DeepenFuser(Fuser):
             q_group = torch.zeros(len(groups_of), device=device).index_add_(
                 0, group.flatten(), s_one_hot
             )
-            q_at = q_group[group]  # (B, M) q at each candidate's anchor
-            ratio_at = torch.where(q_at > Q_FLOOR, r_at / q_at.clamp(min=Q_FLOOR), 0.0)
-            u = torch.where(one_hot, -ratio_at, 0.0)  # (B, M) dL/ds * A
+            # (B, M) q at each candidate's anchor; at most Q_FLOOR: inf, so r / q is 0
+            q_at = torch.nn.functional.threshold(q_group[group], Q_FLOOR, float("inf"), True)
+            u = r_at.div(q_at).neg_()  # (B, M) dL/ds * A; 0 off the one-hot candidates (r_at)
             if rows_d.numel():
                 # q = softmax(z) @ R over all anchors: one-hot rows scatter, each row's dense
                 # rows are summed in one bag (no (n, A) temporary)

@@ -10,6 +10,7 @@ from deepen_engine.reductions import (
     MIN_LOGITS,
     _blocked,
     argmax,
+    block_maxima,
     exp_,
     log_normaliser,
     top_k,
@@ -113,3 +114,16 @@ def test_log_normaliser_of_infinite_and_nan_rows_as_torch():
     assert got[2].isnan().item()
     assert torch.allclose(got[3], expected[3])
     assert exp_(torch.tensor([float("-inf"), 0.0])).tolist() == [0.0, 1.0]
+
+
+def test_top_k_and_log_normaliser_from_block_maxima_read_once():
+    """A caller that read the block maxima once gets the same answers from both."""
+    x = _logits(4, 5)
+    maxima = block_maxima(x, 64)
+    assert maxima is not None and maxima.shape == (4, VOCAB // BLOCK)
+    values, ids = top_k(x, 64, maxima)
+    assert torch.equal(values, x.topk(64, dim=-1).values)
+    assert torch.equal(ids, x.topk(64, dim=-1).indices)
+    top = maxima.amax(-1, keepdim=True)
+    assert torch.equal(log_normaliser(x, top), log_normaliser(x))
+    assert block_maxima(torch.zeros(2, 1000), 64) is None  # not read in blocks

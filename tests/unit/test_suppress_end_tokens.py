@@ -1,12 +1,12 @@
 """`suppress_end_tokens`: end tokens at -inf in the rows below their `min_new_tokens`,
-every other logit unchanged, and the input never written."""
+every other logit unchanged, and the input written only when the caller owns it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deepen_engine.decoding.sampling import suppress_end_tokens
+from deepen_engine.decoding.sampling import shares_memory, suppress_end_tokens
 
 
 @pytest.mark.parametrize(
@@ -31,3 +31,21 @@ def test_no_end_ids_returns_the_logits() -> None:
         logits, torch.tensor([], dtype=torch.long), torch.tensor([True, True])
     )
     assert out is logits
+
+
+@pytest.mark.parametrize("rows", [[True, True], [False, True]])
+def test_in_place_writes_the_callers_logits_with_the_same_result(rows: list[bool]) -> None:
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(1))
+    end_ids, early = torch.tensor([3, 5]), torch.tensor(rows)
+    copied = suppress_end_tokens(logits, end_ids, early)
+    out = suppress_end_tokens(logits, end_ids, early, in_place=True)
+    assert out is logits
+    assert torch.equal(out, copied)
+
+
+def test_fused_logits_sharing_a_members_memory_are_not_owned() -> None:
+    main, helper = torch.zeros(2, 8), torch.zeros(2, 5)
+    assert shares_memory(main, [main, helper])  # fusion returned the main member's logits
+    assert shares_memory(main[1:], [main, helper])  # a view of them
+    assert not shares_memory(main.clone(), [main, helper])
+    assert not shares_memory(main.clone(), [object(), helper])  # a remote member's reply
