@@ -110,6 +110,26 @@ def _reductions(steps: list[list[torch.Tensor]], repeat: int) -> None:
             print(f"batch {batch} member {member} (V={vocab}): {figures} ms; same ids: {same}")
 
 
+def _top_of_parts(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], c: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `c` logits and token ids (B, c), best first, of a vocabulary split in parts:
+    each part is its (B, n) logits and either (n,) token ids or (B, n) ids per row. The
+    same tokens as one top-k over the whole vocabulary (in another order only where
+    logits tie), from a top-k over each part and one over their (B, <= 3c) winners. The
+    fuser's candidates came from these until 2026-12-08; kept here to time the old way.
+    """
+    values, ids = [], []
+    for x, part_ids in parts:
+        if x.shape[-1] == 0:
+            continue
+        top, where = reductions.top_k(x, min(c, x.shape[-1]))
+        values.append(top)
+        ids.append(part_ids[where] if part_ids.dim() == 1 else part_ids.gather(1, where))
+    best, pick = torch.cat(values, dim=1).topk(c, dim=-1)
+    return best, torch.cat(ids, dim=1).gather(1, pick)
+
+
 def _passes(ens: Ensemble, steps: list[list[torch.Tensor]], repeat: int) -> None:
     """Old and new ways of the fast path's passes over a vocabulary (module docstring)."""
     for member in range(len(steps[0])):
@@ -119,7 +139,6 @@ def _passes(ens: Ensemble, steps: list[list[torch.Tensor]], repeat: int) -> None
 
 def _member_passes(ens: Ensemble, member: int, xs: list[torch.Tensor], repeat: int) -> str:
     """One member's line of `passes`."""
-    from deepen_engine.fusion.deepen import _top_of_parts
     from deepen_engine.fusion.tables import MemberTables
 
     fuser = ens.fuser

@@ -71,25 +71,6 @@ def kept_non_anchors(
     return top_ids, kept_p, leftout
 
 
-def _top_of_parts(
-    parts: list[tuple[torch.Tensor, torch.Tensor]], c: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top `c` logits and token ids (B, c), best first, of a vocabulary split in parts:
-    each part is its (B, n) logits and either (n,) token ids or (B, n) ids per row. The
-    same tokens as one top-k over the whole vocabulary (in another order only where
-    logits tie), from a top-k over each part and one over their (B, <= 3c) winners.
-    """
-    values, ids = [], []
-    for x, part_ids in parts:
-        if x.shape[-1] == 0:
-            continue
-        top, where = top_k(x, min(c, x.shape[-1]))
-        values.append(top)
-        ids.append(part_ids[where] if part_ids.dim() == 1 else part_ids.gather(1, where))
-    best, pick = torch.cat(values, dim=1).topk(c, dim=-1)
-    return best, torch.cat(ids, dim=1).gather(1, pick)
-
-
 @register("deepen")
 class DeepenFuser(Fuser):
     """Batched DeePEn fusion over fixed members, anchors and settings.
@@ -214,18 +195,18 @@ class DeepenFuser(Fuser):
         top-k). The non-anchor mass for the bound is what the anchor and special tokens
         leave of 1, so no pass masks or sums the whole vocabulary. The main member's top
         tokens are one top-k of its vocabulary (`reductions.top_k`, read in blocks); a
-        helper's, which exclude special tokens, are merged from the top of the anchor
-        tokens and of the non-anchor tokens, both already read. `exp_` and
+        helper's, which exclude special tokens, one top-k after adding its 0/-inf text
+        table (`MemberTables.text_bias`). `exp_` and
         `log_normaliser` (reductions.py) take exponentials through `exp2`.
         """
         cfg = self.config
         tables = self.tables[i]
         dev = x.device
-        anchor_tokens, no_text = self.on(tables.anchor_tokens, dev), self.on(tables.no_text, dev)
+        no_text = self.on(tables.no_text, dev)
         x_anchor = x.index_select(1, self.on(tables.anchor_read, dev))  # (B, n_a)
         if tables.anchor_order is not None:  # read by id: put in anchor_tokens' order
             x_anchor = x_anchor.index_select(1, self.on(tables.anchor_order, dev))
-        p_anchor = exp_(x_anchor - lse)
+        p_anchor = exp_(x_anchor.sub_(lse))  # x_anchor is a copy (index_select)
         n = tables.first_count if tables.first_count == space.num_anchors else 0
         if n:  # every anchor's first token, in anchor order: (B, A) as gathered
             out = p_anchor[:, :n].clone()  # a copy: out is added to, p_anchor read again
@@ -249,8 +230,8 @@ class DeepenFuser(Fuser):
         relative = out.div_(out.sum(-1, keepdim=True).clamp(min=1e-30))
         if specials:  # every token: one top-k over the vocabulary (read in blocks)
             return (relative, *top_k(x, c, maxima))
-        parts = [(x_anchor, anchor_tokens), (top_x[:, :c], ids[:, :c])]
-        return (relative, *_top_of_parts(parts, c))
+        # a helper's top tokens with text: one add and one top-k (read in blocks)
+        return (relative, *top_k(x + self.on(tables.text_bias, dev), c))
 
     def _candidates(
         self, top: torch.Tensor, proposals: list[torch.Tensor | None]

@@ -18,6 +18,10 @@ reads each member's logits in as few full-vocabulary passes as it can (`deepen.p
   scripts/fusion_cost.py passes steps.pt`);
 - `non_anchor_bias`: 0 for tokens with text that are not anchors, -inf elsewhere, so one
   add and one top-k find the most probable non-anchor tokens;
+- `text_bias`: 0 for tokens with text, -inf for special tokens, so one add and one top-k
+  find a helper's most probable tokens with text (its proposals): 0.32 against 0.51 ms
+  for SmolLM2's 8 x 49k logits where the top of its anchor tokens (46k, not whole
+  blocks, `torch.topk`) was merged with the top non-anchor tokens;
 - `no_text`: ids of the special tokens, whose probability the mass bound must not count.
 
 All are CPU tensors; the fuser copies them to the device that reads them (`Fuser.on`).
@@ -44,6 +48,7 @@ class MemberTables:
     anchor_order: torch.Tensor | None  # (n_a,) long: position in anchor_read of each of
     # anchor_tokens; None: anchor_read is anchor_tokens
     non_anchor_bias: torch.Tensor  # (V,) float32: 0 or -inf
+    text_bias: torch.Tensor  # (V,) float32: 0 (a token with text) or -inf
     no_text: torch.Tensor  # (n_s,) long: special token ids
 
     @classmethod
@@ -71,5 +76,6 @@ class MemberTables:
             anchor_read=by_id if large else anchor_tokens,
             anchor_order=positions if large else None,
             non_anchor_bias=torch.where(text & ~is_anchor, 0.0, minus_inf),
+            text_bias=torch.where(text, 0.0, minus_inf),
             no_text=(~text).nonzero().squeeze(1),
         )

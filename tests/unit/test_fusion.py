@@ -443,22 +443,19 @@ def test_relative_from_logits_equals_relative_from_probabilities(top_k, top_mass
         torch.testing.assert_close(r[b], expected / expected.sum(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("c", [1, 5, 40])
-def test_top_of_parts_equals_one_topk_over_the_whole_vocabulary(c):
-    """The candidates' top-k merged from the vocabulary's parts (anchor tokens, the top
-    non-anchor tokens, special tokens) is one top-k over all of it."""
-    from deepen_engine.fusion.deepen import _top_of_parts
-
-    g = torch.Generator().manual_seed(c)
-    x = torch.randn(3, 200, generator=g)
-    perm = torch.randperm(200, generator=g)
-    anchors, others, specials = perm[:90], perm[90:190], perm[190:]
-    top_other, where = x[:, others].topk(max(c, 10), dim=-1)
-    parts = [(x[:, anchors], anchors), (top_other, others[where]), (x[:, specials], specials)]
-    values, ids = _top_of_parts(parts, c)
-    expected_values, expected_ids = x.topk(c, dim=-1)
-    assert torch.equal(ids, expected_ids)  # no ties in random logits: the same order
-    assert torch.equal(values, expected_values)
+@pytest.mark.parametrize("c", [1, 5, 11])
+def test_a_helpers_candidates_are_its_top_tokens_with_text(c):
+    """A helper proposes its `candidates` most probable tokens, special tokens never (its
+    EOS here is its most probable token)."""
+    fuser = _fuser(candidates=c)
+    helper = _random_logits(3, seed=c)[1]
+    helper[:, EOS] = 9.0
+    lse = helper.logsumexp(-1, keepdim=True)
+    _, values, ids = fuser._relative(helper, lse, 1, fuser.spaces[1], specials=False)
+    expected = helper.masked_fill(~fuser.has_text[1], float("-inf")).topk(c, dim=-1)
+    assert torch.equal(ids, expected.indices)  # no ties in random logits: the same order
+    assert torch.equal(values, expected.values)
+    assert EOS not in ids.flatten().tolist()
 
 
 def test_fusers_of_one_ensemble_share_the_member_tables(tiny_ensemble):
