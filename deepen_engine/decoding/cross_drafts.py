@@ -33,7 +33,8 @@ from ..reductions import argmax
 from .cache_ops import common_prefix
 from .drafts import Draft, copy_ids, fed_logits, forward_keeping
 from .lookup_drafts import LOOKUP
-from .member_batch import MemberBatch, RowIds
+from .member_batch import MemberBatch
+from .row_ids import RowIds
 from .rows import Row
 
 

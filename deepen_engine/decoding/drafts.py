@@ -12,7 +12,8 @@ import torch
 
 from ..errors import ConfigError
 from ..members import Member
-from .member_batch import MemberBatch, RowIds
+from .member_batch import MemberBatch
+from .row_ids import RowIds
 from .rows import NewRow, Row
 from .sampling import Sampler
 

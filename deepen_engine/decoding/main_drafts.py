@@ -96,8 +96,7 @@ def draft_own(
     owed = [(b, 0, r.owed) for b, r in enumerate(main.rows) if r.owed is not None]
     # each row's index of its first drafted id (another drafter's rows hold theirs already)
     starts = [len(r.ids) - d.fed for r, d in zip(main.rows, drafts)]
-    main.shortlist, main.draft_body = shortlist, body
-    try:
+    with main.heads(shortlist, body):
         for r in range(max(lengths, default=0)):
             fed = False
             for b, row in enumerate(rows):
@@ -128,8 +127,6 @@ def draft_own(
                     hidden = main.rows[b].owed
                     if hidden is not None:
                         owed.append((b, r + 1, hidden))
-    finally:
-        main.shortlist, main.draft_body = None, None
     if body is not None:
         _exact_logits(main, drafts, starts)
     _full_logits(main, drafts, owed)

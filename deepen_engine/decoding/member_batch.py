@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,33 +42,11 @@ from .cache_ops import (
     left_pad_mask,
 )
 from .member_forward import member_forward
-from .prompt_scores import RowScore, logits_kept, score_pass, score_width
+from .prompt_scores import logits_kept, score_pass, score_width
+from .row_ids import RowIds
 from .text_sync import plan_sync
 
 PREFILL_CHUNK = 512  # positions a row feeds per forward pass (`SchedulerConfig.prefill_chunk`)
-
-
-@dataclass
-class RowIds:
-    """One row's ids in one member's tokens."""
-
-    prompt_ids: list[int]
-    ids: list[int] = field(default_factory=list)  # prompt + generated
-    cached: int = 0  # leading ids held in the cache
-    fed_positions: int = 0  # positions fed after the prompt (the sync cost)
-    ends: list[int] = field(default_factory=list)  # helper: byte end of each generated id
-    score: RowScore = field(default_factory=RowScore)  # the prompt's score (prompt_scores.py)
-    # (d,) hidden state after the last id while the row's logits cover only a shortlist
-    # (`MemberBatch.shortlist`): the full output layer is owed on it
-    owed: torch.Tensor | None = None
-    # newest cached positions a draft body fed (`MemberBatch.draft_body`): their cache and
-    # logits are approximate, and the next exact forward feeds them again
-    drafted: int = 0
-
-    @property
-    def generated_ids(self) -> list[int]:
-        """Ids after the prompt."""
-        return self.ids[len(self.prompt_ids) :]
 
 
 class MemberBatch:
@@ -112,18 +90,28 @@ class MemberBatch:
         pad = member.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
 
+    @contextmanager
+    def heads(
+        self, shortlist: ShortlistHead | None, body: torch.nn.Module | None
+    ) -> Iterator[None]:
+        """Forwards inside stop at `shortlist` and run `body` (None, None: the member's own
+        body and full output layer); the settings before are back after.
+        """
+        saved = self.shortlist, self.draft_body
+        self.shortlist, self.draft_body = shortlist, body
+        try:
+            yield
+        finally:
+            self.shortlist, self.draft_body = saved
+
     def require_logits(self) -> torch.Tensor:
         """The latest (B, V) next-token logits, over the full vocabulary (rows a shortlisted
         forward left owing get their full output layer now, rows a draft body fed are fed
         again); none before the first forward.
         """
         if any(r.drafted for r in self.rows):
-            head, body = self.shortlist, self.draft_body
-            self.shortlist = self.draft_body = None
-            try:
+            with self.heads(None, None):
                 self.forward()
-            finally:
-                self.shortlist, self.draft_body = head, body
         logits = self.shortlisted_logits()
         owed = [(b, r.owed) for b, r in enumerate(self.rows) if r.owed is not None]
         layer = self.member.output_layer

@@ -119,11 +119,8 @@ class Speculator:
         is speculative), else read the full layer.
         """
         main = self.dec.batches[self.dec.main]
-        main.shortlist, main.draft_body = self.main_head() if wait else (None, None)
-        try:
+        with main.heads(*(self.main_head() if wait else (None, None))):
             yield
-        finally:
-            main.shortlist, main.draft_body = None, None
 
     def catch_up(self) -> None:
         """Feed helpers' ids left waiting (a plain step follows a speculative one)."""

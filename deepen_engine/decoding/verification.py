@@ -20,7 +20,8 @@ import torch
 
 from .cross_drafts import HelperDraft
 from .drafts import Draft, copy_ids, fed_logits, fits, forward_keeping, starts
-from .member_batch import MemberBatch, RowIds
+from .member_batch import MemberBatch
+from .row_ids import RowIds
 
 Plan = tuple[list[int], list[int]]  # a helper row's ids and byte ends (`plan_sync`)
 

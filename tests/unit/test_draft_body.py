@@ -80,3 +80,20 @@ def test_a_row_the_draft_body_fed_is_fed_again_exactly(tiny_pair):
         with torch.inference_mode():
             fresh = member.model(input_ids=torch.tensor([r.ids])).logits[0, -1]
         torch.testing.assert_close(logits[b], fresh.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_heads_set_for_a_block_and_restore_the_settings_before(tiny_pair):
+    """`MemberBatch.heads`: the shortlist and draft body forwards read inside the block,
+    and whatever was set before it afterwards, also when the block raises."""
+    member = load_member(MemberSpec(source=tiny_pair[0], name="m"))
+    batch = MemberBatch(member, [member.tokenizer("Hi there").input_ids])
+    body = torch.nn.Identity()
+    with batch.heads(None, body):
+        assert batch.shortlist is None and batch.draft_body is body
+        with batch.heads(None, None):  # an exact forward inside a drafting block
+            assert batch.draft_body is None
+        assert batch.draft_body is body
+    assert batch.shortlist is None and batch.draft_body is None
+    with pytest.raises(RuntimeError), batch.heads(None, body):
+        raise RuntimeError("a forward failed")
+    assert batch.draft_body is None
