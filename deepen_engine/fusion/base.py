@@ -191,7 +191,10 @@ class Fuser:
         if fused.device.type == "cuda":
             # count the kernels, not their launch (sampling waits for them right after)
             torch.cuda.synchronize(fused.device)
-        self.stats.seconds += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        self.stats.seconds += spent
+        if self.context is not None:
+            self.context.fusion_seconds += spent
         return fused
 
     def gate_mask(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:

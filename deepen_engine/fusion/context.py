@@ -97,10 +97,12 @@ class FusionContext:
         self._digests: dict[int, str] = {}
         self._tables: dict[int, MemberTables] = {}
         self.copies = DeviceCopies()  # the tables on the devices that read them
-        # row-steps every fuser of the ensemble (views included) was asked to fuse, and
-        # of those the gate skipped (the server's metrics; `FuseStats` is per fuser)
+        # row-steps every fuser of the ensemble (views included) was asked to fuse, of
+        # those the gate skipped, and the seconds spent in `fuse` (the server's metrics and
+        # the bench; `FuseStats` is per fuser)
         self.fusion_rows = 0
         self.gated_rows = 0
+        self.fusion_seconds = 0.0
 
     def keys(self, i: int) -> Sequence[bytes | None]:
         """Member i's token id -> its text, `END` for its end tokens, None for other

@@ -42,6 +42,9 @@ def test_bench_json_holds_every_section(tiny_folders, tmp_path, capsys):
             r["ensemble_ms"] / r["sum_of_members_ms"], rel=0.01
         )
         assert 0 < r["fusion_only_share"] < 1
+        # fusion itself (`Fuser.fuse`) is part of what the steps spend outside forwards
+        assert 0 < r["fuse_share"] <= r["fusion_only_share"]
+        assert 0 < r["fuse_ms"] <= r["fusion_only_ms"]
         assert r["ensemble_tokens_per_second"] > 0
 
     length = figures["length"]

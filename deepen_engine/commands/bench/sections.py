@@ -84,6 +84,8 @@ def speed(
                 "ensemble_forward_ms": round(run["forward_seconds"] * 1000 / n, 2),
                 "fusion_only_ms": round(run["fusion_seconds"] * 1000 / n, 2),
                 "fusion_only_share": round(run["fusion_seconds"] / run["seconds"], 4),
+                "fuse_ms": round(run["fuse_seconds"] * 1000 / n, 2),
+                "fuse_share": round(run["fuse_seconds"] / run["seconds"], 4),
                 "ensemble_tokens_per_second": round(run["tokens"] / run["seconds"], 2),
             }
         )

@@ -31,12 +31,14 @@ def print_table(f: dict[str, Any]) -> None:
     print("\nms per decoding step (one token per row)")
     names = f["members"]
     head = "".join(f"{n[:18]:>20}" for n in names)
-    print(f"{'batch':>5}{head}{'sum':>9}{'ensemble':>10}{'ratio':>7}{'fusion share':>14}")
+    print(
+        f"{'batch':>5}{head}{'sum':>9}{'ensemble':>10}{'ratio':>7}{'non-forward':>13}{'fusion':>8}"
+    )
     for r in f["speed"]["rows"]:
         alone = "".join(f"{r['members_alone_ms'][n]:>20.1f}" for n in names)
         print(
             f"{r['batch_size']:>5}{alone}{r['sum_of_members_ms']:>9.1f}{r['ensemble_ms']:>10.1f}"
-            f"{r['ratio_ensemble_to_sum']:>7.2f}{r['fusion_only_share']:>14.1%}"
+            f"{r['ratio_ensemble_to_sum']:>7.2f}{r['fusion_only_share']:>13.1%}{r['fuse_share']:>8.1%}"
         )
     print("\nms per token after N new tokens (batch 1)")
     print(f"{'N':>6}{'ensemble':>10}{'re-encode':>11}{'sum alone':>11}")

@@ -81,6 +81,8 @@ def ensemble_run(ens: Ensemble, prompts: Sequence[str], n: int) -> dict[str, flo
     """One `Ensemble.generate` of exactly n tokens per prompt, standard steps (the
     speculative section times `speculate`): wall and split seconds.
     """
+    context = ens.fuser.context  # shared by every fuser of the ensemble (views included)
+    fused_before = context.fusion_seconds if context is not None else 0.0
     start = time.perf_counter()
     results = ens.generate(list(prompts), max_new_tokens=n, min_new_tokens=n, speculate=0)
     wall = time.perf_counter() - start
@@ -89,6 +91,7 @@ def ensemble_run(ens: Ensemble, prompts: Sequence[str], n: int) -> dict[str, flo
         "seconds": wall,
         "forward_seconds": sum(usage.forward_seconds.values()),
         "fusion_seconds": usage.fusion_seconds,
+        "fuse_seconds": (context.fusion_seconds - fused_before) if context is not None else 0.0,
         "tokens": sum(r.usage.completion_tokens for r in results),
     }
 
