@@ -16,6 +16,7 @@ Read from the engine when scraped (no cost per step beyond two additions):
     deepen_kv_cache_bytes                         KV caches of running and waiting rows (in process)
     deepen_fused_steps_total, deepen_gated_steps_total   row-steps fused / skipped by the gate
     deepen_member_forward_seconds_total{member}   time in each member's forward passes
+    deepen_fusion_seconds_total                   time in fusion (`Fuser.fuse`, every fuser)
     deepen_relative_rows_cached{member}           DeePEn relative rows each member caches
 """
 
@@ -123,6 +124,11 @@ class _EngineCollector:
         )
         yield CounterMetricFamily(
             "deepen_gated_steps", "Row-steps the gate answered with the main member.", gated
+        )
+        yield CounterMetricFamily(
+            "deepen_fusion_seconds",
+            "Time in fusion (the members' logits to the fused ones).",
+            context.fusion_seconds if context is not None else 0.0,
         )
         seconds = CounterMetricFamily(
             "deepen_member_forward_seconds", "Time in each member's forwards.", labels=["member"]

@@ -100,6 +100,10 @@ def test_metrics_and_the_request_id(served, client):
     )
     assert grew == tokens
     assert after.count("deepen_member_forward_seconds_total{member=") == 2
+    fusion = value(after, "deepen_fusion_seconds_total") - value(
+        before, "deepen_fusion_seconds_total"
+    )
+    assert fusion > 0  # the request's steps were fused (the default pair, the gate off)
 
 
 def test_sigterm_during_8_streams_finishes_them_and_exits_0(served, client):

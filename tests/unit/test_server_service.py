@@ -169,6 +169,13 @@ def test_metrics_add_up_to_what_the_clients_saw(own_server, tiny_ensemble):
     assert grew('deepen_member_forward_seconds_total{member="tiny-llama"}') > 0
     assert grew('deepen_member_forward_seconds_total{member="tiny-gemma"}') > 0
     assert grew("deepen_fused_steps_total") >= 9  # every row-step asks for fusion (gate off)
+    assert (
+        0
+        < grew("deepen_fusion_seconds_total")
+        == pytest.approx(
+            tiny_ensemble.fuser.context.fusion_seconds - before["deepen_fusion_seconds_total"]
+        )
+    )
     names = [m.name for m in tiny_ensemble.members]
     cached = [after[f'deepen_relative_rows_cached{{member="{n}"}}'] for n in names]
     assert cached == tiny_ensemble.fuser.context.rows_cached() and sum(cached) > 0
