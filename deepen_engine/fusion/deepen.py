@@ -218,9 +218,9 @@ class DeepenFuser(Fuser):
         x_special = x.index_select(1, no_text)  # (B, n_s)
         special = exp_(x_special - lse).sum(-1)  # (B,)
         total = (1.0 - p_anchor.sum(-1) - special).clamp(min=0.0)  # (B,) non-anchor mass
-        # (B, max(k, C)): the mass bound's tokens, and the candidates among non-anchors
-        top_x, ids = top_k(x + self.on(tables.non_anchor_bias, dev), max(k, c))
-        top_p = exp_(top_x[:, :k] - lse)  # 0 past the last non-anchor token
+        # (B, k): the mass bound's tokens, the most probable non-anchor tokens
+        top_x, ids = top_k(x + self.on(tables.non_anchor_bias, dev), k)
+        top_p = exp_(top_x - lse)  # 0 past the last non-anchor token
         kept_p, _ = kept_by_mass(top_p, total, cfg.top_mass)
         b_idx, j_idx = (kept_p > 0).nonzero(as_tuple=True)
         if b_idx.numel():  # rows ascending, distinct ids per row (topk)
